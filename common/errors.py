@@ -1,0 +1,9 @@
+"""The error types every layer raises; the CLI and the service map them to exit codes and statuses."""
+
+
+class InputError(ValueError):
+    """Bad input from a user: the message says what was expected and what came in."""
+
+
+class NotReadyError(RuntimeError):
+    """A resource the request needs (model, index) is not loaded yet."""

@@ -1,0 +1,1 @@
+"""The search side: packed binary codes and the Hamming index (NumPy only, no torch)."""

@@ -1,0 +1,1 @@
+"""The learning side: datasets, features, the AUCMH model, its training and the baselines."""

@@ -1,0 +1,1 @@
+"""The retrieval service and the `cmh` command line."""
