@@ -1,4 +1,4 @@
-"""The error types every layer raises; the CLI and the service map them to exit codes and statuses."""
+"""The error types every layer raises; the CLI and the service map them to exits and statuses."""
 
 
 class InputError(ValueError):

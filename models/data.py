@@ -44,6 +44,8 @@ class PairDataset:
     rejected: list[Rejection] = field(default_factory=list)  # pairs not loaded, with reasons
     defects: list[Rejection] = field(default_factory=list)  # pairs loaded despite a defect
     protocol: str = ""  # one line: how queries and database were chosen
+    image_backbone: str = ""  # what made image_features (e.g. "efficientnet-lite0", "sift-bovw")
+    vocabulary: list[str] | None = None  # BoW terms in text_features column order, when BoW
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -61,12 +63,21 @@ class PairDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def with_features(self, *, image: np.ndarray, text: np.ndarray) -> PairDataset:
+    def with_features(
+        self,
+        *,
+        image: np.ndarray,
+        text: np.ndarray,
+        image_backbone: str,
+        vocabulary: list[str] | None,
+    ) -> PairDataset:
         """A copy with image and text feature matrices set (rows aligned with `ids`)."""
         return replace(
             self,
             image_features=np.ascontiguousarray(image, dtype=np.float32),
             text_features=np.ascontiguousarray(text, dtype=np.float32),
+            image_backbone=image_backbone,
+            vocabulary=vocabulary,
         )
 
     def split_sizes(self) -> dict[str, int]:

@@ -15,7 +15,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.errors import InputError
 
-
 # Each module adds its own subparsers with `register(subparsers)` and sets `run=` on them.
 COMMANDS: tuple[object, ...] = ()
 
