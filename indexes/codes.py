@@ -28,12 +28,12 @@ def n_words(n_bits: int) -> int:
 
 
 def to_bits(codes: np.ndarray) -> np.ndarray:
-    """{-1,+1} or {0,1} codes (any shape, integer, bool or float dtype) -> uint8 bits: +1 -> 1, else 0.
+    """{-1,+1} or {0,1} codes (integer, bool or float, any shape) -> uint8 bits: +1 -> 1, else 0.
 
     Values other than -1, 0 and +1 raise InputError: a real-valued embedding must be binarised
     (e.g. with np.sign) by the caller, not here.
     """
-    arr = np.asarray(codes)
+    arr: np.ndarray = np.asarray(codes)
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8)
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
@@ -42,7 +42,8 @@ def to_bits(codes: np.ndarray) -> np.ndarray:
     if bad.any():
         first = arr[np.unravel_index(int(np.argmax(bad)), arr.shape)]
         raise InputError(f"expected code values in {{-1, 0, +1}}, got {first!r}")
-    return (arr == 1).astype(np.uint8)
+    bits: np.ndarray = np.equal(arr, 1).astype(np.uint8)
+    return bits
 
 
 def pack_codes(codes: np.ndarray) -> np.ndarray:
@@ -92,7 +93,8 @@ def check_packed(packed: np.ndarray, n_bits: int, *, name: str) -> None:
         )
     if packed.ndim != 2 or packed.shape[1] != words:
         raise InputError(
-            f"expected {name} of shape (n, {words}) for {n_bits}-bit codes, got shape {packed.shape}"
+            f"expected {name} of shape (n, {words}) for {n_bits}-bit codes, "
+            f"got shape {packed.shape}"
         )
     pad = padding_mask(n_bits)
     if pad and packed.shape[0] and bool((packed[:, -1] & pad).any()):

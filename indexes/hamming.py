@@ -194,8 +194,10 @@ class HammingIndex:
         m, n, w = keys.shape[0], snap.ids.shape[0], self.n_words
         if m >= self.threads or n < SPLIT_DB_MIN or self._pool is None:
             self._run_each(
-                [(scan, queries[a * w : b * w], db, 0, n, keys[a:b])
-                 for a, b in _split(m, self.threads)]
+                [
+                    (scan, queries[a * w : b * w], db, 0, n, keys[a:b])
+                    for a, b in _split(m, self.threads)
+                ]
             )
             return keys
         parts = [(a, b, keys.copy()) for a, b in _split(n, self.threads)]
@@ -205,9 +207,7 @@ class HammingIndex:
         merged.sort(axis=1)
         return np.ascontiguousarray(merged[:, : keys.shape[1]])
 
-    def range_search(
-        self, queries: np.ndarray, radius: int
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def range_search(self, queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every code within Hamming distance `radius` of each (m, n_words) uint64 query.
 
         Returns m pairs (dists int32 (r_i,), ids int64 (r_i,)), by distance then insertion order.
@@ -223,20 +223,32 @@ class HammingIndex:
         counts = np.zeros(m, dtype=np.int64)
         chunks = _split(m, self.threads)
         self._run_each(
-            [(self._kernels.range_count, flat[a * w : b * w], db, radius, counts[a:b])
-             for a, b in chunks]
+            [
+                (self._kernels.range_count, flat[a * w : b * w], db, radius, counts[a:b])
+                for a, b in chunks
+            ]
         )
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         pos = np.empty(int(offsets[-1]), dtype=np.int64)
         dist = np.empty(int(offsets[-1]), dtype=np.int32)
         self._run_each(
-            [(self._kernels.range_fill, flat[a * w : b * w], db, radius,
-              offsets[a : b + 1] - offsets[a], pos[offsets[a] : offsets[b]],
-              dist[offsets[a] : offsets[b]]) for a, b in chunks]
+            [
+                (
+                    self._kernels.range_fill,
+                    flat[a * w : b * w],
+                    db,
+                    radius,
+                    offsets[a : b + 1] - offsets[a],
+                    pos[offsets[a] : offsets[b]],
+                    dist[offsets[a] : offsets[b]],
+                )
+                for a, b in chunks
+            ]
         )
         ids = snap.ids[pos]
-        return [(dist[offsets[i] : offsets[i + 1]], ids[offsets[i] : offsets[i + 1]])
-                for i in range(m)]
+        return [
+            (dist[offsets[i] : offsets[i + 1]], ids[offsets[i] : offsets[i + 1]]) for i in range(m)
+        ]
 
     def _run_each(self, calls: list[tuple[object, ...]]) -> None:
         """Run fn(*args) for each (fn, *args): the first here, the rest in the pool."""
@@ -261,9 +273,7 @@ class HammingIndex:
         logger.info("saved %d codes of %d bits to %s", len(snap.ids), self.n_bits, path)
 
     @classmethod
-    def load(
-        cls, path: Path, *, mmap: bool = True, threads: int | None = None
-    ) -> HammingIndex:
+    def load(cls, path: Path, *, mmap: bool = True, threads: int | None = None) -> HammingIndex:
         """Read an index saved by `save`, checking everything; codes are memory-mapped if mmap.
 
         Raises InputError saying what is wrong with a truncated, corrupted or foreign file.

@@ -28,9 +28,8 @@ TILE_BYTES = 64 * 1024  # database tile that a block of queries reuses from L2
 QUERY_BLOCK = 64  # queries that share one pass over the database
 
 
-@intrinsic
-def _popcount64(typingctx: Any, x: Any) -> Any:  # noqa: ARG001 (numba passes the context)
-    """LLVM ctpop on a uint64 (VPOPCNTQ once vectorised)."""
+def _ctpop_typer(typingctx: Any, x: Any) -> Any:  # noqa: ARG001 (numba passes the context)
+    """Typing and codegen of LLVM ctpop on a uint64 (VPOPCNTQ once vectorised)."""
     sig = types.uint64(types.uint64)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:  # noqa: ARG001
@@ -38,6 +37,9 @@ def _popcount64(typingctx: Any, x: Any) -> Any:  # noqa: ARG001 (numba passes th
         return builder.call(fn, args)
 
     return sig, codegen
+
+
+_popcount64: Any = intrinsic(_ctpop_typer)  # popcount of one uint64, inside numba code only
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -120,7 +122,8 @@ def _build(words: int) -> Kernels:
                 d = np.uint64(0)
                 for w in range(w_count):
                     d += _popcount64(q[w] ^ db[j * w_count + w])
-                c += np.int64(d) <= radius
+                if np.int64(d) <= radius:
+                    c += 1
             counts[qi] = c
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)

@@ -58,8 +58,8 @@ def save(path: Path, *, n_bits: int, ids: np.ndarray, codes: np.ndarray) -> None
         0,
         ids_offset,
         codes_offset,
-        zlib.crc32(ids_le),
-        zlib.crc32(codes_le),
+        zlib.crc32(ids_le.data),
+        zlib.crc32(codes_le.data),
     )
     head = HEADER.pack(*fields, 0)
     head = HEADER.pack(*fields, zlib.crc32(head[:60]))
@@ -123,7 +123,7 @@ def load(path: Path, *, mmap: bool) -> tuple[int, np.ndarray, np.ndarray]:
             f"({what}): {path}"
         )
     ids = np.fromfile(path, dtype="<i8", count=n, offset=ids_offset).astype(np.int64, copy=False)
-    if zlib.crc32(ids) != ids_crc:
+    if zlib.crc32(ids.data) != ids_crc:
         raise InputError(f"expected ids checksum {ids_crc:#010x}, got corrupted ids: {path}")
     if mmap and n:
         mapped = np.memmap(path, dtype="<u8", mode="r", offset=codes_offset, shape=(n, words))
@@ -131,6 +131,6 @@ def load(path: Path, *, mmap: bool) -> tuple[int, np.ndarray, np.ndarray]:
     else:
         codes = np.fromfile(path, dtype="<u8", count=n * words, offset=codes_offset)
         codes = codes.reshape(n, words).astype(np.uint64, copy=False)
-    if zlib.crc32(codes) != codes_crc:
+    if zlib.crc32(np.ascontiguousarray(codes).data) != codes_crc:
         raise InputError(f"expected codes checksum {codes_crc:#010x}, got corrupted codes: {path}")
     return int(n_bits), ids, codes
