@@ -55,12 +55,13 @@ def check_ids(ids: np.ndarray, *, n: int | None = None) -> None:
         raise InputError(f"expected ids >= 0 (-1 marks padding), got {int(ids.min())}")
 
 
-def _check_k(k: int) -> None:
+def check_k(k: int) -> None:
+    """Raise InputError unless k is an int >= 1."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise InputError(f"expected k as an int >= 1, got {k!r}")
 
 
-def _split(total: int, parts: int) -> list[tuple[int, int]]:
+def split_range(total: int, parts: int) -> list[tuple[int, int]]:
     """Split range(total) into at most `parts` contiguous non-empty (start, stop) chunks."""
     parts = max(1, min(parts, total))
     bounds = np.linspace(0, total, parts + 1).astype(np.int64)
@@ -101,6 +102,12 @@ class HammingIndex:
     def codes(self) -> np.ndarray:
         """(n, n_words) uint64 packed codes in insertion order (read-only view)."""
         return _read_only(self._snap.codes)
+
+    def copy(self) -> HammingIndex:
+        """A new index with the same contents (shared until either changes); cheap."""
+        twin = HammingIndex(self.n_bits, threads=self.threads)
+        twin._snap = self._snap
+        return twin
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids),) bool: which of the int64 ids are in the index."""
@@ -172,7 +179,7 @@ class HammingIndex:
         Raises InputError for a wrong dtype or shape or k < 1.
         """
         check_packed(queries, self.n_bits, name="queries")
-        _check_k(k)
+        check_k(k)
         snap = self._snap
         m, n = queries.shape[0], snap.ids.shape[0]
         heap_k = min(int(k), n)
@@ -193,15 +200,16 @@ class HammingIndex:
         db = snap.codes.reshape(-1)
         m, n, w = keys.shape[0], snap.ids.shape[0], self.n_words
         if m >= self.threads or n < SPLIT_DB_MIN or self._pool is None:
-            self._run_each(
+            run_calls(
+                self._pool,
                 [
                     (scan, queries[a * w : b * w], db, 0, n, keys[a:b])
-                    for a, b in _split(m, self.threads)
-                ]
+                    for a, b in split_range(m, self.threads)
+                ],
             )
             return keys
-        parts = [(a, b, keys.copy()) for a, b in _split(n, self.threads)]
-        self._run_each([(scan, queries, db, a, b, part_keys) for a, b, part_keys in parts])
+        parts = [(a, b, keys.copy()) for a, b in split_range(n, self.threads)]
+        run_calls(self._pool, [(scan, queries, db, a, b, part_keys) for a, b, part_keys in parts])
         # Keys carry global positions, so the k smallest over all parts are the answer.
         merged = np.concatenate([part_keys for _, _, part_keys in parts], axis=1)
         merged.sort(axis=1)
@@ -221,17 +229,19 @@ class HammingIndex:
         db = snap.codes.reshape(-1)
         m, w = queries.shape[0], self.n_words
         counts = np.zeros(m, dtype=np.int64)
-        chunks = _split(m, self.threads)
-        self._run_each(
+        chunks = split_range(m, self.threads)
+        run_calls(
+            self._pool,
             [
                 (self._kernels.range_count, flat[a * w : b * w], db, radius, counts[a:b])
                 for a, b in chunks
-            ]
+            ],
         )
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         pos = np.empty(int(offsets[-1]), dtype=np.int64)
         dist = np.empty(int(offsets[-1]), dtype=np.int32)
-        self._run_each(
+        run_calls(
+            self._pool,
             [
                 (
                     self._kernels.range_fill,
@@ -243,28 +253,12 @@ class HammingIndex:
                     dist[offsets[a] : offsets[b]],
                 )
                 for a, b in chunks
-            ]
+            ],
         )
         ids = snap.ids[pos]
         return [
             (dist[offsets[i] : offsets[i + 1]], ids[offsets[i] : offsets[i + 1]]) for i in range(m)
         ]
-
-    def _run_each(self, calls: list[tuple[object, ...]]) -> None:
-        """Run fn(*args) for each (fn, *args): the first here, the rest in the pool."""
-        futures = []
-        for fn, *args in calls[1:]:
-            assert callable(fn)
-            if self._pool is None:
-                fn(*args)
-            else:
-                futures.append(self._pool.submit(fn, *args))
-        if calls:
-            fn, *args = calls[0]
-            assert callable(fn)
-            fn(*args)
-        for future in futures:
-            future.result()
 
     def save(self, path: Path) -> None:
         """Write the index to `path` atomically (see indexes/storage.py for the format)."""
@@ -292,6 +286,23 @@ class HammingIndex:
         index._snap = _Snapshot(codes=codes, ids=ids, sorted_ids=sorted_ids, sorted_pos=order)
         logger.info("loaded %d codes of %d bits from %s", len(ids), n_bits, path)
         return index
+
+
+def run_calls(pool: ThreadPoolExecutor | None, calls: list[tuple[object, ...]]) -> None:
+    """Run fn(*args) for each (fn, *args): the first in this thread, the rest in the pool."""
+    futures = []
+    for fn, *args in calls[1:]:
+        assert callable(fn)
+        if pool is None:
+            fn(*args)
+        else:
+            futures.append(pool.submit(fn, *args))
+    if calls:
+        fn, *args = calls[0]
+        assert callable(fn)
+        fn(*args)
+    for future in futures:
+        future.result()
 
 
 def _positions(snap: _Snapshot, ids: np.ndarray) -> np.ndarray:
