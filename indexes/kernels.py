@@ -39,11 +39,11 @@ def _ctpop_typer(typingctx: Any, x: Any) -> Any:  # noqa: ARG001 (numba passes t
     return sig, codegen
 
 
-_popcount64: Any = intrinsic(_ctpop_typer)  # popcount of one uint64, inside numba code only
+popcount64: Any = intrinsic(_ctpop_typer)  # popcount of one uint64, inside numba code only
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def _heap_replace_top(heap: np.ndarray, key: np.int64) -> None:
+def heap_replace_top(heap: np.ndarray, key: np.int64) -> None:
     """Replace the largest key of a full max-heap by a smaller `key` and restore the heap."""
     k = heap.shape[0]
     i = 0
@@ -99,16 +99,16 @@ def _build(words: int) -> Kernels:
                         for j in range(e - s):
                             d = np.uint64(0)
                             for w in range(w_count):
-                                d += _popcount64(qvec[w] ^ blk[j * w_count + w])
+                                d += popcount64(qvec[w] ^ blk[j * w_count + w])
                             lowest = min(lowest, d)
                         if np.int64(lowest) >= top:
                             continue
                         for j in range(e - s):
                             d = np.uint64(0)
                             for w in range(w_count):
-                                d += _popcount64(qvec[w] ^ blk[j * w_count + w])
+                                d += popcount64(qvec[w] ^ blk[j * w_count + w])
                             if np.int64(d) < top:
-                                _heap_replace_top(heap, (np.int64(d) << POS_BITS) | (s + j))
+                                heap_replace_top(heap, (np.int64(d) << POS_BITS) | (s + j))
                                 top = heap[0] >> POS_BITS
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
@@ -121,7 +121,7 @@ def _build(words: int) -> Kernels:
             for j in range(n):
                 d = np.uint64(0)
                 for w in range(w_count):
-                    d += _popcount64(q[w] ^ db[j * w_count + w])
+                    d += popcount64(q[w] ^ db[j * w_count + w])
                 if np.int64(d) <= radius:
                     c += 1
             counts[qi] = c
@@ -146,7 +146,7 @@ def _build(words: int) -> Kernels:
             for j in range(n):
                 d = np.uint64(0)
                 for w in range(w_count):
-                    d += _popcount64(q[w] ^ db[j * w_count + w])
+                    d += popcount64(q[w] ^ db[j * w_count + w])
                 if np.int64(d) <= radius:
                     out_pos[lo + c] = j
                     out_dist[lo + c] = d
@@ -172,7 +172,7 @@ def _build(words: int) -> Kernels:
             p = pos[i]
             d = np.uint64(0)
             for w in range(w_count):
-                d += _popcount64(query[w] ^ db[p * w_count + w])
+                d += popcount64(query[w] ^ db[p * w_count + w])
             out[i] = d
 
     return Kernels(

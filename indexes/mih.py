@@ -25,7 +25,7 @@ import numpy as np
 from common.errors import InputError
 from indexes.codes import check_packed
 from indexes.hamming import PAD_DIST, HammingIndex, check_k, run_calls, split_range
-from indexes.kernels import POS_BITS, POS_MASK, _heap_replace_top, _popcount64
+from indexes.kernels import POS_BITS, POS_MASK, heap_replace_top, popcount64
 
 MAX_SUBSTRING_BITS = 24  # a table's bucket array has 2**bits + 1 entries
 
@@ -120,10 +120,10 @@ def _probe(
                         if seen[p] != stamp:
                             d = np.uint64(0)
                             for w in range(words):
-                                d += _popcount64(q[w] ^ db[p, w])
+                                d += popcount64(q[w] ^ db[p, w])
                             cand = (np.int64(d) << POS_BITS) | p
                             if cand < heap[0]:
-                                _heap_replace_top(heap, cand)
+                                heap_replace_top(heap, cand)
                     done = True
                     break
                 mask = (np.int64(1) << r) - 1  # Gosper's hack: every length-bit mask with r ones
@@ -138,10 +138,10 @@ def _probe(
                         seen[p] = stamp
                         d = np.uint64(0)
                         for w in range(words):
-                            d += _popcount64(q[w] ^ db[p, w])
+                            d += popcount64(q[w] ^ db[p, w])
                         cand = (np.int64(d) << POS_BITS) | p
                         if cand < heap[0]:
-                            _heap_replace_top(heap, cand)
+                            heap_replace_top(heap, cand)
                     if mask == 0:
                         break
                     low = mask & -mask
