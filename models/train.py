@@ -236,7 +236,7 @@ def train(
             sums += [loss.item(), loss_g.item(), loss_r.item()]
         seconds = time.perf_counter() - start
         i2t, t2i = evaluate()
-        mean_loss, mean_g, mean_r = sums / len(batches)
+        mean_loss, mean_g, mean_r = (float(v) for v in sums / len(batches))
         history.append(
             {
                 "epoch": float(epoch), "loss": mean_loss, "loss_graph": mean_g,
