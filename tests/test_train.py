@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from common.errors import InputError
 from models.aucmh import HashingModel
+from models.checkpoint import load_checkpoint
 from models.data import PairDataset
 from models.train import (
     TrainConfig,
@@ -19,6 +21,7 @@ from models.train import (
     train,
     validation_map,
 )
+from service.cli import main
 
 SMALL = TrainConfig(
     n_bits=16, image_hidden=(64,), text_hidden=(64,), k=5, n_anchors=200, batch_size=64,
@@ -145,3 +148,32 @@ def test_train_needs_features(data) -> None:
     bare = dataclasses.replace(data, image_features=None)
     with pytest.raises(InputError, match="expected image and text features"):
         train(cfg=SMALL, data=bare)
+
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path, capsys) -> None:
+    root = DATA / "wikipedia"
+    if not (root / "raw_features.mat").is_file():
+        pytest.skip(f"Wikipedia features not found under {root} (../shared/data is absent)")
+    out = tmp_path / "w16.pt"
+    code = main(
+        ["train", "--dataset", "wikipedia", "--root", str(root), "--bits", "16", "--out", str(out),
+         "--epochs", "2", "--image-hidden", "64", "--text-hidden", "", "--k", "50"]
+    )  # fmt: skip
+    assert code == 0
+    assert f"out={out}" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert ckpt.n_bits == 16 and ckpt.dataset == "wikipedia" and len(ckpt.history) == 2
+    assert ckpt.cfg.image_hidden == (64,) and ckpt.cfg.text_hidden == () and ckpt.cfg.k == 50
+    assert ckpt.image_backbone == "sift-bovw-128" and ckpt.vocabulary is None
+
+
+def test_cli_train_bad_setting_exits_2(tmp_path: Path, capsys) -> None:
+    code = main(
+        ["train", "--dataset", "demo", "--root", str(tmp_path), "--out", str(tmp_path / "x.pt"),
+         "--beta", "1.5"]
+    )  # fmt: skip
+    assert code == 2
+    assert "cmh train: error: expected 0 < beta < 1, got 1.5" in capsys.readouterr().err
