@@ -76,7 +76,7 @@ def bench_anchor(
 
 
 def _knn_rows(x_rows: torch.Tensor, x_all: torch.Tensor, k: int) -> torch.Tensor:
-    """Row-normalised k-nearest-neighbour cosine rows (rows, N) of unit-norm inputs, clipped at 0."""
+    """Row-normalised k-nearest-neighbour cosine rows (rows, N) of unit-norm inputs, >= 0."""
     sims = x_rows @ x_all.T
     top, idx = sims.topk(k, dim=1)
     rows = torch.zeros_like(sims).scatter_(1, idx, top.clamp_min(0.0))
