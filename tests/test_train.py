@@ -13,6 +13,7 @@ from common.errors import InputError
 from models.aucmh import HashingModel
 from models.checkpoint import load_checkpoint
 from models.data import PairDataset
+from models.pipeline import prepare
 from models.train import (
     TrainConfig,
     config_from_dict,
@@ -150,17 +151,37 @@ def test_train_needs_features(data) -> None:
         train(cfg=SMALL, data=bare)
 
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+@pytest.fixture(scope="module")
+def demo_data(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> PairDataset:
+    """The 120-scene demo with EfficientNet-Lite0 image features and its bag of words."""
+    return prepare("demo", demo_root, cache_dir=tmp_path_factory.mktemp("features"))
 
 
-def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path, capsys) -> None:
-    root = DATA / "wikipedia"
-    if not (root / "raw_features.mat").is_file():
-        pytest.skip(f"Wikipedia features not found under {root} (../shared/data is absent)")
+@pytest.mark.slow
+def test_short_run_on_demo_beats_untrained(demo_data: PairDataset) -> None:
+    cfg = dataclasses.replace(SMALL, image_hidden=(256,), text_hidden=(256,), k=20, epochs=10)
+    model, _ = train(cfg=cfg, data=demo_data)
+    assert demo_data.image_features is not None and demo_data.text_features is not None
+    torch.manual_seed(0)
+    untrained = HashingModel(
+        image_dim=demo_data.image_features.shape[1], text_dim=demo_data.text_features.shape[1],
+        n_bits=16, image_hidden=(256,), text_hidden=(256,),
+    )  # fmt: skip
+    untrained.fit_statistics(
+        demo_data.image_features[demo_data.train_idx], demo_data.text_features[demo_data.train_idx]
+    )
+    before, after = _query_map(untrained, demo_data), _query_map(model, demo_data)
+    assert after > before + 0.1, (before, after)
+
+
+def test_cli_train_writes_a_loadable_checkpoint(
+    wikipedia_root: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "w16.pt"
     code = main(
-        ["train", "--dataset", "wikipedia", "--root", str(root), "--bits", "16", "--out", str(out),
-         "--epochs", "2", "--image-hidden", "64", "--text-hidden", "", "--k", "50"]
+        ["train", "--dataset", "wikipedia", "--root", str(wikipedia_root), "--bits", "16",
+         "--out", str(out), "--epochs", "2", "--image-hidden", "64", "--text-hidden", "",
+         "--k", "50"]
     )  # fmt: skip
     assert code == 0
     assert f"out={out}" in capsys.readouterr().out
