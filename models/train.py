@@ -32,10 +32,10 @@ class TrainConfig:
     n_bits: int = 64  # code length L: 16, 32, 64 or 128
     image_hidden: tuple[int, ...] = (1024,)  # hidden widths of the image MLP (its depth)
     text_hidden: tuple[int, ...] = (1024,)  # hidden widths of the text MLP (its depth)
-    k: int = 5  # nearest anchors kept per point in S (Eq. 2)
+    k: int = 100  # nearest anchors kept per point in S (Eq. 2); chosen on Wikipedia validation
     n_anchors: int = 4096  # m, anchors sampled once from the fitting pairs (capped at their count)
-    beta: float = 0.5  # L = beta * L_g + (1 - beta) * L_r (Eq. 8)
-    margin: float = 0.3  # gamma, the triplet margin of L_r (Eq. 7), 0 < gamma < 1
+    beta: float = 0.8  # L = beta * L_g + (1 - beta) * L_r (Eq. 8); chosen on validation
+    margin: float = 0.6  # gamma, the triplet margin of L_r (Eq. 7), 0 < gamma < 1; validation
     temperature: float = 1.0  # divides code cosines in Q (Eq. 5); 1 is the paper's form
     lr: float = 1e-4  # Adam learning rate (paper: 1e-4)
     batch_size: int = 256  # n, pairs per batch (paper: 256)
