@@ -159,7 +159,7 @@ def demo_data(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pair
 
 @pytest.mark.slow
 def test_short_run_on_demo_beats_untrained(demo_data: PairDataset) -> None:
-    cfg = dataclasses.replace(SMALL, image_hidden=(256,), text_hidden=(256,), k=20, epochs=10)
+    cfg = dataclasses.replace(SMALL, image_hidden=(256,), text_hidden=(256,), k=20, epochs=20)
     model, _ = train(cfg=cfg, data=demo_data)
     assert demo_data.image_features is not None and demo_data.text_features is not None
     torch.manual_seed(0)
