@@ -13,7 +13,6 @@ from common.errors import InputError
 from models.aucmh import HashingModel
 from models.checkpoint import load_checkpoint
 from models.data import PairDataset
-from models.pipeline import prepare
 from models.train import (
     TrainConfig,
     config_from_dict,
@@ -149,12 +148,6 @@ def test_train_needs_features(data) -> None:
     bare = dataclasses.replace(data, image_features=None)
     with pytest.raises(InputError, match="expected image and text features"):
         train(cfg=SMALL, data=bare)
-
-
-@pytest.fixture(scope="module")
-def demo_data(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> PairDataset:
-    """The 120-scene demo with EfficientNet-Lite0 image features and its bag of words."""
-    return prepare("demo", demo_root, cache_dir=tmp_path_factory.mktemp("features"))
 
 
 @pytest.mark.slow
