@@ -1,9 +1,9 @@
 # syntax=docker/dockerfile:1
 # The cmh search API (uvicorn via `python -m service serve`), with artifacts on a volume.
 #
-# GPU image (default): the CUDA base image plus PyPI's torch wheels, which bundle their CUDA 13.0
-# libraries (torch==2.14.1+cu130), so the base only adds the driver hooks the NVIDIA container
-# toolkit expects; the "runtime" flavour would carry a second copy of the CUDA libraries.
+# GPU image (default): the CUDA 13.0 base image (the CUDA we develop with; the host needs an
+# NVIDIA driver for CUDA 13.0 and the NVIDIA container toolkit) plus PyPI's torch wheels, which
+# bring their own CUDA libraries: the "runtime" flavour of the base would hold a second copy.
 #   docker build -t cmh:gpu .
 # CPU-only image: a plain Ubuntu base and the CPU torch wheels from the PyTorch index.
 #   docker build --build-arg BASE_IMAGE=ubuntu:24.04 \
@@ -24,10 +24,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     CMH_ARTIFACTS_DIR=/app/artifacts
 # Ubuntu 24.04 has no Python 3.11 (pyproject requires 3.11): uv installs a standalone build.
-COPY --from=uv /uv /usr/local/bin/uv
-RUN uv python install 3.11.14 \
-    && uv venv --seed --python 3.11.14 /opt/venv \
-    && rm /usr/local/bin/uv
+RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
+    uv python install 3.11.14 \
+    && uv venv --seed --python 3.11.14 /opt/venv
 WORKDIR /app
 # torch first and from TORCH_INDEX_URL (CUDA or CPU wheels); pins as in pyproject.toml.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
@@ -57,4 +56,4 @@ COPY tests ./tests
 # Dev pins as in pyproject.toml; milvus-lite 2.5.1 imports pkg_resources, gone from setuptools 81.
 RUN pip install --no-cache-dir "./[dev]" pymilvus==2.5.18 milvus-lite==2.5.1 setuptools==80.9.0
 USER 10001:10001
-CMD ["python", "-m", "pytest", "-q", "tests/test_hamming.py", "tests/test_milvus.py"]
+CMD ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_hamming.py", "tests/test_milvus.py"]
