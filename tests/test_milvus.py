@@ -210,6 +210,7 @@ def test_reopening_checks_the_collection(make_index, milvus_uri: str) -> None:
     again = MilvusHammingIndex(64, uri=milvus_uri, collection=index.collection)
     np.testing.assert_array_equal(again.ids, [5, 6])
     again.add(np.zeros((1, 1), dtype=np.uint64), np.array([7], dtype=np.int64))
+    again.close()
     np.testing.assert_array_equal(index.ids, [5, 6, 7])  # the reopened index appends after
     with pytest.raises(InputError, match="to be a 128-bit index"):
         MilvusHammingIndex(128, uri=milvus_uri, collection=index.collection)
