@@ -1,0 +1,223 @@
+"""The search page in a real browser: headless Debian Chromium driven by Selenium, against
+`python -m service serve` on loopback. Skipped, with the reason, where Chromium, chromedriver or
+Selenium is missing (CI installs them; see .ci/run)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCREENSHOT_COPY = Path("/tmp/page-screenshot.png")  # a copy outside pytest's tmp_path, to look at
+WAIT_S = 60
+
+if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+    pytest.skip(
+        f"browser test needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+        "apt-get install -y chromium chromium-driver",
+        allow_module_level=True,
+    )
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="browser test needs selenium (pip install selenium==4.51.0)"
+)
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def base_url(demo_artifacts_master: Path) -> Iterator[str]:
+    """The service over the demo artifacts (searches only read them), as a user starts it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(demo_artifacts_master)]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"service did not start:\n{proc.stdout.read() if proc.stdout else ''}"
+                )
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Headless Chromium with a fresh profile; the paths are given so Selenium downloads nothing."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def open_page(browser: Any, base_url: str) -> None:
+    browser.get(f"{base_url}/")
+    wait_until(browser, lambda d: "items indexed" in d.find_element(By.ID, "stats").text)
+
+
+def wait_until(browser: Any, condition: Any) -> Any:
+    return WebDriverWait(browser, WAIT_S).until(condition)
+
+
+def results_done(browser: Any) -> bool:
+    state = browser.find_element(By.ID, "results").get_attribute("data-state")
+    return state in ("done", "error")
+
+
+def hits(browser: Any) -> list[Any]:
+    return list(browser.find_elements(By.CSS_SELECTOR, "#hits > li.hit"))
+
+
+def mark_sent(browser: Any) -> None:
+    """Forget the last search's state, so that waiting for "done" waits for the next one."""
+    browser.execute_script("document.getElementById('results').dataset.state = 'sent';")
+
+
+def search_text(browser: Any, text: str, *, k: int, target: str) -> None:
+    query = browser.find_element(By.ID, "text-query")
+    query.clear()
+    query.send_keys(text)
+    browser.find_element(By.CSS_SELECTOR, f"label[for='target-{target}']").click()
+    k_input = browser.find_element(By.ID, "k")
+    k_input.clear()
+    k_input.send_keys(str(k))
+    mark_sent(browser)
+    browser.find_element(By.ID, "search-button").click()
+    wait_until(browser, results_done)
+
+
+def upload(browser: Any, path: Path) -> None:
+    browser.find_element(By.CSS_SELECTOR, "label[for='mode-image']").click()
+    mark_sent(browser)
+    browser.find_element(By.ID, "image-file").send_keys(str(path))  # a chosen file searches at once
+    wait_until(browser, results_done)
+
+
+def error_text(browser: Any) -> str:
+    box = browser.find_element(By.ID, "error")
+    return str(box.text) if box.is_displayed() else ""
+
+
+def test_text_search_shows_image_results(browser: Any, base_url: str, tmp_path: Path) -> None:
+    open_page(browser, base_url)
+    search_text(browser, "a yellow sun at sunset", k=8, target="image")
+    assert error_text(browser) == ""
+    found = hits(browser)
+    assert len(found) == 8 and all("hit-image" in h.get_attribute("class") for h in found)
+    dists = [int(h.get_attribute("data-distance")) for h in found]
+    assert dists == sorted(dists) and all(0 <= d <= 64 for d in dists)
+    assert found[0].find_element(By.CSS_SELECTOR, ".distance-value").text == str(dists[0])
+    # Every thumbnail really loaded from the item image endpoint (not a broken image).
+    wait_until(
+        browser,
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#hits img')]"
+            ".every(i => i.complete && i.naturalWidth > 0);"
+        ),
+    )
+    srcs = [h.find_element(By.TAG_NAME, "img").get_attribute("src") for h in found]
+    assert all(s.startswith(f"{base_url}/v1/items/") and s.endswith("/image") for s in srcs)
+    assert "8 images nearest to" in browser.find_element(By.ID, "results-heading").text
+
+    png = browser.get_screenshot_as_png()
+    (tmp_path / "page.png").write_bytes(png)
+    SCREENSHOT_COPY.write_bytes(png)
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
+    assert pixels.shape == (1000, 1280) or pixels.size > 500_000
+    assert pixels.std() > 20, f"screenshot looks blank: grey-level std {pixels.std():.1f}"
+    colours = Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 24)
+    assert colours is not None and len(colours) > 1000  # the thumbnails, not flat UI colours
+
+
+def test_unknown_words_show_a_note(browser: Any, base_url: str) -> None:
+    open_page(browser, base_url)
+    search_text(browser, "zebra xylophone", k=3, target="image")
+    notice = browser.find_element(By.ID, "notice")
+    assert notice.is_displayed() and "vocabulary" in notice.text
+    assert len(hits(browser)) == 3
+
+
+def test_image_upload_shows_text_results(
+    browser: Any, base_url: str, demo_artifacts_master: Path
+) -> None:
+    open_page(browser, base_url)
+    upload(browser, demo_artifacts_master / "demo" / "images" / "00003.jpg")
+    assert error_text(browser) == ""
+    assert browser.find_element(By.ID, "target-text").is_selected()  # image mode looks for texts
+    found = hits(browser)
+    assert len(found) == 12 and all("hit-text" in h.get_attribute("class") for h in found)
+    captions = [h.find_element(By.CSS_SELECTOR, "p.hit-text").text for h in found]
+    assert all(c.strip() for c in captions)
+    assert browser.find_element(By.ID, "preview").is_displayed()
+
+
+def test_bad_files_show_the_api_error(browser: Any, base_url: str, tmp_path: Path) -> None:
+    open_page(browser, base_url)
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("this is not an image\n")
+    upload(browser, not_image)
+    message = error_text(browser)
+    assert "(415)" in message and "expected an image/* upload, got 'text/plain'" in message
+    assert hits(browser) == []
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    upload(browser, broken)
+    message = error_text(browser)
+    assert "(400)" in message and "could not decode image" in message
