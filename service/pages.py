@@ -12,6 +12,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {
     "style.css": "text/css; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 # The page talks to its own origin only: no CDN, no inline script, no framing.
 PAGE_HEADERS = {

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +35,7 @@ webdriver = pytest.importorskip(
     "selenium.webdriver", reason="browser test needs selenium (pip install selenium==4.51.0)"
 )
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -180,18 +180,26 @@ def test_text_search_shows_image_results(browser: Any, base_url: str, tmp_path: 
     (tmp_path / "page.png").write_bytes(png)
     SCREENSHOT_COPY.write_bytes(png)
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
-    assert pixels.shape == (1000, 1280) or pixels.size > 500_000
+    assert pixels.shape[1] == 1280 and pixels.shape[0] > 600  # the 1280-wide window
     assert pixels.std() > 20, f"screenshot looks blank: grey-level std {pixels.std():.1f}"
     colours = Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 24)
     assert colours is not None and len(colours) > 1000  # the thumbnails, not flat UI colours
 
 
-def test_unknown_words_show_a_note(browser: Any, base_url: str) -> None:
+def test_keyboard_only_search_and_unknown_words_note(browser: Any, base_url: str) -> None:
     open_page(browser, base_url)
-    search_text(browser, "zebra xylophone", k=3, target="image")
+    query = browser.find_element(By.ID, "text-query")
+    mark_sent(browser)
+    query.send_keys("zebra xylophone", Keys.ENTER)  # Enter submits; target and k keep defaults
+    wait_until(browser, results_done)
     notice = browser.find_element(By.ID, "notice")
     assert notice.is_displayed() and "vocabulary" in notice.text
-    assert len(hits(browser)) == 3
+    assert len(hits(browser)) == 12 and "hit-image" in hits(browser)[0].get_attribute("class")
+    # Arrow keys switch the mode (real radios); Tab then reaches the file chooser.
+    browser.find_element(By.ID, "mode-text").send_keys(Keys.ARROW_RIGHT)
+    assert browser.find_element(By.ID, "image-pane").is_displayed()
+    browser.switch_to.active_element.send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.get_attribute("id") == "image-file"
 
 
 def test_image_upload_shows_text_results(

@@ -174,7 +174,9 @@
       preview.hidden = true;
       preview.removeAttribute("src");
     }
-    dropZone.classList.add("has-file");
+    const title = $("drop-title");
+    title.replaceChildren(el("strong", "", file.name || "pasted image"));
+    $("drop-detail").textContent = "Drop another image here, paste one, or choose a file";
     if (mode() !== "image") setMode("image");
     searchImage(file);
   }
