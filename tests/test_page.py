@@ -1,11 +1,13 @@
-"""The search page in a real browser: headless Debian Chromium driven by Selenium, against
-`python -m service serve` on loopback. Skipped, with the reason, where Chromium, chromedriver or
-Selenium is missing (CI installs them; see .ci/run)."""
+"""The search page: its routes through TestClient, then the page in a real browser (headless
+Debian Chromium driven by Selenium) against `python -m service serve` on loopback. The browser tests
+skip, saying why, where Chromium, chromedriver or Selenium is missing (CI installs them: .ci/run)."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,25 +20,56 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
+
+from service.app import create_app
+from service.pages import STATIC_DIR
+from service.settings import Settings
+
+HAVE_SELENIUM = importlib.util.find_spec("selenium") is not None
+if HAVE_SELENIUM:
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT_COPY = Path("/tmp/page-screenshot.png")  # a copy outside pytest's tmp_path, to look at
 WAIT_S = 60
 
-if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-    pytest.skip(
-        f"browser test needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-        "apt-get install -y chromium chromium-driver",
-        allow_module_level=True,
+
+def test_page_and_its_files_are_served(tmp_path: Path) -> None:
+    client = TestClient(create_app(Settings(artifacts_dir=tmp_path)))  # no lifespan: no model
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    linked = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
+    assert sorted(linked) == ["/static/app.js", "/static/favicon.svg", "/static/style.css"]
+    for url in linked:
+        assert client.get(url).status_code == 200, url
+    missing = client.get("/static/pages.py")
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == (
+        "expected one of ['app.js', 'favicon.svg', 'style.css'], got 'pages.py'"
     )
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="browser test needs selenium (pip install selenium==4.51.0)"
-)
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+    assert client.get("/static/..%2Fpages.py").status_code == 404
+    assert "/" not in client.get("/openapi.json").json()["paths"]
+    for name in ("index.html", "app.js", "style.css"):  # nothing is fetched from elsewhere
+        assert not re.search(r"https?://|//cdn", (STATIC_DIR / name).read_text()), name
+
+
+def missing_browser() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        return (
+            f"browser test needs Debian's chromium and chromium-driver ({CHROMIUM}, "
+            f"{CHROMEDRIVER}): apt-get install -y chromium chromium-driver"
+        )
+    if not HAVE_SELENIUM:
+        return "browser test needs selenium: pip install selenium==4.51.0"
+    return None
 
 
 def free_port() -> int:
@@ -46,8 +79,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def base_url(demo_artifacts_master: Path) -> Iterator[str]:
+def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """The service over the demo artifacts (searches only read them), as a user starts it."""
+    reason = missing_browser()
+    if reason is not None:  # before the session's demo artifacts are built for nothing
+        pytest.skip(reason)
+    demo_artifacts_master: Path = request.getfixturevalue("demo_artifacts_master")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "service", "serve", "--artifacts", str(demo_artifacts_master)]
@@ -84,6 +121,9 @@ def base_url(demo_artifacts_master: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Headless Chromium with a fresh profile; the paths are given so Selenium downloads nothing."""
+    reason = missing_browser()
+    if reason is not None:
+        pytest.skip(reason)
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (
@@ -202,11 +242,11 @@ def test_keyboard_only_search_and_unknown_words_note(browser: Any, base_url: str
     assert browser.switch_to.active_element.get_attribute("id") == "image-file"
 
 
-def test_image_upload_shows_text_results(
-    browser: Any, base_url: str, demo_artifacts_master: Path
-) -> None:
+def test_image_upload_shows_text_results(browser: Any, base_url: str, tmp_path: Path) -> None:
+    query = tmp_path / "scene.jpg"
+    query.write_bytes(httpx.get(f"{base_url}/v1/items/3/image", timeout=30).content)
     open_page(browser, base_url)
-    upload(browser, demo_artifacts_master / "demo" / "images" / "00003.jpg")
+    upload(browser, query)
     assert error_text(browser) == ""
     assert browser.find_element(By.ID, "target-text").is_selected()  # image mode looks for texts
     found = hits(browser)
