@@ -29,6 +29,7 @@ from service.builder import Served
 from service.encoder import Encoder, resolve_device
 from service.jobs import JobManager
 from service.metrics import Metrics
+from service.pages import router as pages_router
 from service.routes import router
 from service.settings import Settings
 from service.store import (
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.include_router(router)
+    app.include_router(pages_router)
 
     @app.exception_handler(InputError)
     async def input_error(_: Request, err: InputError) -> JSONResponse:
