@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.errors import InputError
+from service.commands import data, demo, features
 
 # Each module adds its own subparsers with `register(subparsers)` and sets `run=` on them.
-COMMANDS: tuple[object, ...] = ()
+COMMANDS = (data, demo, features)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,108 @@
+"""From a dataset root to a PairDataset with features: load, extract (cached), vectorise text.
+
+Image features are the expensive part, so they are cached on disk in `cache_dir`, keyed by dataset,
+backbone, weights and a digest of the image files' contents and order: a later run with the same
+inputs reads the cache, and any changed image, weights file or order gives a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import InputError
+from models.data import PairDataset
+from models.datasets import load_dataset
+from models.image_features import encode_images, load_backbone
+from models.text_features import TextVectorizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path(".cache/features")
+DEFAULT_VOCAB_SIZE = 2000
+
+
+def content_key(data: PairDataset, backbone: str, weights: Path | None) -> str:
+    """A digest of what the image features depend on: dataset, backbone, weights, image bytes."""
+    h = hashlib.sha256(f"{data.name}\0{backbone}\0".encode())
+    if weights is not None:
+        h.update(hashlib.sha256(Path(weights).read_bytes()).digest())
+    for path in data.image_paths or []:
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:24]
+
+
+def cached_image_features(
+    data: PairDataset,
+    *,
+    backbone: str,
+    weights: Path | None = None,
+    cache_dir: Path = DEFAULT_CACHE,
+    progress: bool = False,
+) -> tuple[np.ndarray, Path, bool]:
+    """(features (N, d) float32, cache file, cache hit?) for a dataset of image files."""
+    if data.image_paths is None:
+        raise InputError(f"expected image files in dataset {data.name!r}, it has features only")
+    key = content_key(data, backbone, weights)
+    path = Path(cache_dir) / f"{data.name}-{backbone}-{key}.npy"
+    if path.is_file():
+        features = np.load(path)
+        if features.shape[0] == len(data):
+            logger.info("image features from cache %s", path)
+            return features, path, True
+        logger.warning(
+            "ignoring cache %s: %d rows for %d images", path, features.shape[0], len(data)
+        )
+    model = load_backbone(backbone, weights=weights)
+    features = encode_images(model, data.image_paths, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, features)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logger.info("wrote image features %s to cache %s", features.shape, path)
+    return features, path, False
+
+
+def fit_text_features(data: PairDataset, *, vocab_size: int) -> tuple[np.ndarray, TextVectorizer]:
+    """BoW features for every text, the vocabulary fitted on the training texts only."""
+    if data.texts is None:
+        raise InputError(f"expected raw texts in dataset {data.name!r}, it has features only")
+    vectorizer = TextVectorizer.fit([data.texts[i] for i in data.train_idx], vocab_size=vocab_size)
+    features, unknown = vectorizer.transform(data.texts)
+    if unknown.any():
+        logger.info(
+            "%d of %d texts have no vocabulary word (encoded as zeros)", unknown.sum(), len(unknown)
+        )
+    return features, vectorizer
+
+
+def prepare(
+    name: str,
+    root: Path,
+    *,
+    backbone: str = "efficientnet-lite0",
+    weights: Path | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    cache_dir: Path = DEFAULT_CACHE,
+    progress: bool = False,
+    seed: int = 0,
+) -> PairDataset:
+    """Load dataset `name` from root with image and text features (datasets of features as is)."""
+    data = load_dataset(name, root, seed=seed)
+    if data.image_features is not None and data.text_features is not None:
+        return data
+    image, _, _ = cached_image_features(
+        data, backbone=backbone, weights=weights, cache_dir=cache_dir, progress=progress
+    )
+    text, vectorizer = fit_text_features(data, vocab_size=vocab_size)
+    return data.with_features(
+        image=image, text=text, image_backbone=backbone, vocabulary=vectorizer.vocabulary
+    )
