@@ -47,7 +47,10 @@ def format_table(results: Sequence[RunResult], *, dataset: str) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
         f"{dataset}: {METRIC}, mean +- std over seeds {seeds} (sample std)",
-        *("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows),
+        *(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ),
     ]
     return "\n".join(lines)
 

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.errors import InputError
-from service.commands import data, demo, features
+from service.commands import data, demo, evaluate, features
 
 # Each module adds its own subparsers with `register(subparsers)` and sets `run=` on them.
-COMMANDS = (data, demo, features)
+COMMANDS = (data, demo, evaluate, features)
 
 
 def build_parser() -> argparse.ArgumentParser:
