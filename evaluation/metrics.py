@@ -31,15 +31,16 @@ _BLOCK = 256
 
 
 def hamming_distances(query_codes: np.ndarray, db_codes: np.ndarray) -> np.ndarray:
-    """Hamming distances (n_query, n_db) int64 between codes in {-1, +1}: (L - <q, d>) / 2."""
+    """Hamming distances (n_query, n_db) int32 between codes in {-1, +1}: (L - <q, d>) / 2."""
     _check_codes(query_codes, "query_codes")
     _check_codes(db_codes, "db_codes")
     if query_codes.shape[1] != db_codes.shape[1]:
         raise InputError(
             f"expected codes of one length, got {query_codes.shape[1]} and {db_codes.shape[1]} bits"
         )
-    inner = query_codes.astype(np.int64) @ db_codes.astype(np.int64).T  # (n_query, n_db)
-    return np.asarray((query_codes.shape[1] - inner) // 2, dtype=np.int64)
+    # float32 BLAS is exact here: inner products are integers of magnitude at most L << 2**24.
+    inner = query_codes.astype(np.float32) @ db_codes.astype(np.float32).T  # (n_query, n_db)
+    return np.asarray((query_codes.shape[1] - inner.astype(np.int32)) // 2, dtype=np.int32)
 
 
 def cosine_distances(query: np.ndarray, db: np.ndarray) -> np.ndarray:
@@ -130,10 +131,10 @@ def mean_average_precision_at(
     return float(np.mean(average_precisions(dists, rel, top=top, seed=seed)))
 
 
-def precision_recall_at(
+def cutoff_curves(
     dists: np.ndarray, relevant: np.ndarray, *, ks: np.ndarray, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean precision@K and recall@K over queries, each (len(ks),) float64, for K in `ks`.
+    """Per-query precision@K and recall@K, each (n_query, len(ks)) float64, for K in `ks`.
 
     P@K = relevant in the top K / K; R@K = relevant in the top K / relevant in the database
     (0 for a query with no relevant item).
@@ -143,14 +144,60 @@ def precision_recall_at(
     n_db = dists.shape[1]
     if ks.ndim != 1 or ks.size == 0 or ks.min() < 1 or ks.max() > n_db:
         raise InputError(f"expected a non-empty list of K in 1..{n_db}, got {ks.tolist()}")
-    precision = np.zeros(ks.size, dtype=np.float64)
-    recall = np.zeros(ks.size, dtype=np.float64)
-    for _rows, rel in _ranked_relevance(dists, relevant, seed=seed):
+    precision = np.empty((dists.shape[0], ks.size), dtype=np.float64)
+    recall = np.empty((dists.shape[0], ks.size), dtype=np.float64)
+    for rows, rel in _ranked_relevance(dists, relevant, seed=seed):
         hits = np.cumsum(rel, axis=1)[:, ks - 1]  # (b, len(ks))
         n_rel = rel.sum(axis=1, keepdims=True)  # (b, 1)
-        precision += np.sum(hits / ks, axis=0)
-        recall += np.sum(np.divide(hits, n_rel, out=np.zeros(hits.shape), where=n_rel > 0), axis=0)
-    return precision / dists.shape[0], recall / dists.shape[0]
+        precision[rows] = hits / ks
+        recall[rows] = np.divide(hits, n_rel, out=np.zeros(hits.shape), where=n_rel > 0)
+    return precision, recall
+
+
+def radius_curves(
+    dists: np.ndarray, relevant: np.ndarray, *, n_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query precision and recall (n_query, n_bits + 1) within Hamming radius r = 0..L.
+
+    Precision is NaN where a query retrieves nothing within r; recall is 0 for a query with no
+    relevant item. Ties do not matter here: a radius retrieves a whole tie or none of it.
+    """
+    _check_pair(dists, relevant)
+    if dists.size and (dists.min() < 0 or dists.max() > n_bits):
+        raise InputError(
+            f"expected Hamming distances in 0..{n_bits}, got {dists.min()}..{dists.max()}"
+        )
+    shape = (dists.shape[0], n_bits + 1)
+    precision = np.empty(shape, dtype=np.float64)
+    recall = np.empty(shape, dtype=np.float64)
+    for start in range(0, dists.shape[0], _BLOCK):
+        rows = slice(start, start + _BLOCK)
+        d = dists[rows].astype(np.int64)
+        rel = relevant[rows]
+        # Counts per distance, then cumulative over the radius: (b, n_bits + 1).
+        found = np.cumsum(_count_by_distance(d, np.ones_like(rel), n_bits), axis=1)
+        hits = np.cumsum(_count_by_distance(d, rel, n_bits), axis=1)
+        n_rel = rel.sum(axis=1, keepdims=True)
+        precision[rows] = np.divide(hits, found, out=np.full(hits.shape, np.nan), where=found > 0)
+        recall[rows] = np.divide(hits, n_rel, out=np.zeros(hits.shape), where=n_rel > 0)
+    return precision, recall
+
+
+def mean_curve(precision: np.ndarray, recall: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average per-query curves (n_query, n_points): precision over the queries where it is
+    defined (NaN where it is nowhere defined), recall over all queries."""
+    defined = ~np.isnan(precision)
+    count = defined.sum(axis=0)
+    total = np.where(defined, precision, 0.0).sum(axis=0)
+    mean_precision = np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+    return mean_precision, recall.mean(axis=0)
+
+
+def precision_recall_at(
+    dists: np.ndarray, relevant: np.ndarray, *, ks: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean precision@K and recall@K over queries, each (len(ks),) float64 (see cutoff_curves)."""
+    return mean_curve(*cutoff_curves(dists, relevant, ks=ks, seed=seed))
 
 
 def precision_at_k(dists: np.ndarray, relevant: np.ndarray, *, k: int, seed: int = 0) -> float:
@@ -166,37 +213,8 @@ def recall_at_k(dists: np.ndarray, relevant: np.ndarray, *, k: int, seed: int = 
 def precision_recall_by_radius(
     dists: np.ndarray, relevant: np.ndarray, *, n_bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall (n_bits + 1,) float64 of everything within Hamming radius r = 0..L.
-
-    Per radius, precision is averaged over the queries that retrieve at least one item (NaN when
-    none does) and recall over all queries (0 for a query with no relevant item). Ties do not
-    matter here: a radius retrieves a whole tie or none of it.
-    """
-    _check_pair(dists, relevant)
-    if dists.size and (dists.min() < 0 or dists.max() > n_bits):
-        raise InputError(
-            f"expected Hamming distances in 0..{n_bits}, got {dists.min()}..{dists.max()}"
-        )
-    radii = np.arange(n_bits + 1)
-    n_query = dists.shape[0]
-    precision_sum = np.zeros(radii.size)
-    answered = np.zeros(radii.size)
-    recall_sum = np.zeros(radii.size)
-    for start in range(0, n_query, _BLOCK):
-        d = dists[start : start + _BLOCK].astype(np.int64)
-        rel = relevant[start : start + _BLOCK]
-        # Counts per distance, then cumulative over the radius: (b, n_bits + 1).
-        found = np.cumsum(_count_by_distance(d, np.ones_like(rel), n_bits), axis=1)
-        hits = np.cumsum(_count_by_distance(d, rel, n_bits), axis=1)
-        n_rel = rel.sum(axis=1, keepdims=True)
-        precision_sum += np.sum(
-            np.divide(hits, found, out=np.zeros(hits.shape), where=found > 0), 0
-        )
-        answered += np.sum(found > 0, axis=0)
-        recall_sum += np.sum(np.divide(hits, n_rel, out=np.zeros(hits.shape), where=n_rel > 0), 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(answered > 0, precision_sum / np.maximum(answered, 1), np.nan)
-    return precision, recall_sum / max(n_query, 1)
+    """Mean precision and recall (n_bits + 1,) within Hamming radius r = 0..L (see mean_curve)."""
+    return mean_curve(*radius_curves(dists, relevant, n_bits=n_bits))
 
 
 def _count_by_distance(d: np.ndarray, weight: np.ndarray, n_bits: int) -> np.ndarray:

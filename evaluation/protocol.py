@@ -15,13 +15,15 @@ from common.errors import InputError
 from evaluation.metrics import (
     average_precisions,
     cosine_distances,
+    cutoff_curves,
     hamming_distances,
-    precision_recall_at,
-    precision_recall_by_radius,
+    mean_curve,
+    radius_curves,
     relevance,
 )
 
 METRIC = "map@all"  # the one MAP variant every table of this project reports
+QUERY_BLOCK = 128  # queries scored at once: 128 x 200k database items is about 100 MB a matrix
 _CUTOFF_POINTS = 64  # rank cut-offs along a real-valued method's precision-recall curve
 
 
@@ -72,21 +74,36 @@ def score_direction(
     """Score one direction: Hamming ranking for codes in {-1,+1}, cosine for real vectors.
 
     Binary codes get the precision-recall curve over Hamming radius 0..L; real vectors have no
-    radius, so theirs follows rank cut-offs K from 1 to the database size.
+    radius, so theirs follows rank cut-offs K from 1 to the database size. Queries go in blocks,
+    so memory stays at a block's (QUERY_BLOCK, n_db) matrices whatever the number of queries.
     """
-    rel = relevance(query_labels, db_labels)  # (n_query, n_db)
-    if real_valued:
-        dists = cosine_distances(query, db)
-        n_db = dists.shape[1]
-        ks = np.unique(np.linspace(1, n_db, min(_CUTOFF_POINTS, n_db)).round().astype(np.int64))
-        precision, recall = precision_recall_at(dists, rel, ks=ks, seed=seed)
-        curve = Curve(precision=precision, recall=recall, by="rank")
-    else:
-        dists = hamming_distances(query, db)
-        precision, recall = precision_recall_by_radius(dists, rel, n_bits=query.shape[1])
-        curve = Curve(precision=precision, recall=recall, by="hamming radius")
-    map_all = float(np.mean(average_precisions(dists, rel, seed=seed)))
-    return DirectionScore(map_all=map_all, curve=curve)
+    if query.shape[0] != query_labels.shape[0] or db.shape[0] != db_labels.shape[0]:
+        raise InputError(
+            f"expected one label row per item, got {query.shape[0]} queries with "
+            f"{query_labels.shape[0]} labels and {db.shape[0]} items with {db_labels.shape[0]}"
+        )
+    n_db = db.shape[0]
+    ks = np.unique(np.linspace(1, n_db, min(_CUTOFF_POINTS, n_db)).round().astype(np.int64))
+    aps, precisions, recalls = [], [], []
+    for start in range(0, query.shape[0], QUERY_BLOCK):
+        block = slice(start, start + QUERY_BLOCK)
+        rel = relevance(query_labels[block], db_labels)  # (b, n_db)
+        if real_valued:
+            dists = cosine_distances(query[block], db)
+            precision, recall = cutoff_curves(dists, rel, ks=ks, seed=seed)
+        else:
+            dists = hamming_distances(query[block], db)
+            precision, recall = radius_curves(dists, rel, n_bits=query.shape[1])
+        aps.append(average_precisions(dists, rel, seed=seed))
+        precisions.append(precision)
+        recalls.append(recall)
+    mean_precision, mean_recall = mean_curve(np.vstack(precisions), np.vstack(recalls))
+    curve = Curve(
+        precision=mean_precision,
+        recall=mean_recall,
+        by="rank" if real_valued else "hamming radius",
+    )
+    return DirectionScore(map_all=float(np.mean(np.concatenate(aps))), curve=curve)
 
 
 def score_run(

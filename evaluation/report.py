@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 import numpy as np  # noqa: E402
 
+from evaluation.metrics import mean_curve  # noqa: E402
 from evaluation.protocol import METRIC, RunResult  # noqa: E402
 
 
@@ -105,8 +106,9 @@ def plot_pr_curves(results: Sequence[RunResult], *, dataset: str, bits: int, pat
     ):
         for method in methods:
             curves = [getattr(r, direction).curve for r in runs if r.method == method]
-            precision = _nanmean_rows(np.stack([c.precision for c in curves]))
-            recall = np.mean(np.stack([c.recall for c in curves]), axis=0)
+            precision, recall = mean_curve(
+                np.stack([c.precision for c in curves]), np.stack([c.recall for c in curves])
+            )
             by = curves[0].by
             ax.plot(
                 recall,
@@ -127,11 +129,3 @@ def plot_pr_curves(results: Sequence[RunResult], *, dataset: str, bits: int, pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _nanmean_rows(stacked: np.ndarray) -> np.ndarray:
-    """Column means ignoring NaN; NaN (no warning) where a column is all NaN."""
-    valid = ~np.isnan(stacked)
-    total = np.where(valid, stacked, 0.0).sum(axis=0)
-    count = valid.sum(axis=0)
-    return np.asarray(np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0))

@@ -9,6 +9,13 @@ import numpy as np
 import pytest
 
 from common.errors import InputError
+from evaluation.metrics import (
+    average_precisions,
+    hamming_distances,
+    precision_recall_by_radius,
+    relevance,
+)
+from evaluation.protocol import QUERY_BLOCK, score_direction
 from evaluation.report import format_table, plot_pr_curves, results_document
 from models.data import PairDataset
 from models.methods import evaluate_methods, parse_methods
@@ -56,6 +63,21 @@ def test_evaluate_methods_gives_one_result_per_method_bits_and_seed(tmp_path: Pa
     png = tmp_path / "pr.png"
     plot_pr_curves(results, dataset="synthetic", bits=16, path=png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_scoring_in_query_blocks_matches_scoring_at_once() -> None:
+    rng = np.random.default_rng(2)
+    n_query = QUERY_BLOCK * 2 + 5
+    query = np.where(rng.random((n_query, 16)) > 0.5, 1, -1).astype(np.int8)
+    db = np.where(rng.random((400, 16)) > 0.5, 1, -1).astype(np.int8)
+    query_labels = (rng.random((n_query, 5)) > 0.7).astype(np.uint8)
+    db_labels = (rng.random((400, 5)) > 0.7).astype(np.uint8)
+    score = score_direction(query, db, query_labels, db_labels, real_valued=False, seed=4)
+    dists, rel = hamming_distances(query, db), relevance(query_labels, db_labels)
+    assert score.map_all == pytest.approx(float(np.mean(average_precisions(dists, rel, seed=4))))
+    precision, recall = precision_recall_by_radius(dists, rel, n_bits=16)
+    assert np.allclose(score.curve.precision, precision, equal_nan=True)
+    assert np.allclose(score.curve.recall, recall)
 
 
 def test_method_and_bits_lists_are_validated() -> None:
