@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -157,3 +162,22 @@ def test_bad_inputs_raise_input_error() -> None:
         average_precisions(np.zeros((1, 2)), np.zeros((1, 2), dtype=bool), top=3)
     with pytest.raises(InputError, match="K in 1..2"):
         precision_recall_at(np.zeros((1, 2)), np.zeros((1, 2), dtype=bool), ks=np.array([0]))
+
+
+def test_evaluation_imports_neither_torch_nor_models() -> None:
+    # Layering: evaluation <- models <- service; the metrics must load without torch.
+    code = (
+        "import sys, evaluation.metrics, evaluation.protocol, evaluation.report; "
+        "bad = [m for m in ('torch', 'models', 'service') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
