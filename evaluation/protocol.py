@@ -62,6 +62,23 @@ def run_seeds(n_seeds: int) -> list[int]:
     return list(range(n_seeds))
 
 
+def validation_split(
+    train_idx: np.ndarray, *, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split training rows into (fit_idx, val_idx) by a seeded permutation; both sorted.
+
+    Hyper-parameters are chosen on val_idx (held out of the training part), never on the queries.
+    """
+    n_val = int(round(fraction * train_idx.size))
+    if not 0 < n_val < train_idx.size:
+        raise InputError(
+            f"expected a validation fraction leaving both parts non-empty for {train_idx.size} "
+            f"training rows, got {fraction}"
+        )
+    order = np.random.default_rng(seed).permutation(train_idx.size)
+    return np.sort(train_idx[order[n_val:]]), np.sort(train_idx[order[:n_val]])
+
+
 def score_direction(
     query: np.ndarray,
     db: np.ndarray,

@@ -17,13 +17,13 @@ import scipy.linalg
 
 from common.errors import InputError
 
-CCA_RIDGE = 1e-3  # ridge on each covariance, relative to its mean eigenvalue: BoW is rank-poor
+CCA_RIDGE = 1e-3  # default ridge on each covariance, relative to its mean eigenvalue
 CCA_MAX_COMPONENTS = 128  # components kept by the real-valued CCA reference
 ITQ_ITERATIONS = 50  # Gong et al. report convergence within 50 iterations
 ITQ_EIGEN_POWER = 4.0  # CCA-ITQ scales each direction by correlation**p; Gong et al. use p = 4
 CMFH_LAMBDA = 0.5  # weight of image vs text reconstruction (Ding et al.: 0.5)
 CMFH_MU = 100.0  # weight of the projection terms (Ding et al.: 100)
-CMFH_GAMMA = 0.01  # ridge on every factor (Ding et al.: 0.01)
+CMFH_GAMMA = 0.01  # default ridge on every factor (Ding et al.: 0.01)
 CMFH_ITERATIONS = 50  # alternating updates; the objective is flat well before this
 
 
@@ -62,25 +62,29 @@ def _check_pairs(image: np.ndarray, text: np.ndarray, n_bits: int) -> None:
         raise InputError(f"expected n_bits >= 1, got {n_bits}")
 
 
-def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
-    """cov^(-1/2) of a ridge-regularised covariance (symmetric positive definite)."""
-    ridge = CCA_RIDGE * float(np.trace(cov)) / cov.shape[0] + 1e-12
-    vals, vecs = np.linalg.eigh(cov + ridge * np.eye(cov.shape[0]))
+def _inverse_sqrt(cov: np.ndarray, ridge: float) -> np.ndarray:
+    """(cov + r I)^(-1/2), r = ridge times the mean eigenvalue of cov (symmetric, positive)."""
+    shift = ridge * float(np.trace(cov)) / cov.shape[0] + 1e-12
+    vals, vecs = np.linalg.eigh(cov + shift * np.eye(cov.shape[0]))
     return np.asarray((vecs / np.sqrt(vals)) @ vecs.T)
 
 
 def cca_directions(
-    x: np.ndarray, y: np.ndarray, *, n_components: int
+    x: np.ndarray, y: np.ndarray, *, n_components: int, ridge: float = CCA_RIDGE
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Regularised CCA of centred x (n, dx), y (n, dy): A (dx, c), B (dy, c), correlations (c,).
 
     Hotelling's CCA by whitening and an SVD of the whitened cross-covariance; c is n_components
-    capped at min(dx, dy), directions sorted by decreasing correlation.
+    capped at min(dx, dy), directions sorted by decreasing correlation. The ridge matters when
+    d is near or above n (bag-of-words, CNN features): unregularised CCA then finds perfect,
+    meaningless correlations.
     """
+    if ridge < 0:
+        raise InputError(f"expected ridge >= 0, got {ridge}")
     n = x.shape[0]
     c = min(n_components, x.shape[1], y.shape[1])
-    wx = _inverse_sqrt(x.T @ x / n)
-    wy = _inverse_sqrt(y.T @ y / n)
+    wx = _inverse_sqrt(x.T @ x / n, ridge)
+    wy = _inverse_sqrt(y.T @ y / n, ridge)
     u, s, vt = np.linalg.svd(wx @ (x.T @ y / n) @ wy, full_matrices=False)
     return wx @ u[:, :c], wy @ vt.T[:, :c], s[:c]
 
@@ -94,12 +98,17 @@ class CVH:
     """Cross-View Hashing (Kumar and Udupa, IJCAI 2011): with paired views only, its generalised
     eigenproblem is CCA, so bit b is the sign of the b-th canonical projection."""
 
+    def __init__(self, *, ridge: float = CCA_RIDGE) -> None:
+        self.ridge = ridge  # CCA covariance ridge, relative (see cca_directions)
+
     def fit(self, image: np.ndarray, text: np.ndarray, *, n_bits: int, seed: int) -> CVH:
         """Learn the projections; bits beyond the c canonical directions are random (see module)."""
         _check_pairs(image, text, n_bits)
         self._image = _Features(image, name="image", scale=False)
         self._text = _Features(text, name="text", scale=False)
-        a, b, _ = cca_directions(self._image(image), self._text(text), n_components=n_bits)
+        a, b, _ = cca_directions(
+            self._image(image), self._text(text), n_components=n_bits, ridge=self.ridge
+        )
         if a.shape[1] < n_bits:
             extra = _lift(a, n_bits, np.random.default_rng(seed))
             a, b = np.hstack([a, a @ extra]), np.hstack([b, b @ extra])
@@ -120,12 +129,17 @@ class LSH:
     centring, drawn in the shared CCA space (top min(L, c) directions), because random projections
     of two unrelated input spaces would carry no cross-modal information at all."""
 
+    def __init__(self, *, ridge: float = CCA_RIDGE) -> None:
+        self.ridge = ridge  # CCA covariance ridge, relative (see cca_directions)
+
     def fit(self, image: np.ndarray, text: np.ndarray, *, n_bits: int, seed: int) -> LSH:
         """Learn the shared space and draw the n_bits random hyperplanes."""
         _check_pairs(image, text, n_bits)
         self._image = _Features(image, name="image", scale=False)
         self._text = _Features(text, name="text", scale=False)
-        a, b, _ = cca_directions(self._image(image), self._text(text), n_components=n_bits)
+        a, b, _ = cca_directions(
+            self._image(image), self._text(text), n_components=n_bits, ridge=self.ridge
+        )
         planes = np.random.default_rng(seed).standard_normal((a.shape[1], n_bits))
         self._a, self._b = a @ planes, b @ planes
         return self
@@ -154,13 +168,16 @@ class CCAITQ:
     """CCA-ITQ (Gong, Lazebnik, Gordo and Perronnin, TPAMI 2013): top-L CCA directions scaled by
     correlation**4, then one ITQ rotation learned on both modalities' training embeddings."""
 
+    def __init__(self, *, ridge: float = CCA_RIDGE) -> None:
+        self.ridge = ridge  # CCA covariance ridge, relative (see cca_directions)
+
     def fit(self, image: np.ndarray, text: np.ndarray, *, n_bits: int, seed: int) -> CCAITQ:
         """Learn the scaled CCA projections (lifted to n_bits when c < n_bits) and the rotation."""
         _check_pairs(image, text, n_bits)
         self._image = _Features(image, name="image", scale=False)
         self._text = _Features(text, name="text", scale=False)
         xi, xt = self._image(image), self._text(text)
-        a, b, corr = cca_directions(xi, xt, n_components=n_bits)
+        a, b, corr = cca_directions(xi, xt, n_components=n_bits, ridge=self.ridge)
         weights = corr**ITQ_EIGEN_POWER
         a, b = a * weights, b * weights
         rng = np.random.default_rng(seed)
@@ -185,13 +202,18 @@ class CMFH:
     one latent V shared by both modalities and linear hash functions V ~ P_m X_m, by the paper's
     closed-form alternating updates; codes are sign(P_m x) on centred, RMS-scaled features."""
 
+    def __init__(self, *, gamma: float = CMFH_GAMMA) -> None:
+        if gamma <= 0:
+            raise InputError(f"expected gamma > 0, got {gamma}")
+        self.gamma = gamma  # ridge on every factor; needs raising when d is near or above n
+
     def fit(self, image: np.ndarray, text: np.ndarray, *, n_bits: int, seed: int) -> CMFH:
         """Run the alternating updates from a seeded random V."""
         _check_pairs(image, text, n_bits)
         self._image = _Features(image, name="image", scale=True)
         self._text = _Features(text, name="text", scale=True)
         x1, x2 = self._image(image).T, self._text(text).T  # (d1, n), (d2, n)
-        lam, mu, gamma = CMFH_LAMBDA, CMFH_MU, CMFH_GAMMA
+        lam, mu, gamma = CMFH_LAMBDA, CMFH_MU, self.gamma
         eye = np.eye(n_bits)
         # P_m = V X_m^T (X_m X_m^T + gamma/mu I)^-1: the factor depends on X_m only, so solve once.
         chol1 = scipy.linalg.cho_factor(x1 @ x1.T + gamma / mu * np.eye(x1.shape[0]))
@@ -223,13 +245,16 @@ class CCA:
     """Real-valued CCA (Hotelling 1936; the cross-modal reference of Rasiwasia et al., ACM MM
     2010): centred features projected on the top canonical directions, ranked by cosine."""
 
+    def __init__(self, *, ridge: float = CCA_RIDGE) -> None:
+        self.ridge = ridge  # CCA covariance ridge, relative (see cca_directions)
+
     def fit(self, image: np.ndarray, text: np.ndarray) -> CCA:
         """Learn the top min(d_img, d_txt, CCA_MAX_COMPONENTS) canonical directions."""
         _check_pairs(image, text, 1)
         self._image = _Features(image, name="image", scale=False)
         self._text = _Features(text, name="text", scale=False)
         self._a, self._b, self.correlations = cca_directions(
-            self._image(image), self._text(text), n_components=CCA_MAX_COMPONENTS
+            self._image(image), self._text(text), n_components=CCA_MAX_COMPONENTS, ridge=self.ridge
         )
         return self
 

@@ -1,8 +1,11 @@
 """The methods `cmh evaluate` compares, and the loop that fits, encodes and scores them.
 
-Each method fits on the training rows of a PairDataset (features only; labels are never seen) and
-encodes the query and database rows of both modalities. Binary methods are ranked by Hamming
-distance; the real-valued CCA reference by cosine, with one fit serving every code length.
+Each method fits on the training rows of a PairDataset (features only) and encodes the query and
+database rows of both modalities. Binary methods are ranked by Hamming distance; the real-valued
+CCA reference by cosine, with one fit serving every code length. Like AUCMH's trainer, which picks
+its epoch by validation MAP, each baseline picks its one regularisation value by validation MAP on
+a seeded split held out of the training part (labels of training rows only; never the queries),
+then refits on the whole training part: the same treatment for every method.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from typing import Protocol
 import numpy as np
 
 from common.errors import InputError
-from evaluation.protocol import RunResult, score_run
+from evaluation.protocol import RunResult, score_direction, score_run, validation_split
 from models.baselines import CCA, CCAITQ, CMFH, CVH, LSH
 from models.data import PairDataset
 
 logger = logging.getLogger(__name__)
+
+VALIDATION_FRACTION = 0.2  # of the training part, held out to choose each baseline's regulariser
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # CCA covariance ridge, relative to the mean eigenvalue
+GAMMA_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # CMFH's ridge gamma (the paper's 0.01 first)
 
 
 class Encoder(Protocol):
@@ -55,41 +62,89 @@ class _CCAEncoder:
         return self._cca.embed_text(features)
 
 
-def train_features(data: PairDataset) -> tuple[np.ndarray, np.ndarray]:
-    """The training rows' (image, text) features; raises InputError when features are missing."""
+def features(data: PairDataset) -> tuple[np.ndarray, np.ndarray]:
+    """All rows' (image, text) features; raises InputError when the dataset has none."""
     if data.image_features is None or data.text_features is None:
         raise InputError(f"expected image and text features in dataset {data.name!r}, got none")
-    return data.image_features[data.train_idx], data.text_features[data.train_idx]
+    return data.image_features, data.text_features
 
 
-def _fit_cvh(data: PairDataset, n_bits: int, seed: int) -> Encoder:
-    return CVH().fit(*train_features(data), n_bits=n_bits, seed=seed)
+# A baseline fitted on (image, text) rows at (n_bits, seed) with one regularisation value.
+FitOne = Callable[[np.ndarray, np.ndarray, int, int, float], Encoder]
 
 
-def _fit_lsh(data: PairDataset, n_bits: int, seed: int) -> Encoder:
-    return LSH().fit(*train_features(data), n_bits=n_bits, seed=seed)
+def _cvh(image: np.ndarray, text: np.ndarray, n_bits: int, seed: int, ridge: float) -> Encoder:
+    return CVH(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed)
 
 
-def _fit_cca_itq(data: PairDataset, n_bits: int, seed: int) -> Encoder:
-    return CCAITQ().fit(*train_features(data), n_bits=n_bits, seed=seed)
+def _lsh(image: np.ndarray, text: np.ndarray, n_bits: int, seed: int, ridge: float) -> Encoder:
+    return LSH(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed)
 
 
-def _fit_cmfh(data: PairDataset, n_bits: int, seed: int) -> Encoder:
-    return CMFH().fit(*train_features(data), n_bits=n_bits, seed=seed)
+def _cca_itq(image: np.ndarray, text: np.ndarray, n_bits: int, seed: int, ridge: float) -> Encoder:
+    return CCAITQ(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed)
 
 
-def _fit_cca(data: PairDataset, _n_bits: int, _seed: int) -> Encoder:
-    return _CCAEncoder(CCA().fit(*train_features(data)))
+def _cmfh(image: np.ndarray, text: np.ndarray, n_bits: int, seed: int, gamma: float) -> Encoder:
+    return CMFH(gamma=gamma).fit(image, text, n_bits=n_bits, seed=seed)
+
+
+def _cca(image: np.ndarray, text: np.ndarray, _n_bits: int, _seed: int, ridge: float) -> Encoder:
+    return _CCAEncoder(CCA(ridge=ridge).fit(image, text))
+
+
+def _tuned(
+    fit_one: FitOne, grid: Sequence[float], *, real_valued: bool = False
+) -> Callable[[PairDataset, int, int], Encoder]:
+    """Fit with the grid value of best validation MAP (mean of both directions), then refit.
+
+    The validation split is held out of the training part (seeded by the run's seed); the
+    queries are never looked at.
+    """
+
+    def fit(data: PairDataset, n_bits: int, seed: int) -> Encoder:
+        image, text = features(data)
+        labels = data.labels
+        fit_idx, val_idx = validation_split(data.train_idx, fraction=VALIDATION_FRACTION, seed=seed)
+        scores = []
+        for value in grid:
+            model = fit_one(image[fit_idx], text[fit_idx], n_bits, seed, value)
+            i2t = score_direction(
+                model.encode_image(image[val_idx]),
+                model.encode_text(text[fit_idx]),
+                labels[val_idx],
+                labels[fit_idx],
+                real_valued=real_valued,
+                seed=seed,
+            )
+            t2i = score_direction(
+                model.encode_text(text[val_idx]),
+                model.encode_image(image[fit_idx]),
+                labels[val_idx],
+                labels[fit_idx],
+                real_valued=real_valued,
+                seed=seed,
+            )
+            scores.append((i2t.map_all + t2i.map_all) / 2)
+        best = grid[int(np.argmax(scores))]
+        logger.info(
+            "validation MAP@all by regularisation %s: chose %g",
+            ", ".join(f"{v:g}: {m:.4f}" for v, m in zip(grid, scores, strict=True)),
+            best,
+        )
+        return fit_one(image[data.train_idx], text[data.train_idx], n_bits, seed, best)
+
+    return fit
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("cvh", _fit_cvh),
-        Method("cmfh", _fit_cmfh),
-        Method("cca-itq", _fit_cca_itq),
-        Method("lsh", _fit_lsh),
-        Method("cca", _fit_cca, real_valued=True),
+        Method("cvh", _tuned(_cvh, RIDGE_GRID)),
+        Method("cmfh", _tuned(_cmfh, GAMMA_GRID)),
+        Method("cca-itq", _tuned(_cca_itq, RIDGE_GRID)),
+        Method("lsh", _tuned(_lsh, RIDGE_GRID)),
+        Method("cca", _tuned(_cca, RIDGE_GRID, real_valued=True), real_valued=True),
     )
 }
 
@@ -107,9 +162,7 @@ def evaluate_methods(
     data: PairDataset, *, methods: Sequence[Method], bits: Sequence[int], seeds: Sequence[int]
 ) -> list[RunResult]:
     """Fit, encode and score every method at every code length and seed (one result each)."""
-    if data.image_features is None or data.text_features is None:
-        raise InputError(f"expected image and text features in dataset {data.name!r}, got none")
-    image, text = data.image_features, data.text_features
+    image, text = features(data)
     q, db = data.query_idx, data.database_idx
     results: list[RunResult] = []
     for method in methods:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from evaluation.metrics import (
     precision_recall_by_radius,
     relevance,
 )
-from evaluation.protocol import QUERY_BLOCK, score_direction
+from evaluation.protocol import QUERY_BLOCK, score_direction, validation_split
 from evaluation.report import format_table, plot_pr_curves, results_document
 from models.data import PairDataset
 from models.methods import evaluate_methods, parse_methods
@@ -50,8 +51,9 @@ def test_evaluate_methods_gives_one_result_per_method_bits_and_seed(tmp_path: Pa
     methods = parse_methods("cvh,cmfh,cca-itq,lsh,cca")
     results = evaluate_methods(data, methods=methods, bits=[8, 16], seeds=[0, 1])
     assert len(results) == 5 * 2 * 2
-    cca = [r for r in results if r.method == "cca"]
-    assert len({(r.i2t.map_all, r.t2i.map_all) for r in cca}) == 1  # one fit, repeated
+    for seed in (0, 1):  # one fit per seed, repeated for every length
+        cca = [r for r in results if r.method == "cca" and r.seed == seed]
+        assert len(cca) == 2 and len({(r.i2t.map_all, r.t2i.map_all) for r in cca}) == 1
     for r in results:
         assert 0.45 < r.i2t.map_all <= 1.0 and 0.45 < r.t2i.map_all <= 1.0  # random: about 1/3
     doc = results_document(results, dataset="synthetic", n_query=60, n_database=240)
@@ -132,3 +134,23 @@ def test_cli_on_the_wikipedia_development_split(
     assert by_method["cca"]["i2t_map"] > 0.2 and by_method["cca"]["t2i_map"] > 0.2
     assert (tmp_path / "wikipedia-16bits-pr.png").is_file()
     assert "cca-itq" in capsys.readouterr().out
+
+
+def test_validation_split_holds_out_part_of_the_training_rows() -> None:
+    train_idx = np.arange(10, 110, dtype=np.int64)
+    fit_idx, val_idx = validation_split(train_idx, fraction=0.2, seed=3)
+    assert val_idx.size == 20 and fit_idx.size == 80
+    assert np.array_equal(np.sort(np.concatenate([fit_idx, val_idx])), train_idx)
+    again = validation_split(train_idx, fraction=0.2, seed=3)
+    assert np.array_equal(again[1], val_idx)
+    with pytest.raises(InputError, match="validation fraction"):
+        validation_split(train_idx[:2], fraction=0.1, seed=0)
+
+
+def test_baselines_choose_their_regulariser_on_validation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="models.methods"):
+        evaluate_methods(synthetic_dataset(), methods=parse_methods("cmfh"), bits=[8], seeds=[0])
+    assert "validation MAP@all by regularisation" in caplog.text
+    assert "chose" in caplog.text
