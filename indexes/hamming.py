@@ -1,0 +1,323 @@
+"""HammingIndex: exact top-k and radius search over packed uint64 codes, with int64 external ids.
+
+Search is a tiled, multi-threaded scan (numba kernels in indexes/kernels.py): no (m, n) distance
+matrix is ever built, so memory stays O(m * k) for any batch and any database size. Results follow
+FAISS: (dists int32 (m, k), ids int64 (m, k)), padded with id -1 and distance int32 max when k
+exceeds the index size. Ties are broken by insertion order (earlier first), so results are
+reproducible.
+
+Thread safety: search, range_search, contains and save only read one immutable snapshot of the
+index, so any number of threads may call them at once. add and remove build a new snapshot and
+swap it in with one assignment: a concurrent search sees either the old or the new contents.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import InputError
+from indexes import storage
+from indexes.codes import check_packed, n_words
+from indexes.kernels import MAX_CODES, POS_BITS, POS_MASK, kernels_for
+
+logger = logging.getLogger(__name__)
+
+PAD_DIST = np.iinfo(np.int32).max
+# Below this many codes a single query is scanned by one thread: waking a second costs more.
+SPLIT_DB_MIN = 1 << 16
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Everything a search reads; never mutated after construction."""
+
+    codes: np.ndarray  # (n, words) uint64, C-contiguous (maybe a read-only memory map)
+    ids: np.ndarray  # (n,) int64 in insertion order
+    sorted_ids: np.ndarray  # (n,) int64 ascending
+    sorted_pos: np.ndarray  # (n,) int64: ids[sorted_pos[i]] == sorted_ids[i]
+
+
+def check_ids(ids: np.ndarray, *, n: int | None = None) -> None:
+    """Raise InputError unless ids is a 1-D int64 array (of length n when given) of ids >= 0."""
+    if not isinstance(ids, np.ndarray) or ids.dtype != np.int64:
+        got = ids.dtype if isinstance(ids, np.ndarray) else type(ids).__name__
+        raise InputError(f"expected ids as an int64 numpy array, got {got}")
+    if ids.ndim != 1 or (n is not None and ids.shape[0] != n):
+        want = f"({n},)" if n is not None else "(n,)"
+        raise InputError(f"expected ids of shape {want}, got shape {ids.shape}")
+    if ids.size and int(ids.min()) < 0:
+        raise InputError(f"expected ids >= 0 (-1 marks padding), got {int(ids.min())}")
+
+
+def check_k(k: int) -> None:
+    """Raise InputError unless k is an int >= 1."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise InputError(f"expected k as an int >= 1, got {k!r}")
+
+
+def split_range(total: int, parts: int) -> list[tuple[int, int]]:
+    """Split range(total) into at most `parts` contiguous non-empty (start, stop) chunks."""
+    parts = max(1, min(parts, total))
+    bounds = np.linspace(0, total, parts + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+class HammingIndex:
+    """Exact Hamming index over n_bits-bit codes packed as (n, n_words(n_bits)) uint64."""
+
+    def __init__(self, n_bits: int, *, threads: int | None = None) -> None:
+        """An empty index; `threads` (default: all CPUs) is how many threads one search uses."""
+        self.n_words = n_words(n_bits)
+        self.n_bits = int(n_bits)
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise InputError(f"expected threads >= 1, got {threads!r}")
+        self.threads = threads if threads is not None else (os.cpu_count() or 1)
+        # Worker threads start on first use and exit when the index is garbage-collected.
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        empty_ids = np.empty(0, np.int64)
+        self._snap = _Snapshot(
+            np.empty((0, self.n_words), np.uint64), empty_ids, empty_ids, empty_ids
+        )
+        self._kernels = kernels_for(self.n_words)
+
+    def __len__(self) -> int:
+        """How many codes the index holds."""
+        return int(self._snap.ids.shape[0])
+
+    def __repr__(self) -> str:
+        return f"HammingIndex(n_bits={self.n_bits}, size={len(self)})"
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(n,) int64 ids in insertion order (read-only view)."""
+        return _read_only(self._snap.ids)
+
+    @property
+    def codes(self) -> np.ndarray:
+        """(n, n_words) uint64 packed codes in insertion order (read-only view)."""
+        return _read_only(self._snap.codes)
+
+    def copy(self) -> HammingIndex:
+        """A new index with the same contents (shared until either changes); cheap."""
+        twin = HammingIndex(self.n_bits, threads=self.threads)
+        twin._snap = self._snap
+        return twin
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids),) bool: which of the int64 ids are in the index."""
+        check_ids(ids)
+        return _positions(self._snap, ids) >= 0
+
+    def add(self, codes: np.ndarray, ids: np.ndarray) -> None:
+        """Append (n, n_words) uint64 codes under int64 ids; all or nothing.
+
+        Raises InputError for a wrong dtype or shape, or an id that repeats or is already in
+        the index; the index is then unchanged.
+        """
+        check_packed(codes, self.n_bits, name="codes")
+        check_ids(ids, n=codes.shape[0])
+        snap = self._snap
+        if ids.size == 0:
+            return
+        order = np.argsort(ids)  # (b,) the new ids sorted
+        new_sorted = ids[order]
+        repeats = np.flatnonzero(new_sorted[1:] == new_sorted[:-1])
+        if repeats.size:
+            raise InputError(
+                f"expected unique ids, got id {int(new_sorted[repeats[0]])} more than once"
+            )
+        present = _positions(snap, new_sorted) >= 0
+        if present.any():
+            raise InputError(
+                f"expected new ids, got id {int(new_sorted[np.argmax(present)])} "
+                "already in the index"
+            )
+        n_old = snap.ids.shape[0]
+        if n_old + ids.shape[0] > MAX_CODES:
+            raise InputError(f"expected at most {MAX_CODES} codes in all, got {n_old + ids.size}")
+        slots = np.searchsorted(snap.sorted_ids, new_sorted)
+        self._snap = _Snapshot(
+            codes=np.ascontiguousarray(np.concatenate([snap.codes, codes])),
+            ids=np.concatenate([snap.ids, ids]),
+            sorted_ids=np.insert(snap.sorted_ids, slots, new_sorted),
+            sorted_pos=np.insert(snap.sorted_pos, slots, n_old + order),
+        )
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove the codes of these int64 ids (absent ids are ignored); returns how many went."""
+        check_ids(ids)
+        snap = self._snap
+        wanted = np.unique(ids)
+        pos = _positions(snap, wanted)
+        gone = np.sort(pos[pos >= 0])  # (r,) positions to drop, ascending
+        if gone.size == 0:
+            return 0
+        keep = np.ones(snap.ids.shape[0], dtype=bool)
+        keep[gone] = False
+        keep_sorted = keep[snap.sorted_pos]
+        old_pos = snap.sorted_pos[keep_sorted]
+        self._snap = _Snapshot(
+            codes=np.ascontiguousarray(snap.codes[keep]),
+            ids=snap.ids[keep],
+            sorted_ids=snap.sorted_ids[keep_sorted],
+            # Later codes move down by the number of removed codes before them.
+            sorted_pos=old_pos - np.searchsorted(gone, old_pos),
+        )
+        return int(gone.size)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k nearest codes of each (m, n_words) uint64 query.
+
+        Returns (dists, ids), both (m, k): int32 Hamming distances ascending and int64 ids,
+        ties in insertion order, padded with int32 max and -1 past the index size.
+        Raises InputError for a wrong dtype or shape or k < 1.
+        """
+        check_packed(queries, self.n_bits, name="queries")
+        check_k(k)
+        snap = self._snap
+        m, n = queries.shape[0], snap.ids.shape[0]
+        heap_k = min(int(k), n)
+        sentinel = ((self.n_bits + 1) << POS_BITS) | POS_MASK
+        keys = np.full((m, heap_k), sentinel, dtype=np.int64)  # (m, heap_k) max-heaps
+        if m and heap_k:
+            keys = self._scan(np.ascontiguousarray(queries).reshape(-1), snap, keys)
+        keys.sort(axis=1)
+        dists = np.full((m, int(k)), PAD_DIST, dtype=np.int32)
+        out_ids = np.full((m, int(k)), -1, dtype=np.int64)
+        dists[:, :heap_k] = keys >> POS_BITS
+        out_ids[:, :heap_k] = snap.ids[keys & POS_MASK]
+        return dists, out_ids
+
+    def _scan(self, queries: np.ndarray, snap: _Snapshot, keys: np.ndarray) -> np.ndarray:
+        """Fill the (m, heap_k) key heaps, split over queries or (few queries) over the database."""
+        scan = self._kernels.knn_scan
+        db = snap.codes.reshape(-1)
+        m, n, w = keys.shape[0], snap.ids.shape[0], self.n_words
+        if m >= self.threads or n < SPLIT_DB_MIN or self._pool is None:
+            run_calls(
+                self._pool,
+                [
+                    (scan, queries[a * w : b * w], db, 0, n, keys[a:b])
+                    for a, b in split_range(m, self.threads)
+                ],
+            )
+            return keys
+        parts = [(a, b, keys.copy()) for a, b in split_range(n, self.threads)]
+        run_calls(self._pool, [(scan, queries, db, a, b, part_keys) for a, b, part_keys in parts])
+        # Keys carry global positions, so the k smallest over all parts are the answer.
+        merged = np.concatenate([part_keys for _, _, part_keys in parts], axis=1)
+        merged.sort(axis=1)
+        return np.ascontiguousarray(merged[:, : keys.shape[1]])
+
+    def range_search(self, queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every code within Hamming distance `radius` of each (m, n_words) uint64 query.
+
+        Returns m pairs (dists int32 (r_i,), ids int64 (r_i,)), by distance then insertion order.
+        """
+        check_packed(queries, self.n_bits, name="queries")
+        if isinstance(radius, bool) or not isinstance(radius, int | np.integer) or radius < 0:
+            raise InputError(f"expected radius as an int >= 0, got {radius!r}")
+        snap = self._snap
+        radius = min(int(radius), self.n_bits)
+        flat = np.ascontiguousarray(queries).reshape(-1)
+        db = snap.codes.reshape(-1)
+        m, w = queries.shape[0], self.n_words
+        counts = np.zeros(m, dtype=np.int64)
+        chunks = split_range(m, self.threads)
+        run_calls(
+            self._pool,
+            [
+                (self._kernels.range_count, flat[a * w : b * w], db, radius, counts[a:b])
+                for a, b in chunks
+            ],
+        )
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        pos = np.empty(int(offsets[-1]), dtype=np.int64)
+        dist = np.empty(int(offsets[-1]), dtype=np.int32)
+        run_calls(
+            self._pool,
+            [
+                (
+                    self._kernels.range_fill,
+                    flat[a * w : b * w],
+                    db,
+                    radius,
+                    offsets[a : b + 1] - offsets[a],
+                    pos[offsets[a] : offsets[b]],
+                    dist[offsets[a] : offsets[b]],
+                )
+                for a, b in chunks
+            ],
+        )
+        ids = snap.ids[pos]
+        return [
+            (dist[offsets[i] : offsets[i + 1]], ids[offsets[i] : offsets[i + 1]]) for i in range(m)
+        ]
+
+    def save(self, path: Path) -> None:
+        """Write the index to `path` atomically (see indexes/storage.py for the format)."""
+        snap = self._snap
+        storage.save(Path(path), n_bits=self.n_bits, ids=snap.ids, codes=snap.codes)
+        logger.info("saved %d codes of %d bits to %s", len(snap.ids), self.n_bits, path)
+
+    @classmethod
+    def load(cls, path: Path, *, mmap: bool = True, threads: int | None = None) -> HammingIndex:
+        """Read an index saved by `save`, checking everything; codes are memory-mapped if mmap.
+
+        Raises InputError saying what is wrong with a truncated, corrupted or foreign file.
+        """
+        n_bits, ids, codes = storage.load(Path(path), mmap=mmap)
+        index = cls(n_bits, threads=threads)
+        check_ids(ids)
+        order = np.argsort(ids)
+        sorted_ids = ids[order]
+        repeats = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+        if repeats.size:
+            raise InputError(
+                f"expected unique ids in {path}, got id {int(sorted_ids[repeats[0]])} repeated"
+            )
+        check_packed(codes, n_bits, name=f"codes in {path}")
+        index._snap = _Snapshot(codes=codes, ids=ids, sorted_ids=sorted_ids, sorted_pos=order)
+        logger.info("loaded %d codes of %d bits from %s", len(ids), n_bits, path)
+        return index
+
+
+def run_calls(pool: ThreadPoolExecutor | None, calls: list[tuple[object, ...]]) -> None:
+    """Run fn(*args) for each (fn, *args): the first in this thread, the rest in the pool."""
+    futures = []
+    for fn, *args in calls[1:]:
+        assert callable(fn)
+        if pool is None:
+            fn(*args)
+        else:
+            futures.append(pool.submit(fn, *args))
+    if calls:
+        fn, *args = calls[0]
+        assert callable(fn)
+        fn(*args)
+    for future in futures:
+        future.result()
+
+
+def _positions(snap: _Snapshot, ids: np.ndarray) -> np.ndarray:
+    """(len(ids),) int64 position of each id in insertion order, -1 where absent."""
+    out = np.full(ids.shape[0], -1, dtype=np.int64)
+    size = snap.sorted_ids.shape[0]
+    if size == 0:
+        return out
+    slots = np.minimum(np.searchsorted(snap.sorted_ids, ids), size - 1)
+    found = snap.sorted_ids[slots] == ids
+    out[found] = snap.sorted_pos[slots[found]]
+    return out
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    view = arr.view()
+    view.flags.writeable = False
+    return view

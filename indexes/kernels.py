@@ -1,0 +1,192 @@
+"""Numba kernels for exact Hamming search over packed uint64 codes.
+
+Every kernel takes codes as flat 1-D uint64 arrays (n * n_words,), because LLVM vectorises the
+flat indexing (AVX-512 VPOPCNTQ where the CPU has it) and not the 2-D one. The number of words is
+a compile-time constant: `kernels_for(n_words)` compiles (once, cached on disk) one set per length.
+
+A candidate is one int64 key `(distance << POS_BITS) | position`, so that comparing keys orders
+by distance, then by insertion order: the tie rule of the index. The top-k of a query is a
+max-heap of k keys, filled with SENTINEL-like keys (distance n_bits + 1) at the start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+POS_BITS = 40  # positions below 2**40 (10**12 codes); distances take the bits above
+POS_MASK = (1 << POS_BITS) - 1
+MAX_CODES = 1 << POS_BITS
+SUB = 256  # codes per vectorised distance+min pass; a block is rescanned only if it can win
+TILE_BYTES = 64 * 1024  # database tile that a block of queries reuses from L2
+QUERY_BLOCK = 64  # queries that share one pass over the database
+
+
+def _ctpop_typer(typingctx: Any, x: Any) -> Any:  # noqa: ARG001 (numba passes the context)
+    """Typing and codegen of LLVM ctpop on a uint64 (VPOPCNTQ once vectorised)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:  # noqa: ARG001
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [args[0].type])
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+popcount64: Any = intrinsic(_ctpop_typer)  # popcount of one uint64, inside numba code only
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def heap_replace_top(heap: np.ndarray, key: np.int64) -> None:
+    """Replace the largest key of a full max-heap by a smaller `key` and restore the heap."""
+    k = heap.shape[0]
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= k:
+            break
+        right = child + 1
+        if right < k and heap[right] > heap[child]:
+            child = right
+        if heap[child] <= key:
+            break
+        heap[i] = heap[child]
+        i = child
+    heap[i] = key
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The compiled kernels for one code length (n_words uint64 words per code)."""
+
+    knn_scan: Callable[..., None]
+    range_count: Callable[..., None]
+    range_fill: Callable[..., None]
+    distances: Callable[..., None]
+
+
+def _build(words: int) -> Kernels:
+    """Compile the kernel set with `words` as a constant (numba keys its disk cache on it)."""
+    w_count = words  # closure constant: LLVM unrolls the word loops
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
+    def knn_scan(
+        queries: np.ndarray, db: np.ndarray, start: int, stop: int, heaps: np.ndarray
+    ) -> None:
+        """Push db positions [start, stop) into the (m, k) key heaps of the (m * words,) queries."""
+        m = heaps.shape[0]
+        tile = max(SUB, (TILE_BYTES // (8 * w_count)) // SUB * SUB)
+        qvec = np.empty(w_count, np.uint64)
+        for qb in range(0, m, QUERY_BLOCK):
+            qe = min(qb + QUERY_BLOCK, m)
+            for t0 in range(start, stop, tile):
+                t1 = min(t0 + tile, stop)
+                for qi in range(qb, qe):
+                    for w in range(w_count):
+                        qvec[w] = queries[qi * w_count + w]
+                    heap = heaps[qi]
+                    top = heap[0] >> POS_BITS
+                    for s in range(t0, t1, SUB):
+                        e = min(s + SUB, t1)
+                        blk = db[s * w_count : e * w_count]
+                        lowest = np.uint64(1 << 30)
+                        for j in range(e - s):
+                            d = np.uint64(0)
+                            for w in range(w_count):
+                                d += popcount64(qvec[w] ^ blk[j * w_count + w])
+                            lowest = min(lowest, d)
+                        if np.int64(lowest) >= top:
+                            continue
+                        for j in range(e - s):
+                            d = np.uint64(0)
+                            for w in range(w_count):
+                                d += popcount64(qvec[w] ^ blk[j * w_count + w])
+                            if np.int64(d) < top:
+                                heap_replace_top(heap, (np.int64(d) << POS_BITS) | (s + j))
+                                top = heap[0] >> POS_BITS
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
+    def range_count(queries: np.ndarray, db: np.ndarray, radius: int, counts: np.ndarray) -> None:
+        """counts[i] = how many db codes lie within `radius` of query i."""
+        n = db.shape[0] // w_count
+        for qi in range(counts.shape[0]):
+            q = queries[qi * w_count : (qi + 1) * w_count]
+            c = 0
+            for j in range(n):
+                d = np.uint64(0)
+                for w in range(w_count):
+                    d += popcount64(q[w] ^ db[j * w_count + w])
+                if np.int64(d) <= radius:
+                    c += 1
+            counts[qi] = c
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def range_fill(
+        queries: np.ndarray,
+        db: np.ndarray,
+        radius: int,
+        offsets: np.ndarray,
+        out_pos: np.ndarray,
+        out_dist: np.ndarray,
+    ) -> None:
+        """Write each query's matches into its offsets slice, by distance then position."""
+        n = db.shape[0] // w_count
+        m = offsets.shape[0] - 1
+        hist = np.zeros(radius + 2, np.int64)
+        for qi in range(m):
+            q = queries[qi * w_count : (qi + 1) * w_count]
+            lo = offsets[qi]
+            c = 0
+            for j in range(n):
+                d = np.uint64(0)
+                for w in range(w_count):
+                    d += popcount64(q[w] ^ db[j * w_count + w])
+                if np.int64(d) <= radius:
+                    out_pos[lo + c] = j
+                    out_dist[lo + c] = d
+                    c += 1
+            # A stable counting sort by distance keeps positions ascending within a distance.
+            hist[:] = 0
+            for i in range(lo, lo + c):
+                hist[out_dist[i] + 1] += 1
+            for r in range(1, radius + 2):
+                hist[r] += hist[r - 1]
+            tmp_pos = out_pos[lo : lo + c].copy()
+            tmp_dist = out_dist[lo : lo + c].copy()
+            for i in range(c):
+                slot = hist[tmp_dist[i]]
+                hist[tmp_dist[i]] += 1
+                out_pos[lo + slot] = tmp_pos[i]
+                out_dist[lo + slot] = tmp_dist[i]
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
+    def distances(query: np.ndarray, db: np.ndarray, pos: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = Hamming distance between the (words,) query and db code pos[i]."""
+        for i in range(pos.shape[0]):
+            p = pos[i]
+            d = np.uint64(0)
+            for w in range(w_count):
+                d += popcount64(query[w] ^ db[p * w_count + w])
+            out[i] = d
+
+    return Kernels(
+        knn_scan=knn_scan, range_count=range_count, range_fill=range_fill, distances=distances
+    )
+
+
+_KERNELS: dict[int, Kernels] = {}
+
+
+def kernels_for(words: int) -> Kernels:
+    """The kernel set for codes of `words` uint64 words, compiled on first use."""
+    found = _KERNELS.get(words)
+    if found is None:
+        # Two threads may both build; numba's compiler lock makes that safe and one result wins.
+        found = _KERNELS.setdefault(words, _build(words))
+    return found

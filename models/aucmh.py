@@ -1,0 +1,140 @@
+"""The AUCMH network: one MLP per modality, each ending in the differentiable hash layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.errors import InputError
+
+# Rows encoded per forward pass in encode_*: bounds memory on large databases.
+ENCODE_BATCH = 4096
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign as the paper defines it (+1 for x > 0, else -1) with an identity gradient (STE)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # noqa: ARG004
+        """Forward: +1 where x > 0, -1 elsewhere (the paper's Eq. 1, unlike torch.sign(0) = 0)."""
+        return torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # noqa: ARG004
+        """Backward: d sign(x)/dx := 1, the straight-through estimator."""
+        return grad
+
+
+def hash_layer(z: Tensor, *, binary: bool = True) -> Tensor:
+    """tanh, L2-normalise, then sign (straight-through) when `binary`; (B, n_bits) -> (B, n_bits).
+
+    With `binary=False` the normalised tanh output is returned: the paper's "without hash layer"
+    ablation (continuous relaxation), whose cosines the losses use in place of code cosines.
+    """
+    h = F.normalize(torch.tanh(z), dim=1)
+    if not binary:
+        return h
+    out: Tensor = _SignSTE.apply(h)
+    return out
+
+
+def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    """Linear layers with ReLU after every one but the last (paper, section 3.2)."""
+    layers: list[nn.Module] = []
+    widths = [in_dim, *hidden]
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], out_dim))
+    return nn.Sequential(*layers)
+
+
+class HashingModel(nn.Module):
+    """Image and text MLPs with the hash layer, plus the feature statistics used to standardise."""
+
+    image_mean: Tensor  # (image_dim,) buffers: training-set statistics, saved with the weights
+    image_std: Tensor
+    text_mean: Tensor  # (text_dim,)
+    text_std: Tensor
+
+    def __init__(
+        self,
+        *,
+        image_dim: int,
+        text_dim: int,
+        n_bits: int,
+        image_hidden: Sequence[int],
+        text_hidden: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.image_dim = image_dim
+        self.text_dim = text_dim
+        self.n_bits = n_bits
+        self.image_net = _mlp(image_dim, image_hidden, n_bits)
+        self.text_net = _mlp(text_dim, text_hidden, n_bits)
+        # Buffers, not parameters: saved in the state_dict so a checkpoint encodes on its own.
+        self.register_buffer("image_mean", torch.zeros(image_dim))
+        self.register_buffer("image_std", torch.ones(image_dim))
+        self.register_buffer("text_mean", torch.zeros(text_dim))
+        self.register_buffer("text_std", torch.ones(text_dim))
+
+    def fit_statistics(self, image: np.ndarray, text: np.ndarray) -> None:
+        """Store per-column mean and std of training features (std floored to avoid 0 division)."""
+        for prefix, x in (("image", image), ("text", text)):
+            t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+            mean = t.mean(dim=0)
+            std = t.std(dim=0, unbiased=False).clamp_min(1e-6)
+            getattr(self, f"{prefix}_mean").copy_(mean)
+            getattr(self, f"{prefix}_std").copy_(std)
+
+    def standardise_image(self, x: Tensor) -> Tensor:
+        """(B, image_dim) raw features -> standardised features."""
+        return (x - self.image_mean) / self.image_std
+
+    def standardise_text(self, x: Tensor) -> Tensor:
+        """(B, text_dim) raw features -> standardised features."""
+        return (x - self.text_mean) / self.text_std
+
+    def hash_image(self, x: Tensor, *, binary: bool = True) -> Tensor:
+        """Raw image features (B, image_dim) -> codes (B, n_bits), differentiable (STE)."""
+        return hash_layer(self.image_net(self.standardise_image(x)), binary=binary)
+
+    def hash_text(self, x: Tensor, *, binary: bool = True) -> Tensor:
+        """Raw text features (B, text_dim) -> codes (B, n_bits), differentiable (STE)."""
+        return hash_layer(self.text_net(self.standardise_text(x)), binary=binary)
+
+    def encode_image(self, features: np.ndarray) -> np.ndarray:
+        """Image features (n, image_dim) -> int8 codes (n, n_bits) in {-1, +1}.
+
+        Raises InputError on a wrong shape.
+        """
+        return self._encode(features, self.image_dim, self.hash_image, "image")
+
+    def encode_text(self, features: np.ndarray) -> np.ndarray:
+        """Text features (n, text_dim) -> int8 codes (n, n_bits) in {-1, +1}.
+
+        Raises InputError on a wrong shape.
+        """
+        return self._encode(features, self.text_dim, self.hash_text, "text")
+
+    def _encode(
+        self, features: np.ndarray, dim: int, fn: Callable[[Tensor], Tensor], what: str
+    ) -> np.ndarray:
+        arr = np.asarray(features)
+        if arr.ndim != 2 or arr.shape[1] != dim:
+            raise InputError(f"expected {what} features of shape (n, {dim}), got {arr.shape}")
+        device = self.image_mean.device
+        was_training = self.training
+        self.eval()
+        out = np.empty((arr.shape[0], self.n_bits), dtype=np.int8)
+        with torch.inference_mode():
+            for start in range(0, arr.shape[0], ENCODE_BATCH):
+                chunk = torch.as_tensor(
+                    np.asarray(arr[start : start + ENCODE_BATCH], dtype=np.float32), device=device
+                )
+                out[start : start + chunk.shape[0]] = fn(chunk).to(torch.int8).cpu().numpy()
+        self.train(was_training)
+        return out

@@ -1,0 +1,80 @@
+"""AUCMH's batch anchor graph (Eq. 2-4) and its two losses (Eq. 6 and 7): pure tensor functions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Cosines between the rows of a (n, d) and b (p, d) -> (n, p); zero rows give 0.
+
+    On codes in {-1, +1}^L this is <h, h'> / L, the paper's code similarity.
+    """
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+
+
+def anchor_graph(x: Tensor, anchors: Tensor, *, k: int) -> Tensor:
+    """Row-normalised batch graph G (n, n) of one modality from its m anchors (Eq. 2-3).
+
+    x is the batch (n, d), anchors (m, d), in the same feature space. S (m, n) keeps, for each
+    point, the cosines to its k nearest anchors (by cosine), negatives clipped to 0 so that W and
+    G stay non-negative (a no-op on the paper's non-negative fc7 and bag-of-words features).
+    W (n, n) holds cosines between the columns of S; its diagonal is 1 even for a point with an
+    all-zero column, so every row of G = D^-1 W sums to 1.
+    """
+    k = min(k, anchors.shape[0])
+    sims = cosine_matrix(x, anchors)  # (n, m): S transposed
+    top, idx = sims.topk(k, dim=1)
+    s_t = torch.zeros_like(sims).scatter_(1, idx, top.clamp_min(0.0))  # (n, m)
+    w = cosine_matrix(s_t, s_t)  # (n, n), symmetric
+    w.fill_diagonal_(1.0)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def pair_affinity(
+    image: Tensor, text: Tensor, image_anchors: Tensor, text_anchors: Tensor, *, k: int
+) -> Tensor:
+    """P = (G_image + G_text) / 2 (Eq. 4): (n, n), rows sum to 1; no gradient flows through it."""
+    with torch.no_grad():
+        return 0.5 * (
+            anchor_graph(image, image_anchors, k=k) + anchor_graph(text, text_anchors, k=k)
+        )
+
+
+def anchor_graph_loss(
+    h_image: Tensor, h_text: Tensor, p: Tensor, *, temperature: float = 1.0
+) -> Tensor:
+    """L_g (Eq. 6): cross-entropy of P (n, n) against Q_it and Q_ti, summed, averaged over rows.
+
+    Q_it[j] = softmax_l(cos(h_image_j, h_text_l) / temperature) (Eq. 5), Q_ti likewise with
+    text rows; temperature 1 is the paper's form. Equals KL(P||Q_it) + KL(P||Q_ti) + 2 H(P).
+    """
+    logits = cosine_matrix(h_image, h_text) / temperature  # (n, n)
+    log_q_it = F.log_softmax(logits, dim=1)
+    log_q_ti = F.log_softmax(logits.T, dim=1)
+    n = p.shape[0]
+    return -((p * log_q_it).sum() + (p * log_q_ti).sum()) / n
+
+
+def _mean_violations(g: Tensor) -> Tensor:
+    """Mean of the positive entries of g off the diagonal; 0 (with a graph) when there are none."""
+    off = ~torch.eye(g.shape[0], dtype=torch.bool, device=g.device)
+    violating = (g > 0) & off
+    count = violating.sum()
+    # Summing a masked tensor keeps the result attached to the graph even when nothing violates.
+    return (g * violating).sum() / count.clamp_min(1)
+
+
+def ranking_loss(h_image: Tensor, h_text: Tensor, *, margin: float) -> Tensor:
+    """L_r (Eq. 7): triplet hinge on code cosines, image-to-text plus text-to-image.
+
+    For j != l, g = margin + cos(h_image_j, h_text_l) - cos(h_image_j, h_text_j) (and the
+    same with the modalities swapped); each direction averages g over its violating triplets.
+    """
+    c = cosine_matrix(h_image, h_text)  # (n, n): row j is image j against every text
+    pos = c.diagonal()
+    g_it = margin + c - pos[:, None]
+    g_ti = margin + c.T - pos[:, None]
+    return _mean_violations(g_it) + _mean_violations(g_ti)

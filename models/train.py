@@ -1,0 +1,259 @@
+"""AUCMH training: one flat loop over batches (Algorithm 1), with selection on validation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.errors import InputError
+from models.aucmh import HashingModel
+from models.data import PairDataset
+from models.losses import anchor_graph_loss, pair_affinity, ranking_loss
+
+logger = logging.getLogger(__name__)
+
+# Validation ranks the held-out pairs against the fitting pairs; a cap keeps that cheap on
+# NUS-WIDE-sized training sets (a seeded sample of at most this many fitting pairs).
+VAL_DATABASE_CAP = 20_000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every AUCMH training setting; `cmh train` flags map onto these fields one to one."""
+
+    n_bits: int = 64  # code length L: 16, 32, 64 or 128
+    image_hidden: tuple[int, ...] = (1024,)  # hidden widths of the image MLP (its depth)
+    text_hidden: tuple[int, ...] = (1024,)  # hidden widths of the text MLP (its depth)
+    k: int = 100  # nearest anchors kept per point in S (Eq. 2); chosen on Wikipedia validation
+    n_anchors: int = 4096  # m, anchors sampled once from the fitting pairs (capped at their count)
+    beta: float = 0.8  # L = beta * L_g + (1 - beta) * L_r (Eq. 8); chosen on validation
+    margin: float = 0.6  # gamma, the triplet margin of L_r (Eq. 7), 0 < gamma < 1; validation
+    temperature: float = 1.0  # divides code cosines in Q (Eq. 5); 1 is the paper's form
+    lr: float = 1e-4  # Adam learning rate (paper: 1e-4)
+    batch_size: int = 256  # n, pairs per batch (paper: 256)
+    epochs: int = 100  # most epochs to run (paper: about 100)
+    patience: int = 20  # stop after this many epochs without a better validation MAP
+    n_val: int = 2000  # pairs held out of train_idx for validation, at most a fifth of them
+    seed: int = 0  # seeds the split, anchors, initial weights and batch order
+    use_graph_loss: bool = True  # ablation switch: False drops L_g ("without L_g")
+    use_ranking_loss: bool = True  # ablation switch: False drops L_r ("without L_r")
+    use_hash_layer: bool = True  # ablation switch: False trains on continuous tanh codes
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n_bits in (16, 32, 64, 128), "n_bits in {16, 32, 64, 128}", self.n_bits),
+            (all(w >= 1 for w in self.image_hidden), "positive image_hidden", self.image_hidden),
+            (all(w >= 1 for w in self.text_hidden), "positive text_hidden", self.text_hidden),
+            (self.k >= 1, "k >= 1", self.k),
+            (self.n_anchors >= 1, "n_anchors >= 1", self.n_anchors),
+            (0.0 < self.beta < 1.0, "0 < beta < 1", self.beta),
+            (0.0 < self.margin < 1.0, "0 < margin < 1", self.margin),
+            (self.temperature > 0.0, "temperature > 0", self.temperature),
+            (self.lr > 0.0, "lr > 0", self.lr),
+            (self.batch_size >= 2, "batch_size >= 2", self.batch_size),
+            (self.epochs >= 1, "epochs >= 1", self.epochs),
+            (self.patience >= 1, "patience >= 1", self.patience),
+            (self.n_val >= 1, "n_val >= 1", self.n_val),
+            (self.use_graph_loss or self.use_ranking_loss, "at least one loss", "none"),
+            (self.device in ("auto", "cpu", "cuda"), "device auto, cpu or cuda", self.device),
+        ]
+        for ok, expected, got in checks:
+            if not ok:
+                raise InputError(f"expected {expected}, got {got!r}")
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from `dataclasses.asdict` output (lists back to tuples).
+
+    Raises InputError on unknown or missing-but-required fields or bad values.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InputError(f"expected TrainConfig fields, got unknown {unknown}")
+    fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return TrainConfig(**fixed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without CUDA is an InputError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("expected a CUDA device for device='cuda', got none available")
+    return torch.device(name)
+
+
+def split_train(train_idx: np.ndarray, *, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (fit_idx, val_idx) out of train_idx; val holds min(n_val, n_train // 5) pairs."""
+    n = int(train_idx.size)
+    n_held = min(n_val, n // 5)
+    if n_held < 1 or n - n_held < 2:
+        raise InputError(
+            f"expected at least 10 training pairs to carve a validation split, got {n}"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(train_idx[order[n_held:]]), np.sort(train_idx[order[:n_held]])
+
+
+def validation_map(
+    query_codes: np.ndarray,
+    db_codes: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    *,
+    seed: int = 0,
+) -> float:
+    """MAP over the whole ranked database (Hamming ranking, ties broken by a seeded order).
+
+    Codes are (q, L) and (d, L) in {-1, +1}; labels multi-hot (q, C) and (d, C); an item is
+    relevant when it shares a label with the query; queries with no relevant item are skipped.
+    """
+    order = np.random.default_rng(seed).permutation(db_codes.shape[0])
+    db_codes, db_labels = db_codes[order], db_labels[order]
+    dist = -(query_codes.astype(np.int32) @ db_codes.astype(np.int32).T)  # (q, d), Hamming order
+    rank = np.argsort(dist, axis=1, kind="stable")
+    relevant = (query_labels.astype(np.int32) @ db_labels.astype(np.int32).T) > 0
+    hits = np.take_along_axis(relevant, rank, axis=1)
+    n_rel = hits.sum(axis=1)
+    precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+    ap = (precision * hits).sum(axis=1)[n_rel > 0] / n_rel[n_rel > 0]
+    return float(ap.mean()) if ap.size else 0.0
+
+
+def _features(data: PairDataset) -> tuple[np.ndarray, np.ndarray]:
+    if data.image_features is None or data.text_features is None:
+        raise InputError(
+            f"expected image and text features on dataset {data.name!r}, got "
+            f"image={data.image_features is not None}, text={data.text_features is not None}"
+        )
+    return data.image_features, data.text_features
+
+
+def evaluate_split(
+    model: HashingModel,
+    *,
+    image: np.ndarray,
+    text: np.ndarray,
+    labels: np.ndarray,
+    query_idx: np.ndarray,
+    db_idx: np.ndarray,
+    seed: int,
+) -> tuple[float, float]:
+    """(image-to-text MAP, text-to-image MAP) of `model` with query_idx against db_idx."""
+    qi, qt = model.encode_image(image[query_idx]), model.encode_text(text[query_idx])
+    di, dt = model.encode_image(image[db_idx]), model.encode_text(text[db_idx])
+    ql, dl = labels[query_idx], labels[db_idx]
+    return (
+        validation_map(qi, dt, ql, dl, seed=seed),
+        validation_map(qt, di, ql, dl, seed=seed),
+    )
+
+
+def train(
+    *, cfg: TrainConfig, data: PairDataset, progress: bool = False
+) -> tuple[HashingModel, list[dict[str, float]]]:
+    """Train AUCMH on data.train_idx; return the best-validation model and per-epoch history.
+
+    A validation split is carved out of train_idx (never the queries); after each epoch the
+    validation MAP (both directions) is logged, and the weights of the epoch with the best mean
+    are returned. History rows: epoch, loss, loss_graph, loss_rank, val_i2t, val_t2i, seconds.
+    """
+    image, text = _features(data)
+    device = resolve_device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    fit_idx, val_idx = split_train(data.train_idx, n_val=cfg.n_val, seed=cfg.seed)
+    val_db = fit_idx
+    if val_db.size > VAL_DATABASE_CAP:
+        val_db = np.sort(rng.choice(fit_idx, VAL_DATABASE_CAP, replace=False))
+
+    model = HashingModel(
+        image_dim=image.shape[1],
+        text_dim=text.shape[1],
+        n_bits=cfg.n_bits,
+        image_hidden=cfg.image_hidden,
+        text_hidden=cfg.text_hidden,
+    )
+    model.fit_statistics(image[fit_idx], text[fit_idx])
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    # Anchors: m fitting pairs, sampled once before training (Algorithm 1, step 2).
+    anchor_idx = rng.choice(fit_idx, min(cfg.n_anchors, fit_idx.size), replace=False)
+    image_anchors = torch.as_tensor(image[anchor_idx], dtype=torch.float32, device=device)
+    text_anchors = torch.as_tensor(text[anchor_idx], dtype=torch.float32, device=device)
+    logger.info(
+        "training AUCMH n_bits=%d on %d pairs (%d held out for validation, %d anchors) on %s",
+        cfg.n_bits, fit_idx.size, val_idx.size, anchor_idx.size, device,
+    )  # fmt: skip
+
+    def evaluate() -> tuple[float, float]:
+        return evaluate_split(
+            model, image=image, text=text, labels=data.labels,
+            query_idx=val_idx, db_idx=val_db, seed=cfg.seed,
+        )  # fmt: skip
+
+    best = sum(evaluate()) / 2
+    logger.info("epoch 0 (untrained): mean validation MAP %.4f", best)
+    best_state = copy.deepcopy(model.state_dict())
+    best_epoch, history = 0, []
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=not progress):
+        start = time.perf_counter()
+        model.train()
+        sums = np.zeros(3)
+        order = rng.permutation(fit_idx)
+        batches = [order[i : i + cfg.batch_size] for i in range(0, order.size, cfg.batch_size)]
+        batches = [b for b in batches if b.size >= 2]  # a 1-pair batch has no triplets
+        for batch in batches:
+            xi = torch.as_tensor(image[batch], dtype=torch.float32, device=device)
+            xt = torch.as_tensor(text[batch], dtype=torch.float32, device=device)
+            hi = model.hash_image(xi, binary=cfg.use_hash_layer)
+            ht = model.hash_text(xt, binary=cfg.use_hash_layer)
+            zero = hi.new_zeros(())
+            loss_g, loss_r = zero, zero
+            if cfg.use_graph_loss:
+                p = pair_affinity(xi, xt, image_anchors, text_anchors, k=cfg.k)
+                loss_g = anchor_graph_loss(hi, ht, p, temperature=cfg.temperature)
+            if cfg.use_ranking_loss:
+                loss_r = ranking_loss(hi, ht, margin=cfg.margin)
+            if cfg.use_graph_loss and cfg.use_ranking_loss:
+                loss = cfg.beta * loss_g + (1 - cfg.beta) * loss_r
+            else:
+                loss = loss_g + loss_r  # one of them is zero: the ablation keeps the other alone
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            optimizer.step()
+            sums += [loss.item(), loss_g.item(), loss_r.item()]
+        seconds = time.perf_counter() - start
+        i2t, t2i = evaluate()
+        mean_loss, mean_g, mean_r = (float(v) for v in sums / len(batches))
+        history.append(
+            {
+                "epoch": float(epoch), "loss": mean_loss, "loss_graph": mean_g,
+                "loss_rank": mean_r, "val_i2t": i2t, "val_t2i": t2i, "seconds": seconds,
+            }
+        )  # fmt: skip
+        logger.info(
+            "epoch %d: loss %.4f (L_g %.4f, L_r %.4f) | val MAP i2t %.4f t2i %.4f | %.1fs",
+            epoch, mean_loss, mean_g, mean_r, i2t, t2i, seconds,
+        )  # fmt: skip
+        if (i2t + t2i) / 2 > best:
+            best, best_epoch = (i2t + t2i) / 2, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            logger.info("no better validation MAP for %d epochs: stopping", cfg.patience)
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    logger.info("kept epoch %d: mean validation MAP %.4f", best_epoch, best)
+    return model, history

@@ -1,0 +1,108 @@
+"""`cmh bench index` and `cmh bench mih`: our Hamming indexes against FAISS, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import InputError
+from indexes.benchmark import bench_index, bench_mih, make_data
+from indexes.hamming import HammingIndex
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add `bench index` and `bench mih` to the cmh command line."""
+    bench = subparsers.add_parser("bench", help="benchmark the Hamming indexes against FAISS")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True, metavar="KIND")
+    flat = kinds.add_parser(
+        "index",
+        help="exact flat search: ours vs faiss.IndexBinaryFlat (single query and batch)",
+        description="Build random (or --clustered) codes, time our HammingIndex and "
+        "faiss.IndexBinaryFlat side by side with the same threads, check recall against "
+        "FAISS, and print and write the JSON result.",
+    )
+    _add_common(flat)
+    flat.add_argument("--clustered", action="store_true", help="codes from n/1000 centres")
+    flat.set_defaults(run=run_index)
+    mih = kinds.add_parser(
+        "mih",
+        help="multi-index hashing vs flat search and faiss.IndexBinaryMultiHash",
+        description="Time MultiIndexHamming, HammingIndex, faiss.IndexBinaryFlat and "
+        "faiss.IndexBinaryMultiHash on the same codes: generated (uniform or --clustered) or "
+        "learned (--codes, an index file; --queries of its codes are held out as queries).",
+    )
+    _add_common(mih)
+    source = mih.add_mutually_exclusive_group()
+    source.add_argument("--clustered", action="store_true", help="codes from n/1000 centres")
+    source.add_argument("--codes", type=Path, help="index file of learned codes to use instead")
+    mih.set_defaults(run=run_mih)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=1_000_000, help="database size (default 1M)")
+    parser.add_argument("--bits", type=int, default=64, help="code length in bits (default 64)")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    parser.add_argument("--queries", type=int, default=1000, help="batch size (default 1000)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for both (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (default 3)")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the result")
+
+
+def _emit(result: dict[str, Any], path: Path) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)  # noqa: T201 (commands print their result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    logger.info("wrote %s", path)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """Run `cmh bench index`."""
+    result = bench_index(
+        n=args.n,
+        n_bits=args.bits,
+        k=args.k,
+        queries=args.queries,
+        threads=args.threads,
+        clustered=args.clustered,
+        repeats=args.repeats,
+    )
+    _emit(result, args.json)
+    return 0
+
+
+def run_mih(args: argparse.Namespace) -> int:
+    """Run `cmh bench mih`."""
+    rng = np.random.default_rng(0)
+    if args.codes is not None:
+        learned = HammingIndex.load(args.codes, mmap=False)
+        if len(learned) <= args.queries:
+            raise InputError(f"expected more than {args.queries} codes, got {len(learned)}")
+        held_out = rng.permutation(len(learned))
+        codes = np.asarray(learned.codes)
+        qs, db = codes[held_out[: args.queries]], codes[held_out[args.queries :]]
+        n_bits = learned.n_bits
+        source = str(args.codes)
+    else:
+        n_bits = args.bits
+        db, qs = make_data(
+            rng, n=args.n, n_bits=n_bits, queries=args.queries, clustered=args.clustered
+        )
+        source = "clustered" if args.clustered else "uniform"
+    result = bench_mih(
+        db=np.ascontiguousarray(db),
+        qs=np.ascontiguousarray(qs),
+        n_bits=n_bits,
+        k=args.k,
+        threads=args.threads,
+        repeats=args.repeats,
+    )
+    _emit({"codes": source} | result, args.json)
+    return 0

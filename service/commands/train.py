@@ -1,0 +1,133 @@
+"""`cmh train`: train AUCMH on a dataset's training part and write one checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common.errors import InputError
+from models.checkpoint import save_checkpoint
+from models.datasets import DATASETS
+from models.image_features import BACKBONES
+from models.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
+from models.train import TrainConfig, train
+
+DEFAULTS = TrainConfig()
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """'1024,512' -> (1024, 512); '' -> () (no hidden layer: a linear hash function)."""
+    try:
+        return tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated widths like 1024,512, got {text!r}"
+        ) from None
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `train`."""
+    d = DEFAULTS
+    p = subparsers.add_parser(
+        "train",
+        help="train AUCMH on a dataset and write a checkpoint",
+        description="Train AUCMH (anchor-graph loss + ranking loss, binary hash layer) on the "
+        "training part of a dataset, choosing the epoch on a validation split carved out of it, "
+        "and write one self-contained checkpoint.",
+    )
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset name")
+    p.add_argument("--root", required=True, type=Path, help="the dataset's folder")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    p.add_argument("--bits", type=int, default=d.n_bits, choices=(16, 32, 64, 128), help="n_bits")
+    p.add_argument("--image-hidden", type=_widths, default=d.image_hidden, help="e.g. 1024,1024")
+    p.add_argument("--text-hidden", type=_widths, default=d.text_hidden, help="e.g. 1024")
+    p.add_argument("--k", type=int, default=d.k, help=f"nearest anchors per point ({d.k})")
+    p.add_argument("--anchors", type=int, default=d.n_anchors, help=f"m ({d.n_anchors})")
+    p.add_argument("--beta", type=float, default=d.beta, help=f"weight of L_g ({d.beta})")
+    p.add_argument("--margin", type=float, default=d.margin, help=f"gamma of L_r ({d.margin})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="of Q (1 = paper)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"n ({d.batch_size})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"most epochs ({d.epochs})")
+    p.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement")
+    p.add_argument("--n-val", type=int, default=d.n_val, help="validation pairs (of train)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for split, anchors, weights")
+    p.add_argument("--no-graph-loss", action="store_true", help="ablation: drop L_g")
+    p.add_argument("--no-ranking-loss", action="store_true", help="ablation: drop L_r")
+    p.add_argument("--no-hash-layer", action="store_true", help="ablation: continuous codes")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="device")
+    p.add_argument(
+        "--backbone", default="efficientnet-lite0", choices=BACKBONES, help="image backbone"
+    )
+    p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BoW vocabulary size")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the flags describe (raises InputError on bad values)."""
+    return TrainConfig(
+        n_bits=args.bits,
+        image_hidden=args.image_hidden,
+        text_hidden=args.text_hidden,
+        k=args.k,
+        n_anchors=args.anchors,
+        beta=args.beta,
+        margin=args.margin,
+        temperature=args.temperature,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        n_val=args.n_val,
+        seed=args.seed,
+        use_graph_loss=not args.no_graph_loss,
+        use_ranking_loss=not args.no_ranking_loss,
+        use_hash_layer=not args.no_hash_layer,
+        device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare features, train, write the checkpoint and print a one-line summary."""
+    cfg = config_from_args(args)
+    if args.backbone == "vgg19" and args.weights is None:
+        raise InputError(
+            "expected --weights FILE (a torchvision VGG19 state dict) for vgg19, got none"
+        )
+    data = prepare(
+        args.dataset,
+        args.root,
+        backbone=args.backbone,
+        weights=args.weights,
+        vocab_size=args.vocab_size,
+        cache_dir=args.cache_dir,
+        progress=True,
+    )
+    start = time.perf_counter()
+    model, history = train(cfg=cfg, data=data, progress=True)
+    seconds = time.perf_counter() - start
+    save_checkpoint(
+        args.out,
+        model=model,
+        cfg=cfg,
+        history=history,
+        vocabulary=data.vocabulary,
+        image_backbone=data.image_backbone,
+        dataset=data.name,
+    )
+    best = max(history, key=lambda row: row["val_i2t"] + row["val_t2i"])
+    summary = {
+        "out": str(args.out),
+        "dataset": data.name,
+        "n_bits": cfg.n_bits,
+        "epochs_run": len(history),
+        "best_epoch": int(best["epoch"]),
+        "val_i2t": round(best["val_i2t"], 4),
+        "val_t2i": round(best["val_t2i"], 4),
+        "seconds": round(seconds, 1),
+    }
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real data folder (skipped with a reason when absent) and small datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.data import PairDataset
+from models.demo import generate_demo
+from models.pipeline import prepare
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """The path of ../shared/data/<name>, or skip: a user's fresh clone has no ../shared."""
+    path = (SHARED_DATA / name).resolve()
+    if not path.is_dir():
+        pytest.skip(f"real data {name!r} not found at {path} (only CI and developers have it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wikipedia_root() -> Path:
+    """The real Wikipedia training part."""
+    return shared_dataset("wikipedia")
+
+
+@pytest.fixture(scope="session")
+def web_news_root() -> Path:
+    """The real Web News raw folders."""
+    return shared_dataset("web-news")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated demo dataset (80 scenes), shared by the tests of a session."""
+    return generate_demo(tmp_path_factory.mktemp("demo") / "demo", n=80, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smallest demo (20 scenes), for tests that extract features several times."""
+    return generate_demo(tmp_path_factory.mktemp("tiny") / "demo", n=20, seed=1)
+
+
+@pytest.fixture(scope="session")
+def demo_data(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> PairDataset:
+    """The small demo with real EfficientNet-Lite0 image features and BoW text, extracted once."""
+    return prepare("demo", demo_root, cache_dir=tmp_path_factory.mktemp("features"))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded generator."""
+    return np.random.default_rng(0)

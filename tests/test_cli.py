@@ -1,0 +1,93 @@
+"""The `cmh` command line as a user runs it: a real subprocess, exit codes and messages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cli import build_parser
+
+
+def cmh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _subcommand_paths() -> list[list[str]]:
+    """Every subcommand path, e.g. ["data", "check"], found from the parser itself."""
+    paths: list[list[str]] = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    paths.append(prefix + [name])
+                    walk(sub, prefix + [name])
+
+    walk(build_parser(), [])
+    return paths
+
+
+@pytest.mark.parametrize("path", _subcommand_paths(), ids=" ".join)
+def test_every_subcommand_has_help(path: list[str]) -> None:
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([*path, "--help"])
+    assert exit_info.value.code == 0
+
+
+def test_missing_root_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = cmh("data", "check", "--dataset", "web-news", "--root", str(tmp_path / "absent"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "expected web-news root to be a directory" in lines[0]
+
+
+def test_malformed_root_exits_2(tmp_path: Path) -> None:
+    result = cmh("data", "check", "--dataset", "wikipedia", "--root", str(tmp_path))
+    assert result.returncode == 2 and "raw_features.mat" in result.stderr
+
+
+def test_data_check_json_on_web_news(web_news_root: Path) -> None:
+    result = cmh("data", "check", "--dataset", "web-news", "--root", str(web_news_root), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["listed"] == 2200 and report["loaded"] + report["rejected"] == 2200
+    assert report["n_labels"] == 10 and len(report["rejections"]) == report["rejected"]
+    assert all(r["reason"] for r in report["rejections"])
+
+
+def test_data_check_on_wikipedia(wikipedia_root: Path) -> None:
+    result = cmh("data", "check", "--dataset", "wikipedia", "--root", str(wikipedia_root), "--json")
+    report = json.loads(result.stdout)
+    assert report["loaded"] == 2173 and report["n_labels"] == 10
+
+
+def test_features_twice_reads_the_cache(demo_root: Path, tmp_path: Path) -> None:
+    args = [
+        "features",
+        "--dataset",
+        "demo",
+        "--root",
+        str(demo_root),
+        "--cache-dir",
+        str(tmp_path),
+        "--json",
+    ]
+    first = json.loads(cmh(*args).stdout)
+    second = json.loads(cmh(*args).stdout)
+    assert first["cache_hit"] is False and second["cache_hit"] is True
+    assert first["image_dim"] == 1280 and first["images_per_second"] > 0
+
+
+def test_vgg19_without_weights_exits_2(tiny_demo_root: Path) -> None:
+    result = cmh(
+        "features", "--dataset", "demo", "--root", str(tiny_demo_root), "--backbone", "vgg19"
+    )
+    assert result.returncode == 2 and "--weights" in result.stderr

@@ -1,0 +1,195 @@
+"""HammingIndex against brute-force NumPy: top-k, ties, padding, removal, radius search, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from common.errors import InputError
+from indexes.codes import n_words, pack_codes
+from indexes.hamming import PAD_DIST, SPLIT_DB_MIN, HammingIndex
+
+
+def random_packed(rng: np.random.Generator, n: int, n_bits: int) -> np.ndarray:
+    """(n, n_words) uint64 random codes of n_bits bits."""
+    return pack_codes(rng.integers(0, 2, size=(n, n_bits), dtype=np.uint8))
+
+
+def brute_force(
+    queries: np.ndarray, codes: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle: full distance matrix, stable sort (ties in insertion order), FAISS padding."""
+    dist = np.bitwise_count(queries[:, None, :] ^ codes[None, :, :]).sum(axis=2).astype(np.int32)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]  # (m, min(k, n))
+    out_d = np.full((queries.shape[0], k), PAD_DIST, dtype=np.int32)
+    out_i = np.full((queries.shape[0], k), -1, dtype=np.int64)
+    out_d[:, : order.shape[1]] = np.take_along_axis(dist, order, axis=1)
+    out_i[:, : order.shape[1]] = ids[order]
+    return out_d, out_i
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n_bits", [16, 64, 128, 200])
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_search_matches_brute_force(n: int, n_bits: int, threads: int) -> None:
+    rng = np.random.default_rng(n * 1000 + n_bits)
+    codes = random_packed(rng, n, n_bits)
+    ids = rng.permutation(10 * n + 10)[:n].astype(np.int64)
+    queries = random_packed(rng, 13, n_bits)
+    index = HammingIndex(n_bits, threads=threads)
+    index.add(codes, ids)
+    assert len(index) == n
+    for k in (1, 10, n + 5):
+        dists, got_ids = index.search(queries, k)
+        want_d, want_i = brute_force(queries, codes, ids, k)
+        assert dists.dtype == np.int32 and got_ids.dtype == np.int64
+        np.testing.assert_array_equal(dists, want_d)
+        np.testing.assert_array_equal(got_ids, want_i)
+
+
+def test_single_query_split_over_threads_matches_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    n = SPLIT_DB_MIN + 4321
+    codes = random_packed(rng, n, 64)
+    codes[::997] = codes[0]  # many exact ties spread over both halves
+    ids = np.arange(n, dtype=np.int64)[::-1].copy()
+    index = HammingIndex(64, threads=2)
+    index.add(codes, ids)
+    queries = np.concatenate([codes[:1], random_packed(rng, 1, 64)])
+    for q in queries:
+        dists, got_ids = index.search(q[None, :], 100)
+        want_d, want_i = brute_force(q[None, :], codes, ids, 100)
+        np.testing.assert_array_equal(dists, want_d)
+        np.testing.assert_array_equal(got_ids, want_i)
+
+
+def test_ties_follow_insertion_order_not_id_order() -> None:
+    code = pack_codes(np.ones((1, 64), dtype=np.int8))
+    index = HammingIndex(64)
+    index.add(np.repeat(code, 5, axis=0), np.array([40, 10, 30, 20, 50], dtype=np.int64))
+    dists, ids = index.search(code, 3)
+    np.testing.assert_array_equal(ids, [[40, 10, 30]])
+    np.testing.assert_array_equal(dists, [[0, 0, 0]])
+
+
+def test_empty_index_and_empty_batch_are_padded() -> None:
+    index = HammingIndex(32)
+    dists, ids = index.search(np.zeros((2, 1), dtype=np.uint64), 4)
+    assert (ids == -1).all() and (dists == PAD_DIST).all() and ids.shape == (2, 4)
+    dists, ids = index.search(np.zeros((0, 1), dtype=np.uint64), 4)
+    assert dists.shape == (0, 4) and ids.shape == (0, 4)
+
+
+def test_duplicate_ids_are_rejected_and_index_left_unchanged() -> None:
+    rng = np.random.default_rng(2)
+    index = HammingIndex(64)
+    index.add(random_packed(rng, 3, 64), np.array([1, 2, 3], dtype=np.int64))
+    with pytest.raises(InputError, match="expected unique ids, got id 7 more than once"):
+        index.add(random_packed(rng, 3, 64), np.array([7, 8, 7], dtype=np.int64))
+    with pytest.raises(InputError, match="expected new ids, got id 2 already in the index"):
+        index.add(random_packed(rng, 2, 64), np.array([9, 2], dtype=np.int64))
+    np.testing.assert_array_equal(index.ids, [1, 2, 3])
+    assert index.codes.shape == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (np.array([1, 2], dtype=np.int32), "expected ids as an int64 numpy array, got int32"),
+        (np.array([[1, 2]], dtype=np.int64), r"expected ids of shape \(2,\), got shape \(1, 2\)"),
+        (np.array([1, -1], dtype=np.int64), "expected ids >= 0"),
+    ],
+)
+def test_bad_ids_are_rejected(ids: np.ndarray, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        HammingIndex(64).add(np.zeros((2, 1), dtype=np.uint64), ids)
+
+
+def test_bad_queries_and_k_are_rejected() -> None:
+    index = HammingIndex(128)
+    with pytest.raises(InputError, match="expected queries of dtype uint64"):
+        index.search(np.zeros((1, 16), dtype=np.uint8), 1)
+    with pytest.raises(InputError, match=r"expected queries of shape \(n, 2\) for 128-bit"):
+        index.search(np.zeros((1, 1), dtype=np.uint64), 1)
+    with pytest.raises(InputError, match="expected k as an int >= 1, got 0"):
+        index.search(np.zeros((1, 2), dtype=np.uint64), 0)
+    with pytest.raises(InputError, match="expected radius as an int >= 0, got -1"):
+        index.range_search(np.zeros((1, 2), dtype=np.uint64), -1)
+    with pytest.raises(InputError, match="bits past bit 48 set to 0"):
+        HammingIndex(48).search(np.full((1, 1), 1 << 50, dtype=np.uint64), 1)
+
+
+def test_remove_then_search_matches_brute_force_on_the_rest() -> None:
+    rng = np.random.default_rng(3)
+    codes = random_packed(rng, 500, 64)
+    codes[250:260] = codes[0]  # ties whose order must survive the compaction
+    ids = rng.permutation(5000)[:500].astype(np.int64)
+    index = HammingIndex(64)
+    index.add(codes, ids)
+    gone = np.concatenate([ids[::3], np.array([999_999], dtype=np.int64)])  # one absent id
+    assert index.remove(gone) == len(ids[::3])
+    assert index.remove(gone) == 0
+    keep = np.ones(500, dtype=bool)
+    keep[::3] = False
+    np.testing.assert_array_equal(index.ids, ids[keep])
+    np.testing.assert_array_equal(index.contains(ids), keep)
+    queries = np.concatenate([codes[:1], random_packed(rng, 5, 64)])
+    for k in (1, 20, 400):
+        got = index.search(queries, k)
+        want = brute_force(queries, codes[keep], ids[keep], k)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    index.add(codes[:1], ids[:1])  # a removed id may come back, at the end
+    assert index.ids[-1] == ids[0]
+
+
+@pytest.mark.parametrize("n_bits", [16, 64, 128])
+def test_range_search_matches_brute_force(n_bits: int) -> None:
+    rng = np.random.default_rng(n_bits)
+    codes = random_packed(rng, 800, n_bits)
+    ids = np.arange(800, dtype=np.int64) * 3
+    index = HammingIndex(n_bits, threads=2)
+    index.add(codes, ids)
+    queries = np.concatenate([codes[:2], random_packed(rng, 5, n_bits)])
+    dist = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(axis=2)
+    for radius in (0, n_bits // 3, n_bits // 2, 10 * n_bits):
+        results = index.range_search(queries, radius)
+        assert len(results) == len(queries)
+        for row, (got_d, got_i) in zip(dist, results, strict=True):
+            hits = np.flatnonzero(row <= radius)
+            hits = hits[np.argsort(row[hits], kind="stable")]
+            np.testing.assert_array_equal(got_d, row[hits])
+            np.testing.assert_array_equal(got_i, ids[hits])
+
+
+def test_concurrent_searches_agree_with_a_serial_one() -> None:
+    rng = np.random.default_rng(4)
+    index = HammingIndex(128, threads=2)
+    index.add(random_packed(rng, 20_000, 128), np.arange(20_000, dtype=np.int64))
+    queries = random_packed(rng, 64, 128)
+    want_d, want_i = index.search(queries, 10)
+    results: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def work() -> None:
+        for chunk in range(8):
+            dists, ids = index.search(queries[chunk * 8 : (chunk + 1) * 8], 10)
+            results.append((chunk, dists, ids))
+
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(results) == 32
+    for chunk, dists, ids in results:
+        np.testing.assert_array_equal(dists, want_d[chunk * 8 : (chunk + 1) * 8])
+        np.testing.assert_array_equal(ids, want_i[chunk * 8 : (chunk + 1) * 8])
+
+
+def test_views_are_read_only() -> None:
+    index = HammingIndex(64)
+    index.add(np.zeros((2, n_words(64)), dtype=np.uint64), np.array([5, 6], dtype=np.int64))
+    with pytest.raises(ValueError, match="read-only"):
+        index.ids[0] = 1

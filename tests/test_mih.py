@@ -1,0 +1,93 @@
+"""Multi-index hashing gives exactly HammingIndex's results: distances, ids and tie order."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import InputError
+from indexes.codes import pack_codes
+from indexes.hamming import HammingIndex
+from indexes.mih import MultiIndexHamming, default_tables
+
+
+def clustered(rng: np.random.Generator, n: int, n_bits: int, flip: float) -> np.ndarray:
+    """(n, n_words) codes: 20 random centres with each bit flipped with probability `flip`."""
+    centres = rng.integers(0, 2, size=(20, n_bits), dtype=np.uint8)
+    noise = (rng.random((n, n_bits)) < flip).astype(np.uint8)
+    return pack_codes(centres[rng.integers(0, 20, size=n)] ^ noise)
+
+
+def assert_same(mih: MultiIndexHamming, flat: HammingIndex, queries: np.ndarray, k: int) -> None:
+    got, want = mih.search(queries, k), flat.search(queries, k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("table_bits", [None, 5, 24])
+@pytest.mark.parametrize("n_bits", [16, 64, 128, 72])
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_matches_flat_search(n: int, n_bits: int, table_bits: int | None) -> None:
+    n_tables = None if table_bits is None else math.ceil(n_bits / table_bits)
+    rng = np.random.default_rng(n + n_bits)
+    codes = clustered(rng, n, n_bits, 0.1)
+    codes[n // 2 : n // 2 + 5] = codes[:5] if n >= 10 else codes[n // 2 : n // 2 + 5]
+    ids = rng.permutation(4 * n + 4)[:n].astype(np.int64)
+    mih, flat = MultiIndexHamming(n_bits, n_tables=n_tables, threads=2), HammingIndex(n_bits)
+    mih.add(codes, ids)
+    flat.add(codes, ids)
+    queries = np.concatenate([codes[:3], clustered(rng, 9, n_bits, 0.2)])
+    for k in (1, 10, n + 5):
+        assert_same(mih, flat, queries, k)
+
+
+def test_uniform_codes_and_removal_match_flat_search() -> None:
+    rng = np.random.default_rng(7)
+    codes = pack_codes(rng.integers(0, 2, size=(3000, 64), dtype=np.uint8))
+    ids = np.arange(3000, dtype=np.int64)
+    mih, flat = MultiIndexHamming(64), HammingIndex(64)
+    mih.add(codes, ids)
+    flat.add(codes, ids)
+    queries = pack_codes(rng.integers(0, 2, size=(20, 64), dtype=np.uint8))
+    assert_same(mih, flat, queries, 50)
+    assert mih.remove(ids[::2]) == flat.remove(ids[::2]) == 1500
+    assert len(mih) == 1500
+    assert_same(mih, flat, queries, 50)
+    np.testing.assert_array_equal(mih.contains(ids[:4]), [False, True, False, True])
+
+
+def test_duplicates_are_rejected_and_leave_the_index_unchanged() -> None:
+    mih = MultiIndexHamming(32)
+    mih.add(np.zeros((2, 1), dtype=np.uint64), np.array([1, 2], dtype=np.int64))
+    with pytest.raises(InputError, match="already in the index"):
+        mih.add(np.zeros((1, 1), dtype=np.uint64), np.array([2], dtype=np.int64))
+    assert len(mih) == 2
+
+
+def test_bad_settings_are_rejected() -> None:
+    with pytest.raises(InputError, match="expected n_tables in 1..64, got 0"):
+        MultiIndexHamming(64, n_tables=0)
+    with pytest.raises(InputError, match="expected substrings of at most 24 bits"):
+        MultiIndexHamming(64, n_tables=1)
+    with pytest.raises(InputError, match="expected k as an int >= 1"):
+        MultiIndexHamming(64).search(np.zeros((1, 1), dtype=np.uint64), 0)
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    codes = clustered(rng, 500, 128, 0.1)
+    mih = MultiIndexHamming(128)
+    mih.add(codes, np.arange(500, dtype=np.int64))
+    mih.save(tmp_path / "mih.cmh")
+    loaded = MultiIndexHamming.load(tmp_path / "mih.cmh")
+    for got, want in zip(loaded.search(codes[:5], 7), mih.search(codes[:5], 7), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_default_tables_follow_log2_n() -> None:
+    assert default_tables(64, 1_000_000) == 3
+    assert default_tables(128, 10_000_000) == 6
+    assert default_tables(64, 0) == 64 and default_tables(256, 10**6) == 13

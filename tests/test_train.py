@@ -1,0 +1,200 @@
+"""AUCMH training on small synthetic separable data: it learns, validates and refuses bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import InputError
+from models.aucmh import HashingModel
+from models.checkpoint import load_checkpoint
+from models.data import PairDataset
+from models.pipeline import prepare
+from models.train import (
+    TrainConfig,
+    config_from_dict,
+    evaluate_split,
+    split_train,
+    train,
+    validation_map,
+)
+from service.cli import main
+
+SMALL = TrainConfig(
+    n_bits=16, image_hidden=(64,), text_hidden=(64,), k=5, n_anchors=200, batch_size=64,
+    epochs=8, patience=8, n_val=100, lr=1e-3, seed=0, device="cpu",
+)  # fmt: skip
+
+
+def separable_pairs(n: int = 600, classes: int = 6, seed: int = 0) -> PairDataset:
+    """Pairs whose image and text features both come from a per-class non-negative prototype."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n)
+    proto_i, proto_t = rng.random((classes, 40)) ** 4, rng.random((classes, 25)) ** 4
+    image = proto_i[y] + 0.15 * rng.random((n, 40))
+    text = proto_t[y] + 0.15 * rng.random((n, 25))
+    idx = np.arange(n, dtype=np.int64)
+    return PairDataset(
+        name="synthetic", ids=[str(i) for i in idx], labels=np.eye(classes, dtype=np.uint8)[y],
+        train_idx=idx[100:], query_idx=idx[:100], database_idx=idx[100:],
+        image_features=image.astype(np.float32), text_features=text.astype(np.float32),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data() -> PairDataset:
+    return separable_pairs()
+
+
+@pytest.fixture(scope="module")
+def trained(data: PairDataset) -> tuple[HashingModel, list[dict[str, float]]]:
+    return train(cfg=SMALL, data=data)
+
+
+def _query_map(model: HashingModel, data: PairDataset) -> float:
+    assert data.image_features is not None and data.text_features is not None
+    i2t, t2i = evaluate_split(
+        model, image=data.image_features, text=data.text_features, labels=data.labels,
+        query_idx=data.query_idx, db_idx=data.database_idx, seed=0,
+    )  # fmt: skip
+    return (i2t + t2i) / 2
+
+
+def test_short_run_beats_the_untrained_model(data, trained) -> None:
+    model, history = trained
+    torch.manual_seed(0)
+    untrained = HashingModel(
+        image_dim=40, text_dim=25, n_bits=16, image_hidden=(64,), text_hidden=(64,)
+    )
+    assert data.image_features is not None and data.text_features is not None
+    untrained.fit_statistics(
+        data.image_features[data.train_idx], data.text_features[data.train_idx]
+    )
+    before, after = _query_map(untrained, data), _query_map(model, data)
+    assert after > before + 0.2, (before, after)
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_history_has_one_row_per_epoch_with_finite_values(trained) -> None:
+    _, history = trained
+    assert [row["epoch"] for row in history] == [float(e) for e in range(1, 9)]
+    keys = {"epoch", "loss", "loss_graph", "loss_rank", "val_i2t", "val_t2i", "seconds"}
+    for row in history:
+        assert set(row) == keys
+        assert all(np.isfinite(v) for v in row.values())
+
+
+@pytest.mark.parametrize(
+    "switch", ["use_graph_loss", "use_ranking_loss", "use_hash_layer"], ids=lambda s: s
+)
+def test_ablations_train(data, switch: str) -> None:
+    cfg = dataclasses.replace(SMALL, epochs=2, **{switch: False})
+    model, history = train(cfg=cfg, data=data)
+    assert len(history) == 2
+    if switch == "use_graph_loss":
+        assert all(row["loss_graph"] == 0.0 for row in history)
+    if switch == "use_ranking_loss":
+        assert all(row["loss_rank"] == 0.0 for row in history)
+    codes = model.encode_text(np.zeros((2, 25), dtype=np.float32))
+    assert set(np.unique(codes)) <= {-1, 1}
+
+
+def test_training_is_seeded(data) -> None:
+    cfg = dataclasses.replace(SMALL, epochs=1)
+    a, _ = train(cfg=cfg, data=data)
+    b, _ = train(cfg=cfg, data=data)
+    assert data.image_features is not None
+    assert np.array_equal(a.encode_image(data.image_features), b.encode_image(data.image_features))
+
+
+def test_validation_split_is_inside_train_and_disjoint() -> None:
+    train_idx = np.arange(50, 150, dtype=np.int64)
+    fit, val = split_train(train_idx, n_val=2000, seed=3)
+    assert val.size == 20 and fit.size == 80
+    assert np.intersect1d(fit, val).size == 0
+    assert set(fit) | set(val) == set(train_idx)
+
+
+def test_validation_map_hand_worked() -> None:
+    # One query; database codes at Hamming 0, 1, 2 from it; relevant items at ranks 1 and 3.
+    q = np.array([[1, 1]], dtype=np.int8)
+    db = np.array([[1, 1], [1, -1], [-1, -1]], dtype=np.int8)
+    ql = np.array([[1, 0]], dtype=np.uint8)
+    dl = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.uint8)
+    assert validation_map(q, db, ql, dl) == pytest.approx((1 / 1 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n_bits", 24), ("beta", 1.0), ("margin", 0.0), ("k", 0), ("temperature", 0.0)],
+)
+def test_config_rejects_bad_values(field: str, value: float) -> None:
+    with pytest.raises(InputError, match=f"expected .*got {value!r}"):
+        TrainConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_config_rejects_no_loss_and_round_trips() -> None:
+    with pytest.raises(InputError, match="at least one loss"):
+        TrainConfig(use_graph_loss=False, use_ranking_loss=False)
+    assert config_from_dict(dataclasses.asdict(SMALL)) == SMALL
+    with pytest.raises(InputError, match="unknown"):
+        config_from_dict({"n_bitz": 16})
+
+
+def test_train_needs_features(data) -> None:
+    bare = dataclasses.replace(data, image_features=None)
+    with pytest.raises(InputError, match="expected image and text features"):
+        train(cfg=SMALL, data=bare)
+
+
+@pytest.fixture(scope="module")
+def demo_data(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> PairDataset:
+    """The 120-scene demo with EfficientNet-Lite0 image features and its bag of words."""
+    return prepare("demo", demo_root, cache_dir=tmp_path_factory.mktemp("features"))
+
+
+@pytest.mark.slow
+def test_short_run_on_demo_beats_untrained(demo_data: PairDataset) -> None:
+    cfg = dataclasses.replace(SMALL, image_hidden=(256,), text_hidden=(256,), k=20, epochs=10)
+    model, _ = train(cfg=cfg, data=demo_data)
+    assert demo_data.image_features is not None and demo_data.text_features is not None
+    torch.manual_seed(0)
+    untrained = HashingModel(
+        image_dim=demo_data.image_features.shape[1], text_dim=demo_data.text_features.shape[1],
+        n_bits=16, image_hidden=(256,), text_hidden=(256,),
+    )  # fmt: skip
+    untrained.fit_statistics(
+        demo_data.image_features[demo_data.train_idx], demo_data.text_features[demo_data.train_idx]
+    )
+    before, after = _query_map(untrained, demo_data), _query_map(model, demo_data)
+    assert after > before + 0.1, (before, after)
+
+
+def test_cli_train_writes_a_loadable_checkpoint(
+    wikipedia_root: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "w16.pt"
+    code = main(
+        ["train", "--dataset", "wikipedia", "--root", str(wikipedia_root), "--bits", "16",
+         "--out", str(out), "--epochs", "2", "--image-hidden", "64", "--text-hidden", "",
+         "--k", "50"]
+    )  # fmt: skip
+    assert code == 0
+    assert f"out={out}" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert ckpt.n_bits == 16 and ckpt.dataset == "wikipedia" and len(ckpt.history) == 2
+    assert ckpt.cfg.image_hidden == (64,) and ckpt.cfg.text_hidden == () and ckpt.cfg.k == 50
+    assert ckpt.image_backbone == "sift-bovw-128" and ckpt.vocabulary is None
+
+
+def test_cli_train_bad_setting_exits_2(tmp_path: Path, capsys) -> None:
+    code = main(
+        ["train", "--dataset", "demo", "--root", str(tmp_path), "--out", str(tmp_path / "x.pt"),
+         "--beta", "1.5"]
+    )  # fmt: skip
+    assert code == 2
+    assert "cmh train: error: expected 0 < beta < 1, got 1.5" in capsys.readouterr().err
