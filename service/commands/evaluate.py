@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--root", required=True, type=Path, help="the dataset's folder")
     p.add_argument(
         "--methods",
-        default="cvh,cmfh,cca-itq,lsh,cca",
-        help=f"comma-separated, from: {', '.join(METHODS)} (default: every baseline)",
+        default="aucmh,cvh,cmfh,cca-itq,lsh,cca",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: AUCMH and every baseline)",
     )
     p.add_argument("--bits", default="16,32,64", help="comma-separated code lengths")
     p.add_argument("--seeds", type=int, default=3, help="runs per method and length: seeds 0..N-1")
