@@ -45,7 +45,7 @@ class Method:
 
     name: str
     fit: Callable[[PairDataset, int, int], Encoder]
-    real_valued: bool = False  # cosine ranking; fitted once, its scores repeat for every n_bits
+    real_valued: bool = False  # cosine ranking; one fit per seed serves every n_bits
 
 
 class _CCAEncoder:
