@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	$(PY) -m service demo build --artifacts $(ARTIFACTS)
+	$(PY) -m service serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
 
 demo: $(STAMP)
 	$(PY) -m service demo build --artifacts $(ARTIFACTS)

@@ -15,22 +15,35 @@ def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
     return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
 
 
-def anchor_graph(x: Tensor, anchors: Tensor, *, k: int) -> Tensor:
-    """Row-normalised batch graph G (n, n) of one modality from its m anchors (Eq. 2-3).
+def nearest_anchors(x: Tensor, anchors: Tensor, *, k: int) -> tuple[Tensor, Tensor]:
+    """The non-zero part of S (Eq. 2) for a batch x (n, d) and anchors (m, d), per point.
 
-    x is the batch (n, d), anchors (m, d), in the same feature space. S (m, n) keeps, for each
-    point, the cosines to its k nearest anchors (by cosine), negatives clipped to 0 so that W and
-    G stay non-negative (a no-op on the paper's non-negative fc7 and bag-of-words features).
-    W (n, n) holds cosines between the columns of S; its diagonal is 1 even for a point with an
-    all-zero column, so every row of G = D^-1 W sums to 1.
+    Returns cosines (n, k') to each point's k' = min(k, m) nearest anchors (by cosine), negatives
+    clipped to 0 so that W and G stay non-negative (a no-op on the paper's non-negative fc7 and
+    bag-of-words features), and those anchors' indices (n, k'). A point's row depends on nothing
+    but that point, so training can compute it once per point instead of once per batch.
     """
-    k = min(k, anchors.shape[0])
-    sims = cosine_matrix(x, anchors)  # (n, m): S transposed
-    top, idx = sims.topk(k, dim=1)
-    s_t = torch.zeros_like(sims).scatter_(1, idx, top.clamp_min(0.0))  # (n, m)
+    top, idx = cosine_matrix(x, anchors).topk(min(k, anchors.shape[0]), dim=1)
+    return top.clamp_min(0.0), idx
+
+
+def graph_from_nearest(values: Tensor, idx: Tensor, *, m: int) -> Tensor:
+    """Row-normalised batch graph G (n, n) (Eq. 3) from nearest_anchors' output for n points.
+
+    W (n, n) holds cosines between the columns of S (m, n); its diagonal is 1 even for a point
+    with an all-zero column, so every row of G = D^-1 W sums to 1.
+    """
+    s_t = torch.zeros(values.shape[0], m, dtype=values.dtype, device=values.device)
+    s_t.scatter_(1, idx, values)  # (n, m): S transposed
     w = cosine_matrix(s_t, s_t)  # (n, n), symmetric
     w.fill_diagonal_(1.0)
     return w / w.sum(dim=1, keepdim=True)
+
+
+def anchor_graph(x: Tensor, anchors: Tensor, *, k: int) -> Tensor:
+    """Row-normalised batch graph G (n, n) of one modality: batch x (n, d), anchors (m, d)."""
+    values, idx = nearest_anchors(x, anchors, k=k)
+    return graph_from_nearest(values, idx, m=anchors.shape[0])
 
 
 def pair_affinity(

@@ -11,14 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import jieba
 import numpy as np
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
 from common.errors import InputError
+
+with warnings.catch_warnings():
+    # jieba imports pkg_resources, which warns on every import with setuptools >= 80.
+    warnings.simplefilter("ignore", UserWarning)
+    import jieba
 
 logger = logging.getLogger(__name__)
 jieba.setLogLevel(logging.WARNING)

@@ -16,13 +16,15 @@ from tqdm import tqdm
 from common.errors import InputError
 from models.aucmh import HashingModel
 from models.data import PairDataset
-from models.losses import anchor_graph_loss, pair_affinity, ranking_loss
+from models.losses import anchor_graph_loss, graph_from_nearest, nearest_anchors, ranking_loss
 
 logger = logging.getLogger(__name__)
 
 # Validation ranks the held-out pairs against the fitting pairs; a cap keeps that cheap on
 # NUS-WIDE-sized training sets (a seeded sample of at most this many fitting pairs).
 VAL_DATABASE_CAP = 20_000
+# Points per chunk when finding every fitting point's nearest anchors (bounds the (chunk, m) block).
+NEAREST_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,22 @@ def evaluate_split(
     )
 
 
+def nearest_for_rows(
+    x: np.ndarray, rows: np.ndarray, anchors: torch.Tensor, *, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nearest_anchors (cosines, indices), each (len(rows), k), for x[rows], in chunks."""
+    values, indices = [], []
+    with torch.no_grad():
+        for start in range(0, rows.size, NEAREST_CHUNK):
+            chunk = torch.as_tensor(
+                x[rows[start : start + NEAREST_CHUNK]], dtype=torch.float32, device=anchors.device
+            )
+            v, i = nearest_anchors(chunk, anchors, k=k)
+            values.append(v)
+            indices.append(i)
+    return torch.cat(values), torch.cat(indices)
+
+
 def train(
     *, cfg: TrainConfig, data: PairDataset, progress: bool = False
 ) -> tuple[HashingModel, list[dict[str, float]]]:
@@ -188,13 +206,29 @@ def train(
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
-    # Anchors: m fitting pairs, sampled once before training (Algorithm 1, step 2).
+    # Anchors: m fitting pairs, sampled once before training (Algorithm 1, step 2). A point's
+    # column of S (Eq. 2) depends only on the point and the fixed anchors, so it is found once
+    # here rather than in every batch of every epoch: the same P, at O(N k) memory.
     anchor_idx = rng.choice(fit_idx, min(cfg.n_anchors, fit_idx.size), replace=False)
-    image_anchors = torch.as_tensor(image[anchor_idx], dtype=torch.float32, device=device)
-    text_anchors = torch.as_tensor(text[anchor_idx], dtype=torch.float32, device=device)
+    m = int(anchor_idx.size)
+    position = np.full(len(data), -1, dtype=np.int64)
+    position[fit_idx] = np.arange(fit_idx.size)
+    if cfg.use_graph_loss:
+        near_image = nearest_for_rows(
+            image,
+            fit_idx,
+            torch.as_tensor(image[anchor_idx], dtype=torch.float32, device=device),
+            k=cfg.k,
+        )
+        near_text = nearest_for_rows(
+            text,
+            fit_idx,
+            torch.as_tensor(text[anchor_idx], dtype=torch.float32, device=device),
+            k=cfg.k,
+        )
     logger.info(
         "training AUCMH n_bits=%d on %d pairs (%d held out for validation, %d anchors) on %s",
-        cfg.n_bits, fit_idx.size, val_idx.size, anchor_idx.size, device,
+        cfg.n_bits, fit_idx.size, val_idx.size, m, device,
     )  # fmt: skip
 
     def evaluate() -> tuple[float, float]:
@@ -222,7 +256,11 @@ def train(
             zero = hi.new_zeros(())
             loss_g, loss_r = zero, zero
             if cfg.use_graph_loss:
-                p = pair_affinity(xi, xt, image_anchors, text_anchors, k=cfg.k)
+                rows = torch.as_tensor(position[batch], device=device)
+                p = 0.5 * (
+                    graph_from_nearest(near_image[0][rows], near_image[1][rows], m=m)
+                    + graph_from_nearest(near_text[0][rows], near_text[1][rows], m=m)
+                )  # (n, n), Eq. 4
                 loss_g = anchor_graph_loss(hi, ht, p, temperature=cfg.temperature)
             if cfg.use_ranking_loss:
                 loss_r = ranking_loss(hi, ht, margin=cfg.margin)

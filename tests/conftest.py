@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from models.data import PairDataset
 from models.demo import generate_demo
 from models.pipeline import prepare
+from service.demo_artifacts import build_demo
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -47,9 +49,36 @@ def tiny_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_data(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> PairDataset:
+def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for the session, so each image set is extracted once."""
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.fixture(scope="session")
+def demo_data(demo_root: Path, feature_cache: Path) -> PairDataset:
     """The small demo with real EfficientNet-Lite0 image features and BoW text, extracted once."""
-    return prepare("demo", demo_root, cache_dir=tmp_path_factory.mktemp("features"))
+    return prepare("demo", demo_root, cache_dir=feature_cache)
+
+
+@pytest.fixture(scope="session")
+def demo_artifacts_master(
+    demo_root: Path,
+    demo_data: PairDataset,
+    feature_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """Artifacts built from the small demo (a briefly trained checkpoint and its index); read-only."""
+    artifacts = tmp_path_factory.mktemp("artifacts-master")
+    shutil.copytree(demo_root, artifacts / "demo")
+    shutil.copytree(feature_cache, artifacts / "features")
+    build_demo(artifacts, epochs=3)
+    return artifacts
+
+
+@pytest.fixture
+def demo_artifacts(demo_artifacts_master: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo artifacts, for a test that may change them."""
+    return Path(shutil.copytree(demo_artifacts_master, tmp_path / "artifacts"))
 
 
 @pytest.fixture

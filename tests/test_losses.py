@@ -11,6 +11,8 @@ from models.losses import (
     anchor_graph,
     anchor_graph_loss,
     cosine_matrix,
+    graph_from_nearest,
+    nearest_anchors,
     pair_affinity,
     ranking_loss,
 )
@@ -85,3 +87,11 @@ def test_ranking_loss_averages_violating_triplets() -> None:
     # i2t: g = 0.5 - 1 - 0 and 0.5 + 0 - 1, both < 0. t2i: text 0 vs image 1: g = 0.5 + 0 - 0
     # violates; text 1 vs image 0: 0.5 - 1 - 1 does not. The mean over violators is 0.5 (not 0.25).
     assert ranking_loss(hi, ht, margin=0.5).item() == pytest.approx(0.5)
+
+
+def test_graph_from_nearest_found_once_equals_the_batch_graph(batch) -> None:
+    image, _, image_anchors, _ = batch
+    values, idx = nearest_anchors(image, image_anchors, k=4)  # every point, once
+    rows = torch.tensor([3, 5, 7, 11, 19])
+    cached = graph_from_nearest(values[rows], idx[rows], m=30)
+    assert torch.allclose(cached, anchor_graph(image[rows], image_anchors, k=4), atol=1e-6)

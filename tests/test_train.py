@@ -13,7 +13,6 @@ from common.errors import InputError
 from models.aucmh import HashingModel
 from models.checkpoint import load_checkpoint
 from models.data import PairDataset
-from models.pipeline import prepare
 from models.train import (
     TrainConfig,
     config_from_dict,
@@ -151,15 +150,9 @@ def test_train_needs_features(data) -> None:
         train(cfg=SMALL, data=bare)
 
 
-@pytest.fixture(scope="module")
-def demo_data(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> PairDataset:
-    """The 120-scene demo with EfficientNet-Lite0 image features and its bag of words."""
-    return prepare("demo", demo_root, cache_dir=tmp_path_factory.mktemp("features"))
-
-
 @pytest.mark.slow
 def test_short_run_on_demo_beats_untrained(demo_data: PairDataset) -> None:
-    cfg = dataclasses.replace(SMALL, image_hidden=(256,), text_hidden=(256,), k=20, epochs=10)
+    cfg = dataclasses.replace(SMALL, image_hidden=(256,), text_hidden=(256,), k=20, epochs=20)
     model, _ = train(cfg=cfg, data=demo_data)
     assert demo_data.image_features is not None and demo_data.text_features is not None
     torch.manual_seed(0)

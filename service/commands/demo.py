@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from models.demo import N_DEFAULT, generate_demo
-from models.pipeline import prepare
+from service.demo_artifacts import build_demo
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,9 +26,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     gen.set_defaults(run=run_generate)
     build = sub.add_parser(
         "build",
-        help="build what is missing of the demo artifacts (dataset, features, ...)",
-        description="Generate the demo dataset into ARTIFACTS/demo if missing and extract its "
-        "features (cached in ARTIFACTS/features); says what it built.",
+        help="build what is missing of the demo artifacts (dataset, features, model, index)",
+        description="Generate the demo dataset into ARTIFACTS/demo, extract its features (cached "
+        "in ARTIFACTS/features), train an AUCMH checkpoint and index every scene, each step "
+        "only if its output is missing; says what it built.",
     )
     build.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifacts folder")
     build.set_defaults(run=run_build)
@@ -44,19 +44,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build the missing demo artifacts and report each step."""
-    root = args.artifacts / "demo"
-    if (root / "captions.jsonl").is_file():
-        print(f"demo dataset: present in {root}")
-    else:
-        start = time.perf_counter()
-        generate_demo(root, progress=True)
-        seconds = time.perf_counter() - start
-        print(f"demo dataset: generated {N_DEFAULT} scenes in {root} ({seconds:.0f} s)")
-    start = time.perf_counter()
-    data = prepare("demo", root, cache_dir=args.artifacts / "features", progress=True)
-    assert data.image_features is not None and data.text_features is not None
-    print(
-        f"features: image {data.image_features.shape} ({data.image_backbone}), text "
-        f"{data.text_features.shape} (bag of words) in {time.perf_counter() - start:.0f} s"
-    )
+    for line in build_demo(args.artifacts, progress=True):
+        print(line)
     return 0

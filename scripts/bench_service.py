@@ -1,0 +1,214 @@
+"""Load benchmark of the real service: text-search latency and throughput at 1, 8 and 32 clients
+against `python -m service serve` on loopback, over N synthetic items; image-search latency with
+and without micro-batching.
+
+    .venv/bin/python scripts/bench_service.py --artifacts artifacts --n 100000 --json out.json
+
+It copies the checkpoint from --artifacts into a temporary folder, writes an index generation of N
+items there (random codes; captions cycled from the demo; every item points at one demo image),
+starts the service on a free loopback port and drives it with client threads, each with its own
+keep-alive connection. Clients and server share this machine's cores: the figures are a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from indexes.codes import pack_codes
+from indexes.hamming import HammingIndex
+from models.checkpoint import load_checkpoint
+from service.store import CHECKPOINT_NAME, Item, load_snapshot, manifest_for, write_generation
+
+QUERIES = [
+    "a red car",
+    "a small green tree on the left",
+    "a yellow sun",
+    "boat by the sea",
+    "a large white moon in the night",
+    "pink flower",
+    "house",
+    "two balloons",
+]
+
+
+def synthetic_artifacts(source: Path, target: Path, n: int, seed: int) -> None:
+    """target/model.pt from source, and a generation of n random items."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / CHECKPOINT_NAME, target / CHECKPOINT_NAME)
+    shutil.copytree(source / "demo" / "images", target / "demo" / "images", dirs_exist_ok=True)
+    checkpoint = load_checkpoint(target / CHECKPOINT_NAME)
+    demo = load_snapshot(source)
+    captions = [item.text for item in demo.items.values()]
+    rng = np.random.default_rng(seed)
+    ids = np.arange(n, dtype=np.int64)
+    indexes = []
+    for _ in range(2):
+        index = HammingIndex(checkpoint.n_bits)
+        index.add(
+            pack_codes(rng.choice(np.array([-1, 1], np.int8), size=(n, checkpoint.n_bits))), ids
+        )
+        indexes.append(index)
+    items = {i: Item(i, captions[i % len(captions)], "demo/images/00000.jpg") for i in range(n)}
+    manifest = manifest_for(
+        target / CHECKPOINT_NAME,
+        n_bits=checkpoint.n_bits,
+        backbone=checkpoint.image_backbone,
+        vocabulary=checkpoint.vocabulary or [],
+    )
+    write_generation(
+        target, manifest=manifest, image_index=indexes[0], text_index=indexes[1], items=items
+    )
+
+
+def start(artifacts: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--artifacts",
+            str(artifacts),
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "CMH_LOG_LEVEL": "WARNING", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("service did not become ready")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def drive(
+    url: str, clients: int, seconds: float, request: str, payloads: list[object]
+) -> dict[str, float]:
+    """Run `clients` threads for `seconds`; latency percentiles (ms) and throughput (req/s)."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def worker(offset: int) -> None:
+        local, bad = [], 0
+        with httpx.Client(base_url=url, timeout=60) as client:
+            i = offset
+            while time.monotonic() < stop_at:
+                payload = payloads[i % len(payloads)]
+                t = time.perf_counter()
+                if request == "text":
+                    r = client.post("/v1/search/text", json=payload)
+                else:
+                    r = client.post(
+                        "/v1/search/image",
+                        files={"file": ("q.jpg", payload, "image/jpeg")},
+                        data={"k": "10"},
+                    )
+                local.append(time.perf_counter() - t)
+                bad += r.status_code != 200
+                i += 1
+        with lock:
+            latencies.extend(local)
+            errors[0] += bad
+
+    start_time = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start_time
+    ms = np.asarray(latencies) * 1000
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors[0],
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "throughput_rps": round(len(latencies) / elapsed, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--artifacts", type=Path, default=Path("artifacts"), help="built demo artifacts"
+    )
+    parser.add_argument(
+        "--n", type=int, nargs="+", default=[100_000, 1_000_000], help="index sizes"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each run")
+    parser.add_argument("--k", type=int, default=10, help="hits per text search")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    results: dict[str, object] = {"cpu_count": os.cpu_count(), "text": [], "image": []}
+    texts = [{"text": q, "k": args.k, "target": t} for q in QUERIES for t in ("image", "text")]
+    images = [
+        p.read_bytes() for p in sorted((args.artifacts / "demo" / "images").glob("*.jpg"))[:32]
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.n:
+            target = Path(tmp) / f"n{n}"
+            synthetic_artifacts(args.artifacts, target, n, seed=0)
+            proc, url = start(target, {})
+            try:
+                for clients in (1, 8, 32):
+                    row = {"n": n, **drive(url, clients, args.seconds, "text", texts)}
+                    print(json.dumps(row), flush=True)
+                    results["text"].append(row)  # type: ignore[attr-defined]
+            finally:
+                stop(proc)
+        target = Path(tmp) / f"n{args.n[0]}"
+        for label, env in (("batching", {}), ("no batching", {"CMH_MAX_IMAGE_BATCH": "1"})):
+            proc, url = start(target, env)
+            try:
+                for clients in (1, 8):
+                    row = {"mode": label, **drive(url, clients, args.seconds, "image", images)}
+                    print(json.dumps(row), flush=True)
+                    results["image"].append(row)  # type: ignore[attr-defined]
+            finally:
+                stop(proc)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(
+        json.dumps({"median_text_p50_ms": statistics.median(r["p50_ms"] for r in results["text"])})
+    )  # type: ignore[attr-defined]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""The FastAPI app: `create_app(settings)`; lifespan loads the checkpoint and the indexes once.
+
+Errors, one status per kind, one body shape ({"detail": str, "errors": [...]}):
+- InputError -> 400 (a batch build that fails validation lists each bad item in "errors")
+- missing or wrong API key -> 401
+- unknown item, job or image -> 404
+- body or upload too large -> 413
+- upload that is not an image content type -> 415
+- schema violations -> 422 (FastAPI's own body)
+- NotReadyError (no model or index loaded) -> 503
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from common.errors import InputError, NotReadyError
+from indexes.hamming import HammingIndex
+from models.checkpoint import load_checkpoint
+from models.image_features import load_backbone
+from service.builder import Served
+from service.encoder import Encoder, resolve_device
+from service.jobs import JobManager
+from service.metrics import Metrics
+from service.pages import router as pages_router
+from service.routes import router
+from service.settings import Settings
+from service.store import (
+    CHECKPOINT_NAME,
+    Manifest,
+    Snapshot,
+    current_generation,
+    load_snapshot,
+    manifest_for,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_served(settings: Settings, metrics: Metrics) -> Served:
+    """Load checkpoint, backbone and index generation; InputError saying what does not match."""
+    artifacts = settings.artifacts_dir
+    checkpoint_path = artifacts / CHECKPOINT_NAME
+    device = resolve_device(settings.device)
+    checkpoint = load_checkpoint(checkpoint_path, device=str(device))
+    backbone = load_backbone(checkpoint.image_backbone, device=device)
+    encoder = Encoder(
+        checkpoint,
+        backbone,
+        window_ms=settings.batch_window_ms,
+        max_batch=settings.max_image_batch,
+        on_batch=metrics.image_batch.observe,
+    )
+    expected = manifest_for(
+        checkpoint_path,
+        n_bits=checkpoint.n_bits,
+        backbone=checkpoint.image_backbone,
+        vocabulary=encoder.vectorizer.vocabulary,
+    )
+    if current_generation(artifacts) is None:
+        logger.warning("no index in %s yet: serving an empty one until a build", artifacts)
+        empty = HammingIndex(checkpoint.n_bits)
+        snapshot = Snapshot("empty", expected, empty, HammingIndex(checkpoint.n_bits), {})
+    else:
+        snapshot = load_snapshot(artifacts)
+        check_manifest(snapshot.manifest, expected)
+    return Served(
+        artifacts=artifacts,
+        encoder=encoder,
+        snapshot=snapshot,
+        max_pixels=settings.max_image_pixels,
+    )
+
+
+def check_manifest(found: Manifest, expected: Manifest) -> None:
+    """The index must have been made by the served checkpoint: bits, backbone, vocabulary."""
+    for field in ("n_bits", "image_backbone", "vocabulary_sha256", "checkpoint_sha256"):
+        if getattr(found, field) != getattr(expected, field):
+            raise InputError(
+                f"the index does not match the checkpoint: {field} is {getattr(found, field)!r} "
+                f"in the index, {getattr(expected, field)!r} in the checkpoint; rebuild the index"
+            )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load everything once; stop the batcher and the job worker on shutdown."""
+    settings: Settings = app.state.settings
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    served = load_served(settings, app.state.metrics)
+    snap = served.snapshot
+    logger.info(
+        "loaded model n_bits=%d (%s) from %s; index %s with %d items",
+        served.encoder.n_bits,
+        served.encoder.backbone.name,
+        settings.artifacts_dir / CHECKPOINT_NAME,
+        snap.generation,
+        len(snap.items),
+    )
+    app.state.served = served
+    app.state.jobs = JobManager()
+    app.state.metrics.set_index_size(len(snap.image_index), len(snap.text_index))
+    try:
+        yield
+    finally:
+        app.state.jobs.close()
+        served.encoder.close()
+
+
+def _error(status: int, detail: str, errors: list[object] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "errors": errors or []}, status_code=status)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app over the artifacts folder in `settings` (read from CMH_* variables by default)."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="cmh: cross-modal hashing search",
+        version="0.1.0",
+        description="Search images with text and text with images over AUCMH binary codes.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.include_router(router)
+    app.include_router(pages_router)
+
+    @app.exception_handler(InputError)
+    async def input_error(_: Request, err: InputError) -> JSONResponse:
+        errors = [e.model_dump() for e in getattr(err, "errors", [])]
+        return _error(400, str(err), errors)
+
+    @app.exception_handler(NotReadyError)
+    async def not_ready(_: Request, err: NotReadyError) -> JSONResponse:
+        return _error(503, str(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail))
+
+    @app.middleware("http")
+    async def limits_and_metrics(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            response: Response = _error(
+                413, f"expected a body of at most {settings.max_body_bytes} bytes, got {length}"
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        metrics: Metrics = request.app.state.metrics
+        metrics.requests.labels(request.method, name, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    return app

@@ -1,0 +1,36 @@
+"""`cmh serve`: the HTTP service over an artifacts folder, with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `serve`."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the search API over an artifacts folder",
+        description="Serve the search API (OpenAPI at /docs) over the checkpoint and indexes in "
+        "an artifacts folder. Other settings come from CMH_* environment variables.",
+    )
+    p.add_argument(
+        "--artifacts", type=Path, default=None, help="artifacts folder (CMH_ARTIFACTS_DIR)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the app and run uvicorn until interrupted."""
+    settings = Settings() if args.artifacts is None else Settings(artifacts_dir=args.artifacts)
+    app = create_app(settings)
+    print(f"serving {settings.artifacts_dir} at http://{args.host}:{args.port}/ (API docs: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
+    return 0

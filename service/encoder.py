@@ -1,0 +1,175 @@
+"""Queries to packed codes: texts through the BoW vectorizer, images through backbone + model.
+
+Concurrent image requests are micro-batched: each request hands its decoded image to one worker
+thread, which waits up to `window_ms` for more (at most `max_batch`) and runs the backbone once
+for all of them. A lone request pays at most the window; under load the backbone sees full batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.errors import InputError
+from indexes.codes import pack_codes
+from models.checkpoint import Checkpoint
+from models.image_features import Backbone, encode_images
+from models.text_features import TextVectorizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    image: Image.Image
+    future: Future[np.ndarray]
+
+
+class MicroBatcher:
+    """Runs backbone features for images submitted from many threads, in shared batches."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        window_ms: float,
+        max_batch: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.on_batch = on_batch
+        self.window = window_ms / 1000.0
+        self.max_batch = max_batch
+        self.batch_sizes: list[int] = []  # recent batch sizes, for metrics and tests
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="image-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, image: Image.Image) -> Future[np.ndarray]:
+        """Queue one RGB image; the future resolves to its (dim,) float32 features."""
+        future: Future[np.ndarray] = Future()
+        self._queue.put(_Request(image, future))
+        return future
+
+    def close(self) -> None:
+        """Stop the worker after the requests already queued."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.window
+            stop = False
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = (
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._process(batch)
+            if stop:
+                return
+
+    def _process(self, batch: list[_Request]) -> None:
+        self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        try:
+            feats = encode_images(self.backbone, [r.image for r in batch], batch_size=len(batch))
+        except Exception as err:  # handed to every waiting request, which re-raises it
+            for r in batch:
+                r.future.set_exception(err)
+            return
+        for r, f in zip(batch, feats, strict=True):
+            r.future.set_result(f)
+
+
+class Encoder:
+    """The served model: texts and images to packed codes, with the vocabulary it was trained on."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        backbone: Backbone,
+        *,
+        window_ms: float,
+        max_batch: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if checkpoint.vocabulary is None:
+            raise InputError(
+                "expected a checkpoint trained on bag-of-words text (with a vocabulary), got one "
+                f"trained on {checkpoint.dataset}'s precomputed text features"
+            )
+        if checkpoint.image_backbone != backbone.name:
+            raise InputError(
+                f"expected the {checkpoint.image_backbone} backbone the checkpoint was trained on, "
+                f"got {backbone.name}"
+            )
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model.eval()
+        self.n_bits = checkpoint.n_bits
+        self.backbone = backbone
+        self.vectorizer = TextVectorizer(checkpoint.vocabulary)
+        self.batcher = MicroBatcher(
+            backbone, window_ms=window_ms, max_batch=max_batch, on_batch=on_batch
+        )
+        self._model_lock = threading.Lock()  # the model's encode toggles eval mode: one at a time
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(packed codes (n, words) uint64, (n,) bool: the text had no known word)."""
+        features, unknown = self.vectorizer.transform(texts)
+        with self._model_lock:
+            codes = self.model.encode_text(features)
+        return pack_codes(codes), unknown
+
+    def encode_image(self, image: Image.Image, *, timeout: float = 120.0) -> np.ndarray:
+        """(1, words) uint64 packed code of one image, through the micro-batcher."""
+        features = self.batcher.submit(image).result(timeout=timeout)
+        return self.encode_image_features(features[None, :])
+
+    def encode_image_features(self, features: np.ndarray) -> np.ndarray:
+        """(n, dim) backbone features -> (n, words) uint64 packed codes."""
+        with self._model_lock:
+            codes = self.model.encode_image(features)
+        return pack_codes(codes)
+
+    def image_features(self, images: list[Image.Image]) -> np.ndarray:
+        """(n, dim) backbone features for a batch (offline builds; bypasses the batcher)."""
+        return encode_images(self.backbone, images)
+
+    def close(self) -> None:
+        """Stop the batcher thread."""
+        self.batcher.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available else CPU; 'cuda' without CUDA is an InputError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("expected a CUDA device for CMH_DEVICE=cuda, found none")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"expected CMH_DEVICE in auto, cpu, cuda, got {name!r}")
+    return torch.device(name)

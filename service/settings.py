@@ -1,0 +1,29 @@
+"""Service settings: one pydantic-settings class, read from CMH_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment (prefix CMH_), with safe defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="CMH_", frozen=True)
+
+    artifacts_dir: Path = Field(Path("artifacts"), description="checkpoint and index generations")
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
+    api_key: SecretStr | None = Field(None, description="when set, build and delete need X-API-Key")
+    server_data_dir: Path | None = Field(
+        None, description="the only folder whose files and dataset roots build requests may name"
+    )
+    max_k: int = Field(100, ge=1, description="largest k a search may ask for")
+    max_upload_bytes: int = Field(10 * 2**20, ge=1, description="largest image upload")
+    max_body_bytes: int = Field(64 * 2**20, ge=1, description="largest request body of any kind")
+    max_batch_items: int = Field(1000, ge=1, description="largest item batch of one build request")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long image requests wait to batch")
+    max_image_batch: int = Field(32, ge=1, description="largest backbone batch of image requests")
+    log_level: str = Field("INFO", description="logging level")

@@ -1,0 +1,123 @@
+"""The service as a user runs it: `python -m service serve` in its own process, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serving(artifacts: Path, **env: str) -> Iterator[httpx.Client]:
+    """Start the service on a free loopback port; yield a client; stop it with SIGTERM."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--artifacts",
+            str(artifacts),
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"service did not start:\n{proc.stdout.read() if proc.stdout else ''}"
+                )
+            time.sleep(0.2)
+        yield client
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_real_process_search_build_restart(demo_artifacts: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), (240, 200, 40)).save(buf, format="WEBP")
+    item = {
+        "id": 424242,
+        "text": "a large yellow sun at the top",
+        "image_base64": base64.b64encode(buf.getvalue()).decode(),
+    }
+    with serving(demo_artifacts, CMH_API_KEY="k3y") as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        text = client.post("/v1/search/text", json={"text": "a small green tree", "k": 4})
+        assert text.status_code == 200 and len(text.json()["hits"]) == 4
+        image = (demo_artifacts / "demo" / "images" / "00001.jpg").read_bytes()
+        found = client.post(
+            "/v1/search/image", files={"file": ("a.jpg", image, "image/jpeg")}, data={"k": "2"}
+        )
+        assert found.status_code == 200 and found.json()["target"] == "text"
+        assert client.post("/v1/index/build", json={"items": [item]}).status_code == 401
+        accepted = client.post(
+            "/v1/index/build", json={"items": [item]}, headers={"X-API-Key": "k3y"}
+        )
+        assert accepted.status_code == 202
+        job_url = accepted.json()["status_url"]
+        for _ in range(600):
+            status = client.get(job_url).json()
+            if status["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.1)
+        assert status["status"] == "succeeded", status
+        assert client.get("/v1/index/stats").json()["items"] == 81
+    with serving(demo_artifacts) as client:  # a restart keeps the index
+        assert client.get("/v1/index/stats").json()["items"] == 81
+        assert client.get("/v1/items/424242/image").content[:4] == b"RIFF"
+
+
+def test_concurrent_image_requests_share_backbone_batches(demo_artifacts: Path) -> None:
+    images = [(demo_artifacts / "demo" / "images" / f"{i:05d}.jpg").read_bytes() for i in range(16)]
+    with serving(demo_artifacts, CMH_BATCH_WINDOW_MS="200") as client:
+
+        def search(data: bytes) -> int:
+            r = client.post(
+                "/v1/search/image", files={"file": ("q.jpg", data, "image/jpeg")}, data={"k": "1"}
+            )
+            return r.status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(search, images)) == {200}
+        metrics = client.get("/metrics").text
+    count = float(re.search(r"cmh_image_batch_size_count (\S+)", metrics).group(1))  # type: ignore[union-attr]
+    assert count < 16  # 16 requests went through fewer backbone batches
