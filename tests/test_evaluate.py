@@ -23,8 +23,6 @@ from models.methods import evaluate_methods, parse_methods
 from service.cli import main
 from service.commands.evaluate import parse_bits
 
-WIKIPEDIA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikipedia"
-
 
 def synthetic_dataset(n: int = 300, n_classes: int = 3) -> PairDataset:
     """Separable pairs with a 60-query split; database = train = the rest."""
@@ -100,10 +98,8 @@ def test_cli_rejects_an_unknown_method_with_exit_2(capsys: pytest.CaptureFixture
 
 
 def test_cli_on_the_wikipedia_development_split(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    wikipedia_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if not (WIKIPEDIA / "raw_features.mat").is_file():
-        pytest.skip(f"Wikipedia features not found at {WIKIPEDIA} (a fresh clone has no ../shared)")
     out = tmp_path / "wiki.json"
     code = main(
         [
@@ -111,7 +107,7 @@ def test_cli_on_the_wikipedia_development_split(
             "--dataset",
             "wikipedia",
             "--root",
-            str(WIKIPEDIA),
+            str(wikipedia_root),
             "--methods",
             "cca-itq,cca",
             "--bits",
