@@ -1,0 +1,258 @@
+"""Retrieval metrics over ranked databases: MAP@all, MAP@R, P@K, R@K and precision-recall curves.
+
+Conventions shared by every function here:
+
+- Relevant means the query and the item share at least one label (`labels` are (n, C) multi-hot).
+- A ranking sorts the database by ascending distance (Hamming for codes, 1 - cosine for real
+  vectors). Ties are broken by one fixed permutation of the database drawn from `seed`, the same
+  for every query, so the order inside a tie never correlates with labels or with input order.
+- A query with no relevant item in the database scores 0 (AP, precision, recall) and still counts
+  in the mean over queries: no ranking can serve it, and dropping it would let a method's score
+  depend on which queries happen to be answerable. This is also what the reference evaluation code
+  of the cross-modal hashing literature does (DCMH, DJSRH: such queries add 0 and the sum is
+  divided by the number of queries).
+
+Worked example (the docstring case the tests check): one query, a database of three items with
+distances [0, 1, 1] and relevance [True, False, True]. Whatever the tie order, item 0 comes first.
+If item 2 precedes item 1, the relevant items sit at ranks 1 and 2: AP = (1/1 + 2/2) / 2 = 1.0.
+If item 1 precedes item 2, they sit at ranks 1 and 3: AP = (1/1 + 2/3) / 2 = 5/6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from common.errors import InputError
+
+# Queries are ranked in blocks so that an (n_query, n_db) sort never has to fit in memory at once.
+_BLOCK = 256
+
+
+def hamming_distances(query_codes: np.ndarray, db_codes: np.ndarray) -> np.ndarray:
+    """Hamming distances (n_query, n_db) int32 between codes in {-1, +1}: (L - <q, d>) / 2."""
+    _check_codes(query_codes, "query_codes")
+    _check_codes(db_codes, "db_codes")
+    if query_codes.shape[1] != db_codes.shape[1]:
+        raise InputError(
+            f"expected codes of one length, got {query_codes.shape[1]} and {db_codes.shape[1]} bits"
+        )
+    # float32 BLAS is exact here: inner products are integers of magnitude at most L << 2**24.
+    inner = query_codes.astype(np.float32) @ db_codes.astype(np.float32).T  # (n_query, n_db)
+    return np.asarray((query_codes.shape[1] - inner.astype(np.int32)) // 2, dtype=np.int32)
+
+
+def cosine_distances(query: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """1 - cosine similarity (n_query, n_db) float64 between real-valued rows; zero rows give 1."""
+    if query.ndim != 2 or db.ndim != 2 or query.shape[1] != db.shape[1]:
+        raise InputError(
+            f"expected two 2-d arrays of equal width, got {query.shape} and {db.shape}"
+        )
+    q = _unit_rows(query.astype(np.float64))
+    d = _unit_rows(db.astype(np.float64))
+    return np.asarray(1.0 - q @ d.T, dtype=np.float64)
+
+
+def relevance(query_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
+    """(n_query, n_db) bool: True where the query and the item share at least one label."""
+    if query_labels.ndim != 2 or db_labels.ndim != 2 or query_labels.shape[1] != db_labels.shape[1]:
+        raise InputError(
+            "expected (n, C) label arrays with one C, got "
+            f"{query_labels.shape} and {db_labels.shape}"
+        )
+    shared = (query_labels > 0).astype(np.int64) @ (db_labels > 0).astype(np.int64).T
+    return shared > 0
+
+
+def tie_break_order(n_db: int, *, seed: int) -> np.ndarray:
+    """The fixed permutation (n_db,) int64 that decides the order of items at equal distance."""
+    return np.random.default_rng(seed).permutation(n_db).astype(np.int64)
+
+
+def rank(dists: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Database indices (n_query, n_db) int64 by ascending distance, ties by `tie_break_order`."""
+    if dists.ndim != 2:
+        raise InputError(f"expected a 2-d distance matrix, got shape {dists.shape}")
+    perm = tie_break_order(dists.shape[1], seed=seed)
+    # A stable sort over the permuted columns keeps the permutation's order inside every tie.
+    return perm[np.argsort(dists[:, perm], axis=1, kind="stable")]
+
+
+def average_precisions(
+    dists: np.ndarray, relevant: np.ndarray, *, top: int | None = None, seed: int = 0
+) -> np.ndarray:
+    """Per-query average precision (n_query,) float64 over the top `top` ranks (None: all).
+
+    AP@R = sum_{k <= R} P(k) rel(k) / (number of relevant items in the top R); with top=None this
+    is AP over the whole ranked database. A query with nothing relevant in the top R scores 0.
+    """
+    _check_pair(dists, relevant)
+    n_db = dists.shape[1]
+    depth = n_db if top is None else top
+    if not 1 <= depth <= n_db:
+        raise InputError(f"expected top in 1..{n_db}, got {top}")
+    positions = np.arange(1, depth + 1, dtype=np.float64)  # (depth,)
+    out = np.empty(dists.shape[0], dtype=np.float64)
+    for rows, rel in _ranked_relevance(dists, relevant, seed=seed):
+        rel = rel[:, :depth]  # (b, depth)
+        hits = np.cumsum(rel, axis=1)  # (b, depth)
+        n_hits = hits[:, -1]
+        summed = np.sum(np.where(rel, hits / positions, 0.0), axis=1)
+        out[rows] = np.divide(summed, n_hits, out=np.zeros_like(summed), where=n_hits > 0)
+    return out
+
+
+def mean_average_precision(
+    query_codes: np.ndarray,
+    db_codes: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    *,
+    seed: int = 0,
+) -> float:
+    """MAP over the whole Hamming-ranked database (MAP@all) for codes in {-1, +1}."""
+    dists = hamming_distances(query_codes, db_codes)
+    return float(np.mean(average_precisions(dists, relevance(query_labels, db_labels), seed=seed)))
+
+
+def mean_average_precision_at(
+    query_codes: np.ndarray,
+    db_codes: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    *,
+    top: int,
+    seed: int = 0,
+) -> float:
+    """MAP@R over the top `top` Hamming ranks (see `average_precisions`); never mix with MAP@all."""
+    dists = hamming_distances(query_codes, db_codes)
+    rel = relevance(query_labels, db_labels)
+    return float(np.mean(average_precisions(dists, rel, top=top, seed=seed)))
+
+
+def cutoff_curves(
+    dists: np.ndarray, relevant: np.ndarray, *, ks: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query precision@K and recall@K, each (n_query, len(ks)) float64, for K in `ks`.
+
+    P@K = relevant in the top K / K; R@K = relevant in the top K / relevant in the database
+    (0 for a query with no relevant item).
+    """
+    _check_pair(dists, relevant)
+    ks = np.asarray(ks, dtype=np.int64)
+    n_db = dists.shape[1]
+    if ks.ndim != 1 or ks.size == 0 or ks.min() < 1 or ks.max() > n_db:
+        raise InputError(f"expected a non-empty list of K in 1..{n_db}, got {ks.tolist()}")
+    precision = np.empty((dists.shape[0], ks.size), dtype=np.float64)
+    recall = np.empty((dists.shape[0], ks.size), dtype=np.float64)
+    for rows, rel in _ranked_relevance(dists, relevant, seed=seed):
+        hits = np.cumsum(rel, axis=1)[:, ks - 1]  # (b, len(ks))
+        n_rel = rel.sum(axis=1, keepdims=True)  # (b, 1)
+        precision[rows] = hits / ks
+        recall[rows] = np.divide(hits, n_rel, out=np.zeros(hits.shape), where=n_rel > 0)
+    return precision, recall
+
+
+def radius_curves(
+    dists: np.ndarray, relevant: np.ndarray, *, n_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query precision and recall (n_query, n_bits + 1) within Hamming radius r = 0..L.
+
+    Precision is NaN where a query retrieves nothing within r; recall is 0 for a query with no
+    relevant item. Ties do not matter here: a radius retrieves a whole tie or none of it.
+    """
+    _check_pair(dists, relevant)
+    if dists.size and (dists.min() < 0 or dists.max() > n_bits):
+        raise InputError(
+            f"expected Hamming distances in 0..{n_bits}, got {dists.min()}..{dists.max()}"
+        )
+    shape = (dists.shape[0], n_bits + 1)
+    precision = np.empty(shape, dtype=np.float64)
+    recall = np.empty(shape, dtype=np.float64)
+    for start in range(0, dists.shape[0], _BLOCK):
+        rows = slice(start, start + _BLOCK)
+        d = dists[rows].astype(np.int64)
+        rel = relevant[rows]
+        # Counts per distance, then cumulative over the radius: (b, n_bits + 1).
+        found = np.cumsum(_count_by_distance(d, np.ones_like(rel), n_bits), axis=1)
+        hits = np.cumsum(_count_by_distance(d, rel, n_bits), axis=1)
+        n_rel = rel.sum(axis=1, keepdims=True)
+        precision[rows] = np.divide(hits, found, out=np.full(hits.shape, np.nan), where=found > 0)
+        recall[rows] = np.divide(hits, n_rel, out=np.zeros(hits.shape), where=n_rel > 0)
+    return precision, recall
+
+
+def mean_curve(precision: np.ndarray, recall: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average per-query curves (n_query, n_points): precision over the queries where it is
+    defined (NaN where it is nowhere defined), recall over all queries."""
+    defined = ~np.isnan(precision)
+    count = defined.sum(axis=0)
+    total = np.where(defined, precision, 0.0).sum(axis=0)
+    mean_precision = np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+    return mean_precision, recall.mean(axis=0)
+
+
+def precision_recall_at(
+    dists: np.ndarray, relevant: np.ndarray, *, ks: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean precision@K and recall@K over queries, each (len(ks),) float64 (see cutoff_curves)."""
+    return mean_curve(*cutoff_curves(dists, relevant, ks=ks, seed=seed))
+
+
+def precision_at_k(dists: np.ndarray, relevant: np.ndarray, *, k: int, seed: int = 0) -> float:
+    """Mean precision over the top `k` ranks."""
+    return float(precision_recall_at(dists, relevant, ks=np.array([k]), seed=seed)[0][0])
+
+
+def recall_at_k(dists: np.ndarray, relevant: np.ndarray, *, k: int, seed: int = 0) -> float:
+    """Mean recall over the top `k` ranks."""
+    return float(precision_recall_at(dists, relevant, ks=np.array([k]), seed=seed)[1][0])
+
+
+def precision_recall_by_radius(
+    dists: np.ndarray, relevant: np.ndarray, *, n_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean precision and recall (n_bits + 1,) within Hamming radius r = 0..L (see mean_curve)."""
+    return mean_curve(*radius_curves(dists, relevant, n_bits=n_bits))
+
+
+def _count_by_distance(d: np.ndarray, weight: np.ndarray, n_bits: int) -> np.ndarray:
+    """(b, n_bits + 1): for each query, the summed weight of items at each distance."""
+    b = d.shape[0]
+    flat = (d + np.arange(b)[:, None] * (n_bits + 1)).ravel()
+    counts = np.bincount(
+        flat, weights=weight.ravel().astype(np.float64), minlength=b * (n_bits + 1)
+    )
+    return counts.reshape(b, n_bits + 1)
+
+
+def _ranked_relevance(
+    dists: np.ndarray, relevant: np.ndarray, *, seed: int
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield (query rows, relevance in rank order (b, n_db) bool) block by block."""
+    for start in range(0, dists.shape[0], _BLOCK):
+        rows = slice(start, start + _BLOCK)
+        yield rows, np.take_along_axis(relevant[rows], rank(dists[rows], seed=seed), axis=1)
+
+
+def _check_codes(codes: np.ndarray, name: str) -> None:
+    if codes.ndim != 2:
+        raise InputError(f"expected {name} of shape (n, n_bits), got {codes.shape}")
+    if codes.size and not np.all(np.abs(codes) == 1):
+        raise InputError(f"expected {name} in {{-1, +1}}, got values {np.unique(codes)[:5]}")
+
+
+def _check_pair(dists: np.ndarray, relevant: np.ndarray) -> None:
+    if dists.ndim != 2 or dists.shape != relevant.shape:
+        raise InputError(
+            f"expected distances and relevance of one (n_query, n_db) shape, got "
+            f"{dists.shape} and {relevant.shape}"
+        )
+    if dists.shape[1] == 0:
+        raise InputError("expected a non-empty database, got 0 items")
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.asarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))

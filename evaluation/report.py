@@ -1,0 +1,131 @@
+"""Reports of evaluation runs: mean +- std tables, the results JSON and precision-recall plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and in CI
+
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+import numpy as np  # noqa: E402
+
+from evaluation.metrics import mean_curve  # noqa: E402
+from evaluation.protocol import METRIC, RunResult  # noqa: E402
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(np.std(arr, ddof=1)) if arr.size > 1 else 0.0
+    return float(np.mean(arr)), std
+
+
+def format_table(results: Sequence[RunResult], *, dataset: str) -> str:
+    """A text table: one row per method, MAP@all mean +- std over seeds per direction and L."""
+    methods = list(dict.fromkeys(r.method for r in results))
+    bits = sorted({r.bits for r in results})
+    seeds = sorted({r.seed for r in results})
+    header = ["method"] + [f"{d} {b}" for d in ("i2t", "t2i") for b in bits]
+    rows = [header]
+    for method in methods:
+        row = [method]
+        for direction in ("i2t", "t2i"):
+            for b in bits:
+                vals = [
+                    getattr(r, direction).map_all
+                    for r in results
+                    if r.method == method and r.bits == b
+                ]
+                mean, std = mean_std(vals) if vals else (float("nan"), float("nan"))
+                row.append(f"{mean:.4f} +- {std:.4f}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        f"{dataset}: {METRIC}, mean +- std over seeds {seeds} (sample std)",
+        *(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def results_document(
+    results: Sequence[RunResult], *, dataset: str, n_query: int, n_database: int
+) -> dict[str, Any]:
+    """The results JSON: dataset, protocol (sizes, metric, seeds) and one row per run."""
+    return {
+        "dataset": dataset,
+        "protocol": {
+            "queries": n_query,
+            "database": n_database,
+            "metric": METRIC,
+            "seeds": sorted({r.seed for r in results}),
+        },
+        "results": [
+            {
+                "method": r.method,
+                "bits": r.bits,
+                "seed": r.seed,
+                "i2t_map": r.i2t.map_all,
+                "t2i_map": r.t2i.map_all,
+            }
+            for r in results
+        ],
+    }
+
+
+def write_json(document: dict[str, Any], path: Path) -> None:
+    """Write `document` to `path` atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_pr_curves(results: Sequence[RunResult], *, dataset: str, bits: int, path: Path) -> None:
+    """Save one PNG with the i2t and t2i precision-recall curves of every method at `bits`.
+
+    Each curve is the mean over seeds. Binary methods move along the Hamming radius; real-valued
+    ones (dashed) along rank cut-offs, as their legend entry says.
+    """
+    runs = [r for r in results if r.bits == bits]
+    methods = list(dict.fromkeys(r.method for r in runs))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, direction, title in zip(
+        axes,
+        ("i2t", "t2i"),
+        ("image query -> text database", "text query -> image database"),
+        strict=True,
+    ):
+        for method in methods:
+            curves = [getattr(r, direction).curve for r in runs if r.method == method]
+            precision, recall = mean_curve(
+                np.stack([c.precision for c in curves]), np.stack([c.recall for c in curves])
+            )
+            by = curves[0].by
+            ax.plot(
+                recall,
+                precision,
+                linestyle="-" if by == "hamming radius" else "--",
+                marker="." if by == "hamming radius" else None,
+                label=f"{method} (by {by})",
+            )
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0.0, 1.0)
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{dataset}, {bits} bits: precision-recall (mean over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,87 @@
+"""`cmh evaluate`: fit every method on a dataset's training part and score it on its protocol."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common.errors import InputError
+from evaluation.protocol import run_seeds
+from evaluation.report import format_table, plot_pr_curves, results_document, write_json
+from models.datasets import DATASETS
+from models.image_features import BACKBONES
+from models.methods import METHODS, evaluate_methods, parse_methods
+from models.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `evaluate`."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="train and score methods (MAP@all, both directions) over bits and seeds",
+        description="Fit each method on the dataset's training part, rank the database for every "
+        "query in both directions (image->text, text->image), and report MAP over the whole "
+        "ranked database (mean +- std over seeds), a results JSON and precision-recall plots.",
+    )
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset name")
+    p.add_argument("--root", required=True, type=Path, help="the dataset's folder")
+    p.add_argument(
+        "--methods",
+        default="aucmh,cvh,cmfh,cca-itq,lsh,cca",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: AUCMH and every baseline)",
+    )
+    p.add_argument("--bits", default="16,32,64", help="comma-separated code lengths")
+    p.add_argument("--seeds", type=int, default=3, help="runs per method and length: seeds 0..N-1")
+    p.add_argument("--json", type=Path, help="write the results JSON here")
+    p.add_argument("--plots", type=Path, help="write one precision-recall PNG per length here")
+    p.add_argument(
+        "--backbone", default="efficientnet-lite0", choices=BACKBONES, help="image backbone"
+    )
+    p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BoW vocabulary size")
+    p.set_defaults(run=run)
+
+
+def parse_bits(text: str) -> list[int]:
+    """Code lengths from "16,32,64"; raises InputError unless each is an integer in 1..1024."""
+    try:
+        bits = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"expected comma-separated integers for --bits, got {text!r}") from None
+    if not bits or any(not 1 <= b <= 1024 for b in bits):
+        raise InputError(f"expected code lengths in 1..1024, got {text!r}")
+    return sorted(set(bits))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, print the table, and write the JSON and plots when asked."""
+    methods = parse_methods(args.methods)
+    bits = parse_bits(args.bits)
+    seeds = run_seeds(args.seeds)
+    data = prepare(
+        args.dataset,
+        args.root,
+        backbone=args.backbone,
+        weights=args.weights,
+        vocab_size=args.vocab_size,
+        cache_dir=args.cache_dir,
+        progress=True,
+    )
+    sizes = data.split_sizes()
+    print(f"{data.name}: {data.protocol}")
+    print(f"queries {sizes['query']}, database {sizes['database']}, train {sizes['train']}")
+    results = evaluate_methods(data, methods=methods, bits=bits, seeds=seeds)
+    print(format_table(results, dataset=data.name))
+    if args.json:
+        document = results_document(
+            results, dataset=data.name, n_query=sizes["query"], n_database=sizes["database"]
+        )
+        write_json(document, args.json)
+        print(f"wrote {args.json}")
+    if args.plots:
+        for n_bits in bits:
+            path = args.plots / f"{data.name}-{n_bits}bits-pr.png"
+            plot_pr_curves(results, dataset=data.name, bits=n_bits, path=path)
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,162 @@
+"""`cmh evaluate` and its parts: the method loop, the results JSON, the table and the plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import InputError
+from evaluation.metrics import (
+    average_precisions,
+    hamming_distances,
+    precision_recall_by_radius,
+    relevance,
+)
+from evaluation.protocol import QUERY_BLOCK, score_direction, validation_split
+from evaluation.report import format_table, plot_pr_curves, results_document
+from models.data import PairDataset
+from models.methods import evaluate_methods, parse_methods
+from service.cli import main
+from service.commands.evaluate import parse_bits
+
+
+def synthetic_dataset(n: int = 300, n_classes: int = 3) -> PairDataset:
+    """Separable pairs with a 60-query split; database = train = the rest."""
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, n_classes, size=n)
+    latent = rng.normal(scale=3.0, size=(n_classes, 4))[classes] + rng.normal(size=(n, 4))
+    image = latent @ rng.normal(size=(4, 12)) + 0.3 * rng.normal(size=(n, 12))
+    text = latent @ rng.normal(size=(4, 6)) + 0.3 * rng.normal(size=(n, 6))
+    rest = np.arange(60, n, dtype=np.int64)
+    return PairDataset(
+        name="synthetic",
+        ids=[str(i) for i in range(n)],
+        labels=np.eye(n_classes, dtype=np.uint8)[classes],
+        train_idx=rest,
+        query_idx=np.arange(60, dtype=np.int64),
+        database_idx=rest,
+        image_features=image.astype(np.float32),
+        text_features=text.astype(np.float32),
+    )
+
+
+def test_evaluate_methods_gives_one_result_per_method_bits_and_seed(tmp_path: Path) -> None:
+    data = synthetic_dataset()
+    methods = parse_methods("cvh,cmfh,cca-itq,lsh,cca")
+    results = evaluate_methods(data, methods=methods, bits=[8, 16], seeds=[0, 1])
+    assert len(results) == 5 * 2 * 2
+    for seed in (0, 1):  # one fit per seed, repeated for every length
+        cca = [r for r in results if r.method == "cca" and r.seed == seed]
+        assert len(cca) == 2 and len({(r.i2t.map_all, r.t2i.map_all) for r in cca}) == 1
+    for r in results:
+        assert 0.45 < r.i2t.map_all <= 1.0 and 0.45 < r.t2i.map_all <= 1.0  # random: about 1/3
+    doc = results_document(results, dataset="synthetic", n_query=60, n_database=240)
+    assert set(doc) == {"dataset", "protocol", "results"}
+    assert doc["protocol"] == {"queries": 60, "database": 240, "metric": "map@all", "seeds": [0, 1]}
+    assert set(doc["results"][0]) == {"method", "bits", "seed", "i2t_map", "t2i_map"}
+    table = format_table(results, dataset="synthetic")
+    assert "map@all" in table and "+-" in table and "cca-itq" in table
+    png = tmp_path / "pr.png"
+    plot_pr_curves(results, dataset="synthetic", bits=16, path=png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_scoring_in_query_blocks_matches_scoring_at_once() -> None:
+    rng = np.random.default_rng(2)
+    n_query = QUERY_BLOCK * 2 + 5
+    query = np.where(rng.random((n_query, 16)) > 0.5, 1, -1).astype(np.int8)
+    db = np.where(rng.random((400, 16)) > 0.5, 1, -1).astype(np.int8)
+    query_labels = (rng.random((n_query, 5)) > 0.7).astype(np.uint8)
+    db_labels = (rng.random((400, 5)) > 0.7).astype(np.uint8)
+    score = score_direction(query, db, query_labels, db_labels, real_valued=False, seed=4)
+    dists, rel = hamming_distances(query, db), relevance(query_labels, db_labels)
+    assert score.map_all == pytest.approx(float(np.mean(average_precisions(dists, rel, seed=4))))
+    precision, recall = precision_recall_by_radius(dists, rel, n_bits=16)
+    assert np.allclose(score.curve.precision, precision, equal_nan=True)
+    assert np.allclose(score.curve.recall, recall)
+
+
+def test_method_and_bits_lists_are_validated() -> None:
+    assert [m.name for m in parse_methods("lsh, cca,lsh")] == ["lsh", "cca"]
+    with pytest.raises(InputError, match="expected methods from"):
+        parse_methods("cvh,nope")
+    assert parse_bits("64,16,32") == [16, 32, 64]
+    with pytest.raises(InputError, match="integers"):
+        parse_bits("16,x")
+    with pytest.raises(InputError, match="1..1024"):
+        parse_bits("0")
+
+
+def test_cli_rejects_an_unknown_method_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["evaluate", "--dataset", "wikipedia", "--root", ".", "--methods", "nope"])
+    assert code == 2
+    assert "expected methods from" in capsys.readouterr().err
+
+
+def test_cli_on_the_wikipedia_development_split(
+    wikipedia_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "wiki.json"
+    code = main(
+        [
+            "evaluate",
+            "--dataset",
+            "wikipedia",
+            "--root",
+            str(wikipedia_root),
+            "--methods",
+            "cca-itq,cca",
+            "--bits",
+            "16",
+            "--seeds",
+            "1",
+            "--json",
+            str(out),
+            "--plots",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["dataset"] == "wikipedia"
+    assert doc["protocol"]["queries"] == 435 and doc["protocol"]["database"] == 1738
+    by_method = {r["method"]: r for r in doc["results"]}
+    # Ten classes: random MAP@all is about 0.1; both methods are clearly above it.
+    assert by_method["cca-itq"]["i2t_map"] > 0.17 and by_method["cca-itq"]["t2i_map"] > 0.15
+    assert by_method["cca"]["i2t_map"] > 0.2 and by_method["cca"]["t2i_map"] > 0.2
+    assert (tmp_path / "wikipedia-16bits-pr.png").is_file()
+    assert "cca-itq" in capsys.readouterr().out
+
+
+def test_validation_split_holds_out_part_of_the_training_rows() -> None:
+    train_idx = np.arange(10, 110, dtype=np.int64)
+    fit_idx, val_idx = validation_split(train_idx, fraction=0.2, seed=3)
+    assert val_idx.size == 20 and fit_idx.size == 80
+    assert np.array_equal(np.sort(np.concatenate([fit_idx, val_idx])), train_idx)
+    again = validation_split(train_idx, fraction=0.2, seed=3)
+    assert np.array_equal(again[1], val_idx)
+    with pytest.raises(InputError, match="validation fraction"):
+        validation_split(train_idx[:2], fraction=0.1, seed=0)
+
+
+def test_baselines_choose_their_regulariser_on_validation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="models.methods"):
+        evaluate_methods(synthetic_dataset(), methods=parse_methods("cmfh"), bits=[8], seeds=[0])
+    assert "validation MAP@all by regularisation" in caplog.text
+    assert "chose" in caplog.text
+
+
+def test_aucmh_and_its_ablations_run_through_the_method_table() -> None:
+    names = "aucmh,aucmh-no-lr,aucmh-no-lg,aucmh-no-hash"
+    assert [m.name for m in parse_methods(names)] == names.split(",")
+    # 150 pairs (60 queries) keep AUCMH's default 100 epochs to about a second on one core.
+    data = synthetic_dataset(150)
+    results = evaluate_methods(data, methods=parse_methods("aucmh"), bits=[16], seeds=[0])
+    assert [(r.method, r.bits, r.seed) for r in results] == [("aucmh", 16, 0)]
+    assert results[0].i2t.map_all > 0.6 and results[0].t2i.map_all > 0.6  # random: about 1/3
