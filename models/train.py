@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import InputError
+from evaluation.metrics import mean_average_precision
 from models.aucmh import HashingModel
 from models.data import PairDataset
 from models.losses import anchor_graph_loss, graph_from_nearest, nearest_anchors, ranking_loss
@@ -107,31 +108,6 @@ def split_train(train_idx: np.ndarray, *, n_val: int, seed: int) -> tuple[np.nda
     return np.sort(train_idx[order[n_held:]]), np.sort(train_idx[order[:n_held]])
 
 
-def validation_map(
-    query_codes: np.ndarray,
-    db_codes: np.ndarray,
-    query_labels: np.ndarray,
-    db_labels: np.ndarray,
-    *,
-    seed: int = 0,
-) -> float:
-    """MAP over the whole ranked database (Hamming ranking, ties broken by a seeded order).
-
-    Codes are (q, L) and (d, L) in {-1, +1}; labels multi-hot (q, C) and (d, C); an item is
-    relevant when it shares a label with the query; queries with no relevant item are skipped.
-    """
-    order = np.random.default_rng(seed).permutation(db_codes.shape[0])
-    db_codes, db_labels = db_codes[order], db_labels[order]
-    dist = -(query_codes.astype(np.int32) @ db_codes.astype(np.int32).T)  # (q, d), Hamming order
-    rank = np.argsort(dist, axis=1, kind="stable")
-    relevant = (query_labels.astype(np.int32) @ db_labels.astype(np.int32).T) > 0
-    hits = np.take_along_axis(relevant, rank, axis=1)
-    n_rel = hits.sum(axis=1)
-    precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
-    ap = (precision * hits).sum(axis=1)[n_rel > 0] / n_rel[n_rel > 0]
-    return float(ap.mean()) if ap.size else 0.0
-
-
 def _features(data: PairDataset) -> tuple[np.ndarray, np.ndarray]:
     if data.image_features is None or data.text_features is None:
         raise InputError(
@@ -156,8 +132,8 @@ def evaluate_split(
     di, dt = model.encode_image(image[db_idx]), model.encode_text(text[db_idx])
     ql, dl = labels[query_idx], labels[db_idx]
     return (
-        validation_map(qi, dt, ql, dl, seed=seed),
-        validation_map(qt, di, ql, dl, seed=seed),
+        mean_average_precision(qi, dt, ql, dl, seed=seed),
+        mean_average_precision(qt, di, ql, dl, seed=seed),
     )
 
 

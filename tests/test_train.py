@@ -19,7 +19,6 @@ from models.train import (
     evaluate_split,
     split_train,
     train,
-    validation_map,
 )
 from service.cli import main
 
@@ -116,15 +115,6 @@ def test_validation_split_is_inside_train_and_disjoint() -> None:
     assert val.size == 20 and fit.size == 80
     assert np.intersect1d(fit, val).size == 0
     assert set(fit) | set(val) == set(train_idx)
-
-
-def test_validation_map_hand_worked() -> None:
-    # One query; database codes at Hamming 0, 1, 2 from it; relevant items at ranks 1 and 3.
-    q = np.array([[1, 1]], dtype=np.int8)
-    db = np.array([[1, 1], [1, -1], [-1, -1]], dtype=np.int8)
-    ql = np.array([[1, 0]], dtype=np.uint8)
-    dl = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.uint8)
-    assert validation_map(q, db, ql, dl) == pytest.approx((1 / 1 + 2 / 3) / 2)
 
 
 @pytest.mark.parametrize(
