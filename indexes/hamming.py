@@ -9,6 +9,7 @@ reproducible.
 Thread safety: search, range_search, contains and save only read one immutable snapshot of the
 index, so any number of threads may call them at once. add and remove build a new snapshot and
 swap it in with one assignment: a concurrent search sees either the old or the new contents.
+Writers must not race each other (one thread adds and removes, or build a copy() and swap it).
 """
 
 from __future__ import annotations
