@@ -35,6 +35,7 @@ PAD_DIST = np.iinfo(np.int32).max
 SPLIT_DB_MIN = 1 << 16
 CHUNKS_PER_THREAD = 4  # pieces of work per search thread (see HammingIndex._scan)
 MIN_QUERY_CHUNK = 64  # queries that share one pass over the database (kernels.QUERY_BLOCK)
+MIN_DB_CHUNK = 1 << 20  # codes per piece when one query is split over the database
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,10 @@ class HammingIndex:
             chunks = split_range(m, max(self.threads, min(pieces, m // MIN_QUERY_CHUNK)))
             jobs = [(queries[a * w : b * w], 0, n, keys[a:b]) for a, b in chunks]
         else:
-            jobs = [(queries, a, b, keys.copy()) for a, b in split_range(n, pieces)]
+            # Each piece starts with an empty top-k, so pieces stay large: a fresh top-k fills
+            # with about k * ln(piece / k) insertions.
+            parts = max(self.threads, min(pieces, n // MIN_DB_CHUNK))
+            jobs = [(queries, a, b, keys.copy()) for a, b in split_range(n, parts)]
         todo: queue.SimpleQueue[tuple[np.ndarray, int, int, np.ndarray]] = queue.SimpleQueue()
         for job in jobs:
             todo.put(job)
