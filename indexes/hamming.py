@@ -9,12 +9,14 @@ reproducible.
 Thread safety: search, range_search, contains and save only read one immutable snapshot of the
 index, so any number of threads may call them at once. add and remove build a new snapshot and
 swap it in with one assignment: a concurrent search sees either the old or the new contents.
+Writers must not race each other (one thread adds and removes, or build a copy() and swap it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 PAD_DIST = np.iinfo(np.int32).max
 # Below this many codes a single query is scanned by one thread: waking a second costs more.
 SPLIT_DB_MIN = 1 << 16
+CHUNKS_PER_THREAD = 4  # pieces of work per search thread (see HammingIndex._scan)
+MIN_QUERY_CHUNK = 64  # queries that share one pass over the database (kernels.QUERY_BLOCK)
+MIN_DB_CHUNK = 1 << 20  # codes per piece when one query is split over the database
 
 
 @dataclass(frozen=True)
@@ -195,23 +200,42 @@ class HammingIndex:
         return dists, out_ids
 
     def _scan(self, queries: np.ndarray, snap: _Snapshot, keys: np.ndarray) -> np.ndarray:
-        """Fill the (m, heap_k) key heaps, split over queries or (few queries) over the database."""
+        """Fill the (m, heap_k) key heaps, split over queries or (few queries) over the database.
+
+        The work is cut into CHUNKS_PER_THREAD pieces per thread that the threads take from a
+        shared queue: on a shared machine a descheduled thread then holds back only its piece.
+        """
         scan = self._kernels.knn_scan
         db = snap.codes.reshape(-1)
         m, n, w = keys.shape[0], snap.ids.shape[0], self.n_words
-        if m >= self.threads or n < SPLIT_DB_MIN or self._pool is None:
-            run_calls(
-                self._pool,
-                [
-                    (scan, queries[a * w : b * w], db, 0, n, keys[a:b])
-                    for a, b in split_range(m, self.threads)
-                ],
-            )
-            return keys
-        parts = [(a, b, keys.copy()) for a, b in split_range(n, self.threads)]
-        run_calls(self._pool, [(scan, queries, db, a, b, part_keys) for a, b, part_keys in parts])
+        pieces = self.threads * CHUNKS_PER_THREAD
+        jobs: list[tuple[np.ndarray, int, int, np.ndarray]]
+        split_db = m < self.threads and n >= SPLIT_DB_MIN and self._pool is not None
+        if not split_db:
+            chunks = split_range(m, max(self.threads, min(pieces, m // MIN_QUERY_CHUNK)))
+            jobs = [(queries[a * w : b * w], 0, n, keys[a:b]) for a, b in chunks]
+        else:
+            # Each piece starts with an empty top-k, so pieces stay large: a fresh top-k fills
+            # with about k * ln(piece / k) insertions.
+            parts = max(self.threads, min(pieces, n // MIN_DB_CHUNK))
+            jobs = [(queries, a, b, keys.copy()) for a, b in split_range(n, parts)]
+        todo: queue.SimpleQueue[tuple[np.ndarray, int, int, np.ndarray]] = queue.SimpleQueue()
+        for job in jobs:
+            todo.put(job)
+
+        def drain() -> None:
+            while True:
+                try:
+                    part_queries, start, stop, part_keys = todo.get_nowait()
+                except queue.Empty:
+                    return
+                scan(part_queries, db, start, stop, part_keys)
+
+        run_calls(self._pool, [(drain,)] * min(self.threads, len(jobs)))
+        if not split_db:
+            return keys  # each job filled its own rows of keys
         # Keys carry global positions, so the k smallest over all parts are the answer.
-        merged = np.concatenate([part_keys for _, _, part_keys in parts], axis=1)
+        merged = np.concatenate([job[3] for job in jobs], axis=1)
         merged.sort(axis=1)
         return np.ascontiguousarray(merged[:, : keys.shape[1]])
 

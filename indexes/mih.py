@@ -9,7 +9,8 @@ search stops as soon as its k-th best distance is within that bound. Results (ti
 identical to HammingIndex's: candidates are ranked by (distance, insertion order).
 
 It wins when the k-th distance is small against n_bits, as with learned codes whose neighbours are
-close; on uniform random codes the radius grows until it probes most of the table.
+close; on uniform random codes the radius grows until the probes cost more than a scan, and such a
+query is handed to flat search (see work_budget), so the worst case stays near twice flat search.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from indexes.hamming import PAD_DIST, HammingIndex, check_k, run_calls, split_ra
 from indexes.kernels import POS_BITS, POS_MASK, heap_replace_top, popcount64
 
 MAX_SUBSTRING_BITS = 24  # a table's bucket array has 2**bits + 1 entries
+# One bucket or candidate visit (random memory access) costs about as much as comparing this
+# many codes in the vectorised flat scan (measured on the benchmark machine, 64 and 128 bits).
+FLAT_COST = 256
+MIN_WORK_BUDGET = 4096
 
 
 def default_tables(n_bits: int, n: int) -> int:
@@ -54,7 +59,8 @@ def _substrings(codes: np.ndarray, start: int, length: int) -> np.ndarray:
     value = codes[:, word] >> np.uint64(shift)
     if shift + length > 64:
         value |= codes[:, word + 1] << np.uint64(64 - shift)
-    return value & np.uint64((1 << length) - 1)
+    masked: np.ndarray = value & np.uint64((1 << length) - 1)
+    return masked
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -67,15 +73,15 @@ def _fill_buckets(keys: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> Non
         cursor[keys[p]] = slot + 1
 
 
-@numba.njit(nogil=True, cache=True)
-def _binomials(top: int) -> np.ndarray:
-    """(top + 1, top + 1) int64 table of C(a, b)."""
-    table = np.zeros((top + 1, top + 1), np.int64)
-    for a in range(top + 1):
-        table[a, 0] = 1
-        for b in range(1, a + 1):
-            table[a, b] = table[a - 1, b - 1] + table[a - 1, b]
-    return table
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _substring(code: np.ndarray, start: int, length: int) -> np.uint64:
+    """Bits [start, start + length) of one (words,) packed code, as an integer."""
+    word, shift = start // 64, start % 64
+    value = code[word] >> np.uint64(shift)
+    if shift + length > 64:
+        value |= code[word + 1] << np.uint64(64 - shift)
+    bits: np.uint64 = value & np.uint64((1 << length) - 1)
+    return bits
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -84,69 +90,65 @@ def _probe(
     db: np.ndarray,
     tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     heaps: np.ndarray,
-    seen: np.ndarray,
+    budget: int,
+    gave_up: np.ndarray,
 ) -> None:
     """Fill the (m, k) key heaps of the (m, words) queries by probing the substring tables.
 
-    Once the buckets probed would outnumber the codes, the rest is a linear scan instead: a
-    query never costs much more than flat search.
+    Probes run radius by radius, table by table; a code is listed by every probe whose table
+    substring is within that radius, and counts only at its first one (the smallest
+    (substring distance, table) pair), so no per-query "seen" array is needed. A query whose
+    probes plus candidates pass `budget` stops and sets gave_up[qi]: flat search is cheaper then.
     """
     starts, lengths, bases, offsets, order = tables
     n_tables = starts.shape[0]
-    n, words = db.shape
-    choose = _binomials(MAX_SUBSTRING_BITS)
+    words = db.shape[1]
     qkeys = np.empty(n_tables, np.int64)
+    diff = np.empty(words, np.uint64)
     longest = lengths.max()
     for qi in range(queries.shape[0]):
         q = queries[qi]
-        stamp = qi + 1  # seen[p] == stamp: p was verified for this query already
         heap = heaps[qi]
         for j in range(n_tables):
-            word, shift = starts[j] // 64, starts[j] % 64
-            v = q[word] >> np.uint64(shift)
-            if shift + lengths[j] > 64:
-                v |= q[word + 1] << np.uint64(64 - shift)
-            qkeys[j] = np.int64(v & np.uint64((1 << lengths[j]) - 1))
+            qkeys[j] = np.int64(_substring(q, starts[j], lengths[j]))
         done = False
-        probes = 0
+        work = 0
         for r in range(longest + 1):
             for j in range(n_tables):
                 length = lengths[j]
                 if r > length:
                     continue
-                probes += choose[length, r]
-                if probes > n:
-                    for p in range(n):
-                        if seen[p] != stamp:
-                            d = np.uint64(0)
-                            for w in range(words):
-                                d += popcount64(q[w] ^ db[p, w])
-                            cand = (np.int64(d) << POS_BITS) | p
-                            if cand < heap[0]:
-                                heap_replace_top(heap, cand)
-                    done = True
-                    break
+                here = r * n_tables + j  # this probe's rank in the probing order
                 mask = (np.int64(1) << r) - 1  # Gosper's hack: every length-bit mask with r ones
                 limit = np.int64(1) << length
-                while mask < limit:
-                    key = qkeys[j] ^ mask
-                    row = bases[j] + key
-                    for s in range(offsets[row], offsets[row + 1]):
+                while mask < limit and work <= budget:
+                    row = bases[j] + (qkeys[j] ^ mask)
+                    lo, hi = offsets[row], offsets[row + 1]
+                    work += 1 + hi - lo
+                    for s in range(lo, hi):
                         p = order[j, s]
-                        if seen[p] == stamp:
-                            continue
-                        seen[p] = stamp
                         d = np.uint64(0)
                         for w in range(words):
-                            d += popcount64(q[w] ^ db[p, w])
+                            diff[w] = q[w] ^ db[p, w]
+                            d += popcount64(diff[w])
                         cand = (np.int64(d) << POS_BITS) | p
-                        if cand < heap[0]:
+                        if cand >= heap[0]:
+                            continue  # also true of a code seen before: the heap only tightens
+                        first = here
+                        for t in range(n_tables):
+                            sub = np.int64(popcount64(_substring(diff, starts[t], lengths[t])))
+                            first = min(first, sub * n_tables + t)
+                        if first == here:
                             heap_replace_top(heap, cand)
                     if mask == 0:
                         break
                     low = mask & -mask
                     ripple = mask + low
                     mask = (((ripple ^ mask) >> 2) // low) | ripple
+                if work > budget:
+                    gave_up[qi] = True
+                    done = True
+                    break
                 # Everything within n_tables * r + j is found; a table probed to its full
                 # length has listed every code.
                 if (heap[0] >> POS_BITS) <= n_tables * r + j or r == length:
@@ -163,14 +165,27 @@ class MultiIndexHamming:
     """
 
     def __init__(
-        self, n_bits: int, *, n_tables: int | None = None, threads: int | None = None
+        self,
+        n_bits: int,
+        *,
+        n_tables: int | None = None,
+        work_budget: int | None = None,
+        threads: int | None = None,
     ) -> None:
-        """An empty index; n_tables defaults to about n_bits / log2(n), chosen at each build."""
+        """An empty index; n_tables defaults to about n_bits / log2(n), chosen at each build.
+
+        work_budget: buckets plus candidates one query may visit before it is answered by flat
+        search instead (default max(MIN_WORK_BUDGET, n // FLAT_COST)): the worst case stays
+        near twice a flat search.
+        """
         flat = HammingIndex(n_bits, threads=threads)
         if n_tables is not None and not 1 <= n_tables <= n_bits:
             raise InputError(f"expected n_tables in 1..{n_bits}, got {n_tables}")
         self.n_bits = flat.n_bits
         self.fixed_tables = n_tables
+        if work_budget is not None and work_budget < 1:
+            raise InputError(f"expected work_budget >= 1, got {work_budget}")
+        self.work_budget = work_budget
         self._pool = ThreadPoolExecutor(flat.threads - 1) if flat.threads > 1 else None
         self._tables = self._build(flat)
 
@@ -220,11 +235,13 @@ class MultiIndexHamming:
         heap_k = min(int(k), n)
         sentinel = ((self.n_bits + 1) << POS_BITS) | POS_MASK
         keys = np.full((m, heap_k), sentinel, dtype=np.int64)
+        gave_up = np.zeros(m, dtype=bool)
         if m and heap_k:
             packed = (tables.starts, tables.lengths, tables.bases, tables.offsets, tables.order)
             db = np.asarray(tables.flat.codes)
+            budget = self.work_budget or max(MIN_WORK_BUDGET, n // FLAT_COST)
             calls: list[tuple[object, ...]] = [
-                (_probe, queries[a:b], db, packed, keys[a:b], np.zeros(n, np.int32))
+                (_probe, queries[a:b], db, packed, keys[a:b], budget, gave_up[a:b])
                 for a, b in split_range(m, tables.flat.threads)
             ]
             run_calls(self._pool, calls)
@@ -232,7 +249,11 @@ class MultiIndexHamming:
         dists = np.full((m, int(k)), PAD_DIST, dtype=np.int32)
         out_ids = np.full((m, int(k)), -1, dtype=np.int64)
         dists[:, :heap_k] = keys >> POS_BITS
-        out_ids[:, :heap_k] = tables.flat.ids[keys & POS_MASK]
+        # Rows that gave up may still hold empty slots; flat search overwrites them below.
+        out_ids[:, :heap_k] = tables.flat.ids[np.minimum(keys & POS_MASK, max(n - 1, 0))]
+        redo = np.flatnonzero(gave_up)
+        if redo.size:
+            dists[redo], out_ids[redo] = tables.flat.search(queries[redo], k)
         return dists, out_ids
 
     def save(self, path: Path) -> None:
@@ -246,11 +267,12 @@ class MultiIndexHamming:
         *,
         mmap: bool = True,
         n_tables: int | None = None,
+        work_budget: int | None = None,
         threads: int | None = None,
     ) -> MultiIndexHamming:
         """Load a HammingIndex file and build the tables over it."""
         flat = HammingIndex.load(path, mmap=mmap, threads=threads)
-        index = cls(flat.n_bits, n_tables=n_tables, threads=threads)
+        index = cls(flat.n_bits, n_tables=n_tables, work_budget=work_budget, threads=threads)
         index._tables = index._build(flat)
         return index
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexes.benchmark import recall
+from indexes.benchmark import make_data, recall
 from indexes.hamming import HammingIndex
 from service.cli import main
 
@@ -55,3 +55,15 @@ def test_recall_counts_ties_at_the_kth_distance_either_way() -> None:
     exact = (np.array([[1, 2, 2]]), np.array([[7, 8, 9]]))
     assert recall((np.array([[1, 2, 2]]), np.array([[7, 9, 5]])), exact) == 1.0
     assert recall((np.array([[1, 2, 3]]), np.array([[6, 9, 5]])), exact) == pytest.approx(1 / 3)
+
+
+def test_clustered_codes_sit_near_their_centres() -> None:
+    rng = np.random.default_rng(1)
+    db, qs = make_data(rng, n=5000, n_bits=72, queries=50, clustered=True)
+    assert db.shape == (5000, 2) and qs.shape == (50, 2)
+    assert not (db[:, -1] >> np.uint64(8)).any()  # bits past 72 stay 0
+    index = HammingIndex(72)
+    index.add(db, np.arange(5000, dtype=np.int64))
+    dists, _ = index.search(qs, 10)
+    # 10% flips on both sides: neighbours within ~0.18 * 72 bits, far below a random 36.
+    assert np.median(dists[:, -1]) < 18

@@ -27,16 +27,20 @@ def assert_same(mih: MultiIndexHamming, flat: HammingIndex, queries: np.ndarray,
     np.testing.assert_array_equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("budget", [None, 1])  # 1: (almost) every query goes to flat search
 @pytest.mark.parametrize("table_bits", [None, 5, 24])
 @pytest.mark.parametrize("n_bits", [16, 64, 128, 72])
 @pytest.mark.parametrize("n", [0, 1, 7, 1000])
-def test_matches_flat_search(n: int, n_bits: int, table_bits: int | None) -> None:
+def test_matches_flat_search(
+    n: int, n_bits: int, table_bits: int | None, budget: int | None
+) -> None:
     n_tables = None if table_bits is None else math.ceil(n_bits / table_bits)
     rng = np.random.default_rng(n + n_bits)
     codes = clustered(rng, n, n_bits, 0.1)
     codes[n // 2 : n // 2 + 5] = codes[:5] if n >= 10 else codes[n // 2 : n // 2 + 5]
     ids = rng.permutation(4 * n + 4)[:n].astype(np.int64)
-    mih, flat = MultiIndexHamming(n_bits, n_tables=n_tables, threads=2), HammingIndex(n_bits)
+    mih = MultiIndexHamming(n_bits, n_tables=n_tables, work_budget=budget, threads=2)
+    flat = HammingIndex(n_bits)
     mih.add(codes, ids)
     flat.add(codes, ids)
     queries = np.concatenate([codes[:3], clustered(rng, 9, n_bits, 0.2)])
@@ -44,11 +48,12 @@ def test_matches_flat_search(n: int, n_bits: int, table_bits: int | None) -> Non
         assert_same(mih, flat, queries, k)
 
 
-def test_uniform_codes_and_removal_match_flat_search() -> None:
+@pytest.mark.parametrize("budget", [None, 10**9])  # 10**9: probe all the way, never give up
+def test_uniform_codes_and_removal_match_flat_search(budget: int | None) -> None:
     rng = np.random.default_rng(7)
     codes = pack_codes(rng.integers(0, 2, size=(3000, 64), dtype=np.uint8))
     ids = np.arange(3000, dtype=np.int64)
-    mih, flat = MultiIndexHamming(64), HammingIndex(64)
+    mih, flat = MultiIndexHamming(64, work_budget=budget), HammingIndex(64)
     mih.add(codes, ids)
     flat.add(codes, ids)
     queries = pack_codes(rng.integers(0, 2, size=(20, 64), dtype=np.uint8))
@@ -72,6 +77,8 @@ def test_bad_settings_are_rejected() -> None:
         MultiIndexHamming(64, n_tables=0)
     with pytest.raises(InputError, match="expected substrings of at most 24 bits"):
         MultiIndexHamming(64, n_tables=1)
+    with pytest.raises(InputError, match="expected work_budget >= 1, got 0"):
+        MultiIndexHamming(64, work_budget=0)
     with pytest.raises(InputError, match="expected k as an int >= 1"):
         MultiIndexHamming(64).search(np.zeros((1, 1), dtype=np.uint64), 0)
 
