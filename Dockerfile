@@ -22,7 +22,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     UV_PYTHON_INSTALL_DIR=/opt/python \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    CMH_ARTIFACTS_DIR=/app/artifacts
+    CMH_ARTIFACTS_DIR=/app/artifacts \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 # Ubuntu 24.04 has no Python 3.11 (pyproject requires 3.11): uv installs a standalone build.
 RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
     uv python install 3.11.14 \
