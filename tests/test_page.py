@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from servers import serving
 
 from service.app import create_app
 from service.pages import STATIC_DIR
@@ -72,12 +67,6 @@ def missing_browser() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """The service over the demo artifacts (searches only read them), as a user starts it."""
@@ -85,37 +74,8 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     if reason is not None:  # before the session's demo artifacts are built for nothing
         pytest.skip(reason)
     demo_artifacts_master: Path = request.getfixturevalue("demo_artifacts_master")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(demo_artifacts_master)]
-    proc = subprocess.Popen(
-        [*command, "--port", str(port)],
-        env=os.environ.copy(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"service did not start:\n{proc.stdout.read() if proc.stdout else ''}"
-                )
-            time.sleep(0.2)
+    with serving(demo_artifacts_master) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,57 +13,14 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from servers import serving
 
 
 @contextmanager
-def serving(artifacts: Path, **env: str) -> Iterator[httpx.Client]:
-    """Start the service on a free loopback port; yield a client; stop it with SIGTERM."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--port",
-            str(port),
-        ],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"service did not start:\n{proc.stdout.read() if proc.stdout else ''}"
-                )
-            time.sleep(0.2)
+def client_for(artifacts: Path, **env: str) -> Iterator[httpx.Client]:
+    """A client of the service run over `artifacts` in its own process."""
+    with serving(artifacts, **env) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield client
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_real_process_search_build_restart(demo_artifacts: Path) -> None:
@@ -79,7 +31,7 @@ def test_real_process_search_build_restart(demo_artifacts: Path) -> None:
         "text": "a large yellow sun at the top",
         "image_base64": base64.b64encode(buf.getvalue()).decode(),
     }
-    with serving(demo_artifacts, CMH_API_KEY="k3y") as client:
+    with client_for(demo_artifacts, CMH_API_KEY="k3y") as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         text = client.post("/v1/search/text", json={"text": "a small green tree", "k": 4})
         assert text.status_code == 200 and len(text.json()["hits"]) == 4
@@ -101,14 +53,14 @@ def test_real_process_search_build_restart(demo_artifacts: Path) -> None:
             time.sleep(0.1)
         assert status["status"] == "succeeded", status
         assert client.get("/v1/index/stats").json()["items"] == 81
-    with serving(demo_artifacts) as client:  # a restart keeps the index
+    with client_for(demo_artifacts) as client:  # a restart keeps the index
         assert client.get("/v1/index/stats").json()["items"] == 81
         assert client.get("/v1/items/424242/image").content[:4] == b"RIFF"
 
 
 def test_concurrent_image_requests_share_backbone_batches(demo_artifacts: Path) -> None:
     images = [(demo_artifacts / "demo" / "images" / f"{i:05d}.jpg").read_bytes() for i in range(16)]
-    with serving(demo_artifacts, CMH_BATCH_WINDOW_MS="200") as client:
+    with client_for(demo_artifacts, CMH_BATCH_WINDOW_MS="200") as client:
 
         def search(data: bytes) -> int:
             r = client.post(

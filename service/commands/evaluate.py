@@ -8,10 +8,8 @@ from pathlib import Path
 from common.errors import InputError
 from evaluation.protocol import run_seeds
 from evaluation.report import format_table, plot_pr_curves, results_document, write_json
-from models.datasets import DATASETS
-from models.image_features import BACKBONES
 from models.methods import METHODS, evaluate_methods, parse_methods
-from models.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
+from service.commands.dataset_args import add_dataset_args, prepare_from_args
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,8 +21,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "query in both directions (image->text, text->image), and report MAP over the whole "
         "ranked database (mean +- std over seeds), a results JSON and precision-recall plots.",
     )
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset name")
-    p.add_argument("--root", required=True, type=Path, help="the dataset's folder")
+    add_dataset_args(p)
     p.add_argument(
         "--methods",
         default="aucmh,cvh,cmfh,cca-itq,lsh,cca",
@@ -34,12 +31,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--seeds", type=int, default=3, help="runs per method and length: seeds 0..N-1")
     p.add_argument("--json", type=Path, help="write the results JSON here")
     p.add_argument("--plots", type=Path, help="write one precision-recall PNG per length here")
-    p.add_argument(
-        "--backbone", default="efficientnet-lite0", choices=BACKBONES, help="image backbone"
-    )
-    p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BoW vocabulary size")
     p.set_defaults(run=run)
 
 
@@ -59,15 +50,7 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     bits = parse_bits(args.bits)
     seeds = run_seeds(args.seeds)
-    data = prepare(
-        args.dataset,
-        args.root,
-        backbone=args.backbone,
-        weights=args.weights,
-        vocab_size=args.vocab_size,
-        cache_dir=args.cache_dir,
-        progress=True,
-    )
+    data = prepare_from_args(args)
     sizes = data.split_sizes()
     print(f"{data.name}: {data.protocol}")
     print(f"queries {sizes['query']}, database {sizes['database']}, train {sizes['train']}")

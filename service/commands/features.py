@@ -8,14 +8,12 @@ import time
 from pathlib import Path
 
 from common.errors import InputError
-from models.datasets import DATASETS, load_dataset
-from models.image_features import BACKBONES
+from models.datasets import load_dataset
 from models.pipeline import (
-    DEFAULT_CACHE,
-    DEFAULT_VOCAB_SIZE,
     cached_image_features,
     fit_text_features,
 )
+from service.commands.dataset_args import add_dataset_args, check_weights
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,14 +24,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Extract image features into a cache keyed by dataset, backbone and content "
         "(later runs read the cache) and fit the text vocabulary on the training texts.",
     )
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset name")
-    p.add_argument("--root", required=True, type=Path, help="the dataset's folder")
-    p.add_argument(
-        "--backbone", default="efficientnet-lite0", choices=BACKBONES, help="image backbone"
-    )
-    p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BoW vocabulary size")
+    add_dataset_args(p)
     p.add_argument("--vocab-out", type=Path, help="write the fitted vocabulary JSON here")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
@@ -41,10 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Extract (or read cached) features and print what was done."""
-    if args.backbone == "vgg19" and args.weights is None:
-        raise InputError(
-            "expected --weights FILE (a torchvision VGG19 state dict) for vgg19, got none"
-        )
+    check_weights(args)
     data = load_dataset(args.dataset, args.root)
     if data.image_paths is None:
         raise InputError(

@@ -6,12 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
-from common.errors import InputError
 from models.checkpoint import save_checkpoint
-from models.datasets import DATASETS
-from models.image_features import BACKBONES
-from models.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
 from models.train import TrainConfig, train
+from service.commands.dataset_args import add_dataset_args, prepare_from_args
 
 DEFAULTS = TrainConfig()
 
@@ -36,8 +33,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "training part of a dataset, choosing the epoch on a validation split carved out of it, "
         "and write one self-contained checkpoint.",
     )
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset name")
-    p.add_argument("--root", required=True, type=Path, help="the dataset's folder")
+    add_dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     p.add_argument("--bits", type=int, default=d.n_bits, choices=(16, 32, 64, 128), help="n_bits")
     p.add_argument("--image-hidden", type=_widths, default=d.image_hidden, help="e.g. 1024,1024")
@@ -57,12 +53,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-ranking-loss", action="store_true", help="ablation: drop L_r")
     p.add_argument("--no-hash-layer", action="store_true", help="ablation: continuous codes")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="device")
-    p.add_argument(
-        "--backbone", default="efficientnet-lite0", choices=BACKBONES, help="image backbone"
-    )
-    p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BoW vocabulary size")
     p.set_defaults(run=run)
 
 
@@ -93,19 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
     cfg = config_from_args(args)
-    if args.backbone == "vgg19" and args.weights is None:
-        raise InputError(
-            "expected --weights FILE (a torchvision VGG19 state dict) for vgg19, got none"
-        )
-    data = prepare(
-        args.dataset,
-        args.root,
-        backbone=args.backbone,
-        weights=args.weights,
-        vocab_size=args.vocab_size,
-        cache_dir=args.cache_dir,
-        progress=True,
-    )
+    data = prepare_from_args(args)
     start = time.perf_counter()
     model, history = train(cfg=cfg, data=data, progress=True)
     seconds = time.perf_counter() - start
