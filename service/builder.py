@@ -183,7 +183,7 @@ class Served:
             raise BuildFailed(f"{len(errors)} of {len(data)} dataset items are invalid", errors)
         return pending, [f"{r.pair}: {r.reason}" for r in data.rejected]
 
-    def add(self, pending: list[Pending], progress: Callable[[int], None]) -> Snapshot:
+    def add(self, pending: list[Pending], progress: Callable[[int, int], None]) -> Snapshot:
         """Encode pending items, persist a new generation with them, and serve it."""
         codes_image = np.empty((len(pending), n_words(self.encoder.n_bits)), np.uint64)
         for start in range(0, len(pending), FEATURE_BATCH):
@@ -191,7 +191,7 @@ class Served:
             images = [decode_image(p.data, max_pixels=self.max_pixels)[0] for p in chunk]
             feats = self.encoder.image_features(images)
             codes_image[start : start + len(chunk)] = self.encoder.encode_image_features(feats)
-            progress(start + len(chunk))
+            progress(start + len(chunk), len(pending))
         codes_text, _ = self.encoder.encode_texts([p.text for p in pending])
         ids = np.asarray([p.id for p in pending], dtype=np.int64)
         with self.lock:

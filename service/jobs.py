@@ -24,8 +24,8 @@ class JobManager:
         self._jobs: dict[str, JobStatus] = {}
         self._lock = threading.Lock()
 
-    def submit(self, total: int, work: Callable[[Callable[[int], None]], JobStatus]) -> str:
-        """Queue `work(progress)`, which returns the finished status; returns the job id."""
+    def submit(self, total: int, work: Callable[[Callable[[int, int], None]], JobStatus]) -> str:
+        """Queue `work(progress)`, which reports (done, total) and returns the final status."""
         job_id = uuid.uuid4().hex
         with self._lock:
             self._jobs[job_id] = JobStatus(job_id=job_id, status="queued", done=0, total=total)
@@ -43,10 +43,10 @@ class JobManager:
         with self._lock:
             self._jobs[job_id] = self._jobs[job_id].model_copy(update=changes)
 
-    def _run(self, job_id: str, work: Callable[[Callable[[int], None]], JobStatus]) -> None:
+    def _run(self, job_id: str, work: Callable[[Callable[[int, int], None]], JobStatus]) -> None:
         self._update(job_id, status="running")
         try:
-            final = work(lambda done: self._update(job_id, done=done))
+            final = work(lambda done, total: self._update(job_id, done=done, total=total))
         except InputError as err:
             errors: list[ErrorItem] = list(getattr(err, "errors", []))
             self._update(job_id, status="failed", detail=str(err), errors=errors)

@@ -183,12 +183,13 @@ def build_index(
         )
     dataset = body.dataset
 
-    def work(progress: Callable[[int], None]) -> JobStatus:
+    def work(progress: Callable[[int, int], None]) -> JobStatus:
         todo, skipped = pending, list[str]()
         if dataset is not None:  # a dataset is read and checked in the job: it can be large
             todo, skipped = served.validate_dataset(
                 dataset, data_dir=settings.server_data_dir, max_items=settings.max_batch_items
             )
+            progress(0, len(todo))
         snapshot = served.add(todo, progress)
         metrics.set_index_size(len(snapshot.image_index), len(snapshot.text_index))
         return JobStatus(
