@@ -51,7 +51,7 @@ def build_demo(
         report.append(f"checkpoint: present at {checkpoint}")
     else:
         start = time.perf_counter()
-        cfg = TrainConfig(n_bits=DEMO_BITS, epochs=epochs, device="cpu")
+        cfg = TrainConfig(n_bits=DEMO_BITS, epochs=epochs)  # CUDA when available
         model, history = train(cfg=cfg, data=data, progress=progress)
         save_checkpoint(
             checkpoint,
