@@ -29,6 +29,7 @@ from service.builder import Served
 from service.encoder import Encoder, resolve_device
 from service.jobs import JobManager
 from service.metrics import Metrics
+from service.milvus_serving import MilvusMirror
 from service.pages import router as pages_router
 from service.routes import router
 from service.settings import Settings
@@ -71,11 +72,19 @@ def load_served(settings: Settings, metrics: Metrics) -> Served:
     else:
         snapshot = load_snapshot(artifacts)
         check_manifest(snapshot.manifest, expected)
+    mirror = None
+    if settings.index_backend == "milvus":
+        if not settings.milvus_uri:
+            raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
+        token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
+        mirror = MilvusMirror(artifacts=artifacts, uri=settings.milvus_uri, token=token)
+        snapshot = mirror.serve(snapshot)
     return Served(
         artifacts=artifacts,
         encoder=encoder,
         snapshot=snapshot,
         max_pixels=settings.max_image_pixels,
+        mirror=mirror,
     )
 
 

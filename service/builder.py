@@ -28,6 +28,7 @@ from indexes.hamming import HammingIndex
 from models.datasets import load_dataset
 from models.image_features import to_rgb
 from service.encoder import Encoder
+from service.milvus_serving import MilvusMirror, in_memory
 from service.schemas import BuildItem, DatasetSource, ErrorItem
 from service.store import Item, Snapshot, store_image, write_generation
 
@@ -96,8 +97,17 @@ class Pending:
 class Served:
     """The served snapshot plus the one lock that serialises every change to it."""
 
-    def __init__(self, *, artifacts: Path, encoder: Encoder, snapshot: Snapshot, max_pixels: int):
+    def __init__(
+        self,
+        *,
+        artifacts: Path,
+        encoder: Encoder,
+        snapshot: Snapshot,
+        max_pixels: int,
+        mirror: MilvusMirror | None = None,
+    ) -> None:
         self.artifacts = artifacts
+        self.mirror = mirror  # serves each new generation from Milvus when configured
         self.encoder = encoder
         self.snapshot = snapshot  # replaced, never mutated: readers take it once per request
         self.max_pixels = max_pixels
@@ -196,7 +206,7 @@ class Served:
         ids = np.asarray([p.id for p in pending], dtype=np.int64)
         with self.lock:
             current = self.snapshot
-            image_index, text_index = current.image_index.copy(), current.text_index.copy()
+            image_index, text_index = in_memory(current.image_index), in_memory(current.text_index)
             image_index.add(codes_image, ids)  # InputError if an id arrived meanwhile
             text_index.add(codes_text, ids)
             items = dict(current.items)
@@ -211,7 +221,7 @@ class Served:
             current = self.snapshot
             if item_id not in current.items:
                 return False, current
-            image_index, text_index = current.image_index.copy(), current.text_index.copy()
+            image_index, text_index = in_memory(current.image_index), in_memory(current.text_index)
             ids = np.asarray([item_id], dtype=np.int64)
             image_index.remove(ids)
             text_index.remove(ids)
@@ -233,6 +243,8 @@ class Served:
             text_index=text_index,
             items=items,
         )
+        if self.mirror is not None:
+            snapshot = self.mirror.serve(snapshot)
         self.snapshot = snapshot
         seconds = time.perf_counter() - start
         logger.info("serving %s (%d items, %.2f s)", snapshot.generation, len(items), seconds)

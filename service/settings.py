@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,4 +27,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
     batch_window_ms: float = Field(5.0, ge=0, description="how long image requests wait to batch")
     max_image_batch: int = Field(32, ge=1, description="largest backbone batch of image requests")
+    index_backend: Literal["memory", "milvus"] = Field(
+        "memory", description="where searches run: in this process, or Milvus (milvus_uri)"
+    )
+    milvus_uri: str | None = Field(None, description="Milvus server URL, or a milvus-lite .db file")
+    milvus_token: SecretStr | None = Field(None, description="Milvus credentials, when needed")
     log_level: str = Field("INFO", description="logging level")

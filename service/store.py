@@ -27,9 +27,11 @@ import numpy as np
 
 from common.errors import InputError
 from indexes.hamming import HammingIndex
+from indexes.milvus import MilvusHammingIndex
 
 logger = logging.getLogger(__name__)
 
+SearchIndex = HammingIndex | MilvusHammingIndex  # the backends a Snapshot may serve from
 CHECKPOINT_NAME = "model.pt"
 INDEX_DIR = "index"
 IMAGES_DIR = "images"
@@ -61,8 +63,8 @@ class Snapshot:
 
     generation: str
     manifest: Manifest
-    image_index: HammingIndex
-    text_index: HammingIndex
+    image_index: SearchIndex
+    text_index: SearchIndex
     items: dict[int, Item]
 
 
