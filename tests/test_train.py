@@ -119,7 +119,14 @@ def test_validation_split_is_inside_train_and_disjoint() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("n_bits", 24), ("beta", 1.0), ("margin", 0.0), ("k", 0), ("temperature", 0.0)],
+    [
+        ("n_bits", 24),
+        ("beta", 1.0),
+        ("margin", 0.0),
+        ("k", 0),
+        ("temperature", 0.0),
+        ("weight_decay", -1e-4),
+    ],
 )
 def test_config_rejects_bad_values(field: str, value: float) -> None:
     with pytest.raises(InputError, match=f"expected .*got {value!r}"):

@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--margin", type=float, default=d.margin, help=f"gamma of L_r ({d.margin})")
     p.add_argument("--temperature", type=float, default=d.temperature, help="of Q (1 = paper)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam L2 penalty")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"n ({d.batch_size})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"most epochs ({d.epochs})")
     p.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement")
@@ -68,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         margin=args.margin,
         temperature=args.temperature,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.patience,
