@@ -1,7 +1,8 @@
-"""MilvusHammingIndex against the same brute-force oracle as HammingIndex.
+"""The brute-force oracle tests every index backend shares, and MilvusHammingIndex's own tests.
 
-Runs on embedded milvus-lite (a local .db file) and, when CMH_TEST_MILVUS_URI names a Milvus
-server (for example http://localhost:19530 from `docker compose --profile milvus up`), on it too.
+The shared tests (`make_index`) run on HammingIndex in memory, on MilvusHammingIndex over
+embedded milvus-lite (a local .db file) and, when CMH_TEST_MILVUS_URI names a Milvus server (for
+example http://localhost:19530 from `docker compose --profile milvus up`), on it too.
 """
 
 from __future__ import annotations
@@ -30,26 +31,34 @@ from tests.test_hamming import brute_force, random_packed
 SERVER_URI = os.environ.get("CMH_TEST_MILVUS_URI")
 
 
-@pytest.fixture(scope="module", params=["lite", "server"])
-def milvus_uri(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A Milvus URI: a milvus-lite file for this module, or the server in CMH_TEST_MILVUS_URI."""
-    if request.param == "server":
-        if not SERVER_URI:
-            pytest.skip("no Milvus server: set CMH_TEST_MILVUS_URI=http://host:19530 to test one")
-        return SERVER_URI
+@pytest.fixture(scope="module")
+def lite_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One milvus-lite database file for this module."""
     return str(tmp_path_factory.mktemp("milvus") / "test.db")
 
 
-@pytest.fixture
-def make_index(milvus_uri: str) -> Iterator[object]:
-    """A factory of indexes in fresh collections, dropped after the test."""
+def server_uri() -> str:
+    """The server in CMH_TEST_MILVUS_URI, or skip."""
+    if not SERVER_URI:
+        pytest.skip("no Milvus server: set CMH_TEST_MILVUS_URI=http://host:19530 to test one")
+    return SERVER_URI
+
+
+@pytest.fixture(scope="module", params=["lite", "server"])
+def milvus_uri(request: pytest.FixtureRequest) -> str:
+    """A Milvus URI: the module's milvus-lite file, or the server in CMH_TEST_MILVUS_URI."""
+    return server_uri() if request.param == "server" else str(request.getfixturevalue("lite_db"))
+
+
+def milvus_factory(uri: str) -> Iterator[object]:
+    """Yield a factory of Milvus indexes in fresh collections; drop them afterwards."""
     made: list[MilvusHammingIndex] = []
 
     def make(n_bits: int) -> MilvusHammingIndex:
         with warnings.catch_warnings():
             # milvus-lite 2.5.1 imports pkg_resources, which warns that it is deprecated.
             warnings.simplefilter("ignore", UserWarning)
-            index = MilvusHammingIndex(n_bits, uri=milvus_uri, collection=f"t_{uuid.uuid4().hex}")
+            index = MilvusHammingIndex(n_bits, uri=uri, collection=f"t_{uuid.uuid4().hex}")
         made.append(index)
         return index
 
@@ -57,6 +66,22 @@ def make_index(milvus_uri: str) -> Iterator[object]:
     for index in made:
         index.drop()
         index.close()
+
+
+@pytest.fixture
+def make_milvus_index(milvus_uri: str) -> Iterator[object]:
+    """A factory of Milvus indexes (milvus-lite, and a server when given)."""
+    yield from milvus_factory(milvus_uri)
+
+
+@pytest.fixture(params=["memory", "lite", "server"])
+def make_index(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A factory of empty indexes of every backend: the shared oracle tests take this one."""
+    if request.param == "memory":
+        yield HammingIndex
+        return
+    uri = server_uri() if request.param == "server" else str(request.getfixturevalue("lite_db"))
+    yield from milvus_factory(uri)
 
 
 def test_byte_layout_round_trips_and_keeps_every_distance() -> None:
@@ -114,9 +139,11 @@ def test_empty_index_and_empty_batch_are_padded(make_index) -> None:
     assert dists.shape == (0, 4) and ids.shape == (0, 4)
 
 
-def test_duplicate_and_bad_input_are_rejected_and_index_left_unchanged(make_index) -> None:
+def test_duplicate_and_bad_input_are_rejected_and_index_left_unchanged(
+    make_milvus_index,
+) -> None:
     rng = np.random.default_rng(2)
-    index = make_index(64)
+    index = make_milvus_index(64)
     index.add(random_packed(rng, 3, 64), np.array([1, 2, 3], dtype=np.int64))
     with pytest.raises(InputError, match="expected unique ids, got id 7 more than once"):
         index.add(random_packed(rng, 3, 64), np.array([7, 8, 7], dtype=np.int64))
@@ -179,13 +206,13 @@ def test_range_search_matches_brute_force(make_index, n_bits: int) -> None:
 
 
 def test_save_load_round_trips_with_hamming_index(
-    make_index, milvus_uri: str, tmp_path: Path
+    make_milvus_index, milvus_uri: str, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(6)
     codes = random_packed(rng, 300, 128)
     ids = rng.permutation(3000)[:300].astype(np.int64)
     queries = random_packed(rng, 9, 128)
-    index = make_index(128)
+    index = make_milvus_index(128)
     index.add(codes, ids)
     index.save(tmp_path / "from-milvus.hidx")
     memory = HammingIndex.load(tmp_path / "from-milvus.hidx")
@@ -204,8 +231,8 @@ def test_save_load_round_trips_with_hamming_index(
         copied.close()
 
 
-def test_reopening_checks_the_collection(make_index, milvus_uri: str) -> None:
-    index = make_index(64)
+def test_reopening_checks_the_collection(make_milvus_index, milvus_uri: str) -> None:
+    index = make_milvus_index(64)
     index.add(np.zeros((2, n_words(64)), dtype=np.uint64), np.array([5, 6], dtype=np.int64))
     again = MilvusHammingIndex(64, uri=milvus_uri, collection=index.collection)
     np.testing.assert_array_equal(again.ids, [5, 6])
