@@ -42,12 +42,23 @@ def hash_layer(z: Tensor, *, binary: bool = True) -> Tensor:
     return out
 
 
-def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    """Linear layers with ReLU after every one but the last (paper, section 3.2)."""
+# How raw features are scaled before the MLP: "zscore" standardises every column; "l2" first
+# scales each row to unit length, then centres and divides by one scalar RMS, which keeps the
+# relative weight of columns (z-scoring blows up rare bag-of-words terms).
+INPUT_NORMS = ("zscore", "l2")
+
+
+def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
+    """Linear layers with ReLU after every one but the last (paper, section 3.2).
+
+    `dropout` > 0 adds dropout after each hidden ReLU (a regulariser the paper does not use).
+    """
     layers: list[nn.Module] = []
     widths = [in_dim, *hidden]
     for a, b in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Linear(a, b), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(widths[-1], out_dim))
     return nn.Sequential(*layers)
 
@@ -68,13 +79,18 @@ class HashingModel(nn.Module):
         n_bits: int,
         image_hidden: Sequence[int],
         text_hidden: Sequence[int],
+        input_norm: str = "zscore",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise InputError(f"expected input_norm in {INPUT_NORMS}, got {input_norm!r}")
         self.image_dim = image_dim
         self.text_dim = text_dim
         self.n_bits = n_bits
-        self.image_net = _mlp(image_dim, image_hidden, n_bits)
-        self.text_net = _mlp(text_dim, text_hidden, n_bits)
+        self.input_norm = input_norm
+        self.image_net = _mlp(image_dim, image_hidden, n_bits, dropout)
+        self.text_net = _mlp(text_dim, text_hidden, n_bits, dropout)
         # Buffers, not parameters: saved in the state_dict so a checkpoint encodes on its own.
         self.register_buffer("image_mean", torch.zeros(image_dim))
         self.register_buffer("image_std", torch.ones(image_dim))
@@ -82,21 +98,30 @@ class HashingModel(nn.Module):
         self.register_buffer("text_std", torch.ones(text_dim))
 
     def fit_statistics(self, image: np.ndarray, text: np.ndarray) -> None:
-        """Store per-column mean and std of training features (std floored to avoid 0 division)."""
+        """Store the mean and scale of training features (floored to avoid division by 0).
+
+        "zscore": per-column std; "l2": of unit-length rows, one RMS for all columns.
+        """
         for prefix, x in (("image", image), ("text", text)):
-            t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+            t = self._row_scaled(torch.as_tensor(np.asarray(x, dtype=np.float32)))
             mean = t.mean(dim=0)
-            std = t.std(dim=0, unbiased=False).clamp_min(1e-6)
+            if self.input_norm == "zscore":
+                std = t.std(dim=0, unbiased=False)
+            else:
+                std = ((t - mean) ** 2).sum(dim=1).mean().sqrt().expand_as(mean)
             getattr(self, f"{prefix}_mean").copy_(mean)
-            getattr(self, f"{prefix}_std").copy_(std)
+            getattr(self, f"{prefix}_std").copy_(std.clamp_min(1e-6))
+
+    def _row_scaled(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) if self.input_norm == "l2" else x
 
     def standardise_image(self, x: Tensor) -> Tensor:
         """(B, image_dim) raw features -> standardised features."""
-        return (x - self.image_mean) / self.image_std
+        return (self._row_scaled(x) - self.image_mean) / self.image_std
 
     def standardise_text(self, x: Tensor) -> Tensor:
         """(B, text_dim) raw features -> standardised features."""
-        return (x - self.text_mean) / self.text_std
+        return (self._row_scaled(x) - self.text_mean) / self.text_std
 
     def hash_image(self, x: Tensor, *, binary: bool = True) -> Tensor:
         """Raw image features (B, image_dim) -> codes (B, n_bits), differentiable (STE)."""

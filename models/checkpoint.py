@@ -115,6 +115,8 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
         n_bits=n_bits,
         image_hidden=cfg.image_hidden,
         text_hidden=cfg.text_hidden,
+        input_norm=cfg.input_norm,
+        dropout=cfg.dropout,
     )
     try:
         model.load_state_dict(_field(payload, "model", dict, path))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from evaluation.metrics import mean_average_precision
-from models.aucmh import HashingModel
+from models.aucmh import INPUT_NORMS, HashingModel
 from models.data import PairDataset
 from models.losses import anchor_graph_loss, graph_from_nearest, nearest_anchors, ranking_loss
 
@@ -36,7 +36,12 @@ class TrainConfig:
     # Hidden widths of each MLP (its depth); 2048 chosen on Wikipedia and Web News validation.
     image_hidden: tuple[int, ...] = (2048,)
     text_hidden: tuple[int, ...] = (2048,)
-    k: int = 100  # nearest anchors kept per point in S (Eq. 2); chosen on Wikipedia validation
+    input_norm: str = "zscore"  # feature scaling before the MLPs: "zscore" or "l2" (aucmh.py)
+    # Dropout after each hidden layer: the paper has none; 0.3 chosen on validation (it lifts
+    # image-to-text, where the image MLP otherwise overfits a few thousand pairs).
+    dropout: float = 0.3
+    # Nearest anchors kept per point in S (Eq. 2); 20 chosen on validation of both datasets.
+    k: int = 20
     n_anchors: int = 4096  # m, anchors sampled once from the fitting pairs (capped at their count)
     beta: float = 0.8  # L = beta * L_g + (1 - beta) * L_r (Eq. 8); chosen on validation
     margin: float = 0.8  # gamma, the triplet margin of L_r (Eq. 7), 0 < gamma < 1; validation
@@ -58,6 +63,8 @@ class TrainConfig:
             (self.n_bits in (16, 32, 64, 128), "n_bits in {16, 32, 64, 128}", self.n_bits),
             (all(w >= 1 for w in self.image_hidden), "positive image_hidden", self.image_hidden),
             (all(w >= 1 for w in self.text_hidden), "positive text_hidden", self.text_hidden),
+            (self.input_norm in INPUT_NORMS, f"input_norm in {INPUT_NORMS}", self.input_norm),
+            (0.0 <= self.dropout < 1.0, "0 <= dropout < 1", self.dropout),
             (self.k >= 1, "k >= 1", self.k),
             (self.n_anchors >= 1, "n_anchors >= 1", self.n_anchors),
             (0.0 < self.beta < 1.0, "0 < beta < 1", self.beta),
@@ -77,6 +84,11 @@ class TrainConfig:
                 raise InputError(f"expected {expected}, got {got!r}")
 
 
+# Fields added after checkpoints were first written, with the value those checkpoints were
+# trained with: an older config lacking them must rebuild the same network, not today's default.
+ABSENT_IN_OLDER_CHECKPOINTS: dict[str, Any] = {"input_norm": "zscore", "dropout": 0.0}
+
+
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from `dataclasses.asdict` output (lists back to tuples).
 
@@ -87,7 +99,7 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     if unknown:
         raise InputError(f"expected TrainConfig fields, got unknown {unknown}")
     fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return TrainConfig(**fixed)
+    return TrainConfig(**{**ABSENT_IN_OLDER_CHECKPOINTS, **fixed})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,6 +192,8 @@ def train(
         n_bits=cfg.n_bits,
         image_hidden=cfg.image_hidden,
         text_hidden=cfg.text_hidden,
+        input_norm=cfg.input_norm,
+        dropout=cfg.dropout,
     )
     model.fit_statistics(image[fit_idx], text[fit_idx])
     model.to(device)

@@ -69,3 +69,49 @@ def test_encode_returns_int8_codes_and_standardises_inside() -> None:
 def test_encode_rejects_wrong_width() -> None:
     with pytest.raises(InputError, match=r"expected image features of shape \(n, 12\)"):
         _model().encode_image(np.zeros((3, 11), dtype=np.float32))
+
+
+def test_l2_input_norm_scales_rows_then_centres_with_one_scale() -> None:
+    rng = np.random.default_rng(1)
+    torch.manual_seed(0)
+    model = HashingModel(
+        image_dim=12, text_dim=7, n_bits=16, image_hidden=(32,), text_hidden=(8,),
+        input_norm="l2",
+    )  # fmt: skip
+    image = rng.gamma(2.0, size=(40, 12)).astype(np.float32)
+    text = rng.gamma(2.0, size=(40, 7)).astype(np.float32)
+    model.fit_statistics(image, text)
+    unit = image / np.linalg.norm(image, axis=1, keepdims=True)
+    centred = unit - unit.mean(0)
+    rms = np.sqrt((centred**2).sum(1).mean())
+    # One scale for every column: the relative weight of columns survives (unlike z-scoring).
+    assert np.allclose(model.image_std.numpy(), rms, rtol=1e-5)
+    with torch.no_grad():
+        manual = model.image_net(torch.as_tensor(centred / rms, dtype=torch.float32))
+    assert np.array_equal(model.encode_image(image), np.where(manual.numpy() > 0, 1, -1))
+    # Scaling a row does not change its code.
+    assert np.array_equal(model.encode_image(image * 7.0), model.encode_image(image))
+
+
+def test_dropout_follows_each_hidden_relu_and_is_off_when_encoding() -> None:
+    torch.manual_seed(0)
+    model = HashingModel(
+        image_dim=12, text_dim=7, n_bits=16, image_hidden=(32, 24), text_hidden=(8,),
+        dropout=0.5,
+    )  # fmt: skip
+    names = [type(m).__name__ for m in model.image_net]
+    assert names == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    x = np.random.default_rng(0).normal(size=(64, 12)).astype(np.float32)
+    model.train()
+    assert np.array_equal(model.encode_image(x), model.encode_image(x))
+    assert model.training  # encode restores the mode it found
+
+
+def test_unknown_input_norm_is_refused() -> None:
+    with pytest.raises(
+        InputError, match=r"expected input_norm in \('zscore', 'l2'\), got 'minmax'"
+    ):
+        HashingModel(
+            image_dim=3, text_dim=3, n_bits=16, image_hidden=(), text_hidden=(),
+            input_norm="minmax",
+        )  # fmt: skip

@@ -126,6 +126,8 @@ def test_validation_split_is_inside_train_and_disjoint() -> None:
         ("k", 0),
         ("temperature", 0.0),
         ("weight_decay", -1e-4),
+        ("dropout", 1.0),
+        ("input_norm", "minmax"),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: float) -> None:
@@ -139,6 +141,16 @@ def test_config_rejects_no_loss_and_round_trips() -> None:
     assert config_from_dict(dataclasses.asdict(SMALL)) == SMALL
     with pytest.raises(InputError, match="unknown"):
         config_from_dict({"n_bitz": 16})
+
+
+def test_config_of_an_older_checkpoint_rebuilds_the_network_it_trained() -> None:
+    # Checkpoints written before input_norm and dropout existed trained with z-scoring and no
+    # dropout; today's defaults (dropout 0.3) would add layers their weights do not fit.
+    old = dataclasses.asdict(SMALL)
+    del old["input_norm"], old["dropout"]
+    cfg = config_from_dict(old)
+    assert cfg.input_norm == "zscore" and cfg.dropout == 0.0
+    assert TrainConfig().dropout > 0
 
 
 def test_train_needs_features(data) -> None:

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from models.aucmh import INPUT_NORMS
 from models.checkpoint import save_checkpoint
 from models.train import TrainConfig, train
 from service.commands.dataset_args import add_dataset_args, prepare_from_args
@@ -38,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--bits", type=int, default=d.n_bits, choices=(16, 32, 64, 128), help="n_bits")
     p.add_argument("--image-hidden", type=_widths, default=d.image_hidden, help="e.g. 1024,1024")
     p.add_argument("--text-hidden", type=_widths, default=d.text_hidden, help="e.g. 1024")
+    p.add_argument(
+        "--input-norm", default=d.input_norm, choices=INPUT_NORMS, help="feature scaling"
+    )
+    p.add_argument(
+        "--dropout", type=float, default=d.dropout, help=f"after hidden layers ({d.dropout})"
+    )
     p.add_argument("--k", type=int, default=d.k, help=f"nearest anchors per point ({d.k})")
     p.add_argument("--anchors", type=int, default=d.n_anchors, help=f"m ({d.n_anchors})")
     p.add_argument("--beta", type=float, default=d.beta, help=f"weight of L_g ({d.beta})")
@@ -63,6 +70,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         n_bits=args.bits,
         image_hidden=args.image_hidden,
         text_hidden=args.text_hidden,
+        input_norm=args.input_norm,
+        dropout=args.dropout,
         k=args.k,
         n_anchors=args.anchors,
         beta=args.beta,
