@@ -22,7 +22,7 @@ from common.errors import InputError
 from evaluation.protocol import RunResult, score_direction, score_run, validation_split
 from models.baselines import CCA, CCAITQ, CMFH, CVH, LSH
 from models.data import PairDataset
-from models.train import TrainConfig, train
+from models.train import TrainConfig, train_selecting, with_k_grid
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def _aucmh(
 ) -> Callable[[PairDataset, int, int], Encoder]:
     """AUCMH with TrainConfig's defaults and the given ablation switches (the paper's Table 5).
 
-    Its trainer picks the epoch by validation MAP on a split held out of the training part.
+    One model per k in K_GRID; the trainer picks the epoch, and then the k, by validation MAP on
+    a split held out of the training part.
     """
 
     def fit(data: PairDataset, n_bits: int, seed: int) -> Encoder:
@@ -155,7 +156,7 @@ def _aucmh(
             use_ranking_loss=ranking_loss,
             use_hash_layer=hash_layer,
         )
-        model, _history = train(cfg=cfg, data=data)
+        model, _history, _chosen = train_selecting(candidates=with_k_grid(cfg), data=data)
         return model
 
     return fit

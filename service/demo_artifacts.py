@@ -17,7 +17,7 @@ from indexes.hamming import HammingIndex
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.demo import N_DEFAULT, generate_demo
 from models.pipeline import prepare
-from models.train import TrainConfig, train
+from models.train import TrainConfig, train_selecting, with_k_grid
 from service.store import CHECKPOINT_NAME, Item, current_generation, manifest_for, write_generation
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ def build_demo(
         report.append(f"checkpoint: present at {checkpoint}")
     else:
         start = time.perf_counter()
-        cfg = TrainConfig(n_bits=DEMO_BITS, epochs=epochs)  # CUDA when available
-        model, history = train(cfg=cfg, data=data, progress=progress)
+        candidates = with_k_grid(TrainConfig(n_bits=DEMO_BITS, epochs=epochs))  # CUDA if any
+        model, history, cfg = train_selecting(candidates=candidates, data=data, progress=progress)
         save_checkpoint(
             checkpoint,
             model=model,
@@ -64,7 +64,8 @@ def build_demo(
         )
         best = max(history, key=lambda row: row["val_i2t"] + row["val_t2i"])
         report.append(
-            f"checkpoint: trained AUCMH {DEMO_BITS} bits in {_since(start)}; best validation MAP "
+            f"checkpoint: trained AUCMH {DEMO_BITS} bits (kept k {cfg.k}) in {_since(start)}; "
+            "best validation MAP "
             f"i2t {best['val_i2t']:.3f} t2i {best['val_t2i']:.3f} -> {checkpoint}"
         )
     if current_generation(artifacts) is not None:

@@ -14,11 +14,15 @@ from models.aucmh import HashingModel
 from models.checkpoint import load_checkpoint
 from models.data import PairDataset
 from models.train import (
+    K_GRID,
     TrainConfig,
+    best_validation_map,
     config_from_dict,
     evaluate_split,
     split_train,
     train,
+    train_selecting,
+    with_k_grid,
 )
 from service.cli import main
 
@@ -153,6 +157,33 @@ def test_config_of_an_older_checkpoint_rebuilds_the_network_it_trained() -> None
     assert TrainConfig().dropout > 0
 
 
+def test_selection_keeps_the_candidate_with_the_best_validation_map(data, trained) -> None:
+    # Candidates differ in k only; each is trained exactly as train() alone would train it.
+    candidates = with_k_grid(SMALL, (5, 1, 5))
+    assert [c.k for c in candidates] == [5, 1]  # repeats dropped, order kept
+    model, history, chosen = train_selecting(candidates=candidates, data=data)
+    other = train(cfg=candidates[1], data=data)[1]
+    scores = {5: best_validation_map(trained[1]), 1: best_validation_map(other)}
+    assert chosen.k == max(scores, key=lambda k: scores[k])
+
+    def untimed(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert untimed(history) == untimed(trained[1] if chosen.k == 5 else other)
+    assert _query_map(model, data) > 0
+    assert with_k_grid(SMALL) == [dataclasses.replace(SMALL, k=k) for k in K_GRID]
+
+
+def test_selection_refuses_no_candidates_and_mixed_seeds(data) -> None:
+    with pytest.raises(InputError, match="at least one candidate"):
+        train_selecting(candidates=[], data=data)
+    mixed = [SMALL, dataclasses.replace(SMALL, seed=1)]
+    with pytest.raises(
+        InputError, match=r"expected candidates sharing one seed, got seeds \[0, 1\]"
+    ):
+        train_selecting(candidates=mixed, data=data)
+
+
 def test_train_needs_features(data) -> None:
     bare = dataclasses.replace(data, image_features=None)
     with pytest.raises(InputError, match="expected image and text features"):
@@ -191,6 +222,30 @@ def test_cli_train_writes_a_loadable_checkpoint(
     assert ckpt.n_bits == 16 and ckpt.dataset == "wikipedia" and len(ckpt.history) == 2
     assert ckpt.cfg.image_hidden == (64,) and ckpt.cfg.text_hidden == () and ckpt.cfg.k == 50
     assert ckpt.image_backbone == "sift-bovw-128" and ckpt.vocabulary is None
+
+
+def test_cli_train_chooses_k_on_validation(wikipedia_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "w16.pt"
+    code = main(
+        ["train", "--dataset", "wikipedia", "--root", str(wikipedia_root), "--bits", "16",
+         "--out", str(out), "--epochs", "2", "--image-hidden", "32", "--text-hidden", "",
+         "--k", "3,30"]
+    )  # fmt: skip
+    assert code == 0
+    ckpt = load_checkpoint(out)
+    printed = capsys.readouterr().out
+    assert ckpt.cfg.k in (3, 30) and f"k={ckpt.cfg.k}" in printed
+    best = max(ckpt.history, key=lambda r: r["val_i2t"] + r["val_t2i"])
+    assert f"val_i2t={round(best['val_i2t'], 4)}" in printed
+
+
+@pytest.mark.parametrize("ks", ["", "20,x"])
+def test_cli_train_bad_k_list_exits_2(tmp_path: Path, capsys, ks: str) -> None:
+    # argparse rejects it while parsing: exit 2 with the usage line and the message.
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--dataset", "demo", "--root", str(tmp_path), "--out", "x.pt", "--k", ks])
+    assert exc.value.code == 2
+    assert f"expected k or comma-separated ks like 20,100, got {ks!r}" in capsys.readouterr().err
 
 
 def test_cli_train_bad_setting_exits_2(tmp_path: Path, capsys) -> None:

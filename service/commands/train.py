@@ -8,10 +8,23 @@ from pathlib import Path
 
 from models.aucmh import INPUT_NORMS
 from models.checkpoint import save_checkpoint
-from models.train import TrainConfig, train
+from models.train import K_GRID, TrainConfig, train_selecting, with_k_grid
 from service.commands.dataset_args import add_dataset_args, prepare_from_args
 
 DEFAULTS = TrainConfig()
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    """'20,100' -> (20, 100): the values of k to train and choose among on validation."""
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        ks = ()
+    if not ks:
+        raise argparse.ArgumentTypeError(
+            f"expected k or comma-separated ks like 20,100, got {text!r}"
+        )
+    return ks
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -45,7 +58,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--dropout", type=float, default=d.dropout, help=f"after hidden layers ({d.dropout})"
     )
-    p.add_argument("--k", type=int, default=d.k, help=f"nearest anchors per point ({d.k})")
+    p.add_argument(
+        "--k",
+        type=_ks,
+        default=K_GRID,
+        help="nearest anchors per point; several (comma-separated) train one model each and keep "
+        f"the best on validation ({','.join(map(str, K_GRID))})",
+    )
     p.add_argument("--anchors", type=int, default=d.n_anchors, help=f"m ({d.n_anchors})")
     p.add_argument("--beta", type=float, default=d.beta, help=f"weight of L_g ({d.beta})")
     p.add_argument("--margin", type=float, default=d.margin, help=f"gamma of L_r ({d.margin})")
@@ -65,14 +84,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the flags describe (raises InputError on bad values)."""
+    """The TrainConfig the flags describe, with the first --k (raises InputError on bad values)."""
     return TrainConfig(
         n_bits=args.bits,
         image_hidden=args.image_hidden,
         text_hidden=args.text_hidden,
         input_norm=args.input_norm,
         dropout=args.dropout,
-        k=args.k,
+        k=args.k[0],
         n_anchors=args.anchors,
         beta=args.beta,
         margin=args.margin,
@@ -93,10 +112,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
-    cfg = config_from_args(args)
+    candidates = with_k_grid(config_from_args(args), args.k)
     data = prepare_from_args(args)
     start = time.perf_counter()
-    model, history = train(cfg=cfg, data=data, progress=True)
+    model, history, cfg = train_selecting(candidates=candidates, data=data, progress=True)
     seconds = time.perf_counter() - start
     save_checkpoint(
         args.out,
@@ -112,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "out": str(args.out),
         "dataset": data.name,
         "n_bits": cfg.n_bits,
+        "k": cfg.k,
         "epochs_run": len(history),
         "best_epoch": int(best["epoch"]),
         "val_i2t": round(best["val_i2t"], 4),
