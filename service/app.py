@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import InputError, NotReadyError
@@ -133,7 +134,9 @@ def _error(status: int, detail: str, errors: list[object] | None = None) -> JSON
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app over the artifacts folder in `settings` (read from CMH_* variables by default)."""
     settings = settings or Settings()
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI) and /redoc load their scripts from this server, not a
+    # CDN, so the API docs work on a machine without internet, like everything else here.
+    app = FastAPIOffline(
         title="cmh: cross-modal hashing search",
         version="0.1.0",
         description="Search images with text and text with images over AUCMH binary codes.",

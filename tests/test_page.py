@@ -55,6 +55,18 @@ def test_page_and_its_files_are_served(tmp_path: Path) -> None:
         assert not re.search(r"https?://|//cdn", (STATIC_DIR / name).read_text()), name
 
 
+def test_api_docs_load_nothing_from_elsewhere(tmp_path: Path) -> None:
+    client = TestClient(create_app(Settings(artifacts_dir=tmp_path)))
+    for page_url in ("/docs", "/redoc"):
+        page = client.get(page_url)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert not re.search(r"https?://|//cdn", page.text), page_url
+        assets = re.findall(r"(?:src=|href=|url: )['\"](/[^'\"]+)['\"]", page.text)
+        assert any(a.endswith(".js") for a in assets), assets
+        for url in assets:
+            assert client.get(url).status_code == 200, url
+
+
 def missing_browser() -> str | None:
     """Why the browser tests cannot run here, or None."""
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
@@ -184,6 +196,14 @@ def test_text_search_shows_image_results(browser: Any, base_url: str, tmp_path: 
     assert pixels.std() > 20, f"screenshot looks blank: grey-level std {pixels.std():.1f}"
     colours = Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 24)
     assert colours is not None and len(colours) > 1000  # the thumbnails, not flat UI colours
+
+
+def test_api_docs_render_offline(browser: Any, base_url: str) -> None:
+    # This machine has no internet: Swagger UI renders only if its scripts come from the service.
+    browser.get(f"{base_url}/docs")
+    wait_until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) > 5)
+    summaries = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
+    assert "/v1/search/text" in summaries and "/v1/search/image" in summaries
 
 
 def test_keyboard_only_search_and_unknown_words_note(browser: Any, base_url: str) -> None:
