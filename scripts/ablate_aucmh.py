@@ -1,7 +1,8 @@
 """AUCMH ablations on the validation split (never the queries): the paper's Table 5 variants.
 
 For each code length, variant (full, without L_r, without L_g, without the hash layer) and seed,
-train with TrainConfig defaults (plus overrides) and record the validation MAP of the kept epoch in
+train with TrainConfig defaults (plus overrides; k chosen on validation from K_GRID as in
+`cmh evaluate`, unless k is set) and record the validation MAP of the kept epoch in
 both directions; print one JSON line per run and a mean/std summary line per variant.
 
 Usage: PYTHONPATH=. python scripts/ablate_aucmh.py --dataset wikipedia \
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from models.pipeline import prepare
-from models.train import TrainConfig, config_from_dict, train
+from models.train import TrainConfig, config_from_dict, train_selecting, with_k_grid
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "AUCMH": {},
@@ -51,16 +52,19 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     data = prepare(args.dataset, args.root)
     base = dataclasses.asdict(TrainConfig())
-    base.update(dict(args.set))
+    overrides = dict(args.set)
+    base.update(overrides)
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.variants.split(","):
             rows = []
             for seed in (int(s) for s in args.seeds.split(",")):
                 cfg = config_from_dict({**base, **VARIANTS[name], "n_bits": bits, "seed": seed})
-                _, history = train(cfg=cfg, data=data)
+                # As `cmh evaluate` does: k chosen on validation from K_GRID unless --set k=...
+                candidates = [cfg] if "k" in overrides else with_k_grid(cfg)
+                _, history, chosen = train_selecting(candidates=candidates, data=data)
                 best = max(history, key=lambda r: r["val_i2t"] + r["val_t2i"])
-                row = {"bits": bits, "variant": name, "seed": seed, "epoch": best["epoch"],
-                       "i2t": best["val_i2t"], "t2i": best["val_t2i"]}  # fmt: skip
+                row = {"bits": bits, "variant": name, "seed": seed, "k": chosen.k,
+                       "epoch": best["epoch"], "i2t": best["val_i2t"], "t2i": best["val_t2i"]}  # fmt: skip
                 rows.append(row)
                 sys.stdout.write(json.dumps(row) + "\n")
                 sys.stdout.flush()

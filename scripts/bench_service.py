@@ -16,11 +16,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,6 +28,7 @@ import numpy as np
 from indexes.codes import pack_codes
 from indexes.hamming import HammingIndex
 from models.checkpoint import load_checkpoint
+from service.local import serving
 from service.store import CHECKPOINT_NAME, Item, load_snapshot, manifest_for, write_generation
 
 QUERIES = [
@@ -73,45 +70,6 @@ def synthetic_artifacts(source: Path, target: Path, n: int, seed: int) -> None:
     write_generation(
         target, manifest=manifest, image_index=indexes[0], text_index=indexes[1], items=items
     )
-
-
-def start(artifacts: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--port",
-            str(port),
-        ],
-        env={**os.environ, "CMH_LOG_LEVEL": "WARNING", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("service did not become ready")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def drive(
@@ -184,24 +142,18 @@ def main() -> int:
         for n in args.n:
             target = Path(tmp) / f"n{n}"
             synthetic_artifacts(args.artifacts, target, n, seed=0)
-            proc, url = start(target, {})
-            try:
+            with serving(target, ready_timeout_s=300, CMH_LOG_LEVEL="WARNING") as url:
                 for clients in (1, 8, 32):
                     row = {"n": n, **drive(url, clients, args.seconds, "text", texts)}
                     print(json.dumps(row), flush=True)
                     results["text"].append(row)  # type: ignore[attr-defined]
-            finally:
-                stop(proc)
         target = Path(tmp) / f"n{args.n[0]}"
         for label, env in (("batching", {}), ("no batching", {"CMH_MAX_IMAGE_BATCH": "1"})):
-            proc, url = start(target, env)
-            try:
+            with serving(target, ready_timeout_s=300, CMH_LOG_LEVEL="WARNING", **env) as url:
                 for clients in (1, 8):
                     row = {"mode": label, **drive(url, clients, args.seconds, "image", images)}
                     print(json.dumps(row), flush=True)
                     results["image"].append(row)  # type: ignore[attr-defined]
-            finally:
-                stop(proc)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(

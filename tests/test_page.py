@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from servers import serving
 
 from service.app import create_app
+from service.local import serving
 from service.pages import STATIC_DIR
 from service.settings import Settings
 

@@ -12,8 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
-from servers import serving
+
+from service.local import serving
 
 
 @contextmanager
@@ -73,3 +75,19 @@ def test_concurrent_image_requests_share_backbone_batches(demo_artifacts: Path) 
         metrics = client.get("/metrics").text
     count = float(re.search(r"cmh_image_batch_size_count (\S+)", metrics).group(1))  # type: ignore[union-attr]
     assert count < 16  # 16 requests went through fewer backbone batches
+
+
+def test_serving_quotes_the_output_of_a_service_that_does_not_come_up(tmp_path: Path) -> None:
+    # No checkpoint in an empty artifacts folder: the service never becomes ready.
+    expected = r"expected the service on http://127\.0\.0\.1:\d+ ready within 20 s, got exit code"
+    with (
+        pytest.raises(RuntimeError, match=expected) as raised,
+        serving(tmp_path, ready_timeout_s=20),
+    ):
+        pass
+    # `cmh serve` itself exits 2 with one line saying what is missing and how to make it.
+    assert "got exit code 2; its output:" in str(raised.value)
+    assert f"cmh serve: error: expected a checkpoint at {tmp_path / 'model.pt'}" in str(
+        raised.value
+    )
+    assert "Traceback" not in str(raised.value)

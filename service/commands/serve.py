@@ -7,8 +7,10 @@ from pathlib import Path
 
 import uvicorn
 
+from common.errors import InputError
 from service.app import create_app
 from service.settings import Settings
+from service.store import CHECKPOINT_NAME
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     """Build the app and run uvicorn until interrupted."""
     settings = Settings() if args.artifacts is None else Settings(artifacts_dir=args.artifacts)
+    checkpoint = settings.artifacts_dir / CHECKPOINT_NAME
+    if not checkpoint.is_file():  # say so in one line, before uvicorn's startup traceback would
+        raise InputError(
+            f"expected a checkpoint at {checkpoint} (build one with `cmh demo build --artifacts "
+            f"{settings.artifacts_dir}` or `cmh train ... --out {checkpoint}`), got no file"
+        )
     app = create_app(settings)
     print(f"serving {settings.artifacts_dir} at http://{args.host}:{args.port}/ (API docs: /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
