@@ -181,7 +181,12 @@ def best_validation_map(history: list[dict[str, float]]) -> float:
 
 
 def with_k_grid(cfg: TrainConfig, ks: Sequence[int] = K_GRID) -> list[TrainConfig]:
-    """One candidate config per k, otherwise equal to cfg."""
+    """One candidate config per k, otherwise equal to cfg; just cfg without the graph loss.
+
+    k only shapes the anchor graph, so without L_g every candidate would train the same model.
+    """
+    if not cfg.use_graph_loss:
+        return [cfg]
     return [dataclasses.replace(cfg, k=k) for k in dict.fromkeys(ks)]
 
 

@@ -172,6 +172,8 @@ def test_selection_keeps_the_candidate_with_the_best_validation_map(data, traine
     assert untimed(history) == untimed(trained[1] if chosen.k == 5 else other)
     assert _query_map(model, data) > 0
     assert with_k_grid(SMALL) == [dataclasses.replace(SMALL, k=k) for k in K_GRID]
+    no_graph = dataclasses.replace(SMALL, use_graph_loss=False)
+    assert with_k_grid(no_graph) == [no_graph]  # k only shapes the graph: one model is enough
 
 
 def test_selection_refuses_no_candidates_and_mixed_seeds(data) -> None:
