@@ -18,7 +18,7 @@ import torch
 
 from common.errors import InputError
 from models.aucmh import HashingModel
-from models.train import TrainConfig, config_from_dict
+from models.train import TrainConfig, build_model, config_from_dict
 
 FORMAT = "cmh-aucmh-checkpoint"
 VERSION = 1
@@ -109,14 +109,10 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
         isinstance(vocabulary, list) and all(isinstance(t, str) for t in vocabulary)
     ):
         raise InputError(f"expected a list of strings as vocabulary in {path}, got {vocabulary!r}")
-    model = HashingModel(
+    model = build_model(
+        cfg,
         image_dim=_field(payload, "image_dim", int, path),
         text_dim=_field(payload, "text_dim", int, path),
-        n_bits=n_bits,
-        image_hidden=cfg.image_hidden,
-        text_hidden=cfg.text_hidden,
-        input_norm=cfg.input_norm,
-        dropout=cfg.dropout,
     )
     try:
         model.load_state_dict(_field(payload, "model", dict, path))

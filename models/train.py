@@ -175,9 +175,30 @@ def nearest_for_rows(
     return torch.cat(values), torch.cat(indices)
 
 
+def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
+    """The history row with the best mean of the two validation MAPs (the epoch train keeps)."""
+    if not history:
+        raise InputError("expected a training history with at least one epoch, got none")
+    return max(history, key=lambda row: row["val_i2t"] + row["val_t2i"])
+
+
 def best_validation_map(history: list[dict[str, float]]) -> float:
-    """The best mean of the two validation MAPs over a training history (0 when empty)."""
-    return max(((row["val_i2t"] + row["val_t2i"]) / 2 for row in history), default=0.0)
+    """The best mean of the two validation MAPs over a training history."""
+    row = best_epoch(history)
+    return (row["val_i2t"] + row["val_t2i"]) / 2
+
+
+def build_model(cfg: TrainConfig, *, image_dim: int, text_dim: int) -> HashingModel:
+    """The untrained network `cfg` describes, for features of these widths."""
+    return HashingModel(
+        image_dim=image_dim,
+        text_dim=text_dim,
+        n_bits=cfg.n_bits,
+        image_hidden=cfg.image_hidden,
+        text_hidden=cfg.text_hidden,
+        input_norm=cfg.input_norm,
+        dropout=cfg.dropout,
+    )
 
 
 def with_k_grid(cfg: TrainConfig, ks: Sequence[int] = K_GRID) -> list[TrainConfig]:
@@ -233,15 +254,7 @@ def train(
     if val_db.size > VAL_DATABASE_CAP:
         val_db = np.sort(rng.choice(fit_idx, VAL_DATABASE_CAP, replace=False))
 
-    model = HashingModel(
-        image_dim=image.shape[1],
-        text_dim=text.shape[1],
-        n_bits=cfg.n_bits,
-        image_hidden=cfg.image_hidden,
-        text_hidden=cfg.text_hidden,
-        input_norm=cfg.input_norm,
-        dropout=cfg.dropout,
-    )
+    model = build_model(cfg, image_dim=image.shape[1], text_dim=text.shape[1])
     model.fit_statistics(image[fit_idx], text[fit_idx])
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

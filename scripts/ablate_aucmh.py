@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from models.pipeline import prepare
-from models.train import TrainConfig, config_from_dict, train_selecting, with_k_grid
+from models.train import TrainConfig, best_epoch, config_from_dict, train_selecting, with_k_grid
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "AUCMH": {},
@@ -62,7 +62,7 @@ def main() -> None:
                 # As `cmh evaluate` does: k chosen on validation from K_GRID unless --set k=...
                 candidates = [cfg] if "k" in overrides else with_k_grid(cfg)
                 _, history, chosen = train_selecting(candidates=candidates, data=data)
-                best = max(history, key=lambda r: r["val_i2t"] + r["val_t2i"])
+                best = best_epoch(history)
                 row = {"bits": bits, "variant": name, "seed": seed, "k": chosen.k,
                        "epoch": best["epoch"], "i2t": best["val_i2t"], "t2i": best["val_t2i"]}  # fmt: skip
                 rows.append(row)

@@ -31,7 +31,7 @@ from evaluation.protocol import score_run, validation_split  # noqa: E402
 from models.data import PairDataset  # noqa: E402
 from models.methods import METHODS, Encoder, features  # noqa: E402
 from models.pipeline import prepare  # noqa: E402
-from models.train import TrainConfig, train  # noqa: E402
+from models.train import TrainConfig, config_from_dict, train  # noqa: E402
 
 OUTER_SEED_OFFSET = 1000  # the outer split's seed differs from every inner split's seed
 
@@ -70,6 +70,7 @@ def main() -> None:
     bits = [int(b) for b in args.bits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     variants: dict[str, dict[str, object]] = json.loads(args.variants)
+    defaults = dataclasses.asdict(TrainConfig())
     base = prepare(args.dataset, args.root)
     rows = []
     for seed in seeds:
@@ -82,8 +83,7 @@ def main() -> None:
         for vname, fields in variants.items():
             for n_bits in bits:
                 start = time.perf_counter()
-                fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-                cfg = dataclasses.replace(TrainConfig(), n_bits=n_bits, seed=seed, **fixed)
+                cfg = config_from_dict({**defaults, **fields, "n_bits": n_bits, "seed": seed})
                 model, history = train(cfg=cfg, data=data)
                 row = score(data, model, vname, n_bits, seed)
                 row["epochs"] = len(history)

@@ -17,7 +17,7 @@ from indexes.hamming import HammingIndex
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.demo import N_DEFAULT, generate_demo
 from models.pipeline import prepare
-from models.train import TrainConfig, train_selecting, with_k_grid
+from models.train import TrainConfig, best_epoch, train_selecting, with_k_grid
 from service.store import CHECKPOINT_NAME, Item, current_generation, manifest_for, write_generation
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def build_demo(
             image_backbone=data.image_backbone,
             dataset="demo",
         )
-        best = max(history, key=lambda row: row["val_i2t"] + row["val_t2i"])
+        best = best_epoch(history)
         report.append(
             f"checkpoint: trained AUCMH {DEMO_BITS} bits (kept k {cfg.k}) in {_since(start)}; "
             "best validation MAP "

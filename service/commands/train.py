@@ -8,7 +8,7 @@ from pathlib import Path
 
 from models.aucmh import INPUT_NORMS
 from models.checkpoint import save_checkpoint
-from models.train import K_GRID, TrainConfig, train_selecting, with_k_grid
+from models.train import K_GRID, TrainConfig, best_epoch, train_selecting, with_k_grid
 from service.commands.dataset_args import add_dataset_args, prepare_from_args
 
 DEFAULTS = TrainConfig()
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         image_backbone=data.image_backbone,
         dataset=data.name,
     )
-    best = max(history, key=lambda row: row["val_i2t"] + row["val_t2i"])
+    best = best_epoch(history)
     summary = {
         "out": str(args.out),
         "dataset": data.name,
