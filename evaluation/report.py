@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 import numpy as np  # noqa: E402
 
+from common.fsio import atomic_write_bytes  # noqa: E402
 from evaluation.metrics import mean_curve  # noqa: E402
 from evaluation.protocol import METRIC, RunResult  # noqa: E402
 
@@ -82,11 +82,8 @@ def results_document(
 
 
 def write_json(document: dict[str, Any], path: Path) -> None:
-    """Write `document` to `path` atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `document` to `path` atomically and durably (common.fsio)."""
+    atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
 
 
 def plot_pr_curves(results: Sequence[RunResult], *, dataset: str, bits: int, path: Path) -> None:

@@ -10,22 +10,22 @@ Layout, all little-endian:
         zero padding to a multiple of 64 bytes (so the codes can be memory-mapped aligned)
     ..  codes: n * words uint64, packed as in indexes/codes.py
 
-A save writes a temporary file in the same folder, fsyncs it, renames it over the target and
-fsyncs the folder: a crash at any point leaves either the old file or the new one, both whole.
+A save goes through common.fsio.atomic_write (temporary file, fsync, rename, fsync of the
+folder): a crash at any point leaves either the old file or the new one, both whole.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from common.errors import InputError
+from common.fsio import atomic_write
 from indexes.codes import MAX_BITS, MIN_BITS, n_words
 
 logger = logging.getLogger(__name__)
@@ -63,26 +63,14 @@ def save(path: Path, *, n_bits: int, ids: np.ndarray, codes: np.ndarray) -> None
     )
     head = HEADER.pack(*fields, 0)
     head = HEADER.pack(*fields, zlib.crc32(head[:60]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            f.write(ids_le.data)
-            f.write(b"\0" * (codes_offset - ids_offset - ids_le.nbytes))
-            f.write(codes_le.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the folder entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    def write(f: BinaryIO) -> None:
+        f.write(head)
+        f.write(ids_le.data)
+        f.write(b"\0" * (codes_offset - ids_offset - ids_le.nbytes))
+        f.write(codes_le.data)
+
+    atomic_write(path, write)
 
 
 def load(path: Path, *, mmap: bool) -> tuple[int, np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,6 +47,40 @@ def hash_layer(z: Tensor, *, binary: bool = True) -> Tensor:
 # scales each row to unit length, then centres and divides by one scalar RMS, which keeps the
 # relative weight of columns (z-scoring blows up rare bag-of-words terms).
 INPUT_NORMS = ("zscore", "l2")
+BITS = (16, 32, 64, 128)  # the code lengths L a network can have
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the AUCMH network is: everything that shapes its modules or its forward pass.
+
+    A checkpoint stores it as "model_args" and rebuilds the network with build_model alone.
+    """
+
+    image_dim: int = 1280  # image feature width (1280: EfficientNet-Lite0, the default backbone)
+    text_dim: int = 2000  # text feature width (2000: the default bag-of-words vocabulary)
+    n_bits: int = 64  # code length L: 16, 32, 64 or 128
+    # Hidden widths of each MLP (its depth); 2048 chosen on Wikipedia and Web News validation.
+    image_hidden: tuple[int, ...] = (2048,)
+    text_hidden: tuple[int, ...] = (2048,)
+    input_norm: str = "zscore"  # feature scaling before the MLPs: one of INPUT_NORMS
+    # Dropout after each hidden layer: the paper has none; 0.3 chosen on validation (it lifts
+    # image-to-text, where the image MLP otherwise overfits a few thousand pairs).
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.image_dim >= 1, "image_dim >= 1", self.image_dim),
+            (self.text_dim >= 1, "text_dim >= 1", self.text_dim),
+            (self.n_bits in BITS, "n_bits in {16, 32, 64, 128}", self.n_bits),
+            (all(w >= 1 for w in self.image_hidden), "positive image_hidden", self.image_hidden),
+            (all(w >= 1 for w in self.text_hidden), "positive text_hidden", self.text_hidden),
+            (self.input_norm in INPUT_NORMS, f"input_norm in {INPUT_NORMS}", self.input_norm),
+            (0.0 <= self.dropout < 1.0, "0 <= dropout < 1", self.dropout),
+        ]
+        for ok, expected, got in checks:
+            if not ok:
+                raise InputError(f"expected {expected}, got {got!r}")
 
 
 def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
@@ -64,7 +99,11 @@ def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn
 
 
 class HashingModel(nn.Module):
-    """Image and text MLPs with the hash layer, plus the feature statistics used to standardise."""
+    """Image and text MLPs with the hash layer, plus the feature statistics used to standardise.
+
+    The arguments are ModelConfig's fields (build_model passes a config's); their defaults here
+    are the paper's network (z-scoring, no dropout). Encoding requires eval mode.
+    """
 
     image_mean: Tensor  # (image_dim,) buffers: training-set statistics, saved with the weights
     image_std: Tensor
@@ -83,8 +122,11 @@ class HashingModel(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if input_norm not in INPUT_NORMS:
-            raise InputError(f"expected input_norm in {INPUT_NORMS}, got {input_norm!r}")
+        # Checks every argument (InputError) and is what a checkpoint saves as "model_args".
+        self.config = ModelConfig(
+            image_dim=image_dim, text_dim=text_dim, n_bits=n_bits, image_hidden=tuple(image_hidden),
+            text_hidden=tuple(text_hidden), input_norm=input_norm, dropout=dropout,
+        )  # fmt: skip
         self.image_dim = image_dim
         self.text_dim = text_dim
         self.n_bits = n_bits
@@ -134,26 +176,31 @@ class HashingModel(nn.Module):
     def encode_image(self, features: np.ndarray) -> np.ndarray:
         """Image features (n, image_dim) -> int8 codes (n, n_bits) in {-1, +1}.
 
-        Raises InputError on a wrong shape.
+        Raises InputError on a wrong shape, RuntimeError in training mode.
         """
         return self._encode(features, self.image_dim, self.hash_image, "image")
 
     def encode_text(self, features: np.ndarray) -> np.ndarray:
         """Text features (n, text_dim) -> int8 codes (n, n_bits) in {-1, +1}.
 
-        Raises InputError on a wrong shape.
+        Raises InputError on a wrong shape, RuntimeError in training mode.
         """
         return self._encode(features, self.text_dim, self.hash_text, "text")
 
     def _encode(
         self, features: np.ndarray, dim: int, fn: Callable[[Tensor], Tensor], what: str
     ) -> np.ndarray:
+        # A read: it never switches the mode (which would race with other threads encoding),
+        # it requires eval mode, set once by whoever loaded or trained the model.
+        if self.training:
+            raise RuntimeError(
+                "expected the model in eval mode to encode (call model.eval() once after loading "
+                "or training it), got training mode"
+            )
         arr = np.asarray(features)
         if arr.ndim != 2 or arr.shape[1] != dim:
             raise InputError(f"expected {what} features of shape (n, {dim}), got {arr.shape}")
         device = self.image_mean.device
-        was_training = self.training
-        self.eval()
         out = np.empty((arr.shape[0], self.n_bits), dtype=np.int8)
         with torch.inference_mode():
             for start in range(0, arr.shape[0], ENCODE_BATCH):
@@ -161,5 +208,17 @@ class HashingModel(nn.Module):
                     np.asarray(arr[start : start + ENCODE_BATCH], dtype=np.float32), device=device
                 )
                 out[start : start + chunk.shape[0]] = fn(chunk).to(torch.int8).cpu().numpy()
-        self.train(was_training)
         return out
+
+
+def build_model(config: ModelConfig) -> HashingModel:
+    """The untrained network `config` describes (weights from torch's RNG, identity statistics)."""
+    return HashingModel(
+        image_dim=config.image_dim,
+        text_dim=config.text_dim,
+        n_bits=config.n_bits,
+        image_hidden=config.image_hidden,
+        text_hidden=config.text_hidden,
+        input_norm=config.input_norm,
+        dropout=config.dropout,
+    )

@@ -1,15 +1,19 @@
-"""AUCMH checkpoints: one torch file with weights, config, history, vocabulary and statistics.
+"""AUCMH checkpoints: one torch file with the network's config, weights, history and vocabulary.
 
 The file is a plain dict of tensors, strings and numbers, so `torch.load(weights_only=True)`
-reads it and nothing else is needed to rebuild the model (nanoGPT's `model_args` idea).
+reads it, and the network is rebuilt from its "model_args" with models/aucmh.py alone (nanoGPT's
+`GPTConfig(**checkpoint["model_args"])`): serving never imports training.
+
+Version 2 (written): "model_args" (ModelConfig fields), "model" (state dict), "train_config"
+(the TrainConfig fields it was trained with, for the record), "history", "vocabulary",
+"image_backbone", "dataset". Version 1 (read): one "config" dict of TrainConfig fields, network
+and training mixed, with "n_bits", "image_dim" and "text_dim" beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,61 +21,64 @@ from typing import Any
 import torch
 
 from common.errors import InputError
-from models.aucmh import HashingModel
-from models.train import TrainConfig, build_model, config_from_dict
+from common.fsio import atomic_write
+from models.aucmh import HashingModel, ModelConfig, build_model
 
 FORMAT = "cmh-aucmh-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+# The ModelConfig fields a version-1 "config" holds (the feature widths sit beside it).
+V1_NETWORK_FIELDS = ("n_bits", "image_hidden", "text_hidden", "input_norm", "dropout")
+# Network fields added after version-1 checkpoints were first written, with the value those
+# checkpoints were trained with: such a checkpoint rebuilds its own network, not today's default.
+V1_ABSENT_NETWORK_FIELDS: dict[str, Any] = {"input_norm": "zscore", "dropout": 0.0}
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     """A loaded checkpoint: the model (eval mode) and everything saved with it."""
 
-    model: HashingModel
-    cfg: TrainConfig
-    history: list[dict[str, float]]
+    model: HashingModel  # in eval mode, on the device asked for
+    model_config: ModelConfig  # what the network is (model.config)
+    train_config: dict[str, Any]  # TrainConfig fields it was trained with, as saved (a record)
+    history: list[dict[str, float]]  # one row per trained epoch (models/train.py)
     vocabulary: list[str] | None  # BoW terms in text feature column order, when the text is BoW
     image_backbone: str  # what made the image features the model expects
     dataset: str  # the dataset it was trained on
-    n_bits: int
+
+    @property
+    def n_bits(self) -> int:
+        """The code length of the network."""
+        return self.model_config.n_bits
 
 
 def save_checkpoint(
     path: Path,
     *,
     model: HashingModel,
-    cfg: TrainConfig,
+    train_config: dict[str, Any],
     history: list[dict[str, float]],
     vocabulary: list[str] | None,
     image_backbone: str,
     dataset: str,
 ) -> None:
-    """Write the checkpoint atomically (temp file in the same folder, fsync, os.replace)."""
+    """Write the checkpoint atomically and durably (common.fsio.atomic_write).
+
+    `train_config` is `dataclasses.asdict` of the TrainConfig, kept for the record only.
+    """
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
+        "model_args": dataclasses.asdict(model.config),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": dataclasses.asdict(cfg),
-        "n_bits": model.n_bits,
-        "image_dim": model.image_dim,
-        "text_dim": model.text_dim,
+        "train_config": dict(train_config),
         "history": [{str(k): float(v) for k, v in row.items()} for row in history],
         "vocabulary": list(vocabulary) if vocabulary is not None else None,
         "image_backbone": image_backbone,
         "dataset": dataset,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def _field(payload: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
@@ -80,8 +87,38 @@ def _field(payload: dict[str, Any], key: str, kind: type | tuple[type, ...], pat
     return payload[key]
 
 
+def _model_config(values: dict[str, Any], path: Path) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if set(values) != names:
+        raise InputError(
+            f"expected model_args with fields {sorted(names)} in {path}, got {sorted(values)}"
+        )
+    fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return ModelConfig(**fixed)
+
+
+def _v1_configs(payload: dict[str, Any], path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """(the network, the training record) of a version-1 checkpoint."""
+    config = {**V1_ABSENT_NETWORK_FIELDS, **_field(payload, "config", dict, path)}
+    missing = [name for name in V1_NETWORK_FIELDS if name not in config]
+    if missing:
+        raise InputError(f"expected the network fields {missing} in the config of {path}, got none")
+    n_bits = _field(payload, "n_bits", int, path)
+    if n_bits != config["n_bits"]:
+        raise InputError(
+            f"expected n_bits {config['n_bits']} as in the config of {path}, got {n_bits}"
+        )
+    network = {name: config[name] for name in V1_NETWORK_FIELDS}
+    values = {
+        "image_dim": _field(payload, "image_dim", int, path),
+        "text_dim": _field(payload, "text_dim", int, path),
+        **network,
+    }
+    return _model_config(values, path), config
+
+
 def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
-    """Read a checkpoint written by save_checkpoint onto `device`; the model is in eval mode.
+    """Read a checkpoint (version 1 or 2) onto `device`; the model is in eval mode.
 
     Raises InputError when the file is missing, is not such a checkpoint, or is inconsistent.
     """
@@ -96,36 +133,34 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
         raise InputError(msg) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(f"expected an AUCMH checkpoint at {path}, got another kind of file")
-    if payload.get("version") != VERSION:
+    version = payload.get("version")
+    if version not in READABLE_VERSIONS:
         raise InputError(
-            f"expected checkpoint version {VERSION} at {path}, got {payload.get('version')!r}"
+            f"expected checkpoint version in {READABLE_VERSIONS} at {path}, got {version!r}"
         )
-    cfg = config_from_dict(_field(payload, "config", dict, path))
-    n_bits = _field(payload, "n_bits", int, path)
-    if n_bits != cfg.n_bits:
-        raise InputError(f"expected n_bits {cfg.n_bits} as in the config of {path}, got {n_bits}")
+    if version == 1:
+        model_config, train_config = _v1_configs(payload, path)
+    else:
+        model_config = _model_config(_field(payload, "model_args", dict, path), path)
+        train_config = _field(payload, "train_config", dict, path)
     vocabulary = payload.get("vocabulary")
     if vocabulary is not None and not (
         isinstance(vocabulary, list) and all(isinstance(t, str) for t in vocabulary)
     ):
         raise InputError(f"expected a list of strings as vocabulary in {path}, got {vocabulary!r}")
-    model = build_model(
-        cfg,
-        image_dim=_field(payload, "image_dim", int, path),
-        text_dim=_field(payload, "text_dim", int, path),
-    )
+    model = build_model(model_config)
     try:
         model.load_state_dict(_field(payload, "model", dict, path))
     except RuntimeError as err:
         raise InputError(f"expected weights matching the config in {path}, got: {err}") from err
     model.to(device)
-    model.eval()
+    model.eval()  # once, here: encoding requires it and never switches modes itself
     return Checkpoint(
         model=model,
-        cfg=cfg,
+        model_config=model_config,
+        train_config=dict(train_config),
         history=list(_field(payload, "history", list, path)),
         vocabulary=vocabulary,
         image_backbone=_field(payload, "image_backbone", str, path),
         dataset=_field(payload, "dataset", str, path),
-        n_bits=n_bits,
     )

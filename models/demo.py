@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common.errors import InputError
+from common.fsio import atomic_write_bytes, fsync_dir
 from models.data import PairDataset, Rejection
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,11 @@ def render_scene(rng: np.random.Generator) -> tuple[Image.Image, str, list[str]]
 
 
 def generate_demo(root: Path, *, n: int = N_DEFAULT, seed: int = 0, progress: bool = False) -> Path:
-    """Render n scenes into root (built in a sibling folder, then renamed); returns root."""
+    """Render n scenes into root (built in a sibling folder, then renamed); returns root.
+
+    The rename is the commit: captions.jsonl, which marks a demo as present, is durable before
+    it, and the rename itself after it (common.fsio). The images are not fsynced one by one.
+    """
     if n < 20:
         raise InputError(f"expected at least 20 demo scenes, got {n}")
     root = Path(root)
@@ -203,12 +208,13 @@ def generate_demo(root: Path, *, n: int = N_DEFAULT, seed: int = 0, progress: bo
             "split": split,
         }
         lines.append(json.dumps(record))
-    (tmp / "labels.txt").write_text("\n".join(KINDS) + "\n", encoding="utf-8")
-    (tmp / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_bytes(tmp / "labels.txt", ("\n".join(KINDS) + "\n").encode("utf-8"))
+    atomic_write_bytes(tmp / "captions.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
     root.parent.mkdir(parents=True, exist_ok=True)
     if root.exists():
         root.rmdir()  # only an empty folder can be here (captions.jsonl was checked above)
     os.replace(tmp, root)
+    fsync_dir(root.parent)
     logger.info("generated %d demo scenes (%d queries) in %s", n, n_query, root)
     return root
 

@@ -23,6 +23,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from common.errors import InputError
+from models.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ class Backbone:
     dim: int
     device: torch.device
     dtype: torch.dtype
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class _VGG19FC7(nn.Module):
@@ -119,8 +115,8 @@ def load_efficientnet_lite0(weights: Path | None = None) -> nn.Module:
 def load_backbone(
     name: str, *, weights: Path | None = None, device: torch.device | None = None
 ) -> Backbone:
-    """Build a backbone by name, in eval mode on `device` (half precision on CUDA)."""
-    device = device or default_device()
+    """Build a backbone by name, in eval mode on `device` (half precision on CUDA; None: auto)."""
+    device = device or resolve_device("auto")
     if name == "vgg19":
         net, dim, mean, std = load_vgg19_fc7(weights), 4096, IMAGENET_MEAN, IMAGENET_STD
     elif name == "efficientnet-lite0":

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import InputError
+from common.fsio import atomic_write
 from models.data import PairDataset
 from models.datasets import load_dataset
 from models.image_features import encode_images, load_backbone
@@ -60,13 +59,7 @@ def cached_image_features(
         )
     model = load_backbone(backbone, weights=weights)
     features = encode_images(model, data.image_paths, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, features)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, features))
     logger.info("wrote image features %s to cache %s", features.shape, path)
     return features, path, False
 

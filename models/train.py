@@ -15,9 +15,10 @@ import torch
 from tqdm import tqdm
 
 from common.errors import InputError
-from evaluation.metrics import mean_average_precision
-from models.aucmh import INPUT_NORMS, HashingModel
+from evaluation.protocol import seeded_split, validation_map
+from models.aucmh import HashingModel, ModelConfig, build_model
 from models.data import PairDataset
+from models.devices import DEVICES, resolve_device
 from models.losses import anchor_graph_loss, graph_from_nearest, nearest_anchors, ranking_loss
 
 logger = logging.getLogger(__name__)
@@ -32,19 +33,27 @@ NEAREST_CHUNK = 2048
 # The values of k that train_selecting tries by default (see TrainConfig.k).
 K_GRID = (20, 100)
 
+# The TrainConfig fields that say what network is trained: ModelConfig's, less the feature widths,
+# which come from the data (TrainConfig.model_config).
+NETWORK_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("image_dim", "text_dim")
+)
+_NETWORK = ModelConfig()
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every AUCMH training setting; `cmh train` flags map onto these fields one to one."""
+    """How AUCMH is trained, and which network; `cmh train` flags map onto these fields one to one.
 
-    n_bits: int = 64  # code length L: 16, 32, 64 or 128
-    # Hidden widths of each MLP (its depth); 2048 chosen on Wikipedia and Web News validation.
-    image_hidden: tuple[int, ...] = (2048,)
-    text_hidden: tuple[int, ...] = (2048,)
-    input_norm: str = "zscore"  # feature scaling before the MLPs: "zscore" or "l2" (aucmh.py)
-    # Dropout after each hidden layer: the paper has none; 0.3 chosen on validation (it lifts
-    # image-to-text, where the image MLP otherwise overfits a few thousand pairs).
-    dropout: float = 0.3
+    The network fields (NETWORK_FIELDS) are ModelConfig's, with its defaults and checks, kept flat
+    here so that every flag, sweep variant and `dataclasses.replace` names a field directly.
+    """
+
+    n_bits: int = _NETWORK.n_bits  # ModelConfig.n_bits: code length L, 16, 32, 64 or 128
+    image_hidden: tuple[int, ...] = _NETWORK.image_hidden  # ModelConfig.image_hidden
+    text_hidden: tuple[int, ...] = _NETWORK.text_hidden  # ModelConfig.text_hidden
+    input_norm: str = _NETWORK.input_norm  # ModelConfig.input_norm: "zscore" or "l2"
+    dropout: float = _NETWORK.dropout  # ModelConfig.dropout, after each hidden layer
     # Nearest anchors kept per point in S (Eq. 2). The best k depends on the data (Web News
     # validation wants 20, the demo 100, Wikipedia is flat), so `cmh train`, `cmh evaluate` and
     # the demo build train each of K_GRID and keep the best on validation (train_selecting).
@@ -66,12 +75,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
 
     def __post_init__(self) -> None:
+        # ModelConfig checks the network fields (here with its default feature widths).
+        self.model_config(image_dim=_NETWORK.image_dim, text_dim=_NETWORK.text_dim)
         checks = [
-            (self.n_bits in (16, 32, 64, 128), "n_bits in {16, 32, 64, 128}", self.n_bits),
-            (all(w >= 1 for w in self.image_hidden), "positive image_hidden", self.image_hidden),
-            (all(w >= 1 for w in self.text_hidden), "positive text_hidden", self.text_hidden),
-            (self.input_norm in INPUT_NORMS, f"input_norm in {INPUT_NORMS}", self.input_norm),
-            (0.0 <= self.dropout < 1.0, "0 <= dropout < 1", self.dropout),
             (self.k >= 1, "k >= 1", self.k),
             (self.n_anchors >= 1, "n_anchors >= 1", self.n_anchors),
             (0.0 < self.beta < 1.0, "0 < beta < 1", self.beta),
@@ -84,38 +90,29 @@ class TrainConfig:
             (self.patience >= 1, "patience >= 1", self.patience),
             (self.n_val >= 1, "n_val >= 1", self.n_val),
             (self.use_graph_loss or self.use_ranking_loss, "at least one loss", "none"),
-            (self.device in ("auto", "cpu", "cuda"), "device auto, cpu or cuda", self.device),
+            (self.device in DEVICES, "device auto, cpu or cuda", self.device),
         ]
         for ok, expected, got in checks:
             if not ok:
                 raise InputError(f"expected {expected}, got {got!r}")
 
-
-# Fields added after checkpoints were first written, with the value those checkpoints were
-# trained with: an older config lacking them must rebuild the same network, not today's default.
-ABSENT_IN_OLDER_CHECKPOINTS: dict[str, Any] = {"input_norm": "zscore", "dropout": 0.0}
+    def model_config(self, *, image_dim: int, text_dim: int) -> ModelConfig:
+        """The network these settings train, for features of these widths."""
+        network: dict[str, Any] = {name: getattr(self, name) for name in NETWORK_FIELDS}
+        return ModelConfig(image_dim=image_dim, text_dim=text_dim, **network)
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from `dataclasses.asdict` output (lists back to tuples).
 
-    Raises InputError on unknown or missing-but-required fields or bad values.
+    Absent fields take today's defaults. Raises InputError on unknown fields or bad values.
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise InputError(f"expected TrainConfig fields, got unknown {unknown}")
     fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return TrainConfig(**{**ABSENT_IN_OLDER_CHECKPOINTS, **fixed})
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without CUDA is an InputError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("expected a CUDA device for device='cuda', got none available")
-    return torch.device(name)
+    return TrainConfig(**fixed)
 
 
 def split_train(train_idx: np.ndarray, *, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +123,7 @@ def split_train(train_idx: np.ndarray, *, n_val: int, seed: int) -> tuple[np.nda
         raise InputError(
             f"expected at least 10 training pairs to carve a validation split, got {n}"
         )
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(train_idx[order[n_held:]]), np.sort(train_idx[order[:n_held]])
+    return seeded_split(train_idx, n_held=n_held, seed=seed)
 
 
 def _features(data: PairDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -137,26 +133,6 @@ def _features(data: PairDataset) -> tuple[np.ndarray, np.ndarray]:
             f"image={data.image_features is not None}, text={data.text_features is not None}"
         )
     return data.image_features, data.text_features
-
-
-def evaluate_split(
-    model: HashingModel,
-    *,
-    image: np.ndarray,
-    text: np.ndarray,
-    labels: np.ndarray,
-    query_idx: np.ndarray,
-    db_idx: np.ndarray,
-    seed: int,
-) -> tuple[float, float]:
-    """(image-to-text MAP, text-to-image MAP) of `model` with query_idx against db_idx."""
-    qi, qt = model.encode_image(image[query_idx]), model.encode_text(text[query_idx])
-    di, dt = model.encode_image(image[db_idx]), model.encode_text(text[db_idx])
-    ql, dl = labels[query_idx], labels[db_idx]
-    return (
-        mean_average_precision(qi, dt, ql, dl, seed=seed),
-        mean_average_precision(qt, di, ql, dl, seed=seed),
-    )
 
 
 def nearest_for_rows(
@@ -176,29 +152,20 @@ def nearest_for_rows(
 
 
 def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    """The history row with the best mean of the two validation MAPs (the epoch train keeps)."""
+    """The epoch train keeps: the row with the best mean of the two validation MAPs.
+
+    The earliest such row on ties. Only trained epochs are rows, so the untrained weights
+    (epoch 0) are never kept. train decides with this function, and every report reads it.
+    """
     if not history:
         raise InputError("expected a training history with at least one epoch, got none")
     return max(history, key=lambda row: row["val_i2t"] + row["val_t2i"])
 
 
 def best_validation_map(history: list[dict[str, float]]) -> float:
-    """The best mean of the two validation MAPs over a training history."""
+    """The mean of the two validation MAPs at the kept epoch (best_epoch)."""
     row = best_epoch(history)
     return (row["val_i2t"] + row["val_t2i"]) / 2
-
-
-def build_model(cfg: TrainConfig, *, image_dim: int, text_dim: int) -> HashingModel:
-    """The untrained network `cfg` describes, for features of these widths."""
-    return HashingModel(
-        image_dim=image_dim,
-        text_dim=text_dim,
-        n_bits=cfg.n_bits,
-        image_hidden=cfg.image_hidden,
-        text_hidden=cfg.text_hidden,
-        input_norm=cfg.input_norm,
-        dropout=cfg.dropout,
-    )
 
 
 def with_k_grid(cfg: TrainConfig, ks: Sequence[int] = K_GRID) -> list[TrainConfig]:
@@ -239,11 +206,11 @@ def train_selecting(
 def train(
     *, cfg: TrainConfig, data: PairDataset, progress: bool = False
 ) -> tuple[HashingModel, list[dict[str, float]]]:
-    """Train AUCMH on data.train_idx; return the best-validation model and per-epoch history.
+    """Train AUCMH on data.train_idx; return the kept model (eval mode) and per-epoch history.
 
     A validation split is carved out of train_idx (never the queries); after each epoch the
-    validation MAP (both directions) is logged, and the weights of the epoch with the best mean
-    are returned. History rows: epoch, loss, loss_graph, loss_rank, val_i2t, val_t2i, seconds.
+    validation MAP (both directions) is logged, and the weights of best_epoch(history) are
+    returned. History rows: epoch, loss, loss_graph, loss_rank, val_i2t, val_t2i, seconds.
     """
     image, text = _features(data)
     device = resolve_device(cfg.device)
@@ -254,7 +221,7 @@ def train(
     if val_db.size > VAL_DATABASE_CAP:
         val_db = np.sort(rng.choice(fit_idx, VAL_DATABASE_CAP, replace=False))
 
-    model = build_model(cfg, image_dim=image.shape[1], text_dim=text.shape[1])
+    model = build_model(cfg.model_config(image_dim=image.shape[1], text_dim=text.shape[1]))
     model.fit_statistics(image[fit_idx], text[fit_idx])
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -285,15 +252,15 @@ def train(
     )  # fmt: skip
 
     def evaluate() -> tuple[float, float]:
-        return evaluate_split(
+        model.eval()  # encoding needs eval mode; the next epoch switches back to training
+        return validation_map(
             model, image=image, text=text, labels=data.labels,
             query_idx=val_idx, db_idx=val_db, seed=cfg.seed,
         )  # fmt: skip
 
-    best = sum(evaluate()) / 2
-    logger.info("epoch 0 (untrained): mean validation MAP %.4f", best)
-    best_state = copy.deepcopy(model.state_dict())
-    best_epoch, history = 0, []
+    logger.info("epoch 0 (untrained): mean validation MAP %.4f", sum(evaluate()) / 2)
+    best_state: dict[str, torch.Tensor] = {}
+    history: list[dict[str, float]] = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=not progress):
         start = time.perf_counter()
         model.train()
@@ -338,13 +305,16 @@ def train(
             "epoch %d: loss %.4f (L_g %.4f, L_r %.4f) | val MAP i2t %.4f t2i %.4f | %.1fs",
             epoch, mean_loss, mean_g, mean_r, i2t, t2i, seconds,
         )  # fmt: skip
-        if (i2t + t2i) / 2 > best:
-            best, best_epoch = (i2t + t2i) / 2, epoch
+        kept = best_epoch(history)
+        if kept is history[-1]:
             best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= cfg.patience:
+        elif epoch - kept["epoch"] >= cfg.patience:
             logger.info("no better validation MAP for %d epochs: stopping", cfg.patience)
             break
     model.load_state_dict(best_state)
     model.eval()
-    logger.info("kept epoch %d: mean validation MAP %.4f", best_epoch, best)
+    kept = best_epoch(history)
+    logger.info(
+        "kept epoch %d: mean validation MAP %.4f", kept["epoch"], best_validation_map(history)
+    )
     return model, history

@@ -22,14 +22,15 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.protocol import score_run, validation_split  # noqa: E402
+from evaluation.protocol import Encoder, validation_map, validation_split  # noqa: E402
 from models.data import PairDataset  # noqa: E402
-from models.methods import METHODS, Encoder, features  # noqa: E402
+from models.methods import METHODS, features  # noqa: E402
 from models.pipeline import prepare  # noqa: E402
 from models.train import TrainConfig, config_from_dict, train  # noqa: E402
 
@@ -42,18 +43,14 @@ def outer_split(data: PairDataset, seed: int) -> PairDataset:
     return dataclasses.replace(data, train_idx=fit, query_idx=val, database_idx=fit)
 
 
-def score(data: PairDataset, model: Encoder, name: str, bits: int, seed: int) -> dict[str, object]:
+def score(data: PairDataset, model: Encoder, name: str, bits: int, seed: int) -> dict[str, Any]:
     image, text = features(data)
-    q, db = data.query_idx, data.database_idx
     real = METHODS[name].real_valued if name in METHODS else False
-    run = score_run(
-        method=name, bits=bits, seed=seed,
-        image_query=model.encode_image(image[q]), text_query=model.encode_text(text[q]),
-        image_db=model.encode_image(image[db]), text_db=model.encode_text(text[db]),
-        query_labels=data.labels[q], db_labels=data.labels[db], real_valued=real,
+    i2t, t2i = validation_map(
+        model, image=image, text=text, labels=data.labels, query_idx=data.query_idx,
+        db_idx=data.database_idx, real_valued=real, seed=seed,
     )  # fmt: skip
-    return {"method": name, "bits": bits, "seed": seed,
-            "i2t": run.i2t.map_all, "t2i": run.t2i.map_all}  # fmt: skip
+    return {"method": name, "bits": bits, "seed": seed, "i2t": i2t, "t2i": t2i}
 
 
 def main() -> None:
@@ -96,7 +93,7 @@ def main() -> None:
                 f.write(json.dumps({"dataset": args.dataset, **row}) + "\n")
     table: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
     for row in rows:
-        table[(str(row["method"]), int(row["bits"]))].append((float(row["i2t"]), float(row["t2i"])))  # type: ignore[arg-type]
+        table[(row["method"], row["bits"])].append((row["i2t"], row["t2i"]))
     print(f"{'method':24s} bits  i2t mean(std)     t2i mean(std)")
     for (name, n_bits), vals in table.items():
         a = np.array(vals)

@@ -16,12 +16,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from common.errors import InputError
 from indexes.codes import pack_codes
 from models.checkpoint import Checkpoint
+from models.devices import resolve_device as resolve_device  # re-exported: service/app.py
 from models.image_features import Backbone, encode_images
 from models.text_features import TextVectorizer
 
@@ -128,21 +128,19 @@ class Encoder:
                 f"got {backbone.name}"
             )
         self.checkpoint = checkpoint
-        self.model = checkpoint.model.eval()
+        # In eval mode since load_checkpoint; encoding never switches it, so threads share it.
+        self.model = checkpoint.model
         self.n_bits = checkpoint.n_bits
         self.backbone = backbone
         self.vectorizer = TextVectorizer(checkpoint.vocabulary)
         self.batcher = MicroBatcher(
             backbone, window_ms=window_ms, max_batch=max_batch, on_batch=on_batch
         )
-        self._model_lock = threading.Lock()  # the model's encode toggles eval mode: one at a time
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(packed codes (n, words) uint64, (n,) bool: the text had no known word)."""
         features, unknown = self.vectorizer.transform(texts)
-        with self._model_lock:
-            codes = self.model.encode_text(features)
-        return pack_codes(codes), unknown
+        return pack_codes(self.model.encode_text(features)), unknown
 
     def encode_image(self, image: Image.Image, *, timeout: float = 120.0) -> np.ndarray:
         """(1, words) uint64 packed code of one image, through the micro-batcher."""
@@ -151,9 +149,7 @@ class Encoder:
 
     def encode_image_features(self, features: np.ndarray) -> np.ndarray:
         """(n, dim) backbone features -> (n, words) uint64 packed codes."""
-        with self._model_lock:
-            codes = self.model.encode_image(features)
-        return pack_codes(codes)
+        return pack_codes(self.model.encode_image(features))
 
     def image_features(self, images: list[Image.Image]) -> np.ndarray:
         """(n, dim) backbone features for a batch (offline builds; bypasses the batcher)."""
@@ -162,14 +158,3 @@ class Encoder:
     def close(self) -> None:
         """Stop the batcher thread."""
         self.batcher.close()
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available else CPU; 'cuda' without CUDA is an InputError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("expected a CUDA device for CMH_DEVICE=cuda, found none")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"expected CMH_DEVICE in auto, cpu, cuda, got {name!r}")
-    return torch.device(name)

@@ -13,13 +13,22 @@ from common.errors import InputError
 from evaluation.metrics import (
     average_precisions,
     hamming_distances,
+    mean_average_precision,
     precision_recall_by_radius,
     relevance,
 )
-from evaluation.protocol import QUERY_BLOCK, score_direction, validation_split
+from evaluation.protocol import (
+    QUERY_BLOCK,
+    score_direction,
+    score_run,
+    seeded_split,
+    validation_map,
+    validation_split,
+)
 from evaluation.report import format_table, plot_pr_curves, results_document
 from models.data import PairDataset
 from models.methods import evaluate_methods, parse_methods
+from models.train import split_train
 from service.cli import main
 from service.commands.evaluate import parse_bits
 
@@ -160,3 +169,61 @@ def test_aucmh_and_its_ablations_run_through_the_method_table() -> None:
     results = evaluate_methods(data, methods=parse_methods("aucmh"), bits=[16], seeds=[0])
     assert [(r.method, r.bits, r.seed) for r in results] == [("aucmh", 16, 0)]
     assert results[0].i2t.map_all > 0.6 and results[0].t2i.map_all > 0.6  # random: about 1/3
+
+
+def test_every_held_out_split_is_one_seeded_split() -> None:
+    train_idx = np.arange(10, 110, dtype=np.int64)
+    kept, held = seeded_split(train_idx, n_held=20, seed=5)
+    assert held.size == 20 and np.array_equal(np.sort(np.concatenate([kept, held])), train_idx)
+    assert np.all(np.diff(kept) > 0) and np.all(np.diff(held) > 0)
+    assert not np.array_equal(held, seeded_split(train_idx, n_held=20, seed=6)[1])
+    # The baselines' split (a fraction) and AUCMH's epoch split (a count) are this one split.
+    for fit, val in (
+        validation_split(train_idx, fraction=0.2, seed=5),
+        split_train(train_idx, n_val=20, seed=5),
+    ):
+        assert np.array_equal(fit, kept) and np.array_equal(val, held)
+
+
+class _Projection:
+    """A fixed random projection: signs as codes, or the projection itself (real-valued)."""
+
+    def __init__(self, image_dim: int, text_dim: int, *, real_valued: bool) -> None:
+        rng = np.random.default_rng(1)
+        self.wi, self.wt = rng.normal(size=(image_dim, 16)), rng.normal(size=(text_dim, 16))
+        self.real_valued = real_valued
+
+    def _out(self, x: np.ndarray) -> np.ndarray:
+        return x if self.real_valued else np.where(x > 0, 1, -1).astype(np.int8)
+
+    def encode_image(self, features: np.ndarray) -> np.ndarray:
+        return self._out(features @ self.wi)
+
+    def encode_text(self, features: np.ndarray) -> np.ndarray:
+        return self._out(features @ self.wt)
+
+
+@pytest.mark.parametrize("real_valued", [False, True])
+def test_validation_map_is_the_map_at_all_that_score_run_reports(real_valued: bool) -> None:
+    data = synthetic_dataset(n=QUERY_BLOCK * 2 + 100)  # queries in more than one block
+    assert data.image_features is not None and data.text_features is not None
+    image, text = data.image_features, data.text_features
+    model = _Projection(image.shape[1], text.shape[1], real_valued=real_valued)
+    q, db = np.arange(QUERY_BLOCK + 30), np.arange(QUERY_BLOCK + 30, len(data))
+    i2t, t2i = validation_map(
+        model, image=image, text=text, labels=data.labels, query_idx=q, db_idx=db,
+        real_valued=real_valued, seed=3,
+    )  # fmt: skip
+    run = score_run(
+        method="projection", bits=16, seed=3, image_query=model.encode_image(image[q]),
+        text_query=model.encode_text(text[q]), image_db=model.encode_image(image[db]),
+        text_db=model.encode_text(text[db]), query_labels=data.labels[q],
+        db_labels=data.labels[db], real_valued=real_valued,
+    )  # fmt: skip
+    assert (i2t, t2i) == (run.i2t.map_all, run.t2i.map_all)
+    if not real_valued:  # and what AUCMH's trainer computed before it used validation_map
+        whole = mean_average_precision(
+            model.encode_image(image[q]), model.encode_text(text[db]), data.labels[q],
+            data.labels[db], seed=3,
+        )  # fmt: skip
+        assert i2t == whole

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+import models.train
 from common.errors import InputError
-from models.aucmh import HashingModel
+from evaluation.protocol import validation_map
+from models.aucmh import HashingModel, ModelConfig
 from models.checkpoint import load_checkpoint
 from models.data import PairDataset
 from models.train import (
     K_GRID,
     TrainConfig,
+    best_epoch,
     best_validation_map,
     config_from_dict,
-    evaluate_split,
     split_train,
     train,
     train_selecting,
@@ -59,7 +61,7 @@ def trained(data: PairDataset) -> tuple[HashingModel, list[dict[str, float]]]:
 
 def _query_map(model: HashingModel, data: PairDataset) -> float:
     assert data.image_features is not None and data.text_features is not None
-    i2t, t2i = evaluate_split(
+    i2t, t2i = validation_map(
         model, image=data.image_features, text=data.text_features, labels=data.labels,
         query_idx=data.query_idx, db_idx=data.database_idx, seed=0,
     )  # fmt: skip
@@ -71,7 +73,7 @@ def test_short_run_beats_the_untrained_model(data, trained) -> None:
     torch.manual_seed(0)
     untrained = HashingModel(
         image_dim=40, text_dim=25, n_bits=16, image_hidden=(64,), text_hidden=(64,)
-    )
+    ).eval()
     assert data.image_features is not None and data.text_features is not None
     untrained.fit_statistics(
         data.image_features[data.train_idx], data.text_features[data.train_idx]
@@ -147,14 +149,71 @@ def test_config_rejects_no_loss_and_round_trips() -> None:
         config_from_dict({"n_bitz": 16})
 
 
-def test_config_of_an_older_checkpoint_rebuilds_the_network_it_trained() -> None:
-    # Checkpoints written before input_norm and dropout existed trained with z-scoring and no
-    # dropout; today's defaults (dropout 0.3) would add layers their weights do not fit.
-    old = dataclasses.asdict(SMALL)
-    del old["input_norm"], old["dropout"]
-    cfg = config_from_dict(old)
-    assert cfg.input_norm == "zscore" and cfg.dropout == 0.0
-    assert TrainConfig().dropout > 0
+def test_train_config_names_its_network_with_model_config_fields_and_defaults() -> None:
+    network = SMALL.model_config(image_dim=40, text_dim=25)
+    assert network == ModelConfig(
+        image_dim=40, text_dim=25, n_bits=16, image_hidden=(64,), text_hidden=(64,),
+        input_norm=SMALL.input_norm, dropout=SMALL.dropout,
+    )  # fmt: skip
+    # Defaults live in ModelConfig once: a default TrainConfig trains the default network.
+    default = ModelConfig()
+    assert TrainConfig().model_config(image_dim=default.image_dim, text_dim=default.text_dim) == (
+        default
+    )
+
+
+def _history(*means: float) -> list[dict[str, float]]:
+    return [
+        {"epoch": float(e), "val_i2t": m + 0.1, "val_t2i": m - 0.1}
+        for e, m in enumerate(means, start=1)
+    ]
+
+
+def test_best_epoch_keeps_the_best_mean_the_earliest_on_ties() -> None:
+    assert best_epoch(_history(0.3, 0.5, 0.4))["epoch"] == 2
+    assert best_epoch(_history(0.3, 0.5, 0.5, 0.2))["epoch"] == 2  # a tie keeps the earlier
+    # The mean of both directions decides, not either one alone.
+    rows = [
+        {"epoch": 1.0, "val_i2t": 0.9, "val_t2i": 0.1},
+        {"epoch": 2.0, "val_i2t": 0.6, "val_t2i": 0.5},
+    ]
+    assert best_epoch(rows)["epoch"] == 2 and best_validation_map(rows) == pytest.approx(0.55)
+    with pytest.raises(InputError, match="at least one epoch, got none"):
+        best_epoch([])
+
+
+def _scripted_validation(monkeypatch, means: list[float]) -> None:
+    """Make train's validation MAPs (epoch 0 first) the given means, in order."""
+    scores = iter(means)
+
+    def scripted(model, **_: object) -> tuple[float, float]:
+        mean = next(scores)
+        return mean, mean
+
+    monkeypatch.setattr(models.train, "validation_map", scripted)
+
+
+def test_train_keeps_the_epoch_best_epoch_names_never_the_untrained_weights(
+    data, monkeypatch
+) -> None:
+    # Epoch 0 (the untrained weights) validates best; best_epoch only ranks trained epochs, and
+    # train must return the weights of the epoch it names (2), not the untrained ones.
+    cfg = dataclasses.replace(SMALL, epochs=4, patience=10)
+    _scripted_validation(monkeypatch, [0.9, 0.1, 0.3, 0.2, 0.25])
+    model, history = train(cfg=cfg, data=data)
+    assert best_epoch(history)["epoch"] == 2 and len(history) == 4
+    _scripted_validation(monkeypatch, [0.0, 0.1, 0.3])  # any rule keeps epoch 2 of 2 here
+    after_two, _ = train(cfg=dataclasses.replace(cfg, epochs=2), data=data)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_two.state_dict()[name]), name
+    assert not model.training
+
+
+def test_patience_counts_from_the_kept_epoch(data, monkeypatch) -> None:
+    cfg = dataclasses.replace(SMALL, epochs=8, patience=2)
+    _scripted_validation(monkeypatch, [0.9, 0.1, 0.3, 0.2, 0.25, 0.8, 0.8, 0.8, 0.8])
+    _, history = train(cfg=cfg, data=data)
+    assert len(history) == 4 and best_epoch(history)["epoch"] == 2  # stopped 2 epochs after 2
 
 
 def test_selection_keeps_the_candidate_with_the_best_validation_map(data, trained) -> None:
@@ -201,7 +260,7 @@ def test_short_run_on_demo_beats_untrained(demo_data: PairDataset) -> None:
     untrained = HashingModel(
         image_dim=demo_data.image_features.shape[1], text_dim=demo_data.text_features.shape[1],
         n_bits=16, image_hidden=(256,), text_hidden=(256,),
-    )  # fmt: skip
+    ).eval()  # fmt: skip
     untrained.fit_statistics(
         demo_data.image_features[demo_data.train_idx], demo_data.text_features[demo_data.train_idx]
     )
@@ -222,7 +281,8 @@ def test_cli_train_writes_a_loadable_checkpoint(
     assert f"out={out}" in capsys.readouterr().out
     ckpt = load_checkpoint(out)
     assert ckpt.n_bits == 16 and ckpt.dataset == "wikipedia" and len(ckpt.history) == 2
-    assert ckpt.cfg.image_hidden == (64,) and ckpt.cfg.text_hidden == () and ckpt.cfg.k == 50
+    assert ckpt.model_config.image_hidden == (64,) and ckpt.model_config.text_hidden == ()
+    assert config_from_dict(ckpt.train_config).k == 50
     assert ckpt.image_backbone == "sift-bovw-128" and ckpt.vocabulary is None
 
 
@@ -236,8 +296,10 @@ def test_cli_train_chooses_k_on_validation(wikipedia_root: Path, tmp_path: Path,
     assert code == 0
     ckpt = load_checkpoint(out)
     printed = capsys.readouterr().out
-    assert ckpt.cfg.k in (3, 30) and f"k={ckpt.cfg.k}" in printed
-    best = max(ckpt.history, key=lambda r: r["val_i2t"] + r["val_t2i"])
+    k = config_from_dict(ckpt.train_config).k
+    assert k in (3, 30) and f"k={k}" in printed
+    best = best_epoch(ckpt.history)
+    assert f"best_epoch={int(best['epoch'])}" in printed
     assert f"val_i2t={round(best['val_i2t'], 4)}" in printed
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
-from models.aucmh import INPUT_NORMS
+from models.aucmh import BITS, INPUT_NORMS
 from models.checkpoint import save_checkpoint
+from models.devices import DEVICES
 from models.train import K_GRID, TrainConfig, best_epoch, train_selecting, with_k_grid
 from service.commands.dataset_args import add_dataset_args, prepare_from_args
 
@@ -49,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
-    p.add_argument("--bits", type=int, default=d.n_bits, choices=(16, 32, 64, 128), help="n_bits")
+    p.add_argument("--bits", type=int, default=d.n_bits, choices=BITS, help="n_bits")
     p.add_argument("--image-hidden", type=_widths, default=d.image_hidden, help="e.g. 1024,1024")
     p.add_argument("--text-hidden", type=_widths, default=d.text_hidden, help="e.g. 1024")
     p.add_argument(
@@ -79,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-graph-loss", action="store_true", help="ablation: drop L_g")
     p.add_argument("--no-ranking-loss", action="store_true", help="ablation: drop L_r")
     p.add_argument("--no-hash-layer", action="store_true", help="ablation: continuous codes")
-    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="device")
+    p.add_argument("--device", default=d.device, choices=DEVICES, help="device")
     p.set_defaults(run=run)
 
 
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(
         args.out,
         model=model,
-        cfg=cfg,
+        train_config=dataclasses.asdict(cfg),
         history=history,
         vocabulary=data.vocabulary,
         image_backbone=data.image_backbone,
