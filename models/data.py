@@ -40,6 +40,7 @@ class PairDataset:
     image_paths: list[Path] | None = None  # (N,)
     text_features: np.ndarray | None = None  # (N, d_txt) float32
     texts: list[str] | None = None  # (N,)
+    extra: list[dict[str, object]] | None = None  # (N,) each pair's other source fields, kept as is
     listed: int = 0  # how many pairs the source lists (loaded + rejected)
     rejected: list[Rejection] = field(default_factory=list)  # pairs not loaded, with reasons
     defects: list[Rejection] = field(default_factory=list)  # pairs loaded despite a defect
@@ -55,7 +56,7 @@ class PairDataset:
             arr = getattr(self, name)
             if arr is not None and arr.shape[0] != n:
                 raise InputError(f"expected {n} rows of {name}, got {arr.shape[0]}")
-        for name in ("image_paths", "texts"):
+        for name in ("image_paths", "texts", "extra"):
             seq = getattr(self, name)
             if seq is not None and len(seq) != n:
                 raise InputError(f"expected {n} {name}, got {len(seq)}")

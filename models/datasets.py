@@ -1,4 +1,5 @@
-"""Dataset loaders: Wikipedia (.mat features), Web News (raw folders), the paper's feature files.
+"""Dataset loaders: Wikipedia (.mat features), Web News (raw folders), the paper's feature files,
+and your own pairs (a JSON Lines or CSV file of image paths and captions).
 
 Every loader returns a `PairDataset`. Protocols (queries never overlap the database; unsupervised
 methods train on the database):
@@ -9,6 +10,9 @@ methods train on the database):
 - mirflickr25k, iapr-tc12, nus-wide: 2,000 (NUS-WIDE 2,100) seeded random queries; database = train
   = the rest (the UCCH code's file layout, documented in the README).
 - demo: the generated dataset (models/demo.py).
+- pairs: each line's split field (models/pairs.py): queries = the "query" pairs; database = the
+  "database" pairs (the default); train = the "train" and "database" pairs. With no split on any
+  line, database = train = every pair and there are no queries.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from common.errors import InputError
 from models.data import PairDataset, Rejection, seeded_query_split
 from models.demo import load_demo
 from models.matfiles import read_mat_variables
+from models.pairs import load_pairs
 from models.webnews import load_web_news
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("wikipedia", "web-news", "demo", "mirflickr25k", "iapr-tc12", "nus-wide")
+DATASETS = ("wikipedia", "web-news", "demo", "mirflickr25k", "iapr-tc12", "nus-wide", "pairs")
 
 # The feature-file layout of the UCCH code (Hu et al., TPAMI 2023; the AUCMH authors' group):
 # dataset -> (folder, {variable: file}) and the number of seeded random queries.
@@ -70,6 +75,8 @@ def load_dataset(name: str, root: Path, *, seed: int = 0) -> PairDataset:
         return load_web_news(root)
     if name == "demo":
         return load_demo(root)
+    if name == "pairs":
+        return load_pairs(root)
     if name == "iapr-tc12":
         return load_iapr(root, seed=seed)
     return load_paper_features(name, root, seed=seed)

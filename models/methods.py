@@ -14,12 +14,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 
 from common.errors import InputError
-from evaluation.protocol import RunResult, score_direction, score_run, validation_split
+from evaluation.protocol import Encoder, RunResult, score_run, validation_map, validation_split
 from models.baselines import CCA, CCAITQ, CMFH, CVH, LSH
 from models.data import PairDataset
 from models.train import TrainConfig, train_selecting, with_k_grid
@@ -29,14 +28,6 @@ logger = logging.getLogger(__name__)
 VALIDATION_FRACTION = 0.2  # of the training part, held out to choose each baseline's regulariser
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # CCA covariance ridge, relative to the mean eigenvalue
 GAMMA_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # CMFH's ridge gamma (the paper's 0.01 first)
-
-
-class Encoder(Protocol):
-    """Anything fitted that maps image and text features to codes (or real embeddings)."""
-
-    def encode_image(self, features: np.ndarray) -> np.ndarray: ...
-
-    def encode_text(self, features: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -105,28 +96,15 @@ def _tuned(
 
     def fit(data: PairDataset, n_bits: int, seed: int) -> Encoder:
         image, text = features(data)
-        labels = data.labels
         fit_idx, val_idx = validation_split(data.train_idx, fraction=VALIDATION_FRACTION, seed=seed)
         scores = []
         for value in grid:
             model = fit_one(image[fit_idx], text[fit_idx], n_bits, seed, value)
-            i2t = score_direction(
-                model.encode_image(image[val_idx]),
-                model.encode_text(text[fit_idx]),
-                labels[val_idx],
-                labels[fit_idx],
-                real_valued=real_valued,
-                seed=seed,
-            )
-            t2i = score_direction(
-                model.encode_text(text[val_idx]),
-                model.encode_image(image[fit_idx]),
-                labels[val_idx],
-                labels[fit_idx],
-                real_valued=real_valued,
-                seed=seed,
-            )
-            scores.append((i2t.map_all + t2i.map_all) / 2)
+            i2t, t2i = validation_map(
+                model, image=image, text=text, labels=data.labels, query_idx=val_idx,
+                db_idx=fit_idx, real_valued=real_valued, seed=seed,
+            )  # fmt: skip
+            scores.append((i2t + t2i) / 2)
         best = grid[int(np.argmax(scores))]
         logger.info(
             "validation MAP@all by regularisation %s: chose %g",
@@ -191,6 +169,8 @@ def evaluate_methods(
     data: PairDataset, *, methods: Sequence[Method], bits: Sequence[int], seeds: Sequence[int]
 ) -> list[RunResult]:
     """Fit, encode and score every method at every code length and seed (one result each)."""
+    if data.query_idx.size == 0:
+        raise InputError('expected query pairs (split "query") to evaluate, got none')
     image, text = features(data)
     q, db = data.query_idx, data.database_idx
     results: list[RunResult] = []
