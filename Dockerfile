@@ -37,6 +37,7 @@ COPY indexes ./indexes
 COPY evaluation ./evaluation
 COPY models ./models
 COPY service ./service
+COPY store ./store
 # Every other dependency at its pyproject.toml pin; the torch installed above satisfies its pins.
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 10001 --user-group app \

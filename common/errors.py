@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class NotReadyError(RuntimeError):
     """A resource the request needs (model, index) is not loaded yet."""
+
+
+class IntegrityError(RuntimeError):
+    """Stored data failed its integrity check (a checksum, a count): never served as if valid."""

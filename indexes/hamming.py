@@ -6,6 +6,9 @@ FAISS: (dists int32 (m, k), ids int64 (m, k)), padded with id -1 and distance in
 exceeds the index size. Ties are broken by insertion order (earlier first), so results are
 reproducible.
 
+A search may take a `LiveMask`: only codes whose mask byte is 1 can be returned (deleted rows of
+a store segment, or rows a filter keeps out), with the same order and padding rules.
+
 Thread safety: search, range_search, contains and save only read one immutable snapshot of the
 index, so any number of threads may call them at once. add and remove build a new snapshot and
 swap it in with one assignment: a concurrent search sees either the old or the new contents.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,38 @@ SPLIT_DB_MIN = 1 << 16
 CHUNKS_PER_THREAD = 4  # pieces of work per search thread (see HammingIndex._scan)
 MIN_QUERY_CHUNK = 64  # queries that share one pass over the database (kernels.QUERY_BLOCK)
 MIN_DB_CHUNK = 1 << 20  # codes per piece when one query is split over the database
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool_for(threads: int) -> ThreadPoolExecutor | None:
+    """One shared pool of threads - 1 workers per thread count, so indexes are cheap to make."""
+    if threads <= 1:
+        return None
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="hamming")
+        return pool
+
+
+@dataclass(frozen=True)
+class LiveMask:
+    """Which codes a search may return: (n,) uint8 per code in insertion order, 1 = live."""
+
+    mask: np.ndarray  # (n,) uint8, C-contiguous
+    count: int  # how many bytes of mask are 1
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> LiveMask:
+        """A LiveMask from a (n,) bool or 0/1 uint8 array."""
+        as_bytes = np.ascontiguousarray(mask, dtype=np.uint8)
+        return cls(as_bytes, int(np.count_nonzero(as_bytes)))
+
+
+_ALL_LIVE = np.empty(0, np.uint8)
 
 
 @dataclass(frozen=True)
@@ -83,8 +119,7 @@ class HammingIndex:
         if threads is not None and (isinstance(threads, bool) or threads < 1):
             raise InputError(f"expected threads >= 1, got {threads!r}")
         self.threads = threads if threads is not None else (os.cpu_count() or 1)
-        # Worker threads start on first use and exit when the index is garbage-collected.
-        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._pool = _pool_for(self.threads)  # worker threads start on first use
         empty_ids = np.empty(0, np.int64)
         self._snap = _Snapshot(
             np.empty((0, self.n_words), np.uint64), empty_ids, empty_ids, empty_ids
@@ -113,6 +148,25 @@ class HammingIndex:
         twin = HammingIndex(self.n_bits, threads=self.threads)
         twin._snap = self._snap
         return twin
+
+    @classmethod
+    def from_arrays(
+        cls, n_bits: int, codes: np.ndarray, ids: np.ndarray, *, threads: int | None = None
+    ) -> HammingIndex:
+        """An index over existing (n, n_words) codes (not copied; a memory map may do) and ids."""
+        index = cls(n_bits, threads=threads)
+        check_packed(codes, index.n_bits, name="codes")
+        check_ids(ids, n=codes.shape[0])
+        if ids.size < 2 or bool(np.all(ids[1:] > ids[:-1])):  # ascending already: no sort
+            sorted_ids, order = ids, np.arange(ids.size, dtype=np.int64)
+        else:
+            order = np.argsort(ids, kind="stable")
+            sorted_ids = ids[order]
+            repeats = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+            if repeats.size:
+                raise InputError(f"expected unique ids, got id {int(sorted_ids[repeats[0]])} twice")
+        index._snap = _Snapshot(codes=codes, ids=ids, sorted_ids=sorted_ids, sorted_pos=order)
+        return index
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids),) bool: which of the int64 ids are in the index."""
@@ -176,22 +230,27 @@ class HammingIndex:
         )
         return int(gone.size)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact k nearest codes of each (m, n_words) uint64 query.
+    def search(
+        self, queries: np.ndarray, k: int, *, live: LiveMask | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k nearest codes of each (m, n_words) uint64 query (among `live` codes only).
 
         Returns (dists, ids), both (m, k): int32 Hamming distances ascending and int64 ids,
-        ties in insertion order, padded with int32 max and -1 past the index size.
-        Raises InputError for a wrong dtype or shape or k < 1.
+        ties in insertion order, padded with int32 max and -1 past the (live) index size.
+        Raises InputError for a wrong dtype or shape, k < 1 or a mask of the wrong length.
         """
         check_packed(queries, self.n_bits, name="queries")
         check_k(k)
         snap = self._snap
         m, n = queries.shape[0], snap.ids.shape[0]
-        heap_k = min(int(k), n)
+        if live is not None and live.mask.shape != (n,):
+            raise InputError(f"expected a live mask of shape ({n},), got {live.mask.shape}")
+        heap_k = min(int(k), n if live is None else live.count)
         sentinel = ((self.n_bits + 1) << POS_BITS) | POS_MASK
         keys = np.full((m, heap_k), sentinel, dtype=np.int64)  # (m, heap_k) max-heaps
         if m and heap_k:
-            keys = self._scan(np.ascontiguousarray(queries).reshape(-1), snap, keys)
+            mask = _ALL_LIVE if live is None else live.mask
+            keys = self._scan(np.ascontiguousarray(queries).reshape(-1), snap, keys, mask)
         keys.sort(axis=1)
         dists = np.full((m, int(k)), PAD_DIST, dtype=np.int32)
         out_ids = np.full((m, int(k)), -1, dtype=np.int64)
@@ -199,7 +258,9 @@ class HammingIndex:
         out_ids[:, :heap_k] = snap.ids[keys & POS_MASK]
         return dists, out_ids
 
-    def _scan(self, queries: np.ndarray, snap: _Snapshot, keys: np.ndarray) -> np.ndarray:
+    def _scan(
+        self, queries: np.ndarray, snap: _Snapshot, keys: np.ndarray, live: np.ndarray
+    ) -> np.ndarray:
         """Fill the (m, heap_k) key heaps, split over queries or (few queries) over the database.
 
         The work is cut into CHUNKS_PER_THREAD pieces per thread that the threads take from a
@@ -229,7 +290,7 @@ class HammingIndex:
                     part_queries, start, stop, part_keys = todo.get_nowait()
                 except queue.Empty:
                     return
-                scan(part_queries, db, start, stop, part_keys)
+                scan(part_queries, db, start, stop, part_keys, live)
 
         run_calls(self._pool, [(drain,)] * min(self.threads, len(jobs)))
         if not split_db:

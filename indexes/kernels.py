@@ -6,7 +6,12 @@ a compile-time constant: `kernels_for(n_words)` compiles (once, cached on disk) 
 
 A candidate is one int64 key `(distance << POS_BITS) | position`, so that comparing keys orders
 by distance, then by insertion order: the tie rule of the index. The top-k of a query is a
-max-heap of k keys, filled with SENTINEL-like keys (distance n_bits + 1) at the start.
+max-heap of k keys, filled at the start with sentinel keys (distance n_bits + 1, position
+POS_MASK) that every real code beats.
+
+A scan may take a live mask (uint8 per code, 0 = deleted or filtered out; an empty array means
+all live): the cheap first pass over a block still counts every code, which only makes its
+lower bound conservative, and the exact second pass skips codes that are not live.
 """
 
 from __future__ import annotations
@@ -68,7 +73,6 @@ class Kernels:
     knn_scan: Callable[..., None]
     range_count: Callable[..., None]
     range_fill: Callable[..., None]
-    distances: Callable[..., None]
 
 
 def _build(words: int) -> Kernels:
@@ -77,10 +81,16 @@ def _build(words: int) -> Kernels:
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
     def knn_scan(
-        queries: np.ndarray, db: np.ndarray, start: int, stop: int, heaps: np.ndarray
+        queries: np.ndarray,
+        db: np.ndarray,
+        start: int,
+        stop: int,
+        heaps: np.ndarray,
+        live: np.ndarray,
     ) -> None:
-        """Push db positions [start, stop) into the (m, k) key heaps of the (m * words,) queries."""
+        """Push live db positions [start, stop) into the (m, k) key heaps of the queries."""
         m = heaps.shape[0]
+        masked = live.shape[0] > 0
         tile = max(SUB, (TILE_BYTES // (8 * w_count)) // SUB * SUB)
         qvec = np.empty(w_count, np.uint64)
         for qb in range(0, m, QUERY_BLOCK):
@@ -104,6 +114,8 @@ def _build(words: int) -> Kernels:
                         if np.int64(lowest) >= top:
                             continue
                         for j in range(e - s):
+                            if masked and live[s + j] == 0:
+                                continue
                             d = np.uint64(0)
                             for w in range(w_count):
                                 d += popcount64(qvec[w] ^ blk[j * w_count + w])
@@ -165,19 +177,7 @@ def _build(words: int) -> Kernels:
                 out_pos[lo + slot] = tmp_pos[i]
                 out_dist[lo + slot] = tmp_dist[i]
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
-    def distances(query: np.ndarray, db: np.ndarray, pos: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = Hamming distance between the (words,) query and db code pos[i]."""
-        for i in range(pos.shape[0]):
-            p = pos[i]
-            d = np.uint64(0)
-            for w in range(w_count):
-                d += popcount64(query[w] ^ db[p * w_count + w])
-            out[i] = d
-
-    return Kernels(
-        knn_scan=knn_scan, range_count=range_count, range_fill=range_fill, distances=distances
-    )
+    return Kernels(knn_scan=knn_scan, range_count=range_count, range_fill=range_fill)
 
 
 _KERNELS: dict[int, Kernels] = {}

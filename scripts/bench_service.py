@@ -26,10 +26,11 @@ import httpx
 import numpy as np
 
 from indexes.codes import pack_codes
-from indexes.hamming import HammingIndex
 from models.checkpoint import load_checkpoint
 from service.local import serving
-from service.store import CHECKPOINT_NAME, Item, load_snapshot, manifest_for, write_generation
+from store.layout import CHECKPOINT_NAME
+from store.manifest import manifest_for
+from store.store import NewItems, Store
 
 QUERIES = [
     "a red car",
@@ -49,27 +50,30 @@ def synthetic_artifacts(source: Path, target: Path, n: int, seed: int) -> None:
     shutil.copy(source / CHECKPOINT_NAME, target / CHECKPOINT_NAME)
     shutil.copytree(source / "demo" / "images", target / "demo" / "images", dirs_exist_ok=True)
     checkpoint = load_checkpoint(target / CHECKPOINT_NAME)
-    demo = load_snapshot(source)
-    captions = [item.text for item in demo.items.values()]
     rng = np.random.default_rng(seed)
-    ids = np.arange(n, dtype=np.int64)
-    indexes = []
-    for _ in range(2):
-        index = HammingIndex(checkpoint.n_bits)
-        index.add(
-            pack_codes(rng.choice(np.array([-1, 1], np.int8), size=(n, checkpoint.n_bits))), ids
-        )
-        indexes.append(index)
-    items = {i: Item(i, captions[i % len(captions)], "demo/images/00000.jpg") for i in range(n)}
+    codes = [
+        pack_codes(rng.choice(np.array([-1, 1], np.int8), size=(n, checkpoint.n_bits)))
+        for _ in range(2)
+    ]
     manifest = manifest_for(
         target / CHECKPOINT_NAME,
         n_bits=checkpoint.n_bits,
         backbone=checkpoint.image_backbone,
         vocabulary=checkpoint.vocabulary or [],
     )
-    write_generation(
-        target, manifest=manifest, image_index=indexes[0], text_index=indexes[1], items=items
-    )
+    store = Store.create(target, manifest)
+    try:
+        store.add(
+            NewItems(
+                ids=list(range(n)),
+                texts=[QUERIES[i % len(QUERIES)] for i in range(n)],  # demo-like captions
+                images=["demo/images/00000.jpg"] * n,
+                image_codes=codes[0],
+                text_codes=codes[1],
+            )
+        )
+    finally:
+        store.close()
 
 
 def drive(

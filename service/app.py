@@ -1,4 +1,4 @@
-"""The FastAPI app: `create_app(settings)`; lifespan loads the checkpoint and the indexes once.
+"""The FastAPI app: `create_app(settings)`; lifespan loads the checkpoint and opens the store once.
 
 Errors, one status per kind, one body shape ({"detail": str, "errors": [...]}):
 - InputError -> 400 (a batch build that fails validation lists each bad item in "errors")
@@ -7,6 +7,7 @@ Errors, one status per kind, one body shape ({"detail": str, "errors": [...]}):
 - body or upload too large -> 413
 - upload that is not an image content type -> 415
 - schema violations -> 422 (FastAPI's own body)
+- IntegrityError (stored data failed its checksum) -> 500, saying which item
 - NotReadyError (no model or index loaded) -> 503
 """
 
@@ -22,37 +23,42 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import InputError, NotReadyError
-from indexes.hamming import HammingIndex
+from common.errors import InputError, IntegrityError, NotReadyError
 from models.checkpoint import load_checkpoint
 from models.image_features import load_backbone
-from service.builder import Served
 from service.encoder import Encoder, resolve_device
+from service.indexing import Indexer
 from service.jobs import JobManager
 from service.metrics import Metrics
 from service.milvus_serving import MilvusMirror
 from service.pages import router as pages_router
 from service.routes import router
 from service.settings import Settings
-from service.store import (
-    CHECKPOINT_NAME,
-    Manifest,
-    Snapshot,
-    current_generation,
-    load_snapshot,
-    manifest_for,
-)
+from service.state import Loaded
+from store.compaction import Compactor
+from store.layout import CHECKPOINT_NAME, open_store
+from store.manifest import manifest_for
 
 logger = logging.getLogger(__name__)
 
 
-def load_served(settings: Settings, metrics: Metrics) -> Served:
-    """Load checkpoint, backbone and index generation; InputError saying what does not match."""
+def load(settings: Settings, metrics: Metrics) -> Loaded:
+    """Load checkpoint and backbone and open the store; InputError saying what does not match."""
     artifacts = settings.artifacts_dir
     checkpoint_path = artifacts / CHECKPOINT_NAME
     device = resolve_device(settings.device)
     checkpoint = load_checkpoint(checkpoint_path, device=str(device))
     backbone = load_backbone(checkpoint.image_backbone, device=device)
+    expected = manifest_for(
+        checkpoint_path,
+        n_bits=checkpoint.n_bits,
+        backbone=checkpoint.image_backbone,
+        vocabulary=checkpoint.vocabulary,
+    )
+    mirror = None
+    if settings.index_backend == "milvus" and not settings.milvus_uri:
+        raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
+    store = open_store(artifacts, expected=expected)
     encoder = Encoder(
         checkpoint,
         backbone,
@@ -60,43 +66,20 @@ def load_served(settings: Settings, metrics: Metrics) -> Served:
         max_batch=settings.max_image_batch,
         on_batch=metrics.image_batch.observe,
     )
-    expected = manifest_for(
-        checkpoint_path,
-        n_bits=checkpoint.n_bits,
-        backbone=checkpoint.image_backbone,
-        vocabulary=encoder.vectorizer.vocabulary,
-    )
-    if current_generation(artifacts) is None:
-        logger.warning("no index in %s yet: serving an empty one until a build", artifacts)
-        empty = HammingIndex(checkpoint.n_bits)
-        snapshot = Snapshot("empty", expected, empty, HammingIndex(checkpoint.n_bits), {})
-    else:
-        snapshot = load_snapshot(artifacts)
-        check_manifest(snapshot.manifest, expected)
-    mirror = None
-    if settings.index_backend == "milvus":
-        if not settings.milvus_uri:
-            raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
+    if settings.index_backend == "milvus" and settings.milvus_uri:
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
-        mirror = MilvusMirror(artifacts=artifacts, uri=settings.milvus_uri, token=token)
-        snapshot = mirror.serve(snapshot)
-    return Served(
-        artifacts=artifacts,
+        mirror = MilvusMirror(store, uri=settings.milvus_uri, token=token)
+    Compactor(store)
+    indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
+    return Loaded(
+        settings=settings,
+        metrics=metrics,
         encoder=encoder,
-        snapshot=snapshot,
-        max_pixels=settings.max_image_pixels,
+        store=store,
+        indexer=indexer,
+        jobs=JobManager(),
         mirror=mirror,
     )
-
-
-def check_manifest(found: Manifest, expected: Manifest) -> None:
-    """The index must have been made by the served checkpoint: bits, backbone, vocabulary."""
-    for field in ("n_bits", "image_backbone", "vocabulary_sha256", "checkpoint_sha256"):
-        if getattr(found, field) != getattr(expected, field):
-            raise InputError(
-                f"the index does not match the checkpoint: {field} is {getattr(found, field)!r} "
-                f"in the index, {getattr(expected, field)!r} in the checkpoint; rebuild the index"
-            )
 
 
 @asynccontextmanager
@@ -107,24 +90,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    served = load_served(settings, app.state.metrics)
-    snap = served.snapshot
+    loaded = load(settings, app.state.metrics)
     logger.info(
-        "loaded model n_bits=%d (%s) from %s; index %s with %d items",
-        served.encoder.n_bits,
-        served.encoder.backbone.name,
+        "loaded model n_bits=%d (%s) from %s; store with %d items",
+        loaded.encoder.n_bits,
+        loaded.encoder.backbone.name,
         settings.artifacts_dir / CHECKPOINT_NAME,
-        snap.generation,
-        len(snap.items),
+        len(loaded.store),
     )
-    app.state.served = served
-    app.state.jobs = JobManager()
-    app.state.metrics.set_index_size(len(snap.image_index), len(snap.text_index))
+    app.state.loaded = loaded
+    loaded.metrics.set_index_size(len(loaded.store), len(loaded.store))
     try:
         yield
     finally:
-        app.state.jobs.close()
-        served.encoder.close()
+        loaded.jobs.close()
+        loaded.encoder.close()
+        if loaded.mirror is not None:
+            loaded.mirror.close()
+        loaded.store.close()
 
 
 def _error(status: int, detail: str, errors: list[object] | None = None) -> JSONResponse:
@@ -151,6 +134,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def input_error(_: Request, err: InputError) -> JSONResponse:
         errors = [e.model_dump() for e in getattr(err, "errors", [])]
         return _error(400, str(err), errors)
+
+    @app.exception_handler(IntegrityError)
+    async def integrity_error(_: Request, err: IntegrityError) -> JSONResponse:
+        logger.error("%s", err)
+        return _error(500, str(err))
 
     @app.exception_handler(NotReadyError)
     async def not_ready(_: Request, err: NotReadyError) -> JSONResponse:

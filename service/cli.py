@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.errors import InputError
-from service.commands import bench, data, demo, evaluate, features, serve, train
+from service.commands import bench, data, demo, evaluate, features, index, serve, train
 
 # Each module adds its own subparsers with `register(subparsers)` and sets `run=` on them.
-COMMANDS = (data, demo, evaluate, features, train, serve, bench)
+COMMANDS = (data, demo, evaluate, features, train, index, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

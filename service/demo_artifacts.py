@@ -1,4 +1,4 @@
-"""The demo's artifacts: dataset, features, a trained checkpoint and its first index generation.
+"""The demo's artifacts: dataset, features, a trained checkpoint and a store indexing every scene.
 
 `build_demo(artifacts)` makes whatever is missing, in order, and says what it did; everything it
 writes is atomic, so an interrupted build resumes where it stopped.
@@ -6,19 +6,21 @@ writes is atomic, so an interrupted build resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
 from indexes.codes import pack_codes
-from indexes.hamming import HammingIndex
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.demo import N_DEFAULT, generate_demo
 from models.pipeline import prepare
 from models.train import TrainConfig, best_epoch, train_selecting, with_k_grid
-from service.store import CHECKPOINT_NAME, Item, current_generation, manifest_for, write_generation
+from service.indexing import dataset_ids
+from store import legacy
+from store.layout import CHECKPOINT_NAME, open_store
+from store.manifest import manifest_for
+from store.store import NewItems
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def build_demo(
         save_checkpoint(
             checkpoint,
             model=model,
-            cfg=cfg,
+            train_config=dataclasses.asdict(cfg),
             history=history,
             vocabulary=data.vocabulary,
             image_backbone=data.image_backbone,
@@ -68,26 +70,32 @@ def build_demo(
             "best validation MAP "
             f"i2t {best['val_i2t']:.3f} t2i {best['val_t2i']:.3f} -> {checkpoint}"
         )
-    if current_generation(artifacts) is not None:
-        report.append(f"index: present in {artifacts / 'index'}")
+    if legacy.has_generations(artifacts):
+        report.append(f"index: present in {artifacts / legacy.LEGACY_DIR} (migrated when served)")
         return report
     start = time.perf_counter()
     model = load_checkpoint(checkpoint).model
-    ids = np.asarray([int(i) for i in data.ids], dtype=np.int64)
-    image_index, text_index = HammingIndex(DEMO_BITS), HammingIndex(DEMO_BITS)
-    image_index.add(pack_codes(model.encode_image(data.image_features)), ids)
-    text_index.add(pack_codes(model.encode_text(data.text_features)), ids)
-    items = {
-        int(i): Item(int(i), text, str(path.relative_to(artifacts)))
-        for i, text, path in zip(data.ids, data.texts, data.image_paths, strict=True)
-    }
     manifest = manifest_for(
         checkpoint, n_bits=DEMO_BITS, backbone=data.image_backbone, vocabulary=data.vocabulary
     )
-    write_generation(
-        artifacts, manifest=manifest, image_index=image_index, text_index=text_index, items=items
-    )
-    report.append(f"index: {len(items)} items, both directions ({_since(start)})")
+    # An empty store is what a build interrupted before its one commit leaves: fill it.
+    store = open_store(artifacts, expected=manifest)
+    try:
+        if len(store):
+            report.append(f"index: present in {store.root} ({len(store)} items)")
+            return report
+        store.add(
+            NewItems(
+                ids=dataset_ids(data),
+                texts=data.texts,
+                images=[str(path.relative_to(artifacts)) for path in data.image_paths],
+                image_codes=pack_codes(model.encode_image(data.image_features)),
+                text_codes=pack_codes(model.encode_text(data.text_features)),
+            )
+        )
+        report.append(f"index: {len(store)} items, both directions ({_since(start)})")
+    finally:
+        store.close()
     return report
 
 

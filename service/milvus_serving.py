@@ -1,74 +1,71 @@
-"""Serving index generations from Milvus (settings: CMH_INDEX_BACKEND=milvus, CMH_MILVUS_URI).
+"""Serving searches from Milvus (settings: CMH_INDEX_BACKEND=milvus, CMH_MILVUS_URI).
 
-The generation files under artifacts/index/ stay the record (written and swapped as with the
-in-memory backend); each generation is mirrored into two Milvus collections, which then answer
-the searches, so the codes need not stay in the API process's memory between builds. The
-collections of the served generation and of the one before it are kept (a search that started
-before a swap may still be reading the older one); older ones are dropped.
+The store stays the record (metadata, the commit point, the segment files); Milvus holds a copy
+of every live code in two collections named after the store (`cmh_<store id>_image` / `_text`),
+keyed by the rows' seqs, and answers the searches. The copy is kept in step in O(batch): the
+store tells the mirror of each committed add and delete (store.Listener). At startup a
+collection whose size differs from the store's (new, or left behind by a crash between a commit
+and its mirroring) is dropped and filled again from the store.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-from pathlib import Path
 
-from indexes.hamming import HammingIndex
+import numpy as np
+
 from indexes.milvus import MilvusHammingIndex
-from service.store import INDEX_DIR, Snapshot
+from store.store import Store
+from store.view import Target
 
 logger = logging.getLogger(__name__)
 
-MODALITIES = ("image", "text")
-
-
-def collection_name(generation: str, modality: str) -> str:
-    """Milvus names take letters, digits and underscores."""
-    return f"cmh_{generation.replace('-', '_')}_{modality}"
-
-
-def in_memory(index: HammingIndex | MilvusHammingIndex) -> HammingIndex:
-    """A HammingIndex with the same ids, codes and order (what a build extends)."""
-    if isinstance(index, HammingIndex):
-        return index.copy()
-    copy = HammingIndex(index.n_bits)
-    copy.add(index.codes, index.ids)
-    return copy
-
 
 class MilvusMirror:
-    """Fills, opens and drops the Milvus collections of index generations."""
+    """The store's live codes in Milvus: a store Listener and a Searcher."""
 
-    def __init__(self, *, artifacts: Path, uri: str, token: str = "") -> None:
-        self.artifacts = artifacts
+    def __init__(self, store: Store, *, uri: str, token: str = "") -> None:
         self.uri = uri
         self.token = token
-        self._served: list[Snapshot] = []  # the last two served, newest last
-
-    def serve(self, snapshot: Snapshot) -> Snapshot:
-        """The snapshot with Milvus indexes of the same codes (collections reused or filled)."""
-        if snapshot.generation == "empty":  # nothing built yet: nothing to mirror
-            return snapshot
-        folder = self.artifacts / INDEX_DIR / snapshot.generation
-        served = {}
-        for modality in MODALITIES:
-            memory = getattr(snapshot, f"{modality}_index")
-            name = collection_name(snapshot.generation, modality)
-            index = MilvusHammingIndex(
-                snapshot.manifest.n_bits, uri=self.uri, collection=name, token=self.token
+        base = f"cmh_{store.store_id}"
+        self.indexes = {
+            target: MilvusHammingIndex(
+                store.n_bits, uri=uri, collection=f"{base}_{target}", token=token
             )
-            if len(index) != len(memory):  # new, or left half-filled by a crash: fill it again
-                index.drop()
-                index = MilvusHammingIndex.load(
-                    folder / f"{modality}.hidx", uri=self.uri, collection=name, token=self.token
-                )
-            served[modality] = index
-        logger.info("generation %s served from Milvus at %s", snapshot.generation, self.uri)
-        mirrored = replace(snapshot, image_index=served["image"], text_index=served["text"])
-        self._served.append(mirrored)
-        for old in self._served[:-2]:
-            for retired in (old.image_index, old.text_index):
-                if isinstance(retired, MilvusHammingIndex):
-                    retired.drop()
-        self._served = self._served[-2:]
-        return mirrored
+            for target in ("image", "text")
+        }
+        if any(len(index) != len(store) for index in self.indexes.values()):
+            self._refill(store)
+        store.listener = self
+        logger.info("serving %d items from Milvus at %s (%s_*)", len(store), uri, base)
+
+    def _refill(self, store: Store) -> None:
+        seqs, image, text = store.live_rows()
+        for target, codes in (("image", image), ("text", text)):
+            index = self.indexes[target]
+            index.drop()
+            index = MilvusHammingIndex(
+                store.n_bits, uri=self.uri, collection=index.collection, token=self.token
+            )
+            index.add(codes, seqs)
+            self.indexes[target] = index
+        logger.info("filled Milvus with the store's %d live rows", seqs.size)
+
+    def added(self, seqs: np.ndarray, image_codes: np.ndarray, text_codes: np.ndarray) -> None:
+        """Copy newly committed rows."""
+        self.indexes["image"].add(image_codes, seqs)
+        self.indexes["text"].add(text_codes, seqs)
+
+    def deleted(self, seqs: np.ndarray) -> None:
+        """Remove deleted rows."""
+        for index in self.indexes.values():
+            index.remove(seqs)
+
+    def search(self, target: Target, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dists, seqs) of the k nearest rows, as View.search gives them."""
+        return self.indexes[target].search(queries, k)
+
+    def close(self) -> None:
+        """Close the connections."""
+        for index in self.indexes.values():
+            index.close()

@@ -7,13 +7,15 @@ import secrets
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.errors import InputError, NotReadyError
-from service.builder import Pending, Served, decode_image
+from models.datasets import load_dataset
+from service.indexing import Pending
 from service.jobs import JobManager
 from service.metrics import Metrics
 from service.schemas import (
@@ -29,7 +31,11 @@ from service.schemas import (
     TextSearch,
 )
 from service.settings import Settings
-from service.store import Snapshot
+from service.state import Loaded
+from service.uploads import decode_image, inside
+from store.ids import ItemId, parse_id
+from store.metadata import Item
+from store.store import Hits
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -44,25 +50,29 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def get_settings(request: Request) -> Settings:
     """The app's settings."""
-    return request.app.state.settings  # type: ignore[no-any-return]
+    settings = request.app.state.settings
+    assert isinstance(settings, Settings)
+    return settings
 
 
-def get_served(request: Request) -> Served:
-    """The served model and indexes; NotReadyError (503) before lifespan has loaded them."""
-    served = getattr(request.app.state, "served", None)
-    if served is None:
+def get_loaded(request: Request) -> Loaded:
+    """The served model and store; NotReadyError (503) before lifespan has loaded them."""
+    loaded = getattr(request.app.state, "loaded", None)
+    if not isinstance(loaded, Loaded):
         raise NotReadyError("the model and index are not loaded yet")
-    return served  # type: ignore[no-any-return]
+    return loaded
 
 
 def get_metrics(request: Request) -> Metrics:
     """The app's metrics."""
-    return request.app.state.metrics  # type: ignore[no-any-return]
+    metrics = request.app.state.metrics
+    assert isinstance(metrics, Metrics)
+    return metrics
 
 
-def get_jobs(request: Request) -> JobManager:
+def get_jobs(loaded: Annotated[Loaded, Depends(get_loaded)]) -> JobManager:
     """The build job manager."""
-    return request.app.state.jobs  # type: ignore[no-any-return]
+    return loaded.jobs
 
 
 def require_key(
@@ -78,7 +88,7 @@ def require_key(
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ServedDep = Annotated[Served, Depends(get_served)]
+LoadedDep = Annotated[Loaded, Depends(get_loaded)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
 
@@ -89,44 +99,48 @@ def check_k(k: int, settings: Settings) -> None:
         raise InputError(f"expected k in 1..{settings.max_k}, got {k}")
 
 
-def ranked(snapshot: Snapshot, dists: list[int], ids: list[int]) -> list[Hit]:
-    """Hits with metadata, dropping the -1 padding of a k larger than the index."""
-    hits = []
-    for dist, item_id in zip(dists, ids, strict=True):
-        if item_id < 0:
-            break
-        item = snapshot.items[item_id]
-        hits.append(
-            Hit(id=item_id, distance=dist, text=item.text, image_url=f"/v1/items/{item_id}/image")
+def image_url(item_id: ItemId) -> str:
+    """Where an item's image is served (string ids are URL-quoted)."""
+    return f"/v1/items/{quote(str(item_id), safe='')}/image"
+
+
+def ranked(found: list[tuple[Item, int]]) -> list[Hit]:
+    """Hits with metadata, nearest first (the store drops the padding of a k past its size)."""
+    return [
+        Hit(
+            id=item.id,
+            distance=dist,
+            text=item.text,
+            image_url=image_url(item.id),
+            fields=item.fields,
         )
-    return hits
+        for item, dist in found
+    ]
 
 
 @router.post("/v1/search/text", responses=ERRORS, tags=["search"])
 def search_text(
-    body: TextSearch, served: ServedDep, settings: SettingsDep, metrics: MetricsDep
+    body: TextSearch, loaded: LoadedDep, settings: SettingsDep, metrics: MetricsDep
 ) -> SearchResponse:
     """Search the image (or text) index with a text."""
     check_k(body.k, settings)
-    snapshot = served.snapshot  # one generation for the whole request
     start = time.perf_counter()
-    code, unknown = served.encoder.encode_texts([body.text])
+    code, unknown = loaded.encoder.encode_texts([body.text])
     metrics.encode.labels("text").observe(time.perf_counter() - start)
-    index = snapshot.image_index if body.target == "image" else snapshot.text_index
-    dists, ids = index.search(code, body.k)
+    found: Hits = loaded.store.search(body.target, code, body.k, searcher=loaded.searcher)
     return SearchResponse(
         target=body.target,
         k=body.k,
-        n_bits=served.encoder.n_bits,
-        generation=snapshot.generation,
+        n_bits=loaded.encoder.n_bits,
+        generation=str(found.commit),
         no_known_words=bool(unknown[0]),
-        hits=ranked(snapshot, dists[0].tolist(), ids[0].tolist()),
+        hits=ranked(found.hits[0]),
     )
 
 
 @router.post("/v1/search/image", responses=ERRORS, tags=["search"])
 def search_image(
-    served: ServedDep,
+    loaded: LoadedDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     file: Annotated[UploadFile, File(description="a JPEG, PNG, WebP, GIF, BMP or TIFF image")],
@@ -141,18 +155,16 @@ def search_image(
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"expected an image of at most {settings.max_upload_bytes} bytes")
     image, _ = decode_image(data, max_pixels=settings.max_image_pixels)
-    snapshot = served.snapshot
     start = time.perf_counter()
-    code = served.encoder.encode_image(image)
+    code = loaded.encoder.encode_image(image)
     metrics.encode.labels("image").observe(time.perf_counter() - start)
-    index = snapshot.text_index if target == "text" else snapshot.image_index
-    dists, ids = index.search(code, k)
+    found = loaded.store.search(target, code, k, searcher=loaded.searcher)
     return SearchResponse(
         target=target,
         k=k,
-        n_bits=served.encoder.n_bits,
-        generation=snapshot.generation,
-        hits=ranked(snapshot, dists[0].tolist(), ids[0].tolist()),
+        n_bits=loaded.encoder.n_bits,
+        generation=str(found.commit),
+        hits=ranked(found.hits[0]),
     )
 
 
@@ -166,40 +178,46 @@ def search_image(
 def build_index(
     body: BuildRequest,
     request: Request,
-    served: ServedDep,
+    loaded: LoadedDep,
     settings: SettingsDep,
     jobs: JobsDep,
     metrics: MetricsDep,
 ) -> JobAccepted:
     """Validate a batch (or a dataset root) now, then index it in a background job."""
     pending: list[Pending] = []
+    indexer, on_conflict = loaded.indexer, body.on_conflict
     if body.items is not None:  # items are checked now: a bad batch is a 400 listing each item
         if len(body.items) > settings.max_batch_items:
             raise InputError(
                 f"expected at most {settings.max_batch_items} items, got {len(body.items)}"
             )
-        pending = served.validate_items(
-            body.items, data_dir=settings.server_data_dir, max_image_bytes=settings.max_upload_bytes
+        pending = indexer.validate_items(
+            body.items,
+            data_dir=settings.server_data_dir,
+            max_image_bytes=settings.max_upload_bytes,
+            on_conflict=on_conflict,
         )
     dataset = body.dataset
 
     def work(progress: Callable[[int, int], None]) -> JobStatus:
-        todo, skipped = pending, list[str]()
         if dataset is not None:  # a dataset is read and checked in the job: it can be large
-            todo, skipped = served.validate_dataset(
-                dataset, data_dir=settings.server_data_dir, max_items=settings.max_batch_items
-            )
-            progress(0, len(todo))
-        snapshot = served.add(todo, progress)
-        metrics.set_index_size(len(snapshot.image_index), len(snapshot.text_index))
+            if settings.server_data_dir is None:
+                raise InputError("expected CMH_SERVER_DATA_DIR to be set for dataset builds")
+            data = load_dataset(dataset.name, inside(settings.server_data_dir, dataset.root))
+            outcome = indexer.add_dataset(data, progress, on_conflict=on_conflict)
+            added, skipped, commit = outcome.added, outcome.skipped, outcome.commit
+        else:
+            commit = indexer.add(pending, progress, on_conflict=on_conflict)
+            added, skipped = len(pending), []
+        metrics.set_index_size(len(loaded.store), len(loaded.store))
         return JobStatus(
             job_id="",
             status="succeeded",
-            done=len(todo),
-            total=len(todo),
-            added=len(todo),
+            done=added,
+            total=added,
+            added=added,
             skipped=skipped,
-            generation=snapshot.generation,
+            generation=str(commit),
         )
 
     job_id = jobs.submit(len(pending), work)
@@ -215,38 +233,52 @@ def job_status(job_id: str, jobs: JobsDep) -> JobStatus:
     return status
 
 
+def path_id(item_id: str) -> ItemId:
+    """The id named in a URL path ("5" is the integer 5)."""
+    try:
+        return parse_id(item_id)
+    except InputError as err:
+        raise HTTPException(404, f"expected an indexed id, got {item_id[:80]!r}: {err}") from None
+
+
 @router.delete(
-    "/v1/items/{item_id}", responses=ERRORS, tags=["index"], dependencies=[Depends(require_key)]
+    "/v1/items/{item_id:path}",
+    responses=ERRORS,
+    tags=["index"],
+    dependencies=[Depends(require_key)],
 )
-def delete_item(item_id: int, served: ServedDep, metrics: MetricsDep) -> DeleteResponse:
-    """Remove an item from both indexes (persisted before it is served)."""
-    removed, snapshot = served.delete(item_id)
+def delete_item(item_id: str, loaded: LoadedDep, metrics: MetricsDep) -> DeleteResponse:
+    """Remove an item from both indexes (durable before it is acknowledged)."""
+    wanted = path_id(item_id)
+    removed = loaded.store.delete([wanted])
     if not removed:
-        raise HTTPException(404, f"expected an indexed id, got {item_id}")
-    metrics.set_index_size(len(snapshot.image_index), len(snapshot.text_index))
-    return DeleteResponse(id=item_id, removed=True, generation=snapshot.generation)
+        raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
+    metrics.set_index_size(len(loaded.store), len(loaded.store))
+    return DeleteResponse(id=removed[0], removed=True, generation=str(loaded.store.view().commit))
 
 
-@router.get("/v1/items/{item_id}/image", responses=ERRORS, tags=["index"])
-def item_image(item_id: int, served: ServedDep) -> FileResponse:
+@router.get("/v1/items/{item_id:path}/image", responses=ERRORS, tags=["index"])
+def item_image(item_id: str, loaded: LoadedDep) -> FileResponse:
     """The stored image of an indexed item (only files the index refers to are ever served)."""
-    item = served.snapshot.items.get(item_id)
+    wanted = path_id(item_id)
+    item = loaded.store.get(wanted)
     if item is None:
-        raise HTTPException(404, f"expected an indexed id, got {item_id}")
-    path = served.artifacts / item.image
+        raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
+    path = loaded.store.artifacts / item.image
     if not path.is_file():
-        raise HTTPException(404, f"the image of item {item_id} is missing from the artifacts")
+        raise HTTPException(404, f"the image of item {wanted!r} is missing from the artifacts")
     return FileResponse(path)
 
 
 @router.get("/v1/index/stats", responses=ERRORS, tags=["index"])
-def index_stats(served: ServedDep) -> IndexStats:
-    """What is being served: sizes, bits, generation, backbone and vocabulary."""
-    snap, enc = served.snapshot, served.encoder
+def index_stats(loaded: LoadedDep) -> IndexStats:
+    """What is being served: sizes, bits, commit, segments, backbone and vocabulary."""
+    view, enc = loaded.store.view(), loaded.encoder
     return IndexStats(
-        items=len(snap.items),
+        items=view.count,
         n_bits=enc.n_bits,
-        generation=snap.generation,
+        generation=str(view.commit),
+        segments=len(view.parts),
         image_backbone=enc.backbone.name,
         checkpoint_dataset=enc.checkpoint.dataset,
         vocabulary_size=enc.vectorizer.dim,
@@ -261,9 +293,9 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses=ERRORS, tags=["ops"])
-def readyz(served: ServedDep) -> dict[str, object]:
+def readyz(loaded: LoadedDep) -> dict[str, object]:
     """Readiness: model and index loaded (503 otherwise)."""
-    return {"status": "ready", "index_size": len(served.snapshot.items)}
+    return {"status": "ready", "index_size": len(loaded.store)}
 
 
 @router.get("/metrics", tags=["ops"])

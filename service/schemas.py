@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
 
-MAX_ID = 2**63 - 1
+from common.errors import InputError
+from store.ids import ItemId, parse_id
+
 Target = Literal["image", "text"]
+OnConflict = Literal["error", "replace"]
+
+
+def _item_id(value: object) -> ItemId:
+    try:
+        return parse_id(value)
+    except InputError as err:  # pydantic turns a ValueError into a 422 naming the field
+        raise ValueError(str(err)) from None
+
+
+# An integer (0..2**63-1) or a string of 1..256 characters; "5" and 5 are the same id.
+UserId = Annotated[int | str, BeforeValidator(_item_id)]
 
 
 class ErrorItem(BaseModel):
     """One failed item of a batch."""
 
     index: int = Field(description="position of the item in the request's list (or -1)")
-    id: int | None = None
+    id: int | str | None = None
     reason: str
 
 
@@ -36,10 +50,11 @@ class TextSearch(BaseModel):
 class Hit(BaseModel):
     """One result: the item, its Hamming distance to the query and its metadata."""
 
-    id: int
+    id: int | str
     distance: int
     text: str
     image_url: str
+    fields: dict[str, Any] = Field({}, description="the user's fields given at build time")
 
 
 class SearchResponse(BaseModel):
@@ -48,7 +63,7 @@ class SearchResponse(BaseModel):
     target: Target
     k: int
     n_bits: int
-    generation: str
+    generation: str = Field(description="the store commit the search read")
     no_known_words: bool = Field(False, description="text query: none of its words is known")
     hits: list[Hit]
 
@@ -56,10 +71,11 @@ class SearchResponse(BaseModel):
 class BuildItem(BaseModel):
     """One pair to index: an id, its text and its image (base64 bytes or a server-side path)."""
 
-    id: int = Field(ge=0, le=MAX_ID)
+    id: UserId
     text: str = Field(min_length=1, max_length=10_000)
     image_base64: str | None = Field(None, description="the image file's bytes, base64")
     image_path: str | None = Field(None, description="a path inside the server's data folder")
+    fields: dict[str, Any] = Field({}, description="the user's own fields, returned with hits")
 
     @model_validator(mode="after")
     def _one_image(self) -> BuildItem:
@@ -71,7 +87,7 @@ class BuildItem(BaseModel):
 class DatasetSource(BaseModel):
     """A dataset root inside the server's data folder, loaded with the named loader."""
 
-    name: Literal["demo", "web-news"]
+    name: Literal["demo", "web-news", "pairs"]
     root: str = Field(min_length=1, description="path relative to the server's data folder")
 
 
@@ -80,6 +96,9 @@ class BuildRequest(BaseModel):
 
     items: list[BuildItem] | None = None
     dataset: DatasetSource | None = None
+    on_conflict: OnConflict = Field(
+        "error", description="an id already indexed: refuse the batch, or replace the item"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> BuildRequest:
@@ -107,14 +126,18 @@ class JobStatus(BaseModel):
     added: int = 0
     detail: str = ""
     errors: list[ErrorItem] = []
-    skipped: list[str] = Field([], description="pairs the dataset loader rejected, with reasons")
-    generation: str | None = None
+    skipped: list[str] = Field(
+        [],
+        description="dataset pairs not added (rejected by the loader, undecodable, or already "
+        "indexed), with reasons",
+    )
+    generation: str | None = Field(None, description="the store commit that made the job's items")
 
 
 class DeleteResponse(BaseModel):
     """What a delete removed."""
 
-    id: int
+    id: int | str
     removed: bool
     generation: str
 
@@ -125,6 +148,7 @@ class IndexStats(BaseModel):
     items: int
     n_bits: int
     generation: str
+    segments: int = Field(description="parts the store searches (segments and the growing part)")
     image_backbone: str
     checkpoint_dataset: str
     vocabulary_size: int

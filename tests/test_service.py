@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import re
+import shutil
+import sqlite3
 import struct
 import threading
 import time
@@ -19,7 +21,6 @@ from PIL import Image
 from common.errors import InputError
 from service.app import create_app
 from service.settings import Settings
-from service.store import current_generation
 
 
 def client_for(artifacts: Path, **overrides: object) -> TestClient:
@@ -191,8 +192,8 @@ def test_invalid_build_is_rejected_whole_and_changes_nothing(demo_artifacts: Pat
         {"id": 6003, "text": "not an image", "image_base64": base64.b64encode(b"plain").decode()},
         {"id": 6004, "text": "no data dir", "image_path": "x.png"},
     ]
-    before = current_generation(demo_artifacts)
     with client_for(demo_artifacts) as client:
+        before = client.get("/v1/index/stats").json()["generation"]
         response = client.post("/v1/index/build", json={"items": items})
         assert response.status_code == 400
         body = response.json()
@@ -202,8 +203,8 @@ def test_invalid_build_is_rejected_whole_and_changes_nothing(demo_artifacts: Pat
         assert "twice" in reasons[1] and "already indexed" in reasons[2]
         assert "base64" in reasons[3] and "could not decode image" in reasons[4]
         assert "CMH_SERVER_DATA_DIR" in reasons[5]
-        assert client.get("/v1/index/stats").json()["items"] == 80
-    assert current_generation(demo_artifacts) == before
+        stats = client.get("/v1/index/stats").json()
+        assert stats["items"] == 80 and stats["generation"] == before
 
 
 @pytest.mark.parametrize(
@@ -243,13 +244,7 @@ def test_build_from_server_paths_stays_inside_the_data_folder(
 def test_dataset_build_into_an_empty_index(
     demo_artifacts: Path, tiny_demo_root: Path, tmp_path: Path
 ) -> None:
-    for generation in (demo_artifacts / "index").iterdir():  # keep the checkpoint, drop the index
-        if generation.is_dir():
-            for f in generation.iterdir():
-                f.unlink()
-            generation.rmdir()
-        else:
-            generation.unlink()
+    shutil.rmtree(demo_artifacts / "store")  # keep the checkpoint, drop the index
     with client_for(demo_artifacts, server_data_dir=tiny_demo_root.parent) as client:
         assert client.get("/readyz").json()["index_size"] == 0
         accepted = client.post(
@@ -258,8 +253,10 @@ def test_dataset_build_into_an_empty_index(
         status = wait_for_job(client, accepted.json()["job_id"])
         assert status["status"] == "succeeded" and status["added"] == 20
         again = client.post("/v1/index/build", json={"dataset": {"name": "demo", "root": "demo"}})
-        failed = wait_for_job(client, again.json()["job_id"])
-        assert failed["status"] == "failed" and len(failed["errors"]) == 20  # all already indexed
+        resumed = wait_for_job(client, again.json()["job_id"])  # a rerun resumes: skips them all
+        assert resumed["status"] == "succeeded" and resumed["added"] == 0
+        assert len(resumed["skipped"]) == 20
+        assert all(s.endswith("already indexed") for s in resumed["skipped"])
         assert client.get("/v1/index/stats").json()["items"] == 20
 
 
@@ -321,7 +318,7 @@ def test_openapi_documents_the_endpoints(demo_artifacts_master: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("n_bits", 32, "image index has 64 bits, manifest 32"),
+        ("n_bits", 32, "n_bits is 32 in the index, 64 in the checkpoint"),
         ("vocabulary_sha256", "0" * 64, "vocabulary_sha256 is '000"),
         ("image_backbone", "vgg19", "image_backbone is 'vgg19' in the index, 'efficientnet-lite0'"),
     ],
@@ -329,11 +326,12 @@ def test_openapi_documents_the_endpoints(demo_artifacts_master: Path) -> None:
 def test_index_that_does_not_match_the_checkpoint_refuses_to_start(
     demo_artifacts: Path, field: str, value: object, message: str
 ) -> None:
-    generation = current_generation(demo_artifacts)
-    manifest_path = demo_artifacts / "index" / str(generation) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    db = sqlite3.connect(demo_artifacts / "store" / "items.sqlite")
+    manifest = json.loads(db.execute("SELECT value FROM meta WHERE key = 'manifest'").fetchone()[0])
     manifest[field] = value
-    manifest_path.write_text(json.dumps(manifest))
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'manifest'", (json.dumps(manifest),))
+    db.close()
     with pytest.raises(InputError, match=re.escape(message)):
         with client_for(demo_artifacts):
             pass

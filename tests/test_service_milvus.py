@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sqlite3
 import time
 from pathlib import Path
 
@@ -14,9 +15,7 @@ from PIL import Image
 from common.errors import InputError
 from indexes.milvus import MilvusHammingIndex
 from service.app import create_app
-from service.milvus_serving import collection_name
 from service.settings import Settings
-from service.store import current_generation
 
 QUERIES = ["a red car", "a small green tree on the left", "a yellow sun", "boat by the sea"]
 
@@ -64,9 +63,12 @@ def test_milvus_backend_answers_like_memory_and_keeps_changes(
         assert 777 in [h["id"] for h in hits["hits"]] and len(hits["hits"]) == 81
         assert client.delete("/v1/items/3").status_code == 200
         assert client.get("/v1/index/stats").json()["items"] == 80
-    generation = str(current_generation(demo_artifacts))
-    served = MilvusHammingIndex(64, uri=uri, collection=collection_name(generation, "image"))
-    assert len(served) == 80  # the current generation's collection holds the served codes
+    db = sqlite3.connect(demo_artifacts / "store" / "items.sqlite")
+    store_id = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+    db.close()
+    served = MilvusHammingIndex(64, uri=uri, collection=f"cmh_{store_id}_image")
+    assert len(served) == 80  # the mirror was kept in step with the add and the delete
+    served.close()
     with TestClient(create_app(milvus)) as client:  # a restart reuses the collections
         assert client.get("/v1/index/stats").json()["items"] == 80
         ids = [

@@ -10,7 +10,7 @@ import uvicorn
 from common.errors import InputError
 from service.app import create_app
 from service.settings import Settings
-from service.store import CHECKPOINT_NAME
+from store.layout import CHECKPOINT_NAME
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

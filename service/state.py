@@ -1,0 +1,31 @@
+"""What the lifespan loads, in one typed object that routes read through typed dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.encoder import Encoder
+from service.indexing import Indexer
+from service.jobs import JobManager
+from service.metrics import Metrics
+from service.milvus_serving import MilvusMirror
+from service.settings import Settings
+from store.store import Searcher, Store
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The served model, the store and the machinery around them."""
+
+    settings: Settings  # the app's settings
+    metrics: Metrics  # the app's Prometheus registry
+    encoder: Encoder  # queries and build items to codes
+    store: Store  # what is indexed
+    indexer: Indexer  # build items into the store
+    jobs: JobManager  # background builds
+    mirror: MilvusMirror | None  # searches answered by Milvus, when configured
+
+    @property
+    def searcher(self) -> Searcher | None:
+        """Who answers code searches: Milvus when configured, else the store's own view."""
+        return None if self.mirror is None else self.mirror.search

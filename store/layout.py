@@ -1,0 +1,29 @@
+"""Where things live in an artifacts folder, and the one way to open its store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from store import legacy
+from store.manifest import Manifest
+from store.store import Store
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "model.pt"  # the served AUCMH checkpoint
+
+
+def open_store(artifacts: Path, *, expected: Manifest) -> Store:
+    """The artifacts' store: opened and checked, migrated from generations, or made empty.
+
+    A generation-format index/ still present means a migration has not finished (its last step
+    renames index/), so it is run (again) before anything else.
+    """
+    if legacy.has_generations(artifacts):
+        store, _ = legacy.migrate(artifacts, expected=expected)
+        return store
+    if Store.exists(artifacts):
+        return Store.open(artifacts, expected=expected)
+    logger.warning("no index in %s yet: starting an empty store", artifacts)
+    return Store.create(artifacts, expected)

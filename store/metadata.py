@@ -1,0 +1,152 @@
+"""Item metadata in SQLite: the store's record and its commit point.
+
+One database file (WAL journal, synchronous=FULL: a committed transaction is on disk when COMMIT
+returns) holds every item's row (user id, caption, image reference, added time, user fields, both
+codes, a CRC-32 of all of it), the list of live segment files with their sizes and header CRCs,
+the tombstones of deleted rows that still sit in a segment, and the manifest. A write changes
+rows, segments and tombstones in one transaction, so the database alone says what is committed.
+Nothing is loaded into memory at startup but the tombstones and the rows of the growing part.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import InputError, IntegrityError
+from store.ids import ItemId
+
+SCHEMA_VERSION = 1
+SQL_BATCH = 500  # values per `IN (...)` list (well under SQLite's parameter limit)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY,      -- insertion order: the tie order of every search
+    id NOT NULL UNIQUE,           -- the user's id, an integer or a string (no type affinity)
+    text TEXT NOT NULL,
+    image TEXT NOT NULL,          -- path relative to the artifacts folder
+    added REAL NOT NULL,
+    fields TEXT NOT NULL,         -- the user's fields, a JSON object
+    image_code BLOB NOT NULL,
+    text_code BLOB NOT NULL,
+    crc INTEGER NOT NULL          -- CRC-32 of everything above (row_crc)
+);
+CREATE INDEX IF NOT EXISTS items_stored_image ON items (image) WHERE image GLOB 'images/*';
+CREATE TABLE IF NOT EXISTS segments (
+    name TEXT PRIMARY KEY,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    crc INTEGER NOT NULL          -- the segment file's header CRC
+);
+CREATE TABLE IF NOT EXISTS tombstones (seq INTEGER PRIMARY KEY);
+"""
+ROW_COLUMNS = "seq, id, text, image, added, fields, image_code, text_code, crc"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One indexed pair's metadata, as the user gave it."""
+
+    id: ItemId  # the user's id
+    text: str  # the caption
+    image: str  # the stored image, relative to the artifacts folder
+    added: float  # when it was added (seconds since the epoch)
+    fields: dict[str, Any]  # the user's fields
+
+
+def row_crc(
+    seq: int, item_id: ItemId, text: str, image: str, added: float, fields_json: str, codes: bytes
+) -> int:
+    """CRC-32 of one row's values: a hand-edited caption or swapped ids fail it."""
+    head = json.dumps([seq, item_id, text, image, added, fields_json], ensure_ascii=False)
+    return zlib.crc32(codes, zlib.crc32(head.encode("utf-8", "surrogatepass")))
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, synchronous=FULL."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def init_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables of a new store."""
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+
+def check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a database that is not a store of this version."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as err:
+        raise InputError(f"expected a cmh store database at {path}, got: {err}") from err
+    if row is None or row[0] != str(SCHEMA_VERSION):
+        found = None if row is None else row[0]
+        raise InputError(f"expected store schema version {SCHEMA_VERSION} in {path}, got {found}")
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    """The meta value under key, or None."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Set a meta value (inside the caller's transaction)."""
+    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+def chunks(values: Sequence[Any], size: int = SQL_BATCH) -> Iterator[Sequence[Any]]:
+    """values in pieces of at most size."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def marks(n: int) -> str:
+    """'?, ?, ...' with n placeholders."""
+    return ", ".join("?" * n)
+
+
+def existing_ids(conn: sqlite3.Connection, ids: Sequence[ItemId]) -> set[ItemId]:
+    """Which of ids are stored."""
+    found: set[ItemId] = set()
+    for part in chunks(ids):
+        sql = f"SELECT id FROM items WHERE id IN ({marks(len(part))})"
+        found.update(row[0] for row in conn.execute(sql, tuple(part)))
+    return found
+
+
+def item_from_row(row: tuple[Any, ...], where: Path) -> tuple[int, Item, bytes, bytes]:
+    """(seq, Item, image code bytes, text code bytes) of a row; IntegrityError if it was altered."""
+    seq, item_id, text, image, added, fields_json, image_code, text_code, crc = row
+    if row_crc(seq, item_id, text, image, added, fields_json, image_code + text_code) != crc:
+        raise IntegrityError(
+            f"stored item {item_id!r} (seq {seq}) failed its checksum in {where}: the row was "
+            "changed outside the service; restore the store from a backup or rebuild it"
+        )
+    return seq, Item(item_id, text, image, added, json.loads(fields_json)), image_code, text_code
+
+
+def rows_by_seq(conn: sqlite3.Connection, seqs: Iterable[int], where: Path) -> dict[int, Item]:
+    """The items of these seqs (absent ones are left out), each checked."""
+    out: dict[int, Item] = {}
+    for part in chunks(list(seqs)):
+        sql = f"SELECT {ROW_COLUMNS} FROM items WHERE seq IN ({marks(len(part))})"
+        for row in conn.execute(sql, tuple(part)):
+            seq, item, _, _ = item_from_row(row, where)
+            out[seq] = item
+    return out
+
+
+def image_referenced(conn: sqlite3.Connection, image: str) -> bool:
+    """Whether any row still refers to a store-owned image."""
+    sql = "SELECT 1 FROM items WHERE image = ? AND image GLOB 'images/*' LIMIT 1"
+    return conn.execute(sql, (image,)).fetchone() is not None

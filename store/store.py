@@ -1,0 +1,726 @@
+"""The Store: adds, replaces and deletes in O(batch), exact searches over an immutable view.
+
+Layout under the artifacts folder:
+  store/items.sqlite (+ -wal, -shm)   rows, segment list, tombstones, manifest (store/metadata.py)
+  store/segments/<name>.seg           immutable segment files (store/segment.py)
+  images/<sha256>.<ext>               images of items added through the store (content-addressed)
+
+Writes (one at a time, under the writer lock; searches never take it):
+- add: new rows are committed in one SQLite transaction and appended to the in-memory growing
+  part; when it reaches SEAL_ROWS it is written as a segment file (fsynced) and then recorded in
+  a second transaction. A batch of BULK_ROWS or more is written straight as its own segment,
+  before the transaction that commits its rows, so it is never held in the growing part.
+- delete: the rows go in one transaction, with a tombstone for each row that sits in a segment.
+- every write publishes a new View; the growing part is rebuilt from SQLite at startup (its rows
+  are those after the last segment), so nothing acknowledged depends on memory.
+A crash at any instant leaves the last committed transaction: a segment file not yet recorded,
+or an image not yet referenced, is an orphan that the next open deletes. Compaction
+(store/compaction.py) merges segments in the background and is crash-safe the same way.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, Protocol
+
+import numpy as np
+
+from common.errors import InputError, IntegrityError
+from common.fsio import atomic_write_bytes, fsync_dir
+from indexes.codes import check_packed, n_words
+from indexes.hamming import HammingIndex, LiveMask, check_k
+from store import metadata as md
+from store.ids import ItemId, parse_id
+from store.manifest import Manifest, check_manifest
+from store.segment import SegmentData, read_segment, write_segment
+from store.view import Part, Target, View
+
+logger = logging.getLogger(__name__)
+
+STORE_DIR = "store"
+DB_NAME = "items.sqlite"
+LOCK_NAME = "LOCK"  # held (flock) by the one process that has the store open
+SEGMENTS_DIR = "segments"
+IMAGES_DIR = "images"
+SEAL_ROWS = 65_536  # the growing part becomes a segment at this many rows
+BULK_ROWS = 16_384  # a batch at least this large is written as its own segment
+MAX_FIELDS_BYTES = 16_384  # the user's fields of one item, as JSON
+SEARCH_ATTEMPTS = 3  # a hit deleted between the view and its metadata read: search again
+OnConflict = Literal["error", "replace"]
+# Another engine answering the same searches (Milvus): (target, queries, k) -> (dists, seqs).
+Searcher = Callable[[Target, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+class Listener(Protocol):
+    """Told of every committed change, under the writer lock (a mirror kept in step)."""
+
+    def added(self, seqs: np.ndarray, image_codes: np.ndarray, text_codes: np.ndarray) -> None:
+        """Rows (seqs ascending) were committed."""
+
+    def deleted(self, seqs: np.ndarray) -> None:
+        """Rows were deleted."""
+
+
+@dataclass(frozen=True)
+class NewItems:
+    """A batch to add, column by column (rows aligned)."""
+
+    ids: Sequence[ItemId]  # canonical ids (store.ids.parse_id)
+    texts: Sequence[str]
+    images: Sequence[str]  # paths relative to the artifacts folder
+    image_codes: np.ndarray  # (b, n_words) uint64
+    text_codes: np.ndarray  # (b, n_words) uint64
+    fields: Sequence[dict[str, Any]] | None = None  # the user's fields per item
+    # (bytes, extension) of images for the store to keep under images/ (content-addressed);
+    # where given, it replaces that row's entry in `images`
+    image_data: Sequence[tuple[bytes, str] | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Hits:
+    """A search's answer: per query, (item, distance) nearest first, and the view's commit."""
+
+    hits: list[list[tuple[md.Item, int]]]
+    commit: int
+
+
+@dataclass(eq=False)
+class _Segment:
+    """A loaded segment and its current live mask (replaced, never changed in place)."""
+
+    name: str
+    image: HammingIndex
+    text: HammingIndex
+    rows: int
+    crc: int
+    mask: np.ndarray | None = None  # (rows,) uint8; None while every row is live
+
+    @property
+    def seqs(self) -> np.ndarray:
+        return self.image.ids
+
+    @property
+    def dead(self) -> int:
+        return 0 if self.mask is None else self.rows - int(np.count_nonzero(self.mask))
+
+    def part(self) -> Part:
+        return Part(
+            self.name, self.image, self.text, None if self.mask is None else LiveMask.of(self.mask)
+        )
+
+
+@dataclass(eq=False)
+class _Growing:
+    """Rows not yet in a segment: preallocated buffers, of which views see a prefix."""
+
+    words: int
+    seqs: np.ndarray = field(init=False)
+    image: np.ndarray = field(init=False)
+    text: np.ndarray = field(init=False)
+    mask: np.ndarray = field(init=False)  # copied on delete, so published prefixes never change
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.seqs = np.empty(SEAL_ROWS, np.int64)
+        self.image = np.empty((SEAL_ROWS, self.words), np.uint64)
+        self.text = np.empty((SEAL_ROWS, self.words), np.uint64)
+        self.mask = np.ones(SEAL_ROWS, np.uint8)
+
+    def part(self, n_bits: int) -> Part:
+        n = self.n
+        seqs = self.seqs[:n]
+        image = HammingIndex.from_arrays(n_bits, self.image[:n], seqs)
+        text = HammingIndex.from_arrays(n_bits, self.text[:n], seqs)
+        live = self.mask[:n]
+        return Part("growing", image, text, None if live.all() else LiveMask.of(live))
+
+    def live_data(self) -> SegmentData:
+        keep = self.mask[: self.n].astype(bool)
+        return SegmentData(
+            self.seqs[: self.n][keep].copy(),
+            self.image[: self.n][keep].copy(),
+            self.text[: self.n][keep].copy(),
+        )
+
+
+class Store:
+    """One artifacts folder's indexed items. Open with Store.open or Store.create."""
+
+    def __init__(self, artifacts: Path, conn: sqlite3.Connection, manifest: Manifest) -> None:
+        self.artifacts = artifacts
+        self.root = artifacts / STORE_DIR
+        self._lock_file = _lock_exclusively(self.root / LOCK_NAME)
+        self.manifest = manifest
+        self.n_bits = manifest.n_bits
+        self._words = n_words(manifest.n_bits)
+        self._conn = conn  # the writer's connection: used only under self._lock
+        self._readers = threading.local()
+        self._lock = threading.Lock()  # serialises writes and the swap of a merge
+        self._merge_lock = threading.Lock()  # one merge at a time
+        self._segments: list[_Segment] = []  # in seq order, ranges disjoint
+        self._growing = _Growing(self._words)
+        self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
+        self._commit = int(md.get_meta(conn, "commit") or 0)
+        self._view = View(self._commit, ())
+        self._opened = time.time()
+        self.compactor: Any = None  # set by store.compaction.Compactor when started
+        self.listener: Listener | None = None
+
+    # ---- opening ---------------------------------------------------------------------------
+
+    @staticmethod
+    def exists(artifacts: Path) -> bool:
+        """Whether artifacts holds a store."""
+        return (artifacts / STORE_DIR / DB_NAME).is_file()
+
+    @classmethod
+    def create(cls, artifacts: Path, manifest: Manifest) -> Store:
+        """A new, empty store for codes made as the manifest says."""
+        root = artifacts / STORE_DIR
+        if (root / DB_NAME).exists():
+            raise InputError(f"expected no store in {root}, found one")
+        (root / SEGMENTS_DIR).mkdir(parents=True, exist_ok=True)
+        # Made under another name and renamed whole: a crash part-way must not leave a database
+        # without its manifest, which would neither open nor let the store be created again.
+        building = root / f"{DB_NAME}.new"
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            building.with_name(building.name + suffix).unlink(missing_ok=True)
+        conn = sqlite3.connect(building, isolation_level=None)  # rollback journal: one file
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            md.init_schema(conn)  # an executescript: it commits by itself
+            conn.execute("BEGIN IMMEDIATE")
+            md.set_meta(conn, "manifest", json.dumps(asdict(manifest)))
+            md.set_meta(conn, "store_id", uuid.uuid4().hex)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        os.replace(building, root / DB_NAME)
+        fsync_dir(root)
+        conn = md.connect(root / DB_NAME)
+        logger.info("created an empty %d-bit store in %s", manifest.n_bits, root)
+        return cls(artifacts, conn, manifest)
+
+    @classmethod
+    def open(cls, artifacts: Path, *, expected: Manifest | None = None) -> Store:
+        """Open and check the store; with `expected`, refuse codes made by another model."""
+        root = artifacts / STORE_DIR
+        path = root / DB_NAME
+        if not path.is_file():
+            raise InputError(f"expected a store at {path}, found none")
+        conn = md.connect(path)
+        try:
+            md.check_schema(conn, path)
+            try:
+                manifest = Manifest(**json.loads(md.get_meta(conn, "manifest") or ""))
+            except (ValueError, TypeError) as err:
+                raise InputError(f"expected a manifest in {path}, got: {err}") from err
+            if expected is not None:
+                check_manifest(manifest, expected)
+            store = cls(artifacts, conn, manifest)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            store._load()
+        except BaseException:  # a refusal holds neither the database nor the flock
+            store.close()
+            raise
+        return store
+
+    @property
+    def store_id(self) -> str:
+        """A random id made when the store was created (names its Milvus collections)."""
+        return md.get_meta(self._reader(), "store_id") or ""
+
+    def _load(self) -> None:
+        start = time.perf_counter()
+        seg_dir = self.root / SEGMENTS_DIR
+        seg_dir.mkdir(exist_ok=True)
+        rows = self._conn.execute(
+            "SELECT name, rows, crc FROM segments ORDER BY first_seq"
+        ).fetchall()
+        known = {name for name, _, _ in rows}
+        for orphan in seg_dir.iterdir():  # files of writes or merges that never committed
+            if orphan.name not in known:
+                logger.warning("removing %s: no committed write refers to it", orphan)
+                orphan.unlink()
+        for name, n_rows, crc in rows:
+            data = read_segment(
+                seg_dir / name, n_bits=self.n_bits, expect_rows=n_rows, expect_crc=crc
+            )
+            self._segments.append(self._segment(name, data, crc))
+        dead = np.fromiter(
+            (s for (s,) in self._conn.execute("SELECT seq FROM tombstones ORDER BY seq")), np.int64
+        )
+        for seg in self._segments:
+            seqs = seg.seqs
+            lo, hi = np.searchsorted(dead, [seqs[0], seqs[-1] + 1]) if len(seqs) else (0, 0)
+            if hi > lo:
+                pos = np.searchsorted(seqs, dead[lo:hi])
+                mask = np.ones(seg.rows, np.uint8)
+                mask[pos[seqs[np.minimum(pos, seg.rows - 1)] == dead[lo:hi]]] = 0
+                seg.mask = mask
+        after = int(self._segments[-1].seqs[-1]) if self._segments else -1
+        sql = f"SELECT {md.ROW_COLUMNS} FROM items WHERE seq > ? ORDER BY seq"
+        for row in self._conn.execute(sql, (after,)):
+            seq, _, image_code, text_code = md.item_from_row(row, self.root / DB_NAME)
+            self._append_growing(
+                np.asarray([seq], np.int64),
+                _codes(image_code, self._words),
+                _codes(text_code, self._words),
+            )
+        self._publish()
+        logger.info(
+            "opened store %s: %d items in %d segments and %d growing rows (%.2f s)",
+            self.root,
+            self._view.count,
+            len(self._segments),
+            self._growing.n,
+            time.perf_counter() - start,
+        )
+
+    def _segment(self, name: str, data: SegmentData, crc: int) -> _Segment:
+        image = HammingIndex.from_arrays(self.n_bits, data.image_codes, data.seqs)
+        text = HammingIndex.from_arrays(self.n_bits, data.text_codes, data.seqs)
+        return _Segment(name, image, text, len(data), crc)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def view(self) -> View:
+        """The current immutable view (one assignment read; never blocks)."""
+        return self._view
+
+    def __len__(self) -> int:
+        return self._view.count
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = self._readers.conn = md.connect(self.root / DB_NAME)
+        return conn
+
+    def search(
+        self, target: Target, queries: np.ndarray, k: int, *, searcher: Searcher | None = None
+    ) -> Hits:
+        """Exact top-k of each (m, n_words) query among live items, with their metadata.
+
+        The codes are searched in the current view, or by `searcher` (which must hold the same
+        rows under the same seqs); the metadata always comes from the store.
+        """
+        check_packed(queries, self.n_bits, name="queries")  # also when no part is searched
+        check_k(k)
+        for _ in range(SEARCH_ATTEMPTS):
+            view = self._view
+            search = searcher or view.search
+            dists, seqs = search(target, queries, k)
+            wanted = np.unique(seqs[seqs >= 0]).tolist()
+            items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
+            if len(items) == len(wanted):
+                hits = [
+                    [(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0]
+                    for row_s, row_d in zip(seqs.tolist(), dists.tolist(), strict=True)
+                ]
+                return Hits(hits, view.commit)
+        # Deletes keep outrunning this search: answer once more with writes held off.
+        with self._lock:
+            view = self._view
+            dists, seqs = (searcher or view.search)(target, queries, k)
+            wanted = np.unique(seqs[seqs >= 0]).tolist()
+            items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
+        missing = sorted(set(wanted) - set(items))
+        if missing:
+            raise IntegrityError(
+                f"segment rows {missing[:5]} have no metadata row in {self.root / DB_NAME}"
+            )
+        hits = [
+            [(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0]
+            for row_s, row_d in zip(seqs.tolist(), dists.tolist(), strict=True)
+        ]
+        return Hits(hits, view.commit)
+
+    def get(self, item_id: ItemId) -> md.Item | None:
+        """The item stored under item_id (5 and "5" alike), or None."""
+        row = (
+            self._reader()
+            .execute(f"SELECT {md.ROW_COLUMNS} FROM items WHERE id = ?", (parse_id(item_id),))
+            .fetchone()
+        )
+        return None if row is None else md.item_from_row(row, self.root / DB_NAME)[1]
+
+    def live_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(seqs, image codes, text codes) of every live row in seq order (a mirror's refill)."""
+        seqs, image, text = [], [], []
+        for part in self._view.parts:
+            keep = slice(None) if part.live is None else part.live.mask.astype(bool)
+            seqs.append(np.asarray(part.seqs)[keep])
+            image.append(np.asarray(part.image.codes)[keep])
+            text.append(np.asarray(part.text.codes)[keep])
+        if not seqs:
+            empty = np.empty((0, self._words), np.uint64)
+            return np.empty(0, np.int64), empty, empty.copy()
+        return np.concatenate(seqs), np.concatenate(image), np.concatenate(text)
+
+    def existing(self, ids: Sequence[ItemId]) -> set[ItemId]:
+        """Which of ids are stored (as canonical ids)."""
+        return md.existing_ids(self._reader(), [parse_id(i) for i in ids])
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def add(self, batch: NewItems, *, on_conflict: OnConflict = "error") -> int:
+        """Commit a batch durably, then serve it; returns the commit number. All or nothing.
+
+        An id already stored is an InputError, or (on_conflict="replace") its item is replaced
+        by the new one in the same transaction.
+        """
+        b = len(batch)
+        rows, to_write = self._rows(batch)
+        with self._lock:
+            # Under the lock: a delete's image clean-up cannot remove a file this add refers to.
+            for relative, data in to_write.items():
+                if not (self.artifacts / relative).is_file():
+                    atomic_write_bytes(self.artifacts / relative, data)
+            seqs = np.arange(self._next_seq, self._next_seq + b, dtype=np.int64)
+            bulk = b >= BULK_ROWS
+            if bulk and self._growing.n:
+                self._seal()
+            segment = None
+            if bulk:  # the codes go to disk before the rows that name them are committed
+                segment = self._write_segment(
+                    SegmentData(seqs, batch.image_codes, batch.text_codes)
+                )
+            added = time.time()
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                replaced: list[tuple[int, str, ItemId]] = []
+                if on_conflict == "replace":
+                    replaced = self._delete_rows(list(batch.ids))
+                conn.execute("SAVEPOINT batch")
+                try:
+                    conn.executemany(
+                        "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        _with_seqs(rows, seqs.tolist(), added),
+                    )
+                except sqlite3.IntegrityError:
+                    conn.execute("ROLLBACK TO batch")  # the batch's rows inserted before the clash
+                    taken = md.existing_ids(conn, [r[0] for r in rows])
+                    repeated = _first_repeat(batch.ids)
+                    raise InputError(
+                        f"expected new ids, got {sorted(map(str, taken))[:10]} already indexed"
+                        if taken
+                        else f"expected unique ids, got id {repeated!r} twice in this batch"
+                    ) from None
+                if segment is not None:
+                    self._record_segment(segment)
+                self._next_seq += b
+                md.set_meta(conn, "next_seq", str(self._next_seq))
+                self._bump_commit()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
+                self._commit = int(md.get_meta(conn, "commit") or 0)
+                if segment is not None:
+                    (self.root / SEGMENTS_DIR / segment.name).unlink(missing_ok=True)
+                self._collect_images(list(to_write))  # written for this batch alone
+                raise
+            self._forget([r[0] for r in replaced])
+            if self.listener is not None:
+                if replaced:
+                    self.listener.deleted(np.asarray([r[0] for r in replaced], np.int64))
+                self.listener.added(seqs, batch.image_codes, batch.text_codes)
+            if segment is not None:
+                self._segments.append(segment)
+            else:
+                self._append_growing(seqs, batch.image_codes, batch.text_codes)
+            self._publish()
+            if self._growing.n >= SEAL_ROWS:
+                self._seal()
+            self._collect_images([r[1] for r in replaced])
+            self._wake_compactor()
+            return self._commit
+
+    def delete(self, ids: Sequence[ItemId]) -> list[ItemId]:
+        """Delete these ids durably, then stop serving them; returns the ids that were there."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                gone = self._delete_rows(list(ids))
+                if gone:
+                    self._bump_commit()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._commit = int(md.get_meta(conn, "commit") or 0)
+                raise
+            self._forget([g[0] for g in gone])
+            if self.listener is not None and gone:
+                self.listener.deleted(np.asarray([g[0] for g in gone], np.int64))
+            self._publish()
+            self._collect_images([g[1] for g in gone])
+            self._wake_compactor()
+            return [g[2] for g in gone]
+
+    def _rows(self, batch: NewItems) -> tuple[list[tuple[Any, ...]], dict[str, bytes]]:
+        """(id, text, image, fields JSON, codes bytes) per item, checked before any lock, and
+        the image files to write (path relative to artifacts -> bytes)."""
+        b = len(batch)
+        for name, codes in (("image", batch.image_codes), ("text", batch.text_codes)):
+            check_packed(codes, self.n_bits, name=f"{name} codes")
+            if codes.shape[0] != b:
+                raise InputError(f"expected {b} {name} codes, got {codes.shape[0]}")
+        if len(batch.texts) != b or len(batch.images) != b:
+            raise InputError(
+                f"expected {b} texts and images, got {len(batch.texts)}, {len(batch.images)}"
+            )
+        fields = batch.fields if batch.fields is not None else [{}] * b
+        image_data = batch.image_data if batch.image_data is not None else [None] * b
+        if len(fields) != b or len(image_data) != b:
+            raise InputError(f"expected {b} field objects and images, got {len(fields)}")
+        images = list(batch.images)
+        to_write: dict[str, bytes] = {}
+        for i, given in enumerate(image_data):
+            if given is not None:
+                data, extension = given
+                images[i] = f"{IMAGES_DIR}/{hashlib.sha256(data).hexdigest()}.{extension}"
+                to_write[images[i]] = data
+        image_bytes = np.ascontiguousarray(batch.image_codes, dtype="<u8").view(np.uint8)
+        text_bytes = np.ascontiguousarray(batch.text_codes, dtype="<u8").view(np.uint8)
+        rows = []
+        for i in range(b):
+            item_id = parse_id(batch.ids[i])
+            fields_json = _fields_json(fields[i])
+            rows.append(
+                (
+                    item_id,
+                    _text(batch.texts[i], "texts", i),
+                    _text(images[i], "images", i),
+                    fields_json,
+                    image_bytes[i].tobytes(),
+                    text_bytes[i].tobytes(),
+                )
+            )
+        return rows, to_write
+
+    def _delete_rows(self, ids: list[ItemId]) -> list[tuple[int, str, ItemId]]:
+        """Delete the rows of ids in the open transaction, tombstoning those in segments.
+
+        Returns (seq, image, id) of each row that was there.
+        """
+        gone: list[tuple[int, str, ItemId]] = []
+        for part in md.chunks([parse_id(i) for i in ids]):
+            sql = f"DELETE FROM items WHERE id IN ({md.marks(len(part))}) RETURNING seq, image, id"
+            for seq, image, item_id in self._conn.execute(sql, tuple(part)).fetchall():
+                gone.append((int(seq), str(image), item_id))
+        sealed_up_to = self._sealed_up_to()
+        self._conn.executemany(
+            "INSERT INTO tombstones VALUES (?)", [(g[0],) for g in gone if g[0] <= sealed_up_to]
+        )
+        return gone
+
+    def _sealed_up_to(self) -> int:
+        """The last seq in a segment (-1 without segments): later rows are growing."""
+        return int(self._segments[-1].seqs[-1]) if self._segments else -1
+
+    def _forget(self, seqs: list[int]) -> None:
+        """Mask committed deletions out of the in-memory parts (new mask arrays)."""
+        if not seqs:
+            return
+        firsts = [int(s.seqs[0]) for s in self._segments]
+        by_segment: dict[int, list[int]] = {}
+        growing = []
+        sealed_up_to = self._sealed_up_to()
+        for seq in seqs:
+            if seq > sealed_up_to:
+                growing.append(seq)
+            else:
+                by_segment.setdefault(bisect.bisect_right(firsts, seq) - 1, []).append(seq)
+        for index, wanted in by_segment.items():
+            seg = self._segments[index]
+            mask = np.ones(seg.rows, np.uint8) if seg.mask is None else seg.mask.copy()
+            mask[np.searchsorted(seg.seqs, np.asarray(wanted, np.int64))] = 0
+            seg.mask = mask
+        if growing:
+            g = self._growing
+            mask = g.mask.copy()
+            mask[np.searchsorted(g.seqs[: g.n], np.asarray(growing, np.int64))] = 0
+            g.mask = mask
+
+    def _append_growing(self, seqs: np.ndarray, image: np.ndarray, text: np.ndarray) -> None:
+        """Copy committed rows into the growing part, sealing it each time it fills."""
+        start = 0
+        while start < len(seqs):
+            if self._growing.n == SEAL_ROWS:
+                self._seal(publish=False)  # the caller publishes the whole batch
+            g = self._growing
+            take = min(SEAL_ROWS - g.n, len(seqs) - start)
+            g.seqs[g.n : g.n + take] = seqs[start : start + take]
+            g.image[g.n : g.n + take] = image[start : start + take]
+            g.text[g.n : g.n + take] = text[start : start + take]
+            g.n += take
+            start += take
+
+    def _seal(self, *, publish: bool = True) -> None:
+        """Write the growing part's live rows as a segment and record it (writer lock held)."""
+        data = self._growing.live_data()
+        if len(data):
+            segment = self._write_segment(data)
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._record_segment(segment)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._segments.append(segment)
+        self._growing = _Growing(self._words)
+        if publish:
+            self._publish()
+        logger.info("sealed %d growing rows into a segment", len(data))
+
+    def _write_segment(self, data: SegmentData) -> _Segment:
+        name = f"seg-{int(data.seqs[0]):016d}-{uuid.uuid4().hex[:8]}.seg"
+        crc = write_segment(self.root / SEGMENTS_DIR / name, n_bits=self.n_bits, data=data)
+        loaded = read_segment(
+            self.root / SEGMENTS_DIR / name,
+            n_bits=self.n_bits,
+            expect_rows=len(data),
+            expect_crc=crc,
+        )
+        return self._segment(name, loaded, crc)
+
+    def _record_segment(self, seg: _Segment) -> None:
+        self._conn.execute(
+            "INSERT INTO segments VALUES (?, ?, ?, ?, ?)",
+            (seg.name, int(seg.seqs[0]), int(seg.seqs[-1]), seg.rows, seg.crc),
+        )
+
+    def _bump_commit(self) -> None:
+        self._commit += 1
+        md.set_meta(self._conn, "commit", str(self._commit))
+
+    def _publish(self) -> None:
+        parts = [seg.part() for seg in self._segments]
+        if self._growing.n:
+            parts.append(self._growing.part(self.n_bits))
+        self._view = View(self._commit, tuple(parts))
+
+    def _collect_images(self, images: list[str]) -> None:
+        """Remove store-owned image files that no row refers to any more."""
+        for image in set(images):
+            if image.startswith(f"{IMAGES_DIR}/") and not md.image_referenced(self._conn, image):
+                (self.artifacts / image).unlink(missing_ok=True)
+
+    def collect_orphan_images(self) -> int:
+        """Remove images/ files no row refers to, left by a crash before this open; how many."""
+        folder = self.artifacts / IMAGES_DIR
+        if not folder.is_dir():
+            return 0
+        removed = 0
+        for path in folder.iterdir():
+            relative = f"{IMAGES_DIR}/{path.name}"
+            with self._lock:
+                if path.stat().st_mtime >= self._opened:  # written by this process: in flight
+                    continue
+                if not md.image_referenced(self._conn, relative):
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def _wake_compactor(self) -> None:
+        if self.compactor is not None:
+            self.compactor.wake()
+
+    def close(self) -> None:
+        """Stop the compactor and close the writer's connection."""
+        if self.compactor is not None:
+            self.compactor.stop()
+        with self._lock:
+            self._conn.close()
+        self._lock_file.close()  # releases the flock
+
+    def remove_files(self) -> None:
+        """Delete the store's folder (after close); the images stay."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _lock_exclusively(path: Path) -> BinaryIO:
+    """Hold an exclusive flock on path: one process writes a store (the kernel frees it on exit)."""
+    f = path.open("ab")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise InputError(
+            f"expected the store {path.parent} to be free, but another process has it open "
+            "(a running server or build); stop it, or build through the server's API"
+        ) from None
+    return f
+
+
+def _codes(blob: bytes, words: int) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<u8").astype(np.uint64).reshape(1, words)
+
+
+def _fields_json(fields: dict[str, Any]) -> str:
+    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+        raise InputError(f"expected the item's fields as an object, got {type(fields).__name__}")
+    try:
+        text = json.dumps(fields, ensure_ascii=False, sort_keys=True, allow_nan=False)
+        text.encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as err:  # NaN, a set, a lone surrogate
+        raise InputError(f"expected the item's fields as JSON, got: {err}") from None
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_FIELDS_BYTES:
+        raise InputError(f"expected an item's fields to take at most {MAX_FIELDS_BYTES} bytes")
+    return text
+
+
+def _text(value: object, what: str, index: int) -> str:
+    """A string SQLite can store (UTF-8, so no lone surrogates), or InputError."""
+    if not isinstance(value, str):
+        raise InputError(f"expected {what} as strings, got {type(value).__name__} at {index}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f"expected {what} of valid Unicode, got a lone surrogate at {index}:{err.start}"
+        ) from None
+    return value
+
+
+def _with_seqs(rows: list[tuple[Any, ...]], seqs: list[int], added: float) -> Any:
+    for (item_id, text, image, fields_json, image_code, text_code), seq in zip(
+        rows, seqs, strict=True
+    ):
+        codes = image_code + text_code
+        crc = md.row_crc(seq, item_id, text, image, added, fields_json, codes)
+        yield (seq, item_id, text, image, added, fields_json, image_code, text_code, crc)
+
+
+def _first_repeat(ids: Sequence[ItemId]) -> ItemId | None:
+    seen: set[ItemId] = set()
+    for item_id in ids:
+        canonical = parse_id(item_id)
+        if canonical in seen:
+            return canonical
+        seen.add(canonical)
+    return None

@@ -1,0 +1,71 @@
+"""An immutable view of a store: its segments and growing part, each with its live mask.
+
+A search reads one View from start to end; writes publish a new View in one assignment, so a
+search is never torn and never waits for a write. Each part is searched exactly (deleted rows
+masked out in the scan) and the parts' answers are merged by (distance, seq): seqs grow with
+insertion, so ties come out in insertion order across parts, as within one index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from indexes.hamming import PAD_DIST, HammingIndex, LiveMask
+
+Target = Literal["image", "text"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A segment (or the growing part): two indexes whose ids are the rows' seqs, and a mask."""
+
+    name: str  # the segment file name, or "growing"
+    image: HammingIndex  # ids = seqs, ascending
+    text: HammingIndex
+    live: LiveMask | None  # None: every row is live
+
+    @property
+    def seqs(self) -> np.ndarray:
+        """(n,) int64 ascending seqs of the rows (live or not)."""
+        return self.image.ids
+
+    @property
+    def n_live(self) -> int:
+        """How many rows are live."""
+        return len(self.image) if self.live is None else self.live.count
+
+    def index_for(self, target: Target) -> HammingIndex:
+        """The index of the target modality."""
+        return self.image if target == "image" else self.text
+
+
+@dataclass(frozen=True)
+class View:
+    """One committed state: the parts in seq order and the commit it shows."""
+
+    commit: int  # the store's commit number when this view was published
+    parts: tuple[Part, ...]
+
+    @property
+    def count(self) -> int:
+        """How many items are live."""
+        return sum(p.n_live for p in self.parts)
+
+    def search(self, target: Target, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dists int32 (m, k), seqs int64 (m, k)) over every part; FAISS padding (-1)."""
+        answers = [
+            p.index_for(target).search(queries, k, live=p.live) for p in self.parts if p.n_live
+        ]
+        if not answers:
+            m = queries.shape[0]
+            return np.full((m, k), PAD_DIST, np.int32), np.full((m, k), -1, np.int64)
+        if len(answers) == 1:
+            return answers[0]
+        dists = np.concatenate([a[0] for a in answers], axis=1)
+        seqs = np.concatenate([a[1] for a in answers], axis=1)
+        # Padding (distance int32 max) sorts after every real hit whatever its seq.
+        order = np.lexsort((seqs, dists), axis=-1)[:, :k]
+        return np.take_along_axis(dists, order, 1), np.take_along_axis(seqs, order, 1)
