@@ -253,6 +253,14 @@ def train(
 
     def evaluate() -> tuple[float, float]:
         model.eval()  # encoding needs eval mode; the next epoch switches back to training
+        if data.labels.shape[1] == 0:  # no labels (a user's own pairs): each validation pair's
+            # own partner is its one relevant item, so the kept epoch still means something
+            own = np.arange(val_idx.size)
+            return validation_map(
+                model, image=image[val_idx], text=text[val_idx],
+                labels=np.eye(val_idx.size, dtype=np.uint8), query_idx=own, db_idx=own,
+                seed=cfg.seed,
+            )  # fmt: skip
         return validation_map(
             model, image=image, text=text, labels=data.labels,
             query_idx=val_idx, db_idx=val_db, seed=cfg.seed,
