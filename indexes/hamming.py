@@ -59,19 +59,46 @@ def _pool_for(threads: int) -> ThreadPoolExecutor | None:
 
 @dataclass(frozen=True)
 class LiveMask:
-    """Which codes a search may return: (n,) uint8 per code in insertion order, 1 = live."""
+    """Which codes a search may return: a bitset (bit i % 64 of word i // 64 set = code i live).
 
-    mask: np.ndarray  # (n,) uint8, C-contiguous
-    count: int  # how many bytes of mask are 1
+    Bits, as Lucene's live docs, so that a copy for one more delete costs n / 8 bytes.
+    """
+
+    words: np.ndarray  # (ceil(n / 64),) uint64
+    n: int  # how many codes it covers
+    count: int  # how many of them are live
 
     @classmethod
-    def of(cls, mask: np.ndarray) -> LiveMask:
-        """A LiveMask from a (n,) bool or 0/1 uint8 array."""
-        as_bytes = np.ascontiguousarray(mask, dtype=np.uint8)
-        return cls(as_bytes, int(np.count_nonzero(as_bytes)))
+    def of(cls, live: np.ndarray) -> LiveMask:
+        """The mask of a (n,) bool (or 0/1) array."""
+        n = int(live.shape[0])
+        packed = np.packbits(np.asarray(live, dtype=bool), bitorder="little")
+        padded = np.zeros(-(-n // 64) * 8, np.uint8)
+        padded[: packed.size] = packed
+        words = padded.view("<u8").astype(np.uint64, copy=False)
+        return cls(words, n, int(np.count_nonzero(live)))
+
+    @classmethod
+    def all_live(cls, n: int) -> LiveMask:
+        """Every one of n codes live."""
+        return cls.of(np.ones(n, dtype=bool))
+
+    def without(self, positions: np.ndarray) -> LiveMask:
+        """A new mask with the codes at these positions dead (this one is unchanged)."""
+        pos = np.unique(np.asarray(positions, dtype=np.int64))
+        words = self.words.copy()
+        shifts = (pos & 63).astype(np.uint64)
+        was_live = (words[pos >> 6] >> shifts) & np.uint64(1)
+        np.bitwise_and.at(words, pos >> 6, ~(np.uint64(1) << shifts))
+        return LiveMask(words, self.n, self.count - int(was_live.sum()))
+
+    def to_bool(self) -> np.ndarray:
+        """(n,) bool: which codes are live."""
+        as_bytes = self.words.astype("<u8", copy=False).view(np.uint8)
+        return np.unpackbits(as_bytes, bitorder="little")[: self.n].astype(bool)
 
 
-_ALL_LIVE = np.empty(0, np.uint8)
+_ALL_LIVE = np.empty(0, np.uint64)
 
 
 @dataclass(frozen=True)
@@ -243,13 +270,13 @@ class HammingIndex:
         check_k(k)
         snap = self._snap
         m, n = queries.shape[0], snap.ids.shape[0]
-        if live is not None and live.mask.shape != (n,):
-            raise InputError(f"expected a live mask of shape ({n},), got {live.mask.shape}")
+        if live is not None and live.n != n:
+            raise InputError(f"expected a live mask of {n} codes, got one of {live.n}")
         heap_k = min(int(k), n if live is None else live.count)
         sentinel = ((self.n_bits + 1) << POS_BITS) | POS_MASK
         keys = np.full((m, heap_k), sentinel, dtype=np.int64)  # (m, heap_k) max-heaps
         if m and heap_k:
-            mask = _ALL_LIVE if live is None else live.mask
+            mask = _ALL_LIVE if live is None else live.words
             keys = self._scan(np.ascontiguousarray(queries).reshape(-1), snap, keys, mask)
         keys.sort(axis=1)
         dists = np.full((m, int(k)), PAD_DIST, dtype=np.int32)

@@ -9,9 +9,10 @@ by distance, then by insertion order: the tie rule of the index. The top-k of a 
 max-heap of k keys, filled at the start with sentinel keys (distance n_bits + 1, position
 POS_MASK) that every real code beats.
 
-A scan may take a live mask (uint8 per code, 0 = deleted or filtered out; an empty array means
-all live): the cheap first pass over a block still counts every code, which only makes its
-lower bound conservative, and the exact second pass skips codes that are not live.
+A scan may take a live mask (a bitset of uint64 words, bit i % 64 of word i // 64 clear = code
+i deleted or filtered out; an empty array means all live): the cheap first pass over a block
+still counts every code, which only makes its lower bound conservative, and the exact second
+pass skips codes that are not live.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _build(words: int) -> Kernels:
                         if np.int64(lowest) >= top:
                             continue
                         for j in range(e - s):
-                            if masked and live[s + j] == 0:
+                            p = s + j
+                            if masked and ((live[p >> 6] >> np.uint64(p & 63)) & 1) == 0:
                                 continue
                             d = np.uint64(0)
                             for w in range(w_count):

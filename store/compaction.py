@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from indexes.hamming import LiveMask
 from store.segment import SegmentData
 from store.store import SEAL_ROWS, SEGMENTS_DIR, Store, _Segment
 
@@ -38,7 +39,7 @@ class Merge:
     """Segments to merge (adjacent, in seq order) and their masks when the merge was planned."""
 
     segments: tuple[_Segment, ...]
-    masks: tuple[np.ndarray | None, ...]
+    masks: tuple[LiveMask | None, ...]
 
 
 def level(rows: int) -> int:
@@ -75,7 +76,11 @@ def _compact(store: Store, *, force: bool) -> bool:
     data = _merged(merge)
     new = store._write_segment(data) if len(data) else None
     dropped = np.concatenate(
-        [s.seqs[m == 0] for s, m in zip(merge.segments, merge.masks, strict=True) if m is not None]
+        [
+            s.seqs[~m.to_bool()]
+            for s, m in zip(merge.segments, merge.masks, strict=True)
+            if m is not None
+        ]
         or [np.empty(0, np.int64)]
     )
     with store._lock:
@@ -114,26 +119,24 @@ def _merged(merge: Merge) -> SegmentData:
     """The live rows of the merge's segments as they were planned, in seq order."""
     seqs, image, text = [], [], []
     for seg, mask in zip(merge.segments, merge.masks, strict=True):
-        keep = slice(None) if mask is None else mask.astype(bool)
+        keep = slice(None) if mask is None else mask.to_bool()
         seqs.append(np.asarray(seg.seqs)[keep])
         image.append(np.asarray(seg.image.codes)[keep])
         text.append(np.asarray(seg.text.codes)[keep])
     return SegmentData(np.concatenate(seqs), np.concatenate(image), np.concatenate(text))
 
 
-def _deleted_meanwhile(merge: Merge, new: _Segment) -> np.ndarray | None:
+def _deleted_meanwhile(merge: Merge, new: _Segment) -> LiveMask | None:
     """The new segment's mask: rows deleted after the merge was planned (writer lock held)."""
-    gone = [
-        seg.seqs[(seg.mask == 0) & (planned != 0 if planned is not None else True)]
-        for seg, planned in zip(merge.segments, merge.masks, strict=True)
-        if seg.mask is not None
-    ]
+    gone = []
+    for seg, planned in zip(merge.segments, merge.masks, strict=True):
+        if seg.mask is not None and seg.mask is not planned:
+            alive_then = np.ones(seg.rows, bool) if planned is None else planned.to_bool()
+            gone.append(seg.seqs[alive_then & ~seg.mask.to_bool()])
     dead = np.concatenate(gone) if gone else np.empty(0, np.int64)
     if dead.size == 0:
         return None
-    mask = np.ones(new.rows, np.uint8)
-    mask[np.searchsorted(new.seqs, dead)] = 0
-    return mask
+    return LiveMask.all_live(new.rows).without(np.searchsorted(new.seqs, dead))
 
 
 class Compactor:

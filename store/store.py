@@ -109,7 +109,7 @@ class _Segment:
     text: HammingIndex
     rows: int
     crc: int
-    mask: np.ndarray | None = None  # (rows,) uint8; None while every row is live
+    mask: LiveMask | None = None  # None while every row is live
 
     @property
     def seqs(self) -> np.ndarray:
@@ -117,12 +117,15 @@ class _Segment:
 
     @property
     def dead(self) -> int:
-        return 0 if self.mask is None else self.rows - int(np.count_nonzero(self.mask))
+        return 0 if self.mask is None else self.rows - self.mask.count
 
     def part(self) -> Part:
-        return Part(
-            self.name, self.image, self.text, None if self.mask is None else LiveMask.of(self.mask)
-        )
+        return Part(self.name, self.image, self.text, self.mask)
+
+    def without(self, seqs: np.ndarray) -> None:
+        """Mask these seqs (all in this segment) dead: a new bitset, n / 8 bytes copied."""
+        current = self.mask if self.mask is not None else LiveMask.all_live(self.rows)
+        self.mask = current.without(np.searchsorted(self.seqs, seqs))
 
 
 @dataclass(eq=False)
@@ -274,9 +277,8 @@ class Store:
             lo, hi = np.searchsorted(dead, [seqs[0], seqs[-1] + 1]) if len(seqs) else (0, 0)
             if hi > lo:
                 pos = np.searchsorted(seqs, dead[lo:hi])
-                mask = np.ones(seg.rows, np.uint8)
-                mask[pos[seqs[np.minimum(pos, seg.rows - 1)] == dead[lo:hi]]] = 0
-                seg.mask = mask
+                found = seqs[np.minimum(pos, seg.rows - 1)] == dead[lo:hi]
+                seg.without(dead[lo:hi][found])
         after = int(self._segments[-1].seqs[-1]) if self._segments else -1
         sql = f"SELECT {md.ROW_COLUMNS} FROM items WHERE seq > ? ORDER BY seq"
         for row in self._conn.execute(sql, (after,)):
@@ -368,7 +370,7 @@ class Store:
         """(seqs, image codes, text codes) of every live row in seq order (a mirror's refill)."""
         seqs, image, text = [], [], []
         for part in self._view.parts:
-            keep = slice(None) if part.live is None else part.live.mask.astype(bool)
+            keep = slice(None) if part.live is None else part.live.to_bool()
             seqs.append(np.asarray(part.seqs)[keep])
             image.append(np.asarray(part.image.codes)[keep])
             text.append(np.asarray(part.text.codes)[keep])
@@ -554,10 +556,7 @@ class Store:
             else:
                 by_segment.setdefault(bisect.bisect_right(firsts, seq) - 1, []).append(seq)
         for index, wanted in by_segment.items():
-            seg = self._segments[index]
-            mask = np.ones(seg.rows, np.uint8) if seg.mask is None else seg.mask.copy()
-            mask[np.searchsorted(seg.seqs, np.asarray(wanted, np.int64))] = 0
-            seg.mask = mask
+            self._segments[index].without(np.asarray(wanted, np.int64))
         if growing:
             g = self._growing
             mask = g.mask.copy()

@@ -12,7 +12,7 @@ import pytest
 
 from common.errors import InputError
 from indexes.codes import n_words, pack_codes
-from indexes.hamming import PAD_DIST, SPLIT_DB_MIN, HammingIndex
+from indexes.hamming import PAD_DIST, SPLIT_DB_MIN, HammingIndex, LiveMask
 
 
 def random_packed(rng: np.random.Generator, n: int, n_bits: int) -> np.ndarray:
@@ -136,3 +136,32 @@ def test_views_are_read_only() -> None:
     index.add(np.zeros((2, n_words(64)), dtype=np.uint64), np.array([5, 6], dtype=np.int64))
     with pytest.raises(ValueError, match="read-only"):
         index.ids[0] = 1
+
+
+@pytest.mark.parametrize("n_bits", [64, 128])
+def test_search_with_a_live_mask_equals_brute_force_over_the_live_codes(n_bits: int) -> None:
+    rng = np.random.default_rng(7)
+    n = 5000
+    # Few distinct codes: ties everywhere, so the tie order among live codes is checked too.
+    pool = rng.integers(0, 2**63, size=(40, n_words(n_bits)), dtype=np.int64).astype(np.uint64)
+    codes = pool[rng.integers(0, 40, n)]
+    ids = rng.permutation(n).astype(np.int64) * 3
+    index = HammingIndex(n_bits)
+    index.add(codes, ids)
+    live = rng.random(n) < 0.3
+    mask = LiveMask.of(live)
+    assert mask.count == int(live.sum()) and np.array_equal(mask.to_bool(), live)
+    queries = pool[:5]
+    for k in (1, 10, int(live.sum()) + 4):
+        dists, got = index.search(queries, k, live=mask)
+        for q in range(queries.shape[0]):
+            d = np.bitwise_count(codes ^ queries[q]).sum(axis=1)
+            order = np.lexsort((np.arange(n), d))
+            order = order[live[order]][:k]
+            assert got[q, : order.size].tolist() == ids[order].tolist()
+            assert dists[q, : order.size].tolist() == d[order].tolist()
+            assert (got[q, order.size :] == -1).all()
+    fewer = mask.without(np.flatnonzero(live)[:10])
+    assert fewer.count == mask.count - 10 and mask.count == int(live.sum())  # a copy
+    with pytest.raises(InputError, match="live mask of 5000 codes"):
+        index.search(queries, 3, live=LiveMask.all_live(10))
