@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from common.errors import InputError
+from common.errors import InputError, IntegrityError
 from service.commands import bench, data, demo, evaluate, features, index, serve, train
 
 # Each module adds its own subparsers with `register(subparsers)` and sets `run=` on them.
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             code: int = args.run(args)
-    except InputError as err:
+    except (InputError, IntegrityError) as err:  # bad input, or stored data that fails a check
         print(f"cmh {args.command}: error: {err}", file=sys.stderr)
         return 2
     return code

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -58,6 +59,7 @@ IMAGES_DIR = "images"
 SEAL_ROWS = 65_536  # the growing part becomes a segment at this many rows
 BULK_ROWS = 16_384  # a batch at least this large is written as its own segment
 MAX_FIELDS_BYTES = 16_384  # the user's fields of one item, as JSON
+_EXTENSION = re.compile(r"[a-z0-9]{1,5}")  # of stored image files
 SEARCH_ATTEMPTS = 3  # a hit deleted between the view and its metadata read: search again
 OnConflict = Literal["error", "replace"]
 # Another engine answering the same searches (Milvus): (target, queries, k) -> (dists, seqs).
@@ -502,6 +504,8 @@ class Store:
         for i, given in enumerate(image_data):
             if given is not None:
                 data, extension = given
+                if not _EXTENSION.fullmatch(extension):
+                    raise InputError(f"expected an image extension like 'jpg', got {extension!r}")
                 images[i] = f"{IMAGES_DIR}/{hashlib.sha256(data).hexdigest()}.{extension}"
                 to_write[images[i]] = data
         image_bytes = np.ascontiguousarray(batch.image_codes, dtype="<u8").view(np.uint8)
