@@ -63,8 +63,13 @@ class Item:
 def row_crc(
     seq: int, item_id: ItemId, text: str, image: str, added: float, fields_json: str, codes: bytes
 ) -> int:
-    """CRC-32 of one row's values: a hand-edited caption or swapped ids fail it."""
-    head = json.dumps([seq, item_id, text, image, added, fields_json], ensure_ascii=False)
+    """CRC-32 of one row's values: a hand-edited caption or swapped ids fail it.
+
+    The values are joined unambiguously (the id's type, the lengths of the free texts), with
+    f-string speed: this runs once per row of every bulk ingest.
+    """
+    kind = "i" if isinstance(item_id, int) else "s"
+    head = f"{seq}|{kind}{item_id}|{len(text)}|{text}|{len(image)}|{image}|{added!r}|{fields_json}"
     return zlib.crc32(codes, zlib.crc32(head.encode("utf-8", "surrogatepass")))
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Protocol
+from typing import Any, BinaryIO, Literal, Protocol, cast
 
 import numpy as np
 
@@ -44,7 +45,7 @@ from common.fsio import atomic_write_bytes, fsync_dir
 from indexes.codes import check_packed, n_words
 from indexes.hamming import HammingIndex, LiveMask, check_k
 from store import metadata as md
-from store.ids import ItemId, parse_id
+from store.ids import MAX_INT_ID, ItemId, parse_id
 from store.manifest import Manifest, check_manifest
 from store.segment import SegmentData, read_segment, write_segment
 from store.view import Part, Target, View
@@ -424,7 +425,7 @@ class Store:
                     )
                 except sqlite3.IntegrityError:
                     conn.execute("ROLLBACK TO batch")  # the batch's rows inserted before the clash
-                    taken = md.existing_ids(conn, [r[0] for r in rows])
+                    taken = md.existing_ids(conn, rows.ids)
                     repeated = _first_repeat(batch.ids)
                     raise InputError(
                         f"expected new ids, got {sorted(map(str, taken))[:10]} already indexed"
@@ -483,7 +484,7 @@ class Store:
             self._wake_compactor()
             return [g[2] for g in gone]
 
-    def _rows(self, batch: NewItems) -> tuple[list[tuple[Any, ...]], dict[str, bytes]]:
+    def _rows(self, batch: NewItems) -> tuple[_Rows, dict[str, bytes]]:
         """(id, text, image, fields JSON, codes bytes) per item, checked before any lock, and
         the image files to write (path relative to artifacts -> bytes)."""
         b = len(batch)
@@ -508,22 +509,17 @@ class Store:
                     raise InputError(f"expected an image extension like 'jpg', got {extension!r}")
                 images[i] = f"{IMAGES_DIR}/{hashlib.sha256(data).hexdigest()}.{extension}"
                 to_write[images[i]] = data
-        image_bytes = np.ascontiguousarray(batch.image_codes, dtype="<u8").view(np.uint8)
-        text_bytes = np.ascontiguousarray(batch.text_codes, dtype="<u8").view(np.uint8)
-        rows = []
-        for i in range(b):
-            item_id = parse_id(batch.ids[i])
-            fields_json = _fields_json(fields[i])
-            rows.append(
-                (
-                    item_id,
-                    _text(batch.texts[i], "texts", i),
-                    _text(images[i], "images", i),
-                    fields_json,
-                    image_bytes[i].tobytes(),
-                    text_bytes[i].tobytes(),
-                )
-            )
+        width = 8 * self._words  # bytes per code
+        image_bytes = np.ascontiguousarray(batch.image_codes, dtype="<u8").tobytes()
+        text_bytes = np.ascontiguousarray(batch.text_codes, dtype="<u8").tobytes()
+        rows = _Rows(
+            ids=_checked_ids(batch.ids),
+            texts=_checked_texts(batch.texts, "texts"),
+            images=_checked_texts(images, "images"),
+            fields=["{}"] * b if batch.fields is None else [_fields_json(f) for f in fields],
+            image_codes=[image_bytes[i : i + width] for i in range(0, b * width, width)],
+            text_codes=[text_bytes[i : i + width] for i in range(0, b * width, width)],
+        )
         return rows, to_write
 
     def _delete_rows(self, ids: list[ItemId]) -> list[tuple[int, str, ItemId]]:
@@ -685,6 +681,8 @@ def _codes(blob: bytes, words: int) -> np.ndarray:
 
 
 def _fields_json(fields: dict[str, Any]) -> str:
+    if type(fields) is dict and not fields:  # the common case, without json.dumps
+        return "{}"
     if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
         raise InputError(f"expected the item's fields as an object, got {type(fields).__name__}")
     try:
@@ -697,26 +695,58 @@ def _fields_json(fields: dict[str, Any]) -> str:
     return text
 
 
-def _text(value: object, what: str, index: int) -> str:
-    """A string SQLite can store (UTF-8, so no lone surrogates), or InputError."""
-    if not isinstance(value, str):
-        raise InputError(f"expected {what} as strings, got {type(value).__name__} at {index}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise InputError(
-            f"expected {what} of valid Unicode, got a lone surrogate at {index}:{err.start}"
-        ) from None
-    return value
+def _checked_ids(ids: Sequence[ItemId]) -> list[ItemId]:
+    """Canonical ids; a batch of plain integers in range is checked at C speed."""
+    if all(type(i) is int for i in ids):
+        ints = cast(list[int], list(ids))
+        if not ints or (min(ints) >= 0 and max(ints) <= MAX_INT_ID):
+            return list(ints)
+    return [parse_id(i) for i in ids]
 
 
-def _with_seqs(rows: list[tuple[Any, ...]], seqs: list[int], added: float) -> Any:
-    for (item_id, text, image, fields_json, image_code, text_code), seq in zip(
-        rows, seqs, strict=True
-    ):
-        codes = image_code + text_code
-        crc = md.row_crc(seq, item_id, text, image, added, fields_json, codes)
-        yield (seq, item_id, text, image, added, fields_json, image_code, text_code, crc)
+def _checked_texts(values: Sequence[object], what: str) -> list[str]:
+    """Strings SQLite can store (UTF-8, so no lone surrogates), or InputError."""
+    if all(type(v) is str for v in values):
+        texts = cast(list[str], list(values))
+        if "".join(texts).isascii():  # the common case, at C speed
+            return texts
+    for index, value in enumerate(values):
+        if not isinstance(value, str):
+            raise InputError(f"expected {what} as strings, got {type(value).__name__} at {index}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(
+                f"expected {what} of valid Unicode, got a lone surrogate at {index}:{err.start}"
+            ) from None
+    return cast(list[str], list(values))
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A checked batch, column by column, as SQLite will store it."""
+
+    ids: list[ItemId]
+    texts: list[str]
+    images: list[str]
+    fields: list[str]  # JSON objects
+    image_codes: list[bytes]
+    text_codes: list[bytes]
+
+
+def _with_seqs(rows: _Rows, seqs: list[int], added: float) -> Any:
+    """The rows as SQLite tuples, each with its seq, added time and CRC."""
+    crcs = [
+        md.row_crc(seq, item_id, text, image, added, fields, image_code + text_code)
+        for seq, item_id, text, image, fields, image_code, text_code in zip(
+            seqs, rows.ids, rows.texts, rows.images, rows.fields, rows.image_codes,
+            rows.text_codes, strict=True,
+        )
+    ]  # fmt: skip
+    return zip(
+        seqs, rows.ids, rows.texts, rows.images, itertools.repeat(added, len(seqs)), rows.fields,
+        rows.image_codes, rows.text_codes, crcs, strict=True,
+    )  # fmt: skip
 
 
 def _first_repeat(ids: Sequence[ItemId]) -> ItemId | None:
