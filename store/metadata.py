@@ -61,15 +61,17 @@ class Item:
 
 
 def row_crc(
-    seq: int, item_id: ItemId, text: str, image: str, added: float, fields_json: str, codes: bytes
+    seq: int, item_id: ItemId, text: str, image: str, added: str, fields_json: str, codes: bytes
 ) -> int:
-    """CRC-32 of one row's values: a hand-edited caption or swapped ids fail it.
+    """CRC-32 of one row's values (`added` as repr(float)): a hand-edited caption or swapped ids
+    fail it.
 
-    The values are joined unambiguously (the id's type, the lengths of the free texts), with
-    f-string speed: this runs once per row of every bulk ingest.
+    The values are joined with NUL, which no stored text holds (texts and images refuse it, ids
+    refuse control characters, JSON escapes it), so the join is unambiguous; the id carries its
+    type. A join, not json.dumps: this runs once per row of every bulk ingest.
     """
-    kind = "i" if isinstance(item_id, int) else "s"
-    head = f"{seq}|{kind}{item_id}|{len(text)}|{text}|{len(image)}|{image}|{added!r}|{fields_json}"
+    kind = "i" if type(item_id) is int else "s"
+    head = "\0".join((str(seq), kind + str(item_id), text, image, added, fields_json))
     return zlib.crc32(codes, zlib.crc32(head.encode("utf-8", "surrogatepass")))
 
 
@@ -132,7 +134,7 @@ def existing_ids(conn: sqlite3.Connection, ids: Sequence[ItemId]) -> set[ItemId]
 def item_from_row(row: tuple[Any, ...], where: Path) -> tuple[int, Item, bytes, bytes]:
     """(seq, Item, image code bytes, text code bytes) of a row; IntegrityError if it was altered."""
     seq, item_id, text, image, added, fields_json, image_code, text_code, crc = row
-    if row_crc(seq, item_id, text, image, added, fields_json, image_code + text_code) != crc:
+    if row_crc(seq, item_id, text, image, repr(added), fields_json, image_code + text_code) != crc:
         raise IntegrityError(
             f"stored item {item_id!r} (seq {seq}) failed its checksum in {where}: the row was "
             "changed outside the service; restore the store from a backup or rebuild it"

@@ -708,11 +708,14 @@ def _checked_texts(values: Sequence[object], what: str) -> list[str]:
     """Strings SQLite can store (UTF-8, so no lone surrogates), or InputError."""
     if all(type(v) is str for v in values):
         texts = cast(list[str], list(values))
-        if "".join(texts).isascii():  # the common case, at C speed
+        joined = "".join(texts)
+        if joined.isascii() and "\0" not in joined:  # the common case, at C speed
             return texts
     for index, value in enumerate(values):
         if not isinstance(value, str):
             raise InputError(f"expected {what} as strings, got {type(value).__name__} at {index}")
+        if "\0" in value:  # the row checksum joins values with NUL
+            raise InputError(f"expected {what} without NUL characters, got one at {index}")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as err:
@@ -736,8 +739,9 @@ class _Rows:
 
 def _with_seqs(rows: _Rows, seqs: list[int], added: float) -> Any:
     """The rows as SQLite tuples, each with its seq, added time and CRC."""
+    added_text = repr(added)
     crcs = [
-        md.row_crc(seq, item_id, text, image, added, fields, image_code + text_code)
+        md.row_crc(seq, item_id, text, image, added_text, fields, image_code + text_code)
         for seq, item_id, text, image, fields, image_code, text_code in zip(
             seqs, rows.ids, rows.texts, rows.images, rows.fields, rows.image_codes,
             rows.text_codes, strict=True,
