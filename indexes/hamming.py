@@ -195,6 +195,16 @@ class HammingIndex:
         index._snap = _Snapshot(codes=codes, ids=ids, sorted_ids=sorted_ids, sorted_pos=order)
         return index
 
+    def with_codes(self, codes: np.ndarray) -> HammingIndex:
+        """An index over other codes under the same ids, sharing the id arrays (no copy)."""
+        check_packed(codes, self.n_bits, name="codes")
+        snap = self._snap
+        if codes.shape[0] != snap.ids.shape[0]:
+            raise InputError(f"expected {snap.ids.shape[0]} codes, got {codes.shape[0]}")
+        twin = HammingIndex(self.n_bits, threads=self.threads)
+        twin._snap = _Snapshot(codes, snap.ids, snap.sorted_ids, snap.sorted_pos)
+        return twin
+
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids),) bool: which of the int64 ids are in the index."""
         check_ids(ids)

@@ -22,6 +22,7 @@ from common.errors import InputError, IntegrityError
 from store.ids import ItemId
 
 SCHEMA_VERSION = 1
+WRITER_CACHE_KIB = 131_072  # the writer's page cache: big batches touch many index pages
 SQL_BATCH = 500  # values per `IN (...)` list (well under SQLite's parameter limit)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,8 +33,8 @@ CREATE TABLE IF NOT EXISTS items (
     image TEXT NOT NULL,          -- path relative to the artifacts folder
     added REAL NOT NULL,
     fields TEXT NOT NULL,         -- the user's fields, a JSON object
-    image_code BLOB NOT NULL,
-    text_code BLOB NOT NULL,
+    image_code BLOB,              -- NULL for rows of a bulk segment: the segment file has them
+    text_code BLOB,
     crc INTEGER NOT NULL          -- CRC-32 of everything above (row_crc)
 );
 CREATE INDEX IF NOT EXISTS items_stored_image ON items (image) WHERE image GLOB 'images/*';
@@ -131,15 +132,22 @@ def existing_ids(conn: sqlite3.Connection, ids: Sequence[ItemId]) -> set[ItemId]
     return found
 
 
-def item_from_row(row: tuple[Any, ...], where: Path) -> tuple[int, Item, bytes, bytes]:
-    """(seq, Item, image code bytes, text code bytes) of a row; IntegrityError if it was altered."""
+def check_row(row: tuple[Any, ...], where: Path) -> None:
+    """IntegrityError unless the row's values still give its CRC."""
     seq, item_id, text, image, added, fields_json, image_code, text_code, crc = row
-    if row_crc(seq, item_id, text, image, repr(added), fields_json, image_code + text_code) != crc:
+    codes = (image_code or b"") + (text_code or b"")  # no codes: a row of a bulk segment
+    if row_crc(seq, item_id, text, image, repr(added), fields_json, codes) != crc:
         raise IntegrityError(
             f"stored item {item_id!r} (seq {seq}) failed its checksum in {where}: the row was "
             "changed outside the service; restore the store from a backup or rebuild it"
         )
-    return seq, Item(item_id, text, image, added, json.loads(fields_json)), image_code, text_code
+
+
+def item_from_row(row: tuple[Any, ...], where: Path) -> tuple[int, Item]:
+    """(seq, Item) of a row; IntegrityError if it was altered."""
+    check_row(row, where)
+    seq, item_id, text, image, added, fields_json = row[:6]
+    return seq, Item(item_id, text, image, added, json.loads(fields_json))
 
 
 def rows_by_seq(conn: sqlite3.Connection, seqs: Iterable[int], where: Path) -> dict[int, Item]:
@@ -148,7 +156,7 @@ def rows_by_seq(conn: sqlite3.Connection, seqs: Iterable[int], where: Path) -> d
     for part in chunks(list(seqs)):
         sql = f"SELECT {ROW_COLUMNS} FROM items WHERE seq IN ({marks(len(part))})"
         for row in conn.execute(sql, tuple(part)):
-            seq, item, _, _ = item_from_row(row, where)
+            seq, item = item_from_row(row, where)
             out[seq] = item
     return out
 
