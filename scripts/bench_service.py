@@ -48,7 +48,8 @@ def synthetic_artifacts(source: Path, target: Path, n: int, seed: int) -> None:
     """target/model.pt from source, and a generation of n random items."""
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(source / CHECKPOINT_NAME, target / CHECKPOINT_NAME)
-    shutil.copytree(source / "demo" / "images", target / "demo" / "images", dirs_exist_ok=True)
+    if (source / "demo" / "images").is_dir():  # the one image every item points at
+        shutil.copytree(source / "demo" / "images", target / "demo" / "images", dirs_exist_ok=True)
     checkpoint = load_checkpoint(target / CHECKPOINT_NAME)
     rng = np.random.default_rng(seed)
     codes = [

@@ -24,9 +24,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import InputError, IntegrityError, NotReadyError
-from models.checkpoint import load_checkpoint
-from models.image_features import load_backbone
-from service.encoder import Encoder, resolve_device
+from service.encoder import Encoder, load_served_model
 from service.indexing import Indexer
 from service.jobs import JobManager
 from service.metrics import Metrics
@@ -37,7 +35,6 @@ from service.settings import Settings
 from service.state import Loaded
 from store.compaction import Compactor
 from store.layout import CHECKPOINT_NAME, open_store
-from store.manifest import manifest_for
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +42,8 @@ logger = logging.getLogger(__name__)
 def load(settings: Settings, metrics: Metrics) -> Loaded:
     """Load checkpoint and backbone and open the store; InputError saying what does not match."""
     artifacts = settings.artifacts_dir
-    checkpoint_path = artifacts / CHECKPOINT_NAME
-    device = resolve_device(settings.device)
-    checkpoint = load_checkpoint(checkpoint_path, device=str(device))
-    backbone = load_backbone(checkpoint.image_backbone, device=device)
-    expected = manifest_for(
-        checkpoint_path,
-        n_bits=checkpoint.n_bits,
-        backbone=checkpoint.image_backbone,
-        vocabulary=checkpoint.vocabulary,
-    )
+    model = load_served_model(artifacts, device=settings.device)
+    checkpoint, backbone, expected = model.checkpoint, model.backbone, model.manifest
     mirror = None
     if settings.index_backend == "milvus" and not settings.milvus_uri:
         raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")

@@ -14,16 +14,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from common.errors import InputError
 from indexes.codes import pack_codes
-from models.checkpoint import Checkpoint
-from models.devices import resolve_device as resolve_device  # re-exported: service/app.py
-from models.image_features import Backbone, encode_images
+from models.checkpoint import Checkpoint, load_checkpoint
+from models.devices import resolve_device
+from models.image_features import Backbone, encode_images, load_backbone
 from models.text_features import TextVectorizer
+from store.layout import CHECKPOINT_NAME
+from store.manifest import Manifest, manifest_for
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +161,27 @@ class Encoder:
     def close(self) -> None:
         """Stop the batcher thread."""
         self.batcher.close()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """An artifacts folder's checkpoint, its backbone, and the manifest its codes must carry."""
+
+    checkpoint: Checkpoint
+    backbone: Backbone
+    manifest: Manifest
+
+
+def load_served_model(artifacts: Path, *, device: str) -> ServedModel:
+    """Load ARTIFACTS/model.pt and the backbone it was trained with on `device` (auto/cpu/cuda)."""
+    checkpoint_path = artifacts / CHECKPOINT_NAME
+    torch_device = resolve_device(device)
+    checkpoint = load_checkpoint(checkpoint_path, device=str(torch_device))
+    backbone = load_backbone(checkpoint.image_backbone, device=torch_device)
+    manifest = manifest_for(
+        checkpoint_path,
+        n_bits=checkpoint.n_bits,
+        backbone=checkpoint.image_backbone,
+        vocabulary=checkpoint.vocabulary,
+    )
+    return ServedModel(checkpoint, backbone, manifest)

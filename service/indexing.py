@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from common.errors import InputError
 from indexes.codes import n_words
@@ -116,20 +117,28 @@ class Indexer:
         self, pending: Sequence[Pending], progress: Progress, *, on_conflict: OnConflict
     ) -> int:
         """Encode pending items and commit them to the store in one write; the commit number."""
-        words = n_words(self.encoder.n_bits)
-        image_codes = np.empty((len(pending), words), np.uint64)
+        image_codes = []
         for start in range(0, len(pending), FEATURE_BATCH):
             chunk = pending[start : start + FEATURE_BATCH]
             images = [decode_image(p.data, max_pixels=self.max_pixels)[0] for p in chunk]
-            feats = self.encoder.image_features(images)
-            image_codes[start : start + len(chunk)] = self.encoder.encode_image_features(feats)
+            image_codes.append(self._image_codes(images))
             progress(start + len(chunk), len(pending))
+        return self._commit(pending, image_codes, on_conflict=on_conflict)
+
+    def _image_codes(self, images: list[Image.Image]) -> np.ndarray:
+        """(n, words) packed codes of decoded images (dropped right after by the caller)."""
+        return self.encoder.encode_image_features(self.encoder.image_features(images))
+
+    def _commit(
+        self, pending: Sequence[Pending], image_codes: list[np.ndarray], *, on_conflict: OnConflict
+    ) -> int:
         text_codes, _ = self.encoder.encode_texts([p.text for p in pending])
+        empty = np.empty((0, n_words(self.encoder.n_bits)), np.uint64)
         batch = NewItems(
             ids=[p.id for p in pending],
             texts=[p.text for p in pending],
             images=[""] * len(pending),
-            image_codes=image_codes,
+            image_codes=np.concatenate(image_codes) if image_codes else empty,
             text_codes=text_codes,
             fields=[p.fields for p in pending],
             image_data=[(p.data, p.extension) for p in pending],
@@ -139,9 +148,14 @@ class Indexer:
     def add_dataset(
         self, data: PairDataset, progress: Progress, *, on_conflict: OnConflict
     ) -> DatasetOutcome:
-        """Stream a dataset of image files into the store, CHUNK pairs at a time."""
+        """Stream a dataset of image files into the store, CHUNK pairs at a time.
+
+        Each image file is read and decoded once: FEATURE_BATCH decoded images at a time go
+        through the backbone and are dropped; a chunk's raw bytes wait for its commit.
+        """
         if data.image_paths is None or data.texts is None:
             raise InputError(f"expected raw images and texts in {data.name}, got features")
+        paths, texts = data.image_paths, data.texts
         ids = dataset_ids(data)
         skipped = [f"{r.pair}: {r.reason}" for r in data.rejected]
         todo = list(range(len(ids)))
@@ -149,30 +163,31 @@ class Indexer:
             present = self.store.existing(ids)
             skipped += [f"{ids[i]}: already indexed" for i in todo if ids[i] in present]
             todo = [i for i in todo if ids[i] not in present]
-        extra = data.extra if getattr(data, "extra", None) is not None else None
+        extra = data.extra
         added, commit = 0, self.store.view().commit
         progress(0, len(todo))
         for start in range(0, len(todo), CHUNK):
             pending: list[Pending] = []
-            for i in todo[start : start + CHUNK]:
-                path = data.image_paths[i]
-                try:
-                    raw = path.read_bytes()
-                    _, extension = decode_image(raw, max_pixels=self.max_pixels)
-                except (InputError, OSError) as err:
-                    skipped.append(f"{ids[i]}: {path.name}: {err}")
-                    continue
-                fields = dict(extra[i]) if extra is not None else {}
-                pending.append(Pending(ids[i], data.texts[i], raw, extension, fields))
+            image_codes: list[np.ndarray] = []
+            chunk = todo[start : start + CHUNK]
+            for group_start in range(0, len(chunk), FEATURE_BATCH):
+                images = []
+                for i in chunk[group_start : group_start + FEATURE_BATCH]:
+                    try:
+                        raw = paths[i].read_bytes()
+                        image, extension = decode_image(raw, max_pixels=self.max_pixels)
+                    except (InputError, OSError) as err:
+                        skipped.append(f"{ids[i]}: {paths[i].name}: {err}")
+                        continue
+                    images.append(image)
+                    fields = dict(extra[i]) if extra is not None else {}
+                    pending.append(Pending(ids[i], texts[i], raw, extension, fields))
+                if images:
+                    image_codes.append(self._image_codes(images))
+                progress(start + min(group_start + FEATURE_BATCH, len(chunk)), len(todo))
             if pending:
-                done = start
-
-                def chunk_progress(n: int, _total: int, done: int = done) -> None:
-                    progress(done + n, len(todo))
-
-                commit = self.add(pending, chunk_progress, on_conflict=on_conflict)
+                commit = self._commit(pending, image_codes, on_conflict=on_conflict)
                 added += len(pending)
-            progress(min(start + CHUNK, len(todo)), len(todo))
         logger.info("dataset %s: %d added, %d skipped", data.name, added, len(skipped))
         return DatasetOutcome(added, skipped, commit)
 

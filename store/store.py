@@ -265,7 +265,7 @@ class Store:
         ).fetchall()
         known = {name for name, _, _ in rows}
         for orphan in seg_dir.iterdir():  # files of writes or merges that never committed
-            if orphan.name not in known:
+            if orphan.name not in known and orphan.is_file():
                 logger.warning("removing %s: no committed write refers to it", orphan)
                 orphan.unlink()
         for name, n_rows, crc in rows:

@@ -1,10 +1,13 @@
-"""`cmh bench index` and `cmh bench mih`: our Hamming indexes against FAISS, side by side."""
+"""`cmh bench index` and `cmh bench mih`: our Hamming indexes against FAISS, side by side;
+`cmh bench writes`: the store's adds, deletes, startup, memory and searches under ingest."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +16,16 @@ import numpy as np
 from common.errors import InputError
 from indexes.benchmark import bench_index, bench_mih, make_data
 from indexes.hamming import HammingIndex
+from store.benchmark import bench_writes
 
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    """Add `bench index` and `bench mih` to the cmh command line."""
-    bench = subparsers.add_parser("bench", help="benchmark the Hamming indexes against FAISS")
+    """Add `bench index`, `bench mih` and `bench writes` to the cmh command line."""
+    bench = subparsers.add_parser(
+        "bench", help="benchmark the Hamming indexes against FAISS, and the store"
+    )
     kinds = bench.add_subparsers(dest="bench_kind", required=True, metavar="KIND")
     flat = kinds.add_parser(
         "index",
@@ -43,6 +49,32 @@ def register(subparsers: Any) -> None:
     source.add_argument("--clustered", action="store_true", help="codes from n/1000 centres")
     source.add_argument("--codes", type=Path, help="index file of learned codes to use instead")
     mih.set_defaults(run=run_mih)
+    writes = kinds.add_parser(
+        "writes",
+        help="the store: bulk ingest, add/delete latency, startup, RSS, search during ingest",
+        description="Build an N-item store of synthetic items (seeded random codes, demo-like "
+        "captions) in a temporary folder, time its writes, startup (fresh processes), memory, "
+        "disk and searches idle and during ingest, and print and write the JSON result "
+        "(keys documented in store/benchmark.py).",
+    )
+    writes.add_argument("--n", type=int, default=1_000_000, help="store size (default 1M)")
+    writes.add_argument("--bits", type=int, default=64, help="code length in bits (default 64)")
+    writes.add_argument("--repeats", type=int, default=5, help="timed repetitions (default 5)")
+    writes.add_argument(
+        "--batch", type=int, default=100_000, help="items per store.add in the build (100,000)"
+    )
+    writes.add_argument(
+        "--queries", type=int, default=2000, help="searches per latency figure (default 2000)"
+    )
+    writes.add_argument("--json", type=Path, required=True, help="where to write the result")
+    writes.add_argument(
+        "--dir",
+        type=Path,
+        help="folder in which the benchmark's temporary folder is made (default: the system's "
+        "temp folder); its disk is the one measured",
+    )
+    writes.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    writes.set_defaults(run=run_writes)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -105,4 +137,28 @@ def run_mih(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     _emit({"codes": source} | result, args.json)
+    return 0
+
+
+def run_writes(args: argparse.Namespace) -> int:
+    """Run `cmh bench writes`."""
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="cmh-bench-writes-", dir=args.dir))
+    logger.info("building the benchmark store in %s", root)
+    try:
+        result = bench_writes(
+            root=root,
+            n=args.n,
+            n_bits=args.bits,
+            repeats=args.repeats,
+            batch=args.batch,
+            queries=args.queries,
+        )
+    finally:
+        if args.keep:
+            logger.info("kept %s", root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    _emit(result, args.json)
     return 0

@@ -14,14 +14,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint
 from models.datasets import DATASETS, load_dataset
-from models.image_features import load_backbone
-from service.encoder import Encoder, resolve_device
+from service.encoder import Encoder, load_served_model
 from service.indexing import Indexer
 from store import legacy
-from store.layout import CHECKPOINT_NAME, open_store
-from store.manifest import manifest_for
+from store.layout import open_store
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,19 +58,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_build(args: argparse.Namespace) -> int:
     """Stream the dataset into the store and report."""
-    checkpoint_path = args.artifacts / CHECKPOINT_NAME
-    device = resolve_device(args.device)
-    checkpoint = load_checkpoint(checkpoint_path, device=str(device))
-    backbone = load_backbone(checkpoint.image_backbone, device=device)
-    expected = manifest_for(
-        checkpoint_path,
-        n_bits=checkpoint.n_bits,
-        backbone=checkpoint.image_backbone,
-        vocabulary=checkpoint.vocabulary,
-    )
+    model = load_served_model(args.artifacts, device=args.device)
     data = load_dataset(args.dataset, args.root)
-    store = open_store(args.artifacts, expected=expected)
-    encoder = Encoder(checkpoint, backbone, window_ms=0, max_batch=1)
+    store = open_store(args.artifacts, expected=model.manifest)
+    encoder = Encoder(model.checkpoint, model.backbone, window_ms=0, max_batch=1)
     start = time.perf_counter()
     try:
         indexer = Indexer(store=store, encoder=encoder, max_pixels=args.max_pixels)
