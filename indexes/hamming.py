@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,6 +277,17 @@ class HammingIndex:
         ties in insertion order, padded with int32 max and -1 past the (live) index size.
         Raises InputError for a wrong dtype or shape, k < 1 or a mask of the wrong length.
         """
+        plan = self._plan(queries, k, live)
+        _drain_all(self._pool, self.threads, plan.jobs)
+        return plan.finish()
+
+    def _plan(self, queries: np.ndarray, k: int, live: LiveMask | None) -> _Plan:
+        """The scan jobs of one search and how to turn their heaps into (dists, ids).
+
+        The work is cut into CHUNKS_PER_THREAD pieces per thread that the threads take from a
+        shared queue: on a shared machine a descheduled thread then holds back only its piece.
+        Few queries are split over the database, many over the queries.
+        """
         check_packed(queries, self.n_bits, name="queries")
         check_k(k)
         snap = self._snap
@@ -285,57 +297,36 @@ class HammingIndex:
         heap_k = min(int(k), n if live is None else live.count)
         sentinel = ((self.n_bits + 1) << POS_BITS) | POS_MASK
         keys = np.full((m, heap_k), sentinel, dtype=np.int64)  # (m, heap_k) max-heaps
-        if m and heap_k:
-            mask = _ALL_LIVE if live is None else live.words
-            keys = self._scan(np.ascontiguousarray(queries).reshape(-1), snap, keys, mask)
-        keys.sort(axis=1)
-        dists = np.full((m, int(k)), PAD_DIST, dtype=np.int32)
-        out_ids = np.full((m, int(k)), -1, dtype=np.int64)
-        dists[:, :heap_k] = keys >> POS_BITS
-        out_ids[:, :heap_k] = snap.ids[keys & POS_MASK]
-        return dists, out_ids
-
-    def _scan(
-        self, queries: np.ndarray, snap: _Snapshot, keys: np.ndarray, live: np.ndarray
-    ) -> np.ndarray:
-        """Fill the (m, heap_k) key heaps, split over queries or (few queries) over the database.
-
-        The work is cut into CHUNKS_PER_THREAD pieces per thread that the threads take from a
-        shared queue: on a shared machine a descheduled thread then holds back only its piece.
-        """
-        scan = self._kernels.knn_scan
-        db = snap.codes.reshape(-1)
-        m, n, w = keys.shape[0], snap.ids.shape[0], self.n_words
+        flat = np.ascontiguousarray(queries).reshape(-1)
+        mask = _ALL_LIVE if live is None else live.words
+        scan, db, w = self._kernels.knn_scan, snap.codes.reshape(-1), self.n_words
         pieces = self.threads * CHUNKS_PER_THREAD
-        jobs: list[tuple[np.ndarray, int, int, np.ndarray]]
+        jobs: list[_Job] = []
         split_db = m < self.threads and n >= SPLIT_DB_MIN and self._pool is not None
-        if not split_db:
+        if m and heap_k and not split_db:
             chunks = split_range(m, max(self.threads, min(pieces, m // MIN_QUERY_CHUNK)))
-            jobs = [(queries[a * w : b * w], 0, n, keys[a:b]) for a, b in chunks]
-        else:
+            jobs = [(scan, flat[a * w : b * w], db, 0, n, keys[a:b], mask) for a, b in chunks]
+        elif m and heap_k:
             # Each piece starts with an empty top-k, so pieces stay large: a fresh top-k fills
             # with about k * ln(piece / k) insertions.
             parts = max(self.threads, min(pieces, n // MIN_DB_CHUNK))
-            jobs = [(queries, a, b, keys.copy()) for a, b in split_range(n, parts)]
-        todo: queue.SimpleQueue[tuple[np.ndarray, int, int, np.ndarray]] = queue.SimpleQueue()
-        for job in jobs:
-            todo.put(job)
+            jobs = [(scan, flat, db, a, b, keys.copy(), mask) for a, b in split_range(n, parts)]
 
-        def drain() -> None:
-            while True:
-                try:
-                    part_queries, start, stop, part_keys = todo.get_nowait()
-                except queue.Empty:
-                    return
-                scan(part_queries, db, start, stop, part_keys, live)
+        def finish() -> tuple[np.ndarray, np.ndarray]:
+            found = keys
+            if split_db and jobs:  # keys carry global positions: the k smallest of all parts
+                merged = np.concatenate([job[5] for job in jobs], axis=1)
+                merged.sort(axis=1)
+                found = merged[:, :heap_k]
+            else:
+                found.sort(axis=1)
+            dists = np.full((m, int(k)), PAD_DIST, dtype=np.int32)
+            out_ids = np.full((m, int(k)), -1, dtype=np.int64)
+            dists[:, :heap_k] = found >> POS_BITS
+            out_ids[:, :heap_k] = snap.ids[found & POS_MASK]
+            return dists, out_ids
 
-        run_calls(self._pool, [(drain,)] * min(self.threads, len(jobs)))
-        if not split_db:
-            return keys  # each job filled its own rows of keys
-        # Keys carry global positions, so the k smallest over all parts are the answer.
-        merged = np.concatenate([job[3] for job in jobs], axis=1)
-        merged.sort(axis=1)
-        return np.ascontiguousarray(merged[:, : keys.shape[1]])
+        return _Plan(jobs, finish)
 
     def range_search(self, queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every code within Hamming distance `radius` of each (m, n_words) uint64 query.
@@ -408,6 +399,59 @@ class HammingIndex:
         index._snap = _Snapshot(codes=codes, ids=ids, sorted_ids=sorted_ids, sorted_pos=order)
         logger.info("loaded %d codes of %d bits from %s", len(ids), n_bits, path)
         return index
+
+
+# One piece of a scan: (kernel, queries, db, start, stop, heaps, live words).
+_Job = tuple[Callable[..., None], np.ndarray, np.ndarray, int, int, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A search's scan pieces, and the step that turns their heaps into its answer."""
+
+    jobs: list[_Job]
+    finish: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+def _drain_all(pool: ThreadPoolExecutor | None, threads: int, jobs: list[_Job]) -> None:
+    """Run every job with up to `threads` threads (this one included) taking from one queue."""
+    todo: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
+
+    def drain() -> None:
+        while True:
+            try:
+                scan, part_queries, db, start, stop, part_keys, live = todo.get_nowait()
+            except queue.Empty:
+                return
+            scan(part_queries, db, start, stop, part_keys, live)
+
+    run_calls(pool, [(drain,)] * min(threads, len(jobs)))
+
+
+def search_parts(
+    parts: Sequence[tuple[HammingIndex, LiveMask | None]], queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over several indexes at once, ties by id: (dists (m, k), ids (m, k)).
+
+    The scan pieces of every part go to the threads in one round (not one round per part), so
+    many small parts cost about what one index of their total size costs. With ids that grow
+    with insertion across the parts (a store's seqs), ties come out in insertion order.
+    """
+    if not parts:
+        raise InputError("expected at least one index to search")
+    plans = [index._plan(queries, k, live) for index, live in parts]
+    first = parts[0][0]
+    _drain_all(first._pool, first.threads, [job for plan in plans for job in plan.jobs])
+    answers = [plan.finish() for plan in plans]
+    if len(answers) == 1:
+        return answers[0]
+    dists = np.concatenate([a[0] for a in answers], axis=1)
+    ids = np.concatenate([a[1] for a in answers], axis=1)
+    # Padding (distance int32 max) sorts after every real hit whatever its id.
+    order = np.lexsort((ids, dists), axis=-1)[:, :k]
+    return np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def run_calls(pool: ThreadPoolExecutor | None, calls: list[tuple[object, ...]]) -> None:

@@ -2,8 +2,9 @@
 
 A search reads one View from start to end; writes publish a new View in one assignment, so a
 search is never torn and never waits for a write. Each part is searched exactly (deleted rows
-masked out in the scan) and the parts' answers are merged by (distance, seq): seqs grow with
-insertion, so ties come out in insertion order across parts, as within one index.
+masked out in the scan), the scan pieces of all parts in one round of the threads
+(indexes.hamming.search_parts), and the parts' answers are merged by (distance, seq): seqs grow
+with insertion, so ties come out in insertion order across parts, as within one index.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from indexes.hamming import PAD_DIST, HammingIndex, LiveMask
+from indexes.hamming import PAD_DIST, HammingIndex, LiveMask, search_parts
 
 Target = Literal["image", "text"]
 
@@ -56,16 +57,8 @@ class View:
 
     def search(self, target: Target, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(dists int32 (m, k), seqs int64 (m, k)) over every part; FAISS padding (-1)."""
-        answers = [
-            p.index_for(target).search(queries, k, live=p.live) for p in self.parts if p.n_live
-        ]
-        if not answers:
+        searched = [(p.index_for(target), p.live) for p in self.parts if p.n_live]
+        if not searched:
             m = queries.shape[0]
             return np.full((m, k), PAD_DIST, np.int32), np.full((m, k), -1, np.int64)
-        if len(answers) == 1:
-            return answers[0]
-        dists = np.concatenate([a[0] for a in answers], axis=1)
-        seqs = np.concatenate([a[1] for a in answers], axis=1)
-        # Padding (distance int32 max) sorts after every real hit whatever its seq.
-        order = np.lexsort((seqs, dists), axis=-1)[:, :k]
-        return np.take_along_axis(dists, order, 1), np.take_along_axis(seqs, order, 1)
+        return search_parts(searched, queries, k)
