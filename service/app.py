@@ -79,7 +79,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    loaded = load(settings, app.state.metrics)
+    # `cmh serve` loads before uvicorn starts, so that a refusal is one line and exit 2.
+    preloaded = getattr(app.state, "loaded", None)
+    loaded = preloaded if isinstance(preloaded, Loaded) else load(settings, app.state.metrics)
     logger.info(
         "loaded model n_bits=%d (%s) from %s; store with %d items",
         loaded.encoder.n_bits,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -91,3 +93,20 @@ def test_serving_quotes_the_output_of_a_service_that_does_not_come_up(tmp_path: 
         raised.value
     )
     assert "Traceback" not in str(raised.value)
+
+
+def test_a_store_that_does_not_match_the_checkpoint_is_refused_in_one_line(
+    demo_artifacts: Path,
+) -> None:
+    db = sqlite3.connect(demo_artifacts / "store" / "items.sqlite")
+    manifest = json.loads(db.execute("SELECT value FROM meta WHERE key = 'manifest'").fetchone()[0])
+    manifest["vocabulary_sha256"] = "0" * 64
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'manifest'", (json.dumps(manifest),))
+    db.close()
+    with pytest.raises(RuntimeError) as raised, serving(demo_artifacts, ready_timeout_s=120):
+        pass
+    output = str(raised.value)
+    assert "got exit code 2; its output:" in output
+    assert "cmh serve: error: the index does not match the checkpoint: vocabulary_sha256" in output
+    assert "Traceback" not in output

@@ -8,7 +8,7 @@ from pathlib import Path
 import uvicorn
 
 from common.errors import InputError
-from service.app import create_app
+from service.app import create_app, load
 from service.settings import Settings
 from store.layout import CHECKPOINT_NAME
 
@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
             f"{settings.artifacts_dir}` or `cmh train ... --out {checkpoint}`), got no file"
         )
     app = create_app(settings)
+    # Everything is checked (checkpoint, backbone, store and its manifest) before uvicorn starts:
+    # a refusal is then this command's one line and exit 2, not a server traceback.
+    app.state.loaded = load(settings, app.state.metrics)
     print(f"serving {settings.artifacts_dir} at http://{args.host}:{args.port}/ (API docs: /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
     return 0
