@@ -44,8 +44,8 @@ def load(settings: Settings, metrics: Metrics) -> Loaded:
     artifacts = settings.artifacts_dir
     model = load_served_model(artifacts, device=settings.device)
     checkpoint, backbone, expected = model.checkpoint, model.backbone, model.manifest
-    mirror = None
-    if settings.index_backend == "milvus" and not settings.milvus_uri:
+    milvus_uri = settings.milvus_uri if settings.index_backend == "milvus" else None
+    if settings.index_backend == "milvus" and not milvus_uri:
         raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
     store = open_store(artifacts, expected=expected)
     encoder = Encoder(
@@ -55,9 +55,10 @@ def load(settings: Settings, metrics: Metrics) -> Loaded:
         max_batch=settings.max_image_batch,
         on_batch=metrics.image_batch.observe,
     )
-    if settings.index_backend == "milvus" and settings.milvus_uri:
+    mirror = None
+    if milvus_uri:
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
-        mirror = MilvusMirror(store, uri=settings.milvus_uri, token=token)
+        mirror = MilvusMirror(store, uri=milvus_uri, token=token)
     Compactor(store)
     indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
     return Loaded(

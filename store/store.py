@@ -340,28 +340,26 @@ class Store:
         check_packed(queries, self.n_bits, name="queries")  # also when no part is searched
         check_k(k)
         for _ in range(SEARCH_ATTEMPTS):
-            view = self._view
-            search = searcher or view.search
-            dists, seqs = search(target, queries, k)
-            wanted = np.unique(seqs[seqs >= 0]).tolist()
-            items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
-            if len(items) == len(wanted):
-                hits = [
-                    [(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0]
-                    for row_s, row_d in zip(seqs.tolist(), dists.tolist(), strict=True)
-                ]
-                return Hits(hits, view.commit)
+            found = self._search_once(target, queries, k, searcher)
+            if found is not None:
+                return found
         # Deletes keep outrunning this search: answer once more with writes held off.
         with self._lock:
-            view = self._view
-            dists, seqs = (searcher or view.search)(target, queries, k)
-            wanted = np.unique(seqs[seqs >= 0]).tolist()
-            items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
-        missing = sorted(set(wanted) - set(items))
-        if missing:
-            raise IntegrityError(
-                f"segment rows {missing[:5]} have no metadata row in {self.root / DB_NAME}"
-            )
+            found = self._search_once(target, queries, k, searcher)
+        if found is None:
+            raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
+        return found
+
+    def _search_once(
+        self, target: Target, queries: np.ndarray, k: int, searcher: Searcher | None
+    ) -> Hits | None:
+        """One search of the current view with its hits' rows, or None if a hit's row is gone."""
+        view = self._view
+        dists, seqs = (searcher or view.search)(target, queries, k)
+        wanted = np.unique(seqs[seqs >= 0]).tolist()
+        items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
+        if len(items) != len(wanted):
+            return None
         hits = [
             [(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0]
             for row_s, row_d in zip(seqs.tolist(), dists.tolist(), strict=True)
