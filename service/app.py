@@ -24,13 +24,13 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import InputError, IntegrityError, NotReadyError
+from service.api import router
 from service.encoder import Encoder, load_served_model
 from service.indexing import Indexer
 from service.jobs import JobManager
 from service.metrics import Metrics
 from service.milvus_serving import MilvusMirror
 from service.pages import router as pages_router
-from service.routes import router
 from service.settings import Settings
 from service.state import Loaded
 from store.compaction import Compactor

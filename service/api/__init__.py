@@ -1,0 +1,9 @@
+"""The HTTP endpoints, one module per resource; `router` includes them all."""
+
+from fastapi import APIRouter
+
+from service.api import builds, items, ops, search
+
+router = APIRouter()
+for module in (search, builds, items, ops):
+    router.include_router(module.router)

@@ -1,0 +1,80 @@
+"""Builds: validate a batch (or a dataset root) now, index it in a background job; job status."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from common.errors import InputError
+from models.datasets import load_dataset
+from service.api.deps import ERRORS, JobsDep, LoadedDep, MetricsDep, SettingsDep, require_key
+from service.indexing import Pending
+from service.schemas import BuildRequest, JobAccepted, JobStatus
+from service.uploads import inside
+
+router = APIRouter(tags=["index"])
+
+
+@router.post(
+    "/v1/index/build",
+    status_code=202,
+    responses=ERRORS,
+    dependencies=[Depends(require_key)],
+)
+def build_index(
+    body: BuildRequest,
+    request: Request,
+    loaded: LoadedDep,
+    settings: SettingsDep,
+    jobs: JobsDep,
+    metrics: MetricsDep,
+) -> JobAccepted:
+    """Validate a batch (or a dataset root) now, then index it in a background job."""
+    pending: list[Pending] = []
+    indexer, on_conflict = loaded.indexer, body.on_conflict
+    if body.items is not None:  # items are checked now: a bad batch is a 400 listing each item
+        if len(body.items) > settings.max_batch_items:
+            raise InputError(
+                f"expected at most {settings.max_batch_items} items, got {len(body.items)}"
+            )
+        pending = indexer.validate_items(
+            body.items,
+            data_dir=settings.server_data_dir,
+            max_image_bytes=settings.max_upload_bytes,
+            on_conflict=on_conflict,
+        )
+    dataset = body.dataset
+
+    def work(progress: Callable[[int, int], None]) -> JobStatus:
+        if dataset is not None:  # a dataset is read and checked in the job: it can be large
+            if settings.server_data_dir is None:
+                raise InputError("expected CMH_SERVER_DATA_DIR to be set for dataset builds")
+            data = load_dataset(dataset.name, inside(settings.server_data_dir, dataset.root))
+            outcome = indexer.add_dataset(data, progress, on_conflict=on_conflict)
+            added, skipped, commit = outcome.added, outcome.skipped, outcome.commit
+        else:
+            commit = indexer.add(pending, progress, on_conflict=on_conflict)
+            added, skipped = len(pending), []
+        metrics.set_index_size(len(loaded.store), len(loaded.store))
+        return JobStatus(
+            job_id="",
+            status="succeeded",
+            done=added,
+            total=added,
+            added=added,
+            skipped=skipped,
+            generation=str(commit),
+        )
+
+    job_id = jobs.submit(len(pending), work)
+    return JobAccepted(job_id=job_id, status_url=str(request.url_for("job_status", job_id=job_id)))
+
+
+@router.get("/v1/jobs/{job_id}", responses=ERRORS, name="job_status")
+def job_status(job_id: str, jobs: JobsDep) -> JobStatus:
+    """A build job's status, progress (done / total) and per-item errors."""
+    status = jobs.get(job_id)
+    if status is None:
+        raise HTTPException(404, f"expected a known job id, got {job_id!r}")
+    return status

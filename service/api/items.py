@@ -1,0 +1,65 @@
+"""Items: delete one, serve its stored image; what is being served (stats)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import FileResponse
+
+from common.errors import InputError
+from service.api.deps import ERRORS, LoadedDep, MetricsDep, require_key
+from service.schemas import DeleteResponse, IndexStats
+from store.ids import ItemId, parse_id
+
+router = APIRouter(tags=["index"])
+
+
+def path_id(item_id: str) -> ItemId:
+    """The id named in a URL path ("5" is the integer 5)."""
+    try:
+        return parse_id(item_id)
+    except InputError as err:
+        raise HTTPException(404, f"expected an indexed id, got {item_id[:80]!r}: {err}") from None
+
+
+@router.delete(
+    "/v1/items/{item_id:path}",
+    responses=ERRORS,
+    dependencies=[Depends(require_key)],
+)
+def delete_item(item_id: str, loaded: LoadedDep, metrics: MetricsDep) -> DeleteResponse:
+    """Remove an item from both indexes (durable before it is acknowledged)."""
+    wanted = path_id(item_id)
+    removed = loaded.store.delete([wanted])
+    if not removed:
+        raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
+    metrics.set_index_size(len(loaded.store), len(loaded.store))
+    return DeleteResponse(id=removed[0], removed=True, generation=str(loaded.store.view().commit))
+
+
+@router.get("/v1/items/{item_id:path}/image", responses=ERRORS)
+def item_image(item_id: str, loaded: LoadedDep) -> FileResponse:
+    """The stored image of an indexed item (only files the index refers to are ever served)."""
+    wanted = path_id(item_id)
+    item = loaded.store.get(wanted)
+    if item is None:
+        raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
+    path = loaded.store.artifacts / item.image
+    if not path.is_file():
+        raise HTTPException(404, f"the image of item {wanted!r} is missing from the artifacts")
+    return FileResponse(path)
+
+
+@router.get("/v1/index/stats", responses=ERRORS)
+def index_stats(loaded: LoadedDep) -> IndexStats:
+    """What is being served: sizes, bits, commit, segments, backbone and vocabulary."""
+    view, enc = loaded.store.view(), loaded.encoder
+    return IndexStats(
+        items=view.count,
+        n_bits=enc.n_bits,
+        generation=str(view.commit),
+        segments=len(view.parts),
+        image_backbone=enc.backbone.name,
+        checkpoint_dataset=enc.checkpoint.dataset,
+        vocabulary_size=enc.vectorizer.dim,
+        device=str(enc.backbone.device),
+    )
