@@ -825,3 +825,24 @@ def test_deletes_made_while_a_merge_runs_stay_deleted(
     assert tombstones(folder) == 0
     assert parts(store) == [("segment", 4 * SEAL - 13), ("growing", 12)]  # reloaded: live rows
     check(store, oracle)
+
+
+def test_bulk_and_small_rows_carry_the_crc_that_row_crc_gives(folder: Folder) -> None:
+    """Bulk rows compute their CRC inline (the fast path); it must be row_crc's, for int and
+    string ids, non-ASCII captions, user fields and stored images, or every get would fail."""
+    store, rng = folder.create(), np.random.default_rng(11)
+    ids: list[ItemId] = [*range(BULK // 2), *(f"名-{i}" for i in range(BULK // 2))]
+    fields = [{"tag": "ü", "n": i} for i in range(BULK)]
+    images: list[tuple[bytes, str] | None] = [(b"img-%d" % (i % 3), "png") for i in range(BULK)]
+    bulk = make(ids, rng, tag="— ünïcode", fields=fields, image_data=images)
+    small = make(["x", 10_000], rng, tag="naïve", fields=[{"a": 1}, {}])
+    store.add(bulk)  # BULK rows: a segment of its own, code columns NULL
+    store.add(small)  # rows with their codes
+    with closing(sqlite3.connect(folder.database)) as conn:
+        rows = conn.execute(f"SELECT {md.ROW_COLUMNS} FROM items ORDER BY seq").fetchall()
+    assert len(rows) == BULK + 2
+    assert [r[6] is None for r in rows] == [True] * BULK + [False, False]
+    for seq, item_id, text, image, added, fields_json, image_code, text_code, crc in rows:
+        codes = (image_code or b"") + (text_code or b"")
+        assert md.row_crc(seq, item_id, text, image, repr(added), fields_json, codes) == crc
+    assert store.get("名-3") is not None and store.get(10_000) is not None
