@@ -31,11 +31,11 @@ import numpy as np
 from common.errors import InputError
 from indexes import storage
 from indexes.codes import check_packed, n_words
-from indexes.kernels import MAX_CODES, POS_BITS, POS_MASK, kernels_for
+from indexes.kernels import MAX_CODES, kernels_for
+from indexes.results import empty_keys, from_keys
 
 logger = logging.getLogger(__name__)
 
-PAD_DIST = np.iinfo(np.int32).max
 # Below this many codes a single query is scanned by one thread: waking a second costs more.
 SPLIT_DB_MIN = 1 << 16
 CHUNKS_PER_THREAD = 4  # pieces of work per search thread (see HammingIndex._scan)
@@ -295,8 +295,7 @@ class HammingIndex:
         if live is not None and live.n != n:
             raise InputError(f"expected a live mask of {n} codes, got one of {live.n}")
         heap_k = min(int(k), n if live is None else live.count)
-        sentinel = ((self.n_bits + 1) << POS_BITS) | POS_MASK
-        keys = np.full((m, heap_k), sentinel, dtype=np.int64)  # (m, heap_k) max-heaps
+        keys = empty_keys(m, heap_k, self.n_bits)  # (m, heap_k) max-heaps
         flat = np.ascontiguousarray(queries).reshape(-1)
         mask = _ALL_LIVE if live is None else live.words
         scan, db, w = self._kernels.knn_scan, snap.codes.reshape(-1), self.n_words
@@ -316,15 +315,8 @@ class HammingIndex:
             found = keys
             if split_db and jobs:  # keys carry global positions: the k smallest of all parts
                 merged = np.concatenate([job[5] for job in jobs], axis=1)
-                merged.sort(axis=1)
-                found = merged[:, :heap_k]
-            else:
-                found.sort(axis=1)
-            dists = np.full((m, int(k)), PAD_DIST, dtype=np.int32)
-            out_ids = np.full((m, int(k)), -1, dtype=np.int64)
-            dists[:, :heap_k] = found >> POS_BITS
-            out_ids[:, :heap_k] = snap.ids[found & POS_MASK]
-            return dists, out_ids
+                found = np.sort(merged, axis=1)[:, :heap_k]
+            return from_keys(found, snap.ids, int(k))
 
         return _Plan(jobs, finish)
 

@@ -25,8 +25,9 @@ import numpy as np
 
 from common.errors import InputError
 from indexes.codes import check_packed
-from indexes.hamming import PAD_DIST, HammingIndex, check_k, run_calls, split_range
-from indexes.kernels import POS_BITS, POS_MASK, heap_replace_top, popcount64
+from indexes.hamming import HammingIndex, check_k, run_calls, split_range
+from indexes.kernels import POS_BITS, heap_replace_top, popcount64
+from indexes.results import empty_keys, from_keys
 
 MAX_SUBSTRING_BITS = 24  # a table's bucket array has 2**bits + 1 entries
 # One bucket or candidate visit (random memory access) costs about as much as comparing this
@@ -233,8 +234,7 @@ class MultiIndexHamming:
         tables = self._tables
         m, n = queries.shape[0], len(tables.flat)
         heap_k = min(int(k), n)
-        sentinel = ((self.n_bits + 1) << POS_BITS) | POS_MASK
-        keys = np.full((m, heap_k), sentinel, dtype=np.int64)
+        keys = empty_keys(m, heap_k, self.n_bits)
         gave_up = np.zeros(m, dtype=bool)
         if m and heap_k:
             packed = (tables.starts, tables.lengths, tables.bases, tables.offsets, tables.order)
@@ -245,16 +245,20 @@ class MultiIndexHamming:
                 for a, b in split_range(m, tables.flat.threads)
             ]
             run_calls(self._pool, calls)
-        keys.sort(axis=1)
-        dists = np.full((m, int(k)), PAD_DIST, dtype=np.int32)
-        out_ids = np.full((m, int(k)), -1, dtype=np.int64)
-        dists[:, :heap_k] = keys >> POS_BITS
         # Rows that gave up may still hold empty slots; flat search overwrites them below.
-        out_ids[:, :heap_k] = tables.flat.ids[np.minimum(keys & POS_MASK, max(n - 1, 0))]
+        dists, out_ids = from_keys(keys, tables.flat.ids, int(k))
         redo = np.flatnonzero(gave_up)
         if redo.size:
             dists[redo], out_ids[redo] = tables.flat.search(queries[redo], k)
         return dists, out_ids
+
+    def range_search(self, queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every code within `radius` of each query, as HammingIndex.range_search gives them.
+
+        Answered by the flat scan the tables sit on: a range search visits every code within
+        the radius anyway, and the flat scan's order (distance, then insertion) is the contract.
+        """
+        return self._tables.flat.range_search(queries, radius)
 
     def save(self, path: Path) -> None:
         """Save codes and ids in the HammingIndex file format (tables are rebuilt on load)."""

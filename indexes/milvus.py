@@ -38,7 +38,8 @@ from pymilvus import DataType, MilvusClient
 from common.errors import InputError
 from indexes import storage
 from indexes.codes import check_packed, n_words
-from indexes.hamming import PAD_DIST, check_ids, check_k
+from indexes.hamming import check_ids, check_k
+from indexes.results import padded
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +226,7 @@ class MilvusHammingIndex:
             raise InputError(f"expected k <= {MAX_K} with the Milvus backend, got {k}")
         k = int(k)
         m = queries.shape[0]
-        dists = np.full((m, k), PAD_DIST, dtype=np.int32)
-        out_ids = np.full((m, k), -1, dtype=np.int64)
+        dists, out_ids = padded(m, k)
         vectors = to_milvus_bytes(queries, self.n_bits)
         hits = self._search(vectors, limit=k + 1, radius=None)
         # Queries whose k-th and (k+1)-th hits tie, grouped by that boundary distance.

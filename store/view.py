@@ -14,7 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from indexes.hamming import PAD_DIST, HammingIndex, LiveMask, search_parts
+from indexes.hamming import HammingIndex, LiveMask, search_parts
+from indexes.results import padded
 
 Target = Literal["image", "text"]
 
@@ -60,5 +61,5 @@ class View:
         searched = [(p.index_for(target), p.live) for p in self.parts if p.n_live]
         if not searched:
             m = queries.shape[0]
-            return np.full((m, k), PAD_DIST, np.int32), np.full((m, k), -1, np.int64)
+            return padded(m, k)
         return search_parts(searched, queries, k)

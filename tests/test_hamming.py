@@ -12,7 +12,8 @@ import pytest
 
 from common.errors import InputError
 from indexes.codes import n_words, pack_codes
-from indexes.hamming import PAD_DIST, SPLIT_DB_MIN, HammingIndex, LiveMask
+from indexes.hamming import SPLIT_DB_MIN, HammingIndex, LiveMask
+from indexes.results import PAD_DIST
 
 
 def random_packed(rng: np.random.Generator, n: int, n_bits: int) -> np.ndarray:

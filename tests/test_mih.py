@@ -12,6 +12,7 @@ from common.errors import InputError
 from indexes.codes import pack_codes
 from indexes.hamming import HammingIndex
 from indexes.mih import MultiIndexHamming, default_tables
+from indexes.results import SearchIndex
 
 
 def clustered(rng: np.random.Generator, n: int, n_bits: int, flip: float) -> np.ndarray:
@@ -98,3 +99,21 @@ def test_default_tables_follow_log2_n() -> None:
     assert default_tables(64, 1_000_000) == 3
     assert default_tables(128, 10_000_000) == 6
     assert default_tables(64, 0) == 64 and default_tables(256, 10**6) == 13
+
+
+def test_mih_is_a_search_index() -> None:
+    assert isinstance(MultiIndexHamming(64), SearchIndex)
+
+
+def test_range_search_matches_flat() -> None:
+    rng = np.random.default_rng(5)
+    codes = pack_codes(rng.integers(0, 2, (500, 64)))
+    ids = rng.permutation(5000)[:500].astype(np.int64)
+    mih, flat = MultiIndexHamming(64), HammingIndex(64)
+    mih.add(codes, ids)
+    flat.add(codes, ids)
+    got_all, want_all = mih.range_search(codes[:9], 28), flat.range_search(codes[:9], 28)
+    assert len(got_all) == 9 and any(len(w[1]) > 1 for w in want_all)
+    for got, want in zip(got_all, want_all, strict=True):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])

@@ -18,7 +18,7 @@ import pytest
 
 from common.errors import InputError
 from indexes.codes import n_words, pack_codes
-from indexes.hamming import PAD_DIST, HammingIndex
+from indexes.hamming import HammingIndex
 from indexes.milvus import (
     MAX_K,
     MilvusHammingIndex,
@@ -26,6 +26,7 @@ from indexes.milvus import (
     milvus_dim,
     to_milvus_bytes,
 )
+from indexes.results import PAD_DIST, SearchIndex
 from tests.test_hamming import brute_force, random_packed
 
 SERVER_URI = os.environ.get("CMH_TEST_MILVUS_URI")
@@ -241,3 +242,9 @@ def test_reopening_checks_the_collection(make_milvus_index, milvus_uri: str) -> 
     np.testing.assert_array_equal(index.ids, [5, 6, 7])  # the reopened index appends after
     with pytest.raises(InputError, match="to be a 128-bit index"):
         MilvusHammingIndex(128, uri=milvus_uri, collection=index.collection)
+
+
+def test_every_backend_is_a_search_index(make_index) -> None:
+    """One interface (indexes.results.SearchIndex) for HammingIndex and MilvusHammingIndex."""
+    index = make_index(64)
+    assert isinstance(index, SearchIndex) and index.n_bits == 64

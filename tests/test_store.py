@@ -27,7 +27,7 @@ import pytest
 import store.store as store_module
 from common.errors import InputError, IntegrityError
 from indexes.codes import pack_codes
-from indexes.hamming import PAD_DIST
+from indexes.results import PAD_DIST
 from store import compaction
 from store import metadata as md
 from store.compaction import compact_once
