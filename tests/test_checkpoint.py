@@ -17,7 +17,7 @@ from indexes.codes import pack_codes
 from models.aucmh import ModelConfig
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.train import TrainConfig, config_from_dict, train
-from tests.test_train import separable_pairs
+from tests.helpers import separable_pairs
 
 DATA = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parents[1]

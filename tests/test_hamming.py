@@ -11,27 +11,9 @@ import numpy as np
 import pytest
 
 from common.errors import InputError
-from indexes.codes import n_words, pack_codes
+from indexes.codes import n_words
 from indexes.hamming import SPLIT_DB_MIN, HammingIndex, LiveMask
-from indexes.results import PAD_DIST
-
-
-def random_packed(rng: np.random.Generator, n: int, n_bits: int) -> np.ndarray:
-    """(n, n_words) uint64 random codes of n_bits bits."""
-    return pack_codes(rng.integers(0, 2, size=(n, n_bits), dtype=np.uint8))
-
-
-def brute_force(
-    queries: np.ndarray, codes: np.ndarray, ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle: full distance matrix, stable sort (ties in insertion order), FAISS padding."""
-    dist = np.bitwise_count(queries[:, None, :] ^ codes[None, :, :]).sum(axis=2).astype(np.int32)
-    order = np.argsort(dist, axis=1, kind="stable")[:, :k]  # (m, min(k, n))
-    out_d = np.full((queries.shape[0], k), PAD_DIST, dtype=np.int32)
-    out_i = np.full((queries.shape[0], k), -1, dtype=np.int64)
-    out_d[:, : order.shape[1]] = np.take_along_axis(dist, order, axis=1)
-    out_i[:, : order.shape[1]] = ids[order]
-    return out_d, out_i
+from tests.helpers import brute_force, random_packed
 
 
 @pytest.mark.parametrize("threads", [1, 2])

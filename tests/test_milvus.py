@@ -27,7 +27,7 @@ from indexes.milvus import (
     to_milvus_bytes,
 )
 from indexes.results import PAD_DIST, SearchIndex
-from tests.test_hamming import brute_force, random_packed
+from tests.helpers import brute_force, random_packed
 
 SERVER_URI = os.environ.get("CMH_TEST_MILVUS_URI")
 

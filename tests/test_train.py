@@ -27,26 +27,12 @@ from models.train import (
     with_k_grid,
 )
 from service.cli import main
+from tests.helpers import separable_pairs
 
 SMALL = TrainConfig(
     n_bits=16, image_hidden=(64,), text_hidden=(64,), k=5, n_anchors=200, batch_size=64,
     epochs=8, patience=8, n_val=100, lr=1e-3, seed=0, device="cpu",
 )  # fmt: skip
-
-
-def separable_pairs(n: int = 600, classes: int = 6, seed: int = 0) -> PairDataset:
-    """Pairs whose image and text features both come from a per-class non-negative prototype."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, size=n)
-    proto_i, proto_t = rng.random((classes, 40)) ** 4, rng.random((classes, 25)) ** 4
-    image = proto_i[y] + 0.15 * rng.random((n, 40))
-    text = proto_t[y] + 0.15 * rng.random((n, 25))
-    idx = np.arange(n, dtype=np.int64)
-    return PairDataset(
-        name="synthetic", ids=[str(i) for i in idx], labels=np.eye(classes, dtype=np.uint8)[y],
-        train_idx=idx[100:], query_idx=idx[:100], database_idx=idx[100:],
-        image_features=image.astype(np.float32), text_features=text.astype(np.float32),
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
