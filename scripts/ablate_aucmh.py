@@ -5,7 +5,7 @@ train with TrainConfig defaults (plus overrides; k chosen on validation from K_G
 `cmh evaluate`, unless k is set) and record the validation MAP of the kept epoch in
 both directions; print one JSON line per run and a mean/std summary line per variant.
 
-Usage: PYTHONPATH=. python scripts/ablate_aucmh.py --dataset wikipedia \
+Usage: python -m scripts.ablate_aucmh --dataset wikipedia \
     --root ../shared/data/wikipedia --bits 16,32,64 --seeds 0,1,2 [--set k=100 --set beta=0.5]
 """
 

@@ -1,7 +1,7 @@
 """End to end through HTTP: a 1-item build (POST to job succeeded) and a 1-item delete against
 `python -m service serve` over N synthetic items, medians of several runs.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_http_writes.py --artifacts artifacts --n 1000000
+    .venv/bin/python -m scripts.bench_http_writes --artifacts artifacts --n 1000000
 
 It copies the checkpoint from --artifacts into a temporary folder, fills a store with N items
 (random codes, demo-like captions: scripts/bench_service.synthetic_artifacts), starts the

@@ -2,7 +2,7 @@
 against `python -m service serve` on loopback, over N synthetic items; image-search latency with
 and without micro-batching.
 
-    .venv/bin/python scripts/bench_service.py --artifacts artifacts --n 100000 --json out.json
+    .venv/bin/python -m scripts.bench_service --artifacts artifacts --n 100000 --json out.json
 
 It copies the checkpoint from --artifacts into a temporary folder, writes an index generation of N
 items there (random codes; captions cycled from the demo; every item points at one demo image),
@@ -20,7 +20,9 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -78,7 +80,7 @@ def synthetic_artifacts(source: Path, target: Path, n: int, seed: int) -> None:
 
 
 def drive(
-    url: str, clients: int, seconds: float, request: str, payloads: list[object]
+    url: str, clients: int, seconds: float, request: str, payloads: Sequence[Any]
 ) -> dict[str, float]:
     """Run `clients` threads for `seconds`; latency percentiles (ms) and throughput (req/s)."""
     latencies: list[float] = []
@@ -138,7 +140,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=10, help="hits per text search")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    results: dict[str, object] = {"cpu_count": os.cpu_count(), "text": [], "image": []}
+    text_rows: list[dict[str, Any]] = []
+    image_rows: list[dict[str, Any]] = []
     texts = [{"text": q, "k": args.k, "target": t} for q in QUERIES for t in ("image", "text")]
     images = [
         p.read_bytes() for p in sorted((args.artifacts / "demo" / "images").glob("*.jpg"))[:32]
@@ -151,19 +154,18 @@ def main() -> int:
                 for clients in (1, 8, 32):
                     row = {"n": n, **drive(url, clients, args.seconds, "text", texts)}
                     print(json.dumps(row), flush=True)
-                    results["text"].append(row)  # type: ignore[attr-defined]
+                    text_rows.append(row)
         target = Path(tmp) / f"n{args.n[0]}"
         for label, env in (("batching", {}), ("no batching", {"CMH_MAX_IMAGE_BATCH": "1"})):
             with serving(target, ready_timeout_s=300, CMH_LOG_LEVEL="WARNING", **env) as url:
                 for clients in (1, 8):
                     row = {"mode": label, **drive(url, clients, args.seconds, "image", images)}
                     print(json.dumps(row), flush=True)
-                    results["image"].append(row)  # type: ignore[attr-defined]
+                    image_rows.append(row)
+    results = {"cpu_count": os.cpu_count(), "text": text_rows, "image": image_rows}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    print(
-        json.dumps({"median_text_p50_ms": statistics.median(r["p50_ms"] for r in results["text"])})
-    )  # type: ignore[attr-defined]
+    print(json.dumps({"median_text_p50_ms": statistics.median(r["p50_ms"] for r in text_rows)}))
     return 0
 
 

@@ -7,7 +7,7 @@ and is scored with the held-out pairs as queries against the rest as database. T
 dataset's protocol are not used at all, so settings chosen from this table are chosen on
 validation only.
 
-    python scripts/tune_aucmh.py --dataset wikipedia --root ../shared/data/wikipedia \
+    python -m scripts.tune_aucmh --dataset wikipedia --root ../shared/data/wikipedia \
         --bits 16,32,64 --seeds 0,1 --variants '{"base": {}, "l2": {"input_norm": "l2"}}' \
         --baselines cmfh,cca-itq,cca --json sweep.json
 """
@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,13 +25,11 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.protocol import Encoder, validation_map, validation_split  # noqa: E402
-from models.data import PairDataset  # noqa: E402
-from models.methods import METHODS, features  # noqa: E402
-from models.pipeline import prepare  # noqa: E402
-from models.train import TrainConfig, config_from_dict, train  # noqa: E402
+from evaluation.protocol import Encoder, validation_map, validation_split
+from models.data import PairDataset
+from models.methods import METHODS, features
+from models.pipeline import prepare
+from models.train import TrainConfig, config_from_dict, train
 
 OUTER_SEED_OFFSET = 1000  # the outer split's seed differs from every inner split's seed
 

@@ -1,0 +1,1 @@
+"""Experiments and benchmarks, run as modules: `python -m scripts.NAME --help`."""
