@@ -2,10 +2,15 @@
 
 Each method fits on the training rows of a PairDataset (features only) and encodes the query and
 database rows of both modalities. Binary methods are ranked by Hamming distance; the real-valued
-CCA reference by cosine, with one fit serving every code length. Like AUCMH's trainer, which picks
-its epoch by validation MAP, each baseline picks its one regularisation value by validation MAP on
-a seeded split held out of the training part (labels of training rows only; never the queries),
-then refits on the whole training part: the same treatment for every method.
+CCA reference by cosine, with one fit serving every code length. Every method makes its choices
+by validation MAP@all (mean of both directions) on a seeded split held out of the training part,
+never on the queries, but the splits differ, and the difference favours the baselines:
+- AUCMH (models/train.py) holds out TrainConfig.n_val pairs (2,000, at most a fifth), ranks them
+  against at most VAL_DATABASE_CAP (20,000) of the other training pairs, picks the epoch and then
+  the anchor k on them, and keeps that model: it never trains on the held-out pairs.
+- each baseline holds out VALIDATION_FRACTION (a fifth) of the training part, ranks it against
+  all the other training pairs, picks its one regularisation value, and then refits on the whole
+  training part.
 """
 
 from __future__ import annotations
