@@ -61,13 +61,18 @@ def plan(segments: list[_Segment]) -> list[_Segment] | None:
 
 
 def compact_once(store: Store, *, force: bool = False) -> bool:
-    """Run one merge the policy (or, with force, a full merge) asks for; whether it did one."""
+    """Run one merge the policy (or, with force, a full merge) asks for; whether it did one.
+
+    In a store shared by several processes only the one that holds its COMPACT_LOCK merges.
+    """
+    if not store.compacts:
+        return False
     with store._merge_lock:
         return _compact(store, force=force)
 
 
 def _compact(store: Store, *, force: bool) -> bool:
-    with store._lock:
+    with store._writing():
         chosen = list(store._segments) if force else plan(store._segments)
         if not chosen or (force and len(chosen) == 1 and chosen[0].dead == 0):
             return False
@@ -83,7 +88,7 @@ def _compact(store: Store, *, force: bool) -> bool:
         ]
         or [np.empty(0, np.int64)]
     )
-    with store._lock:
+    with store._writing():
         names = [s.name for s in merge.segments]
         conn = store._conn
         conn.execute("BEGIN IMMEDIATE")
@@ -92,6 +97,8 @@ def _compact(store: Store, *, force: bool) -> bool:
             conn.executemany("DELETE FROM tombstones WHERE seq = ?", [(int(s),) for s in dropped])
             if new is not None:
                 store._record_segment(new)
+            else:
+                store.bump_layout()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -169,6 +176,8 @@ class Compactor:
             logger.exception("image clean-up failed")
         while not self._stop.is_set():
             try:
+                if not self.store.compacts:  # shared: take over when the compacting process ends
+                    self.store._take_compaction()
                 while not self._stop.is_set() and compact_once(self.store):
                     pass
             except Exception:  # a bug or a full disk: logged, retried at the next wake

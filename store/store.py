@@ -34,7 +34,8 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol, cast
@@ -55,7 +56,10 @@ logger = logging.getLogger(__name__)
 
 STORE_DIR = "store"
 DB_NAME = "items.sqlite"
-LOCK_NAME = "LOCK"  # held (flock) by the one process that has the store open
+LOCK_NAME = "LOCK"  # flock: exclusive for a store open in one process, shared by the workers
+WRITE_LOCK_NAME = "WRITE_LOCK"  # shared opens: flock held by whichever process is writing
+COMPACT_LOCK_NAME = "COMPACT_LOCK"  # shared opens: flock of the one process that merges
+SYNC_ATTEMPTS = 5  # a merge elsewhere removed a segment file a snapshot named: read again
 SEGMENTS_DIR = "segments"
 IMAGES_DIR = "images"
 SEAL_ROWS = 65_536  # the growing part becomes a segment at this many rows
@@ -137,6 +141,7 @@ class _Growing:
     """Rows not yet in a segment: preallocated buffers, of which views see a prefix."""
 
     words: int
+    capacity: int = 0  # rows it can hold: SEAL_ROWS (0), more after a crash before a seal
     seqs: np.ndarray = field(init=False)
     image: np.ndarray = field(init=False)
     text: np.ndarray = field(init=False)
@@ -144,10 +149,11 @@ class _Growing:
     n: int = 0
 
     def __post_init__(self) -> None:
-        self.seqs = np.empty(SEAL_ROWS, np.int64)
-        self.image = np.empty((SEAL_ROWS, self.words), np.uint64)
-        self.text = np.empty((SEAL_ROWS, self.words), np.uint64)
-        self.mask = np.ones(SEAL_ROWS, np.uint8)
+        self.capacity = self.capacity or SEAL_ROWS
+        self.seqs = np.empty(self.capacity, np.int64)
+        self.image = np.empty((self.capacity, self.words), np.uint64)
+        self.text = np.empty((self.capacity, self.words), np.uint64)
+        self.mask = np.ones(self.capacity, np.uint8)
 
     def part(self, n_bits: int) -> Part:
         n = self.n
@@ -169,10 +175,22 @@ class _Growing:
 class Store:
     """One artifacts folder's indexed items. Open with Store.open or Store.create."""
 
-    def __init__(self, artifacts: Path, conn: sqlite3.Connection, manifest: Manifest) -> None:
+    def __init__(
+        self, artifacts: Path, conn: sqlite3.Connection, manifest: Manifest, *, shared: bool
+    ) -> None:
         self.artifacts = artifacts
         self.root = artifacts / STORE_DIR
-        self._lock_file = _lock_exclusively(self.root / LOCK_NAME)
+        # Shared: several processes (`cmh serve --workers N`) have the store open; each write
+        # takes WRITE_LOCK and first catches up with the others' commits (_sync), each search
+        # catches up when SQLite says another connection committed, and only the holder of
+        # COMPACT_LOCK merges segments and removes orphan files.
+        self.shared = shared
+        self._lock_file = _hold_flock(self.root / LOCK_NAME, shared=shared)
+        self._write_lock_file = (self.root / WRITE_LOCK_NAME).open("ab") if shared else None
+        self._compact_lock_file: BinaryIO | None = None
+        self.compacts = not shared  # whether this process merges (and removes orphans)
+        self._seen = threading.local()  # shared: each reader thread's last PRAGMA data_version
+        self._layout = 0  # meta "layout": bumped when segments are recorded or merged
         self.manifest = manifest
         self.n_bits = manifest.n_bits
         self._words = n_words(manifest.n_bits)
@@ -198,7 +216,7 @@ class Store:
         return (artifacts / STORE_DIR / DB_NAME).is_file()
 
     @classmethod
-    def create(cls, artifacts: Path, manifest: Manifest) -> Store:
+    def create(cls, artifacts: Path, manifest: Manifest, *, shared: bool = False) -> Store:
         """A new, empty store for codes made as the manifest says."""
         root = artifacts / STORE_DIR
         if (root / DB_NAME).exists():
@@ -223,11 +241,18 @@ class Store:
         fsync_dir(root)
         conn = md.connect(root / DB_NAME)
         logger.info("created an empty %d-bit store in %s", manifest.n_bits, root)
-        return cls(artifacts, conn, manifest)
+        store = cls(artifacts, conn, manifest, shared=shared)
+        store._take_compaction()
+        return store
 
     @classmethod
-    def open(cls, artifacts: Path, *, expected: Manifest | None = None) -> Store:
-        """Open and check the store; with `expected`, refuse codes made by another model."""
+    def open(
+        cls, artifacts: Path, *, expected: Manifest | None = None, shared: bool = False
+    ) -> Store:
+        """Open and check the store; with `expected`, refuse codes made by another model.
+
+        With `shared`, other processes may open it shared at the same time (not exclusively).
+        """
         root = artifacts / STORE_DIR
         path = root / DB_NAME
         if not path.is_file():
@@ -241,12 +266,13 @@ class Store:
                 raise InputError(f"expected a manifest in {path}, got: {err}") from err
             if expected is not None:
                 check_manifest(manifest, expected)
-            store = cls(artifacts, conn, manifest)
+            store = cls(artifacts, conn, manifest, shared=shared)
         except BaseException:
             conn.close()
             raise
         try:
             store._load()
+            store._take_compaction()
         except BaseException:  # a refusal holds neither the database nor the flock
             store.close()
             raise
@@ -259,49 +285,9 @@ class Store:
 
     def _load(self) -> None:
         start = time.perf_counter()
-        seg_dir = self.root / SEGMENTS_DIR
-        seg_dir.mkdir(exist_ok=True)
-        rows = self._conn.execute(
-            "SELECT name, rows, crc FROM segments ORDER BY first_seq"
-        ).fetchall()
-        known = {name for name, _, _ in rows}
-        for orphan in seg_dir.iterdir():  # files of writes or merges that never committed
-            if orphan.name not in known and orphan.is_file():
-                logger.warning("removing %s: no committed write refers to it", orphan)
-                orphan.unlink()
-        for name, n_rows, crc in rows:
-            data = read_segment(
-                seg_dir / name, n_bits=self.n_bits, expect_rows=n_rows, expect_crc=crc
-            )
-            self._segments.append(self._segment(name, data, crc))
-        dead = np.fromiter(
-            (s for (s,) in self._conn.execute("SELECT seq FROM tombstones ORDER BY seq")), np.int64
-        )
-        for seg in self._segments:
-            seqs = seg.seqs
-            lo, hi = np.searchsorted(dead, [seqs[0], seqs[-1] + 1]) if len(seqs) else (0, 0)
-            if hi > lo:
-                pos = np.searchsorted(seqs, dead[lo:hi])
-                found = seqs[np.minimum(pos, seg.rows - 1)] == dead[lo:hi]
-                seg.without(dead[lo:hi][found])
-        after = int(self._segments[-1].seqs[-1]) if self._segments else -1
-        sql = f"SELECT {md.ROW_COLUMNS} FROM items WHERE seq > ? ORDER BY seq"
-        where = self.root / DB_NAME
-        growing: list[int] = []
-        image_codes: list[bytes] = []
-        text_codes: list[bytes] = []
-        for row in self._conn.execute(sql, (after,)):
-            md.check_row(row, where)
-            growing.append(row[0])
-            image_codes.append(row[6])
-            text_codes.append(row[7])
-        if growing:
-            self._append_growing(
-                np.asarray(growing, np.int64),
-                _codes(b"".join(image_codes), self._words),
-                _codes(b"".join(text_codes), self._words),
-            )
-        self._publish()
+        (self.root / SEGMENTS_DIR).mkdir(exist_ok=True)
+        with self._lock:
+            self._reload(force=True)
         logger.info(
             "opened store %s: %d items in %d segments and %d growing rows (%.2f s)",
             self.root,
@@ -311,6 +297,131 @@ class Store:
             time.perf_counter() - start,
         )
 
+    def _take_compaction(self) -> None:
+        """Become the process that merges and cleans up, if none is (shared opens); then remove
+        the files that no commit refers to (writes or merges cut short by a crash)."""
+        if self.shared and not self.compacts:
+            f = (self.root / COMPACT_LOCK_NAME).open("ab")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                return
+            self._compact_lock_file, self.compacts = f, True
+        if not self.compacts:
+            return
+        with self._writing():  # no write is in flight: every unnamed file is an orphan
+            known = {s.name for s in self._segments}
+            for orphan in (self.root / SEGMENTS_DIR).iterdir():
+                if orphan.name not in known and orphan.is_file():
+                    logger.warning("removing %s: no committed write refers to it", orphan)
+                    orphan.unlink()
+
+    def _reload(self, *, force: bool = False) -> None:
+        """Make the in-memory parts what the database says (self._lock held): at open, and in a
+        shared store when another process committed. Reads one snapshot of the database."""
+        for _ in range(SYNC_ATTEMPTS):
+            try:
+                self._reload_once(force=force)
+                return
+            except FileNotFoundError as err:  # merged away after our snapshot: read a new one
+                missing = err
+        raise IntegrityError(f"expected the segment files the store names, got: {missing}")
+
+    def _reload_once(self, *, force: bool) -> None:
+        conn = self._conn
+        conn.execute("BEGIN")  # one read snapshot (WAL: writers are not blocked)
+        try:
+            commit = int(md.get_meta(conn, "commit") or 0)
+            layout = int(md.get_meta(conn, "layout") or 0)
+            if not force and (commit, layout) == (self._commit, self._layout):
+                return
+            rows = conn.execute("SELECT name, rows, crc FROM segments ORDER BY first_seq")
+            dead = np.fromiter(
+                (s for (s,) in conn.execute("SELECT seq FROM tombstones ORDER BY seq")), np.int64
+            )
+            segments = [self._loaded_segment(name, n_rows, crc) for name, n_rows, crc in rows]
+            growing = self._growing_rows(segments)
+            next_seq = int(md.get_meta(conn, "next_seq") or 0)
+        finally:
+            conn.execute("COMMIT")
+        for seg in segments:  # tombstones only grow while a segment lives: compare counts
+            lo, hi = np.searchsorted(dead, [seg.seqs[0], seg.seqs[-1] + 1]) if seg.rows else (0, 0)
+            if hi > lo:
+                pos = np.searchsorted(seg.seqs, dead[lo:hi])
+                mine = dead[lo:hi][seg.seqs[np.minimum(pos, seg.rows - 1)] == dead[lo:hi]]
+                if mine.size != seg.dead:
+                    seg.mask = LiveMask.all_live(seg.rows).without(np.searchsorted(seg.seqs, mine))
+        self._segments, self._growing = segments, growing
+        self._commit, self._layout, self._next_seq = commit, layout, next_seq
+        self._publish()
+
+    def _loaded_segment(self, name: str, n_rows: int, crc: int) -> _Segment:
+        """The segment `name`: the one already loaded, or read (and checked) from its file."""
+        for seg in self._segments:
+            if seg.name == name and seg.crc == crc:
+                return seg
+        data = read_segment(
+            self.root / SEGMENTS_DIR / name, n_bits=self.n_bits, expect_rows=n_rows, expect_crc=crc
+        )
+        return self._segment(name, data, crc)
+
+    def _growing_rows(self, segments: list[_Segment]) -> _Growing:
+        """The rows after the last segment, live ones only (inside the caller's snapshot).
+
+        Rows the current growing part holds keep their codes; only newer rows are read whole
+        and checked, so catching up after another process's write reads that write's rows.
+        """
+        after = int(segments[-1].seqs[-1]) if segments else -1
+        conn, where = self._conn, self.root / DB_NAME
+        alive = np.fromiter(
+            (
+                s
+                for (s,) in conn.execute(
+                    "SELECT seq FROM items WHERE seq > ? ORDER BY seq", (after,)
+                )
+            ),
+            np.int64,
+        )
+        old = self._growing
+        old_seqs = old.seqs[: old.n]
+        pos = np.minimum(np.searchsorted(old_seqs, alive), max(old.n - 1, 0))
+        known = (old_seqs[pos] == alive) if old.n else np.zeros(alive.size, bool)
+        fresh: dict[int, tuple[bytes, bytes]] = {}
+        if not known.all():
+            first_new = int(alive[~known][0])
+            sql = f"SELECT {md.ROW_COLUMNS} FROM items WHERE seq >= ? ORDER BY seq"
+            for row in conn.execute(sql, (first_new,)):
+                md.check_row(row, where)
+                fresh[row[0]] = (row[6], row[7])
+        n = int(alive.size)
+        new = _Growing(self._words, max(SEAL_ROWS, n))
+        new.seqs[:n] = alive
+        new.image[:n][known] = old.image[pos[known]]
+        new.text[:n][known] = old.text[pos[known]]
+        unknown = alive[~known].tolist()
+        if unknown:
+            new.image[:n][~known] = _codes(b"".join(fresh[s][0] for s in unknown), self._words)
+            new.text[:n][~known] = _codes(b"".join(fresh[s][1] for s in unknown), self._words)
+        new.n = n
+        return new
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The writer lock: this process's writes one at a time and, in a shared store, every
+        process's (WRITE_LOCK); inside it the in-memory parts are what is committed."""
+        with self._lock:
+            if self._write_lock_file is None:
+                yield
+                return
+            fd = self._write_lock_file.fileno()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                self._reload()
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
     def _segment(self, name: str, data: SegmentData, crc: int) -> _Segment:
         image = HammingIndex.from_arrays(self.n_bits, data.image_codes, data.seqs)
         return _Segment(name, image, image.with_codes(data.text_codes), len(data), crc)
@@ -318,11 +429,23 @@ class Store:
     # ---- reading ---------------------------------------------------------------------------
 
     def view(self) -> View:
-        """The current immutable view (one assignment read; never blocks)."""
+        """The current immutable view (one assignment read; never blocks, except that in a
+        shared store it first catches up when another process has committed)."""
+        if self.shared and self._others_committed():
+            with self._lock:
+                self._reload()
         return self._view
 
+    def _others_committed(self) -> bool:
+        """Whether any other connection committed since this thread last asked (SQLite's
+        PRAGMA data_version: a read of the WAL index, no transaction)."""
+        version = self._reader().execute("PRAGMA data_version").fetchone()[0]
+        changed = version != getattr(self._seen, "version", None)
+        self._seen.version = version
+        return bool(changed)
+
     def __len__(self) -> int:
-        return self._view.count
+        return self.view().count
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
@@ -341,21 +464,27 @@ class Store:
         check_packed(queries, self.n_bits, name="queries")  # also when no part is searched
         check_k(k)
         for _ in range(SEARCH_ATTEMPTS):
-            found = self._search_once(target, queries, k, searcher)
+            found = self._search_once(target, queries, k, searcher, locked=False)
             if found is not None:
                 return found
         # Deletes keep outrunning this search: answer once more with writes held off.
-        with self._lock:
-            found = self._search_once(target, queries, k, searcher)
+        with self._writing():
+            found = self._search_once(target, queries, k, searcher, locked=True)
         if found is None:
             raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
         return found
 
     def _search_once(
-        self, target: Target, queries: np.ndarray, k: int, searcher: Searcher | None
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        searcher: Searcher | None,
+        *,
+        locked: bool,
     ) -> Hits | None:
         """One search of the current view with its hits' rows, or None if a hit's row is gone."""
-        view = self._view
+        view = self._view if locked else self.view()
         dists, seqs = (searcher or view.search)(target, queries, k)
         wanted = np.unique(seqs[seqs >= 0]).tolist()
         items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
@@ -379,7 +508,7 @@ class Store:
     def live_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(seqs, image codes, text codes) of every live row in seq order (a mirror's refill)."""
         seqs, image, text = [], [], []
-        for part in self._view.parts:
+        for part in self.view().parts:
             keep = slice(None) if part.live is None else part.live.to_bool()
             seqs.append(np.asarray(part.seqs)[keep])
             image.append(np.asarray(part.image.codes)[keep])
@@ -403,7 +532,7 @@ class Store:
         """
         b = len(batch)
         rows, to_write = self._rows(batch)
-        with self._lock:
+        with self._writing():
             # Under the lock: a delete's image clean-up cannot remove a file this add refers to.
             for relative, data in to_write.items():
                 if not (self.artifacts / relative).is_file():
@@ -471,7 +600,7 @@ class Store:
 
     def delete(self, ids: Sequence[ItemId]) -> list[ItemId]:
         """Delete these ids durably, then stop serving them; returns the ids that were there."""
-        with self._lock:
+        with self._writing():
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -571,7 +700,7 @@ class Store:
         """Copy committed rows into the growing part, sealing it each time it fills."""
         start = 0
         while start < len(seqs):
-            if self._growing.n == SEAL_ROWS:
+            if self._growing.n >= SEAL_ROWS:
                 self._seal(publish=False)  # the caller publishes the whole batch
             g = self._growing
             take = min(SEAL_ROWS - g.n, len(seqs) - start)
@@ -616,6 +745,13 @@ class Store:
             "INSERT INTO segments VALUES (?, ?, ?, ?, ?)",
             (seg.name, int(seg.seqs[0]), int(seg.seqs[-1]), seg.rows, seg.crc),
         )
+        self.bump_layout()
+
+    def bump_layout(self) -> None:
+        """Say in the open transaction that the segments changed (a seal, a bulk add, a merge),
+        so that processes sharing the store reload them."""
+        self._layout += 1
+        md.set_meta(self._conn, "layout", str(self._layout))
 
     def _bump_commit(self) -> None:
         self._commit += 1
@@ -634,14 +770,18 @@ class Store:
                 (self.artifacts / image).unlink(missing_ok=True)
 
     def collect_orphan_images(self) -> int:
-        """Remove images/ files no row refers to, left by a crash before this open; how many."""
+        """Remove images/ files no row refers to, left by a crash before this open; how many.
+
+        Only the process that compacts does this (in a shared store, others' writes are in
+        flight only while they hold WRITE_LOCK, which each check here takes).
+        """
         folder = self.artifacts / IMAGES_DIR
-        if not folder.is_dir():
+        if not self.compacts or not folder.is_dir():
             return 0
         removed = 0
         for path in folder.iterdir():
             relative = f"{IMAGES_DIR}/{path.name}"
-            with self._lock:
+            with self._writing():
                 if path.stat().st_mtime >= self._opened:  # written by this process: in flight
                     continue
                 if not md.image_referenced(self._conn, relative):
@@ -659,18 +799,21 @@ class Store:
             self.compactor.stop()
         with self._lock:
             self._conn.close()
-        self._lock_file.close()  # releases the flock
+        for f in (self._write_lock_file, self._compact_lock_file, self._lock_file):
+            if f is not None:
+                f.close()  # releases its flock
 
     def remove_files(self) -> None:
         """Delete the store's folder (after close); the images stay."""
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _lock_exclusively(path: Path) -> BinaryIO:
-    """Hold an exclusive flock on path: one process writes a store (the kernel frees it on exit)."""
+def _hold_flock(path: Path, *, shared: bool) -> BinaryIO:
+    """Hold path's flock, exclusive (one process has the store) or shared (workers of one
+    server share it); the kernel frees it on exit. Refuses when the other kind is held."""
     f = path.open("ab")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         raise InputError(

@@ -846,3 +846,74 @@ def test_bulk_and_small_rows_carry_the_crc_that_row_crc_gives(folder: Folder) ->
         codes = (image_code or b"") + (text_code or b"")
         assert md.row_crc(seq, item_id, text, image, repr(added), fields_json, codes) == crc
     assert store.get("名-3") is not None and store.get(10_000) is not None
+
+
+def test_stores_shared_by_processes_see_each_others_writes(folder: Folder) -> None:
+    """Two shared opens of one folder (as two server workers): each sees the other's adds,
+    replaces, deletes, seals, bulk segments and merges at its next search, and writes from
+    both interleave into one store; an exclusive open is refused meanwhile, and vice versa."""
+    first = Store.create(folder.artifacts, MANIFEST, shared=True)
+    folder.opened.append(first)
+    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+    folder.opened.append(second)
+    assert first.compacts and not second.compacts  # the first to open merges
+    with pytest.raises(InputError, match="another process has it open"):
+        Store.open(folder.artifacts, expected=MANIFEST)
+    oracle, rng = Oracle(), np.random.default_rng(21)
+    writers = [first, second]
+    next_id = 0
+    for step in range(40):
+        writer = writers[step % 2]
+        if step % 5 == 4 and len(oracle) > 20:
+            victims = list(oracle.rows)[step : step + 7]
+            writer.delete(victims)
+            oracle.delete(victims)
+        else:
+            size = BULK + 3 if step in (7, 22) else int(rng.integers(1, 30))
+            ids: list[ItemId] = list(range(next_id, next_id + size))
+            next_id += size
+            replaced = list(oracle.rows)[:2] if step % 6 == 3 else []
+            add(writer, oracle, make(ids + replaced, rng, tag=str(step)), replace=bool(replaced))
+        if step % 4 == 3:  # writes in between: each writer catches up inside its write
+            for reader in writers:
+                check(reader, oracle)
+    assert any(p.name != "growing" for p in second.view().parts)  # seals and bulk segments
+    assert compact_once(first, force=True) and not compact_once(second, force=True)
+    assert len(first.view().parts) <= 2
+    for reader in writers:
+        check(reader, oracle)
+    assert [p.name for p in second.view().parts] == [p.name for p in first.view().parts]
+    first.close()
+    second.close()
+    alone = folder.open()  # exclusive, now that no shared open holds the store
+    check(alone, oracle)
+    with pytest.raises(InputError, match="another process has it open"):
+        Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+
+
+def test_a_store_that_crashed_before_sealing_reopens_with_more_growing_rows(
+    folder: Folder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows committed but not yet sealed when the process died: the growing part reloads
+    past SEAL_ROWS, searches stay exact, and the next write seals them first."""
+    store, oracle, rng = folder.create(), Oracle(), np.random.default_rng(4)
+    for start in range(0, SEAL - 10, 18):  # batches below BULK: all in the growing part
+        add(store, oracle, make(range(start, min(start + 18, SEAL - 10)), rng))
+
+    def crash(*_: Any, **__: Any) -> None:
+        raise KeyboardInterrupt("killed before the seal")
+
+    original = Store._seal
+    monkeypatch.setattr(store_module.Store, "_seal", crash)
+    batch = make(range(SEAL - 10, SEAL + 20), rng)
+    with pytest.raises(KeyboardInterrupt):
+        store.add(batch)  # committed, then "killed" where the growing part would be sealed
+    oracle.add(batch)
+    monkeypatch.setattr(store_module.Store, "_seal", original)
+    store.close()
+    reopened = folder.open()
+    assert parts(reopened) == [("growing", SEAL + 20)]
+    check(reopened, oracle)
+    add(reopened, oracle, make([10_000], rng))
+    assert parts(reopened) == [("segment", SEAL + 20), ("growing", 1)]
+    check(reopened, oracle)
