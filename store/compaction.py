@@ -101,7 +101,7 @@ def _compact(store: Store, *, force: bool) -> bool:
                 store.bump_layout()
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            store._roll_back()
             if new is not None:
                 (store.root / SEGMENTS_DIR / new.name).unlink(missing_ok=True)
             raise

@@ -311,7 +311,7 @@ class Store:
         if not self.compacts:
             return
         with self._writing():  # no write is in flight: every unnamed file is an orphan
-            known = {s.name for s in self._segments}
+            known = {name for (name,) in self._conn.execute("SELECT name FROM segments")}
             for orphan in (self.root / SEGMENTS_DIR).iterdir():
                 if orphan.name not in known and orphan.is_file():
                     logger.warning("removing %s: no committed write refers to it", orphan)
@@ -325,8 +325,8 @@ class Store:
                 self._reload_once(force=force)
                 return
             except FileNotFoundError as err:  # merged away after our snapshot: read a new one
-                missing = err
-        raise IntegrityError(f"expected the segment files the store names, got: {missing}")
+                missing = str(err)
+        raise IntegrityError(f"expected the segment files the store names, missing: {missing}")
 
     def _reload_once(self, *, force: bool) -> None:
         conn = self._conn
@@ -336,7 +336,11 @@ class Store:
             layout = int(md.get_meta(conn, "layout") or 0)
             if not force and (commit, layout) == (self._commit, self._layout):
                 return
-            rows = conn.execute("SELECT name, rows, crc FROM segments ORDER BY first_seq")
+            # fetchall: a cursor left half-read (by the exception of a missing file) would keep
+            # this snapshot pinned, and every retry would read the same stale segment list
+            rows = conn.execute(
+                "SELECT name, rows, crc FROM segments ORDER BY first_seq"
+            ).fetchall()
             dead = np.fromiter(
                 (s for (s,) in conn.execute("SELECT seq FROM tombstones ORDER BY seq")), np.int64
             )
@@ -361,9 +365,10 @@ class Store:
         for seg in self._segments:
             if seg.name == name and seg.crc == crc:
                 return seg
-        data = read_segment(
-            self.root / SEGMENTS_DIR / name, n_bits=self.n_bits, expect_rows=n_rows, expect_crc=crc
-        )
+        path = self.root / SEGMENTS_DIR / name
+        if self.shared and not path.exists():  # merged away after our snapshot was taken
+            raise FileNotFoundError(path)
+        data = read_segment(path, n_bits=self.n_bits, expect_rows=n_rows, expect_crc=crc)
         return self._segment(name, data, crc)
 
     def _growing_rows(self, segments: list[_Segment]) -> _Growing:
@@ -575,9 +580,7 @@ class Store:
                 self._bump_commit()
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
-                self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
-                self._commit = int(md.get_meta(conn, "commit") or 0)
+                self._roll_back()
                 if segment is not None:
                     (self.root / SEGMENTS_DIR / segment.name).unlink(missing_ok=True)
                 self._collect_images(list(to_write))  # written for this batch alone
@@ -609,8 +612,7 @@ class Store:
                     self._bump_commit()
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
-                self._commit = int(md.get_meta(conn, "commit") or 0)
+                self._roll_back()
                 raise
             self._forget([g[0] for g in gone])
             if self.listener is not None and gone:
@@ -721,7 +723,7 @@ class Store:
                 self._record_segment(segment)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._roll_back()
                 raise
             self._segments.append(segment)
         self._growing = _Growing(self._words)
@@ -752,6 +754,15 @@ class Store:
         so that processes sharing the store reload them."""
         self._layout += 1
         md.set_meta(self._conn, "layout", str(self._layout))
+
+    def _roll_back(self) -> None:
+        """Roll back the open transaction and the counters it had moved on: a shared store
+        compares them with the database's to know whether it is up to date."""
+        conn = self._conn
+        conn.execute("ROLLBACK")
+        self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
+        self._commit = int(md.get_meta(conn, "commit") or 0)
+        self._layout = int(md.get_meta(conn, "layout") or 0)
 
     def _bump_commit(self) -> None:
         self._commit += 1

@@ -8,6 +8,10 @@ an op the kill left in flight by appending {"resolved": n, "applied": bool}, so 
 to exactly what the store must hold. SEAL_ROWS, BULK_ROWS and the merge factor come from the
 environment (CMH_CRASH_SEAL_ROWS, CMH_CRASH_BULK_ROWS, CMH_CRASH_MERGE_FACTOR).
 
+With CMH_CRASH_CHILDREN=C and CMH_CRASH_CHILD=c, C children write to one store at once, each
+opening it shared (as the workers of one server do), each with its own log and its own ids
+(`fresh_id(n * C + c)`), so that every child's log replays to its own part of the store.
+
 Every item's content is a function of its id and its version (the number of the op that wrote
 it), so the parent recomputes codes, caption, fields and image from the log alone.
 """
@@ -49,6 +53,15 @@ Op = dict[str, Any]
 def fresh_id(n: int) -> ItemId:
     """The n-th id ever handed out: integers, file names and digit strings with a leading 0."""
     return (n, f"IMG_{n}.jpg", f"0{n}")[n % 3]
+
+
+CHILDREN = int(os.environ.get("CMH_CRASH_CHILDREN", "1"))  # children writing at once
+CHILD = int(os.environ.get("CMH_CRASH_CHILD", "0"))  # this child's number among them
+
+
+def child_id(n: int, child: int = CHILD, children: int = CHILDREN) -> ItemId:
+    """The n-th id a child hands out: disjoint from every other child's."""
+    return fresh_id(n * children + child)
 
 
 def codes_of(item_id: ItemId, version: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +155,7 @@ def plan(rng: random.Random, model: Model) -> Op:
         size = 1 if rng.random() < 0.4 else rng.randint(2, 40)
         if rng.random() < 0.12:
             size = rng.randint(bulk, bulk + 30)
-        ids = [fresh_id(i) for i in range(model.next_id, model.next_id + size)]
+        ids = [child_id(i) for i in range(model.next_id, model.next_id + size)]
         return {
             "begin": n,
             "op": "add",
@@ -153,7 +166,7 @@ def plan(rng: random.Random, model: Model) -> Op:
     if roll < 0.55:
         size = rng.randint(bulk, bulk + 10) if rng.random() < 0.15 else rng.randint(1, 12)
         old = rng.sample(live, min(len(live), size - size // 4))
-        new = [fresh_id(i) for i in range(model.next_id, model.next_id + size // 4)]
+        new = [child_id(i) for i in range(model.next_id, model.next_id + size // 4)]
         fresh = model.next_id + size // 4
         return {"begin": n, "op": "add", "ids": old + new, "replace": True, "fresh": fresh}
     if roll < 0.8:
@@ -161,7 +174,7 @@ def plan(rng: random.Random, model: Model) -> Op:
         return {"begin": n, "op": "delete", "ids": rng.sample(live, min(size, len(live) - 5))}
     if roll < 0.86:
         size = rng.choice([1, 5, bulk])
-        new = [fresh_id(i) for i in range(model.next_id, model.next_id + size)]
+        new = [child_id(i) for i in range(model.next_id, model.next_id + size)]
         clash = rng.choice([new[0], rng.choice(live)])  # repeated in the batch, or stored
         fresh = model.next_id + size
         return {"begin": n, "op": "refused", "ids": [*new, clash], "fresh": fresh}
@@ -219,7 +232,9 @@ def main(artifacts: Path, log_path: Path, seed: int) -> None:
     with log_path.open("a", encoding="utf-8") as log:
         constants = [store_module.SEAL_ROWS, store_module.BULK_ROWS, compaction.MERGE_FACTOR]
         note(log, {"ready": os.getpid(), "constants": constants})
-        if Store.exists(artifacts):
+        if CHILDREN > 1:  # the parent made the store
+            store = Store.open(artifacts, expected=MANIFEST, shared=True)
+        elif Store.exists(artifacts):
             store = Store.open(artifacts, expected=MANIFEST)
         else:
             store = Store.create(artifacts, MANIFEST)

@@ -29,6 +29,7 @@ from store_crash_child import (
     Model,
     Op,
     apply,
+    child_id,
     codes_of,
     fields_of,
     fresh_id,
@@ -229,3 +230,127 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_write(
     assert made_by_children >= 20  # the lowered constants took effect in the children
     kinds = ("new", "bulk", "replace", "delete", "refused", "compact")
     assert all(acknowledged[kind] >= 3 for kind in kinds), acknowledged
+
+
+SHARED_ROUNDS = 8  # rounds of two children writing at once, both killed
+
+
+def settle_shared(artifacts: Path, logs: list[Path]) -> tuple[Model, int]:
+    """After both children were killed: each child's part of the store is its acknowledged
+    state or that plus its op in flight; together they are the whole store, with exact
+    searches in which each child's items keep their insertion order. Logs each op's fate.
+
+    Returns (the union of the children's models, how many ops were in flight).
+    """
+    store = Store.open(artifacts, expected=MANIFEST)
+    union, settled, in_flight = Model(), [], 0
+    try:
+        for child, log_path in enumerate(logs):
+            lines = read_log(log_path)
+            log_path.write_text("".join(line + "\n" for line in lines), "utf-8")
+            before, pending = replay(lines)
+            after = before.copy()
+            if pending is not None:
+                apply(after, pending)
+            candidates = list(dict.fromkeys([*before.items, *after.items]))
+            holds = held(store, candidates)
+            assert holds in (before.items, after.items), (child, pending)
+            happened = holds == after.items and holds != before.items
+            model = after if happened else before
+            settled.append((model, child))
+            union.items.update(model.items)
+            if pending is not None:
+                in_flight += 1
+                with log_path.open("a", encoding="utf-8") as log:
+                    log.write(json.dumps({"resolved": pending["begin"], "applied": happened}))
+                    log.write("\n")
+        every_id = [
+            child_id(i, child, len(logs)) for model, child in settled for i in range(model.next_id)
+        ]
+        assert store.existing(every_id) == set(union.items)
+        assert len(store) == len(union.items)
+        for item_id, version in union.items.items():
+            item = store.get(item_id)
+            assert item is not None and type(item.id) is type(item_id)
+            assert (item.text, item.fields) == (
+                text_of(item_id, version),
+                fields_of(item_id, version),
+            )
+        for target in TARGETS:
+            k = len(union.items) + 3
+            found = [
+                [(item.id, d) for item, d in row]
+                for row in store.search(target, QUERIES[target], k).hits
+            ]
+            want = brute_force(union, target, QUERIES[target], k)  # ties: not a global order
+            assert [sorted(row, key=repr) for row in found] == [
+                sorted(row, key=repr) for row in want
+            ]
+            assert [[d for _, d in row] for row in found] == [[d for _, d in row] for row in want]
+            for model, _ in settled:  # within one child, ties follow its insertion order
+                mine = [[hit for hit in row if hit[0] in model.items] for row in found]
+                assert mine == brute_force(model, target, QUERIES[target], k), target
+        segment_files = {p.name for p in (artifacts / STORE_DIR / SEGMENTS_DIR).iterdir()}
+        assert segment_files == {p.name for p in store.view().parts if p.name != "growing"}
+    finally:
+        store.close()
+    return union, in_flight
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_a_store_killed_at_random_moments_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two children write at once to one store opened shared (the workers of one server): adds,
+    replaces, bulk adds, deletes, seals and the one compacting child's merges interleave; both
+    are SIGKILLed at seeded random moments, and every acknowledged write of each is there."""
+    monkeypatch.setattr(store_module, "SEAL_ROWS", SEAL)
+    monkeypatch.setattr(store_module, "BULK_ROWS", BULK)
+    monkeypatch.setattr(compaction, "SEAL_ROWS", SEAL)
+    monkeypatch.setattr(compaction, "MERGE_FACTOR", FACTOR)
+    artifacts = tmp_path / "artifacts"
+    Store.create(artifacts, MANIFEST).close()
+    logs = [tmp_path / f"ops-{c}.log" for c in range(2)]
+    for log_path in logs:
+        log_path.touch()
+    rng = random.Random(20261202)
+    in_flight = 0
+    union = Model()
+    for _ in range(SHARED_ROUNDS):
+        children: list[subprocess.Popen[bytes]] = []
+        errors = [tmp_path / f"err-{c}" for c in range(2)]
+        try:
+            for c, (log_path, err) in enumerate(zip(logs, errors, strict=True)):
+                env = {
+                    **os.environ,
+                    "PYTHONPATH": str(ROOT),
+                    "CMH_CRASH_SEAL_ROWS": str(SEAL),
+                    "CMH_CRASH_BULK_ROWS": str(BULK),
+                    "CMH_CRASH_MERGE_FACTOR": str(FACTOR),
+                    "CMH_CRASH_CHILDREN": "2",
+                    "CMH_CRASH_CHILD": str(c),
+                }
+                with err.open("wb") as stderr:
+                    children.append(
+                        subprocess.Popen(
+                            [sys.executable, str(CHILD), str(artifacts), str(log_path),
+                             str(rng.getrandbits(32))],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                        )
+                    )  # fmt: skip
+            for child, log_path, err in zip(children, logs, errors, strict=True):
+                assert wait_ready(child, log_path, err) == [SEAL, BULK, FACTOR]
+            time.sleep(rng.uniform(0.3, 1.5))
+            for child, err in zip(children, errors, strict=True):
+                assert child.poll() is None, err.read_text()
+                child.send_signal(signal.SIGKILL)
+                child.wait()
+                time.sleep(rng.uniform(0, 0.2))
+        finally:
+            for child in children:
+                child.kill()
+                child.wait()
+        union, flying = settle_shared(artifacts, logs)
+        in_flight += flying
+    assert in_flight >= SHARED_ROUNDS // 2  # most kills hit a write
+    assert len(union.items) > 200
