@@ -16,6 +16,12 @@ Worked example (the docstring case the tests check): one query, a database of th
 distances [0, 1, 1] and relevance [True, False, True]. Whatever the tie order, item 0 comes first.
 If item 2 precedes item 1, the relevant items sit at ranks 1 and 2: AP = (1/1 + 2/2) / 2 = 1.0.
 If item 1 precedes item 2, they sit at ranks 1 and 3: AP = (1/1 + 2/3) / 2 = 5/6.
+
+`cmh evaluate` reports MAP@all and the precision-recall curves (score_direction in protocol.py).
+The single-number helpers (mean_average_precision from codes, MAP@R, P@K, R@K, PR by radius)
+are kept as this module's public API on purpose: they are the standard metrics of the field,
+each defined by hand-worked tests, and the tests use MAP from codes as their oracle. Never mix
+MAP@R with MAP@all in one table.
 """
 
 from __future__ import annotations
