@@ -89,6 +89,9 @@ def test_ablations_train(data, switch: str) -> None:
         assert all(row["loss_graph"] == 0.0 for row in history)
     if switch == "use_ranking_loss":
         assert all(row["loss_rank"] == 0.0 for row in history)
+    if switch == "use_hash_layer":  # continuous codes in training: other losses than sign's
+        _, with_layer = train(cfg=dataclasses.replace(cfg, use_hash_layer=True), data=data)
+        assert [row["loss"] for row in history] != [row["loss"] for row in with_layer]
     codes = model.encode_text(np.zeros((2, 25), dtype=np.float32))
     assert set(np.unique(codes)) <= {-1, 1}
 
