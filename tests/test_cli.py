@@ -1,4 +1,6 @@
-"""The `cmh` command line as a user runs it: a real subprocess, exit codes and messages."""
+"""The `cmh` command line: exit codes and messages. One test runs the real entry point in a
+subprocess (`python -m service`); the others call `main()` in this process, which runs the same
+code without paying a fresh torch import per test."""
 
 from __future__ import annotations
 
@@ -6,17 +8,40 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser
+from service.cli import build_parser, main
 
 
-def cmh(*args: str) -> subprocess.CompletedProcess[str]:
+def cmh_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`cmh ARGS` as a user runs it: a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=300
     )
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cmh(capsys: pytest.CaptureFixture[str]) -> Callable[..., Ran]:
+    """`cmh ARGS` in this process: main()'s exit code and what it printed."""
+
+    def run(*args: str) -> Ran:
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run
 
 
 def _subcommand_paths() -> list[list[str]]:
@@ -43,18 +68,20 @@ def test_every_subcommand_has_help(path: list[str]) -> None:
 
 
 def test_missing_root_exits_2_with_one_line(tmp_path: Path) -> None:
-    result = cmh("data", "check", "--dataset", "web-news", "--root", str(tmp_path / "absent"))
+    result = cmh_process(
+        "data", "check", "--dataset", "web-news", "--root", str(tmp_path / "absent")
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "expected web-news root to be a directory" in lines[0]
 
 
-def test_malformed_root_exits_2(tmp_path: Path) -> None:
+def test_malformed_root_exits_2(tmp_path: Path, cmh: Callable[..., Ran]) -> None:
     result = cmh("data", "check", "--dataset", "wikipedia", "--root", str(tmp_path))
     assert result.returncode == 2 and "raw_features.mat" in result.stderr
 
 
-def test_data_check_json_on_web_news(web_news_root: Path) -> None:
+def test_data_check_json_on_web_news(web_news_root: Path, cmh: Callable[..., Ran]) -> None:
     result = cmh("data", "check", "--dataset", "web-news", "--root", str(web_news_root), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -63,13 +90,15 @@ def test_data_check_json_on_web_news(web_news_root: Path) -> None:
     assert all(r["reason"] for r in report["rejections"])
 
 
-def test_data_check_on_wikipedia(wikipedia_root: Path) -> None:
+def test_data_check_on_wikipedia(wikipedia_root: Path, cmh: Callable[..., Ran]) -> None:
     result = cmh("data", "check", "--dataset", "wikipedia", "--root", str(wikipedia_root), "--json")
     report = json.loads(result.stdout)
     assert report["loaded"] == 2173 and report["n_labels"] == 10
 
 
-def test_features_twice_reads_the_cache(demo_root: Path, tmp_path: Path) -> None:
+def test_features_twice_reads_the_cache(
+    demo_root: Path, tmp_path: Path, cmh: Callable[..., Ran]
+) -> None:
     args = [
         "features",
         "--dataset",
@@ -86,7 +115,7 @@ def test_features_twice_reads_the_cache(demo_root: Path, tmp_path: Path) -> None
     assert first["image_dim"] == 1280 and first["images_per_second"] > 0
 
 
-def test_vgg19_without_weights_exits_2(tiny_demo_root: Path) -> None:
+def test_vgg19_without_weights_exits_2(tiny_demo_root: Path, cmh: Callable[..., Ran]) -> None:
     result = cmh(
         "features", "--dataset", "demo", "--root", str(tiny_demo_root), "--backbone", "vgg19"
     )
