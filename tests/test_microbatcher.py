@@ -1,0 +1,87 @@
+"""The micro-batcher on its own (service/encoder.py MicroBatcher), with the real backbone: requests
+from many threads share backbone batches, each gets its own image's features, a failure reaches
+every request of its batch, and close() finishes what was queued."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.image_features import Backbone, encode_images, load_backbone
+from service.encoder import MicroBatcher
+
+
+@pytest.fixture(scope="module")
+def backbone() -> Backbone:
+    return load_backbone("efficientnet-lite0", device=torch.device("cpu"))
+
+
+def images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(5)
+    return [Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture
+def batcher(backbone: Backbone) -> Iterator[MicroBatcher]:
+    made = MicroBatcher(backbone, window_ms=200.0, max_batch=8)
+    yield made
+    made.close()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_features(
+    backbone: Backbone, batcher: MicroBatcher
+) -> None:
+    pictures = images(12)
+    alone = encode_images(backbone, pictures, batch_size=1)
+    results: dict[int, np.ndarray] = {}
+    start = threading.Barrier(12)
+
+    def request(i: int) -> None:
+        start.wait()
+        results[i] = batcher.submit(pictures[i]).result(timeout=120)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(12))
+    assert max(batcher.batch_sizes) > 1 and max(batcher.batch_sizes) <= 8  # shared, capped
+    assert sum(batcher.batch_sizes) == 12
+    for i in range(12):  # each request got its own image's features, not a neighbour's
+        assert cosine(results[i], alone[i]) > 0.9999
+        assert all(cosine(results[i], alone[j]) < 0.9999 for j in range(12) if j != i)
+
+
+def test_a_lone_request_waits_at_most_the_window(backbone: Backbone) -> None:
+    quick = MicroBatcher(backbone, window_ms=0.0, max_batch=32)
+    try:
+        feats = quick.submit(images(1)[0]).result(timeout=120)
+        assert feats.shape == (backbone.dim,) and quick.batch_sizes == [1]
+    finally:
+        quick.close()
+
+
+def test_a_failing_batch_fails_every_request_in_it(batcher: MicroBatcher) -> None:
+    broken = Image.new("RGB", (0, 0))  # no pixels: preprocessing raises
+    bad = batcher.submit(broken)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the backbone raises, passed through
+        bad.result(timeout=120)
+    good = batcher.submit(images(1)[0]).result(timeout=120)  # the worker is still alive
+    assert np.isfinite(good).all()
+
+
+def test_close_finishes_the_requests_already_queued(backbone: Backbone) -> None:
+    slow = MicroBatcher(backbone, window_ms=50.0, max_batch=2)
+    futures = [slow.submit(image) for image in images(5)]
+    slow.close()
+    assert all(f.done() and f.exception() is None for f in futures)
