@@ -197,6 +197,8 @@ class Store:
         self._conn = conn  # the writer's connection: used only under self._lock
         conn.execute(f"PRAGMA cache_size=-{md.WRITER_CACHE_KIB}")
         self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []  # every thread's, closed by close()
+        self._readers_lock = threading.Lock()
         self._lock = threading.Lock()  # serialises writes and the swap of a merge
         self._merge_lock = threading.Lock()  # one merge at a time
         self._segments: list[_Segment] = []  # in seq order, ranges disjoint
@@ -456,6 +458,8 @@ class Store:
         conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
         if conn is None:
             conn = self._readers.conn = md.connect(self.root / DB_NAME)
+            with self._readers_lock:  # not self._lock: a search under the writer lock reads
+                self._reader_conns.append(conn)
         return conn
 
     def search(
@@ -810,6 +814,10 @@ class Store:
             self.compactor.stop()
         with self._lock:
             self._conn.close()
+            with self._readers_lock:
+                for reader in self._reader_conns:  # other threads' too (check_same_thread=False)
+                    reader.close()
+                self._reader_conns.clear()
         for f in (self._write_lock_file, self._compact_lock_file, self._lock_file):
             if f is not None:
                 f.close()  # releases its flock

@@ -917,3 +917,19 @@ def test_a_store_that_crashed_before_sealing_reopens_with_more_growing_rows(
     add(reopened, oracle, make([10_000], rng))
     assert parts(reopened) == [("segment", SEAL + 20), ("growing", 1)]
     check(reopened, oracle)
+
+
+def test_close_closes_every_threads_reader_connection(folder: Folder) -> None:
+    store, rng = folder.create(), np.random.default_rng(8)
+    store.add(make(range(5), rng))
+    threads = [threading.Thread(target=store.get, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    readers = list(store._reader_conns)
+    assert len(readers) == 3
+    store.close()
+    for conn in readers:
+        with pytest.raises(sqlite3.ProgrammingError):  # closed: the database file is free
+            conn.execute("SELECT 1")
