@@ -259,6 +259,18 @@ class Store:
         path = root / DB_NAME
         if not path.is_file():
             raise InputError(f"expected a store at {path}, found none")
+        try:
+            return cls._open(artifacts, path, expected=expected, shared=shared)
+        except sqlite3.DatabaseError as err:  # "file is not a database", "disk image is malformed"
+            raise IntegrityError(
+                f"expected a readable store database at {path}, got: {err}; restore it from a "
+                "backup or rebuild the store"
+            ) from None
+
+    @classmethod
+    def _open(
+        cls, artifacts: Path, path: Path, *, expected: Manifest | None, shared: bool
+    ) -> Store:
         conn = md.connect(path)
         try:
             md.check_schema(conn, path)

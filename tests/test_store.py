@@ -933,3 +933,21 @@ def test_close_closes_every_threads_reader_connection(folder: Folder) -> None:
     for conn in readers:
         with pytest.raises(sqlite3.ProgrammingError):  # closed: the database file is free
             conn.execute("SELECT 1")
+
+
+def test_a_damaged_database_is_refused_naming_the_file(folder: Folder) -> None:
+    """Pages of items.sqlite overwritten (a bad disk, a hand edit): one error naming the file,
+    never sqlite3's own exception (which the CLI would print as a traceback)."""
+    store, rng = folder.create(), np.random.default_rng(2)
+    for start in range(0, 2000, 20):
+        store.add(make(range(start, start + 20), rng))
+    store.close()
+    with closing(sqlite3.connect(folder.database)) as conn:
+        (page,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'segments'"
+        ).fetchone()
+    data = bytearray(folder.database.read_bytes())
+    data[(page - 1) * 4096 : page * 4096] = b"\xa5" * 4096  # schema and meta stay readable
+    folder.database.write_bytes(bytes(data))
+    with pytest.raises((IntegrityError, InputError), match="items.sqlite"):
+        folder.open()
