@@ -3,22 +3,26 @@
 Errors, one status per kind, one body shape ({"detail": str, "errors": [...]}):
 - InputError -> 400 (a batch build that fails validation lists each bad item in "errors")
 - missing or wrong API key -> 401
-- unknown item, job or image -> 404
-- body or upload too large -> 413
+- unknown item, job or image -> 404; a method the route does not have -> 405 (with Allow)
+- body or upload too large -> 413 (a body is limited while it streams, chunked or not)
 - upload that is not an image content type -> 415
-- schema violations -> 422 (FastAPI's own body)
+- schema violations -> 422 (FastAPI's own body, its echoed input cut to 200 characters)
+- QueueFull (too many builds waiting) -> 429, with Retry-After
 - IntegrityError (stored data failed its checksum) -> 500, saying which item
 - NotReadyError (no model or index loaded) -> 503
+Every error body can be encoded: strings Python holds and UTF-8 cannot are shown escaped.
+The OpenAPI schema states the limits that come from settings (k, items per build, image/*).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,17 +30,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.errors import InputError, IntegrityError, NotReadyError
 from service.api import router
 from service.encoder import Encoder, load_served_model
+from service.errors import error_response, validation_body
 from service.indexing import Indexer
-from service.jobs import JobManager
+from service.jobs import JOBS_NAME, JobManager, QueueFull
 from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestMetrics
 from service.milvus_serving import MilvusMirror
 from service.pages import router as pages_router
 from service.settings import Settings
 from service.state import Loaded
+from service.uploads import DECODES
 from store.compaction import Compactor
 from store.layout import CHECKPOINT_NAME, open_store
 
 logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5  # what a 429 tells a client to wait before it submits again
 
 
 def load(settings: Settings, metrics: Metrics) -> Loaded:
@@ -60,14 +69,16 @@ def load(settings: Settings, metrics: Metrics) -> Loaded:
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
         mirror = MilvusMirror(store, uri=milvus_uri, token=token)
     Compactor(store)
+    DECODES.resize(settings.max_decode_pixels)
     indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
+    jobs = JobManager(artifacts / JOBS_NAME, max_queued=settings.max_queued_jobs)
     return Loaded(
         settings=settings,
         metrics=metrics,
         encoder=encoder,
         store=store,
         indexer=indexer,
-        jobs=JobManager(),
+        jobs=jobs,
         mirror=mirror,
     )
 
@@ -102,8 +113,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded.store.close()
 
 
-def _error(status: int, detail: str, errors: list[object] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "errors": errors or []}, status_code=status)
+def stated_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The generated OpenAPI schema, saying what the server enforces from its settings."""
+    components = schema["components"]["schemas"]
+    components["TextSearch"]["properties"]["k"]["maximum"] = settings.max_k
+    items = components["BuildRequest"]["properties"]["items"]
+    next(s for s in items["anyOf"] if s.get("type") == "array")["maxItems"] = (
+        settings.max_batch_items
+    )
+    upload = schema["paths"]["/v1/search/image"]["post"]["requestBody"]["content"]
+    form = upload["multipart/form-data"]
+    form["encoding"] = {"file": {"contentType": "image/*"}}
+    components[form["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]["k"]["maximum"] = (
+        settings.max_k
+    )
+    if settings.api_key is None:  # no key configured: nothing asks for one
+        schema["components"].pop("securitySchemes", None)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.pop("security", None)
+    return schema
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -118,45 +147,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = Metrics()
+    app.state.metrics = metrics = Metrics()
     app.include_router(router)
     app.include_router(pages_router)
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = stated_limits(generated(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend it
 
     @app.exception_handler(InputError)
     async def input_error(_: Request, err: InputError) -> JSONResponse:
-        errors = [e.model_dump() for e in getattr(err, "errors", [])]
-        return _error(400, str(err), errors)
+        return error_response(400, str(err), getattr(err, "errors", []))
 
     @app.exception_handler(IntegrityError)
     async def integrity_error(_: Request, err: IntegrityError) -> JSONResponse:
         logger.error("%s", err)
-        return _error(500, str(err))
+        return error_response(500, str(err))
 
     @app.exception_handler(NotReadyError)
     async def not_ready(_: Request, err: NotReadyError) -> JSONResponse:
-        return _error(503, str(err))
+        return error_response(503, str(err))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, err: QueueFull) -> JSONResponse:
+        return error_response(429, str(err), headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail))
+        return error_response(err.status_code, str(err.detail), headers=err.headers)
 
-    @app.middleware("http")
-    async def limits_and_metrics(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            response: Response = _error(
-                413, f"expected a body of at most {settings.max_body_bytes} bytes, got {length}"
-            )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        metrics: Metrics = request.app.state.metrics
-        metrics.requests.labels(request.method, name, str(response.status_code)).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - start)
-        return response
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_body(err.errors()), status_code=422)
 
+    # Outermost last: metrics see every answer, the 413s of the body limit included.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

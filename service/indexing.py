@@ -5,12 +5,19 @@ first (ids, texts, images decoded under the size and pixel limits), and any fail
 store as it was. A dataset is streamed in chunks of CHUNK pairs (read, decode, encode, commit),
 so memory is bounded by the chunk whatever the dataset's size; ids already in the store are
 skipped (reported in `skipped`), which makes an interrupted build resumable by running it again.
+
+A dataset build from HTTP names a data folder: every image file a record names must resolve
+inside it (an absolute path, `..` or a symlink out is skipped with the reason, never read). A pair
+whose id or caption the store cannot hold is skipped too, so one bad record never fails a chunk.
+Decoded images wait for the backbone in groups of at most FEATURE_BATCH images and about the
+decode budget's pixels (uploads.DECODES), so a build of large photos holds bounded memory.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +32,9 @@ from indexes.codes import n_words
 from models.data import PairDataset
 from service.encoder import Encoder
 from service.schemas import BuildItem, ErrorItem
-from service.uploads import decode_image, inside
+from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
 from store.ids import ItemId, parse_id
-from store.store import NewItems, OnConflict, Store
+from store.store import MAX_FIELDS_BYTES, NewItems, OnConflict, Store
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +77,53 @@ def dataset_ids(data: PairDataset) -> list[ItemId]:
     The benchmark layouts (demo, Web News) name pairs by numbers, which are indexed as integers
     (leading zeros dropped, as they always were); `pairs` ids are the user's, canonicalised.
     """
-    if data.name == "pairs":
-        return [parse_id(i) for i in data.ids]
-    return [int(i) if i.isascii() and i.isdigit() else parse_id(i) for i in data.ids]
+    return [dataset_id(data.name, i) for i in data.ids]
+
+
+def dataset_id(name: str, raw: str) -> ItemId:
+    """The store id of one pair of dataset `name` (see `dataset_ids`); InputError when invalid."""
+    if name != "pairs" and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return parse_id(raw)
+
+
+def check_text(text: str) -> None:
+    """A caption the store can hold: valid Unicode (no lone surrogate), no NUL; else InputError."""
+    if "\0" in text:
+        raise InputError("expected a text without NUL characters, got one")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f"expected a text of valid Unicode, got a lone surrogate at {err.start}"
+        ) from None
+
+
+def check_fields(fields: dict[str, Any]) -> None:
+    """User fields the store can hold: JSON of valid Unicode, at most MAX_FIELDS_BYTES."""
+    try:
+        text = json.dumps(fields, ensure_ascii=False, allow_nan=False)
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f"expected fields of valid Unicode, got a lone surrogate at {err.start}"
+        ) from None
+    except (ValueError, TypeError) as err:  # NaN or Infinity: json.loads reads them, JSON cannot
+        raise InputError(f"expected fields that are JSON, got: {err}") from None
+    if size > MAX_FIELDS_BYTES:
+        raise InputError(f"expected fields of at most {MAX_FIELDS_BYTES} bytes as JSON, got {size}")
 
 
 class Indexer:
     """Validates, encodes and commits build items to the store."""
 
-    def __init__(self, *, store: Store, encoder: Encoder, max_pixels: int) -> None:
+    def __init__(
+        self, *, store: Store, encoder: Encoder, max_pixels: int, budget: PixelBudget = DECODES
+    ) -> None:
         self.store = store
         self.encoder = encoder
         self.max_pixels = max_pixels
+        self.budget = budget  # decodes in progress; also caps the pixels of one group
 
     def validate_items(
         self,
@@ -104,8 +146,10 @@ class Indexer:
                 seen.add(item.id)
                 if item.id in present:
                     raise InputError(f"expected a new id, got {item.id!r}: already indexed")
+                check_text(item.text)
+                check_fields(item.fields)
                 data = _image_bytes(item, data_dir, max_image_bytes)
-                _, extension = decode_image(data, max_pixels=self.max_pixels)
+                _, extension = decode_image(data, max_pixels=self.max_pixels, budget=self.budget)
                 pending.append(Pending(item.id, item.text, data, extension, dict(item.fields)))
             except InputError as err:
                 errors.append(ErrorItem(index=index, id=item.id, reason=str(err)))
@@ -117,13 +161,20 @@ class Indexer:
         self, pending: Sequence[Pending], progress: Progress, *, on_conflict: OnConflict
     ) -> int:
         """Encode pending items and commit them to the store in one write; the commit number."""
-        image_codes = []
-        for start in range(0, len(pending), FEATURE_BATCH):
-            chunk = pending[start : start + FEATURE_BATCH]
-            images = [decode_image(p.data, max_pixels=self.max_pixels)[0] for p in chunk]
-            image_codes.append(self._image_codes(images))
-            progress(start + len(chunk), len(pending))
+        image_codes: list[np.ndarray] = []
+        group: list[Image.Image] = []
+        for done, p in enumerate(pending, start=1):
+            group.append(decode_image(p.data, max_pixels=self.max_pixels, budget=self.budget)[0])
+            if self._full(group) or done == len(pending):
+                image_codes.append(self._image_codes(group))
+                group = []
+                progress(done, len(pending))
         return self._commit(pending, image_codes, on_conflict=on_conflict)
+
+    def _full(self, group: list[Image.Image]) -> bool:
+        """Whether a group of decoded images should go through the backbone now."""
+        pixels = sum(im.width * im.height for im in group)
+        return len(group) >= FEATURE_BATCH or pixels >= self.budget.limit
 
     def _image_codes(self, images: list[Image.Image]) -> np.ndarray:
         """(n, words) packed codes of decoded images (dropped right after by the caller)."""
@@ -146,45 +197,62 @@ class Indexer:
         return self.store.add(batch, on_conflict=on_conflict)
 
     def add_dataset(
-        self, data: PairDataset, progress: Progress, *, on_conflict: OnConflict
+        self,
+        data: PairDataset,
+        progress: Progress,
+        *,
+        on_conflict: OnConflict,
+        within: Path | None = None,
     ) -> DatasetOutcome:
         """Stream a dataset of image files into the store, CHUNK pairs at a time.
 
-        Each image file is read and decoded once: FEATURE_BATCH decoded images at a time go
-        through the backbone and are dropped; a chunk's raw bytes wait for its commit.
+        Each image file is read and decoded once: groups of decoded images (see `_full`) go
+        through the backbone and are dropped; a chunk's raw bytes wait for its commit. With
+        `within` (the server's data folder), a file that resolves outside it is skipped unread.
         """
         if data.image_paths is None or data.texts is None:
             raise InputError(f"expected raw images and texts in {data.name}, got features")
-        paths, texts = data.image_paths, data.texts
-        ids = dataset_ids(data)
+        paths, texts, extra = data.image_paths, data.texts, data.extra
         skipped = [f"{r.pair}: {r.reason}" for r in data.rejected]
-        todo = list(range(len(ids)))
+        ids: dict[int, ItemId] = {}  # pair index -> store id, for the pairs that have a valid one
+        for i, raw_id in enumerate(data.ids):
+            try:
+                ids[i] = dataset_id(data.name, raw_id)
+            except InputError as err:
+                skipped.append(f"{printable_id(raw_id)}: {err}")
+        todo = list(ids)
         if on_conflict == "error":
-            present = self.store.existing(ids)
+            present = self.store.existing(list(ids.values()))
             skipped += [f"{ids[i]}: already indexed" for i in todo if ids[i] in present]
             todo = [i for i in todo if ids[i] not in present]
-        extra = data.extra
         added, commit = 0, self.store.view().commit
         progress(0, len(todo))
         for start in range(0, len(todo), CHUNK):
             pending: list[Pending] = []
             image_codes: list[np.ndarray] = []
+            group: list[Image.Image] = []
             chunk = todo[start : start + CHUNK]
-            for group_start in range(0, len(chunk), FEATURE_BATCH):
-                images = []
-                for i in chunk[group_start : group_start + FEATURE_BATCH]:
-                    try:
-                        raw = paths[i].read_bytes()
-                        image, extension = decode_image(raw, max_pixels=self.max_pixels)
-                    except (InputError, OSError) as err:
-                        skipped.append(f"{ids[i]}: {paths[i].name}: {err}")
-                        continue
-                    images.append(image)
-                    fields = dict(extra[i]) if extra is not None else {}
+            for n, i in enumerate(chunk, start=1):
+                fields = dict(extra[i]) if extra is not None else {}
+                try:
+                    check_text(texts[i])
+                    check_fields(fields)
+                    path = paths[i] if within is None else inside(within, str(paths[i]))
+                    raw = path.read_bytes()
+                    image, extension = decode_image(
+                        raw, max_pixels=self.max_pixels, budget=self.budget
+                    )
+                except (InputError, OSError) as err:
+                    why = err.strerror if isinstance(err, OSError) and err.strerror else err
+                    skipped.append(f"{ids[i]}: {printable_id(paths[i].name)}: {why}")
+                else:
+                    group.append(image)
                     pending.append(Pending(ids[i], texts[i], raw, extension, fields))
-                if images:
-                    image_codes.append(self._image_codes(images))
-                progress(start + min(group_start + FEATURE_BATCH, len(chunk)), len(todo))
+                if group and (self._full(group) or n == len(chunk)):
+                    image_codes.append(self._image_codes(group))
+                    group = []
+                if n % FEATURE_BATCH == 0 or n == len(chunk):
+                    progress(start + n, len(todo))
             if pending:
                 commit = self._commit(pending, image_codes, on_conflict=on_conflict)
                 added += len(pending)
@@ -192,19 +260,21 @@ class Indexer:
         return DatasetOutcome(added, skipped, commit)
 
 
+def printable_id(text: str) -> str:
+    """A name from a dataset, shown with its odd characters (control, lone surrogates) escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _image_bytes(item: BuildItem, data_dir: Path | None, max_image_bytes: int) -> bytes:
     if item.image_base64 is not None:
         try:
             data = base64.b64decode(item.image_base64, validate=True)
         except (binascii.Error, ValueError) as err:
-            raise InputError(f"expected base64 image bytes, got: {err}") from err
+            raise InputError(f"expected base64 image bytes, got: {err}") from None
+    elif data_dir is None:
+        raise InputError("expected image_base64: image_path needs CMH_SERVER_DATA_DIR")
     else:
-        if data_dir is None:
-            raise InputError("expected image_base64: image_path needs CMH_SERVER_DATA_DIR")
-        path = inside(data_dir, item.image_path or "")
-        if not path.is_file():
-            raise InputError(f"expected an image file at {item.image_path!r}, found none")
-        data = path.read_bytes()
+        data = read_inside(data_dir, item.image_path or "", max_bytes=max_image_bytes)
     if len(data) > max_image_bytes:
         raise InputError(f"expected an image of at most {max_image_bytes} bytes, got {len(data)}")
     return data

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from common.errors import InputError
-from store.ids import ItemId, parse_id
+from store.ids import MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
 
 Target = Literal["image", "text"]
 OnConflict = Literal["error", "replace"]
 
 
 def _item_id(value: object) -> ItemId:
+    if isinstance(value, float) and value.is_integer():  # JSON Schema: 5.0 is the integer 5
+        value = int(value)
     try:
         return parse_id(value)
     except InputError as err:  # pydantic turns a ValueError into a 422 naming the field
@@ -21,7 +30,24 @@ def _item_id(value: object) -> ItemId:
 
 
 # An integer (0..2**63-1) or a string of 1..256 characters; "5" and 5 are the same id.
-UserId = Annotated[int | str, BeforeValidator(_item_id)]
+UserId = Annotated[
+    int | str,
+    BeforeValidator(_item_id),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "format": "int64", "minimum": 0, "maximum": MAX_INT_ID},
+                {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_ID_CHARS,
+                    "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                },
+            ],
+            "description": "an integer or a string without control characters",
+        }
+    ),
+]
 
 
 class ErrorItem(BaseModel):
@@ -68,8 +94,23 @@ class SearchResponse(BaseModel):
     hits: list[Hit]
 
 
+def exactly_one(**types: str) -> dict[str, Any]:
+    """The JSON Schema of "exactly one of these keys is given, and not null" (a oneOf)."""
+    return {
+        "oneOf": [
+            {"required": [key], "properties": {key: {"type": json_type}}}
+            for key, json_type in types.items()
+        ]
+    }
+
+
 class BuildItem(BaseModel):
     """One pair to index: an id, its text and its image (base64 bytes or a server-side path)."""
+
+    # The schema states the rule `_one_image` enforces.
+    model_config = ConfigDict(
+        json_schema_extra=exactly_one(image_base64="string", image_path="string")
+    )
 
     id: UserId
     text: str = Field(min_length=1, max_length=10_000)
@@ -92,10 +133,17 @@ class DatasetSource(BaseModel):
 
 
 class BuildRequest(BaseModel):
-    """Build or extend the indexes from items or from a dataset root (one of the two)."""
+    """Build or extend the indexes from items or from a dataset root (exactly one of the two)."""
 
-    items: list[BuildItem] | None = None
-    dataset: DatasetSource | None = None
+    # The schema states the rule `_one_source` enforces.
+    model_config = ConfigDict(json_schema_extra=exactly_one(items="array", dataset="object"))
+
+    items: Annotated[list[BuildItem], Field(min_length=1)] | None = Field(
+        None, description="the pairs to index (at most the server's max_batch_items)"
+    )
+    dataset: DatasetSource | None = Field(
+        None, description="a dataset inside the server's data folder, streamed into the index"
+    )
     on_conflict: OnConflict = Field(
         "error", description="an id already indexed: refuse the batch, or replace the item"
     )
@@ -104,8 +152,6 @@ class BuildRequest(BaseModel):
     def _one_source(self) -> BuildRequest:
         if (self.items is None) == (self.dataset is None):
             raise ValueError("expected exactly one of items and dataset")
-        if self.items is not None and not self.items:
-            raise ValueError("expected at least one item")
         return self
 
 

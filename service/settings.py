@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 2**20, ge=1, description="largest request body of any kind")
     max_batch_items: int = Field(1000, ge=1, description="largest item batch of one build request")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
+    max_decode_pixels: int = Field(
+        80_000_000, ge=1, description="pixels of all image decodes in progress at once (memory)"
+    )
+    max_queued_jobs: int = Field(32, ge=1, description="builds waiting to run before a 429")
     batch_window_ms: float = Field(5.0, ge=0, description="how long image requests wait to batch")
     max_image_batch: int = Field(32, ge=1, description="largest backbone batch of image requests")
     index_backend: Literal["memory", "milvus"] = Field(

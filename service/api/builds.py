@@ -3,23 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from common.errors import InputError
 from models.datasets import load_dataset
-from service.api.deps import ERRORS, JobsDep, LoadedDep, MetricsDep, SettingsDep, require_key
+from service.api.deps import (
+    ERRORS,
+    JobsDep,
+    KeyFirst,
+    LoadedDep,
+    MetricsDep,
+    SettingsDep,
+    require_key,
+)
+from service.errors import printable
 from service.indexing import Pending
-from service.schemas import BuildRequest, JobAccepted, JobStatus
-from service.uploads import inside
+from service.schemas import BuildRequest, ErrorBody, JobAccepted, JobStatus
+from service.uploads import folder_inside
 
-router = APIRouter(tags=["index"])
+router = APIRouter(tags=["index"], route_class=KeyFirst)
+
+BUSY: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorBody,
+        "description": "too many builds queued: retry after the Retry-After seconds",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    }
+}
 
 
 @router.post(
     "/v1/index/build",
     status_code=202,
-    responses=ERRORS,
+    responses={**ERRORS, **BUSY},
     dependencies=[Depends(require_key)],
 )
 def build_index(
@@ -30,7 +48,10 @@ def build_index(
     jobs: JobsDep,
     metrics: MetricsDep,
 ) -> JobAccepted:
-    """Validate a batch (or a dataset root) now, then index it in a background job."""
+    """Validate a batch (or a dataset root) now, then index it in a background job.
+
+    A 202 means the job's record is durable: its status URL gives its outcome, across restarts.
+    """
     pending: list[Pending] = []
     indexer, on_conflict = loaded.indexer, body.on_conflict
     if body.items is not None:  # items are checked now: a bad batch is a 400 listing each item
@@ -44,14 +65,16 @@ def build_index(
             max_image_bytes=settings.max_upload_bytes,
             on_conflict=on_conflict,
         )
-    dataset = body.dataset
+    dataset, data_dir, root = body.dataset, settings.server_data_dir, None
+    if dataset is not None:  # the root is checked now; its records are read in the job
+        if data_dir is None:
+            raise InputError("expected CMH_SERVER_DATA_DIR to be set for dataset builds")
+        root = folder_inside(data_dir, dataset.root, what="dataset root")
 
     def work(progress: Callable[[int, int], None]) -> JobStatus:
-        if dataset is not None:  # a dataset is read and checked in the job: it can be large
-            if settings.server_data_dir is None:
-                raise InputError("expected CMH_SERVER_DATA_DIR to be set for dataset builds")
-            data = load_dataset(dataset.name, inside(settings.server_data_dir, dataset.root))
-            outcome = indexer.add_dataset(data, progress, on_conflict=on_conflict)
+        if dataset is not None and root is not None:
+            data = load_dataset(dataset.name, root)
+            outcome = indexer.add_dataset(data, progress, on_conflict=on_conflict, within=data_dir)
             added, skipped, commit = outcome.added, outcome.skipped, outcome.commit
         else:
             commit = indexer.add(pending, progress, on_conflict=on_conflict)
@@ -73,8 +96,8 @@ def build_index(
 
 @router.get("/v1/jobs/{job_id}", responses=ERRORS, name="job_status")
 def job_status(job_id: str, jobs: JobsDep) -> JobStatus:
-    """A build job's status, progress (done / total) and per-item errors."""
+    """A build job's status, progress (done / total), per-item errors and skipped pairs."""
     status = jobs.get(job_id)
     if status is None:
-        raise HTTPException(404, f"expected a known job id, got {job_id!r}")
+        raise HTTPException(404, f"expected a known job id, got {printable(job_id[:80])!r}")
     return status

@@ -1,11 +1,20 @@
-"""What every endpoint depends on: settings, the loaded model and store, metrics, jobs, the key."""
+"""What every endpoint depends on: settings, the loaded model and store, metrics, jobs, the key.
+
+The key is checked before the body is read: FastAPI parses and validates a body before it runs
+a route's dependencies, so `require_key` alone would answer a bad body without a key with 422.
+Routes of a router made with `route_class=KeyFirst` that depend on `require_key` check the
+X-API-Key header first (401), and only then read the body.
+"""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader
 
 from common.errors import NotReadyError
 from service.jobs import JobManager
@@ -15,13 +24,18 @@ from service.settings import Settings
 from service.state import Loaded
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody},
-    401: {"model": ErrorBody},
-    404: {"model": ErrorBody},
-    413: {"model": ErrorBody},
-    415: {"model": ErrorBody},
-    503: {"model": ErrorBody},
+    400: {"model": ErrorBody, "description": "bad input: the detail says what was expected"},
+    401: {"model": ErrorBody, "description": "missing or wrong X-API-Key"},
+    404: {"model": ErrorBody, "description": "unknown id or job"},
+    413: {"model": ErrorBody, "description": "body or upload too large"},
+    415: {"model": ErrorBody, "description": "not an image upload"},
+    503: {"model": ErrorBody, "description": "model and index not loaded yet"},
 }
+API_KEY = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="the server's CMH_API_KEY, when one is set (build and delete only)",
+)
 
 
 def get_settings(request: Request) -> Settings:
@@ -51,16 +65,37 @@ def get_jobs(loaded: Annotated[Loaded, Depends(get_loaded)]) -> JobManager:
     return loaded.jobs
 
 
-def require_key(
-    settings: Annotated[Settings, Depends(get_settings)],
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> None:
-    """When an API key is configured, the X-API-Key header must carry it (else 401)."""
+def check_key(settings: Settings, given: str | None) -> None:
+    """When an API key is configured, `given` must be it (else 401), compared in constant time."""
     if settings.api_key is None:
         return
     expected = settings.api_key.get_secret_value()
-    if x_api_key is None or not secrets.compare_digest(x_api_key.encode(), expected.encode()):
+    if given is None or not secrets.compare_digest(given.encode(), expected.encode()):
         raise HTTPException(401, "expected a valid X-API-Key header for this endpoint")
+
+
+def require_key(
+    settings: Annotated[Settings, Depends(get_settings)],
+    x_api_key: Annotated[str | None, Depends(API_KEY)] = None,
+) -> None:
+    """When an API key is configured, the X-API-Key header must carry it (else 401)."""
+    check_key(settings, x_api_key)
+
+
+class KeyFirst(APIRoute):
+    """An APIRoute that, when it depends on `require_key`, checks the key before the body."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The route's handler, preceded by the key check where the route needs a key."""
+        handler = super().get_route_handler()
+        if not any(d.dependency is require_key for d in self.dependencies):
+            return handler
+
+        async def key_first(request: Request) -> Response:
+            check_key(get_settings(request), request.headers.get(API_KEY.model.name))
+            return await handler(request)
+
+        return key_first
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

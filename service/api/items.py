@@ -6,11 +6,13 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse
 
 from common.errors import InputError
-from service.api.deps import ERRORS, LoadedDep, MetricsDep, require_key
+from service.api.deps import ERRORS, KeyFirst, LoadedDep, MetricsDep, require_key
+from service.errors import printable
 from service.schemas import DeleteResponse, IndexStats
 from store.ids import ItemId, parse_id
 
-router = APIRouter(tags=["index"])
+router = APIRouter(tags=["index"], route_class=KeyFirst)
+IMAGE = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}
 
 
 def path_id(item_id: str) -> ItemId:
@@ -18,7 +20,28 @@ def path_id(item_id: str) -> ItemId:
     try:
         return parse_id(item_id)
     except InputError as err:
-        raise HTTPException(404, f"expected an indexed id, got {item_id[:80]!r}: {err}") from None
+        shown = printable(item_id[:80])
+        raise HTTPException(404, f"expected an indexed id, got {shown!r}: {err}") from None
+
+
+# The image route comes first: "/v1/items/5/image" also matches the delete route (as the id
+# "5/image"), and a method neither has (OPTIONS, PUT) gets the 405 of the first route that
+# matches the path, whose Allow header must then be the image's GET.
+@router.get(
+    "/v1/items/{item_id:path}/image",
+    responses={**ERRORS, 200: {"description": "the image file, as it was added", **IMAGE}},
+    response_class=FileResponse,
+)
+def item_image(item_id: str, loaded: LoadedDep) -> FileResponse:
+    """The stored image of an indexed item (only files the index refers to are ever served)."""
+    wanted = path_id(item_id)
+    item = loaded.store.get(wanted)
+    if item is None:
+        raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
+    path = loaded.store.artifacts / item.image
+    if not path.is_file():
+        raise HTTPException(404, f"the image of item {wanted!r} is missing from the artifacts")
+    return FileResponse(path)
 
 
 @router.delete(
@@ -34,19 +57,6 @@ def delete_item(item_id: str, loaded: LoadedDep, metrics: MetricsDep) -> DeleteR
         raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
     metrics.set_index_size(len(loaded.store), len(loaded.store))
     return DeleteResponse(id=removed[0], removed=True, generation=str(loaded.store.view().commit))
-
-
-@router.get("/v1/items/{item_id:path}/image", responses=ERRORS)
-def item_image(item_id: str, loaded: LoadedDep) -> FileResponse:
-    """The stored image of an indexed item (only files the index refers to are ever served)."""
-    wanted = path_id(item_id)
-    item = loaded.store.get(wanted)
-    if item is None:
-        raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
-    path = loaded.store.artifacts / item.image
-    if not path.is_file():
-        raise HTTPException(404, f"the image of item {wanted!r} is missing from the artifacts")
-    return FileResponse(path)
 
 
 @router.get("/v1/index/stats", responses=ERRORS)

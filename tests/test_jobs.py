@@ -1,0 +1,223 @@
+"""Build jobs: the job manager on its own (eviction, persistence, the queue bound), then a real
+server killed with SIGKILL in the middle of a build and started again."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from common.errors import InputError, IntegrityError
+from service.jobs import INTERRUPTED, JobManager, QueueFull
+from service.local import free_port
+from service.schemas import ErrorItem, JobStatus
+
+Progress = Callable[[int, int], None]
+
+
+def done(added: int) -> Callable[[Progress], JobStatus]:
+    def work(progress: Progress) -> JobStatus:
+        progress(added, added)
+        return JobStatus(job_id="", status="succeeded", done=added, total=added, added=added)
+
+    return work
+
+
+def blocked(release: threading.Event, started: threading.Event) -> Callable[[Progress], JobStatus]:
+    def work(progress: Progress) -> JobStatus:
+        started.set()
+        progress(1, 10)
+        assert release.wait(30)
+        progress(10, 10)
+        return JobStatus(job_id="", status="succeeded", done=10, total=10, added=10)
+
+    return work
+
+
+def wait_finished(jobs: JobManager, job_id: str) -> JobStatus:
+    for _ in range(600):
+        status = jobs.get(job_id)
+        assert status is not None
+        if status.status in ("succeeded", "failed"):
+            return status
+        time.sleep(0.01)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_queued_and_running_jobs_are_never_evicted(tmp_path: Path) -> None:
+    jobs = JobManager(tmp_path / "jobs.sqlite", keep=2, max_queued=100)
+    release, started = threading.Event(), threading.Event()
+    try:
+        first = jobs.submit(10, blocked(release, started))
+        assert started.wait(10)
+        queued = [jobs.submit(i, done(i)) for i in range(1, 11)]
+        # Ten jobs past the cap of two finished ones: none is finished, so none is forgotten.
+        running = jobs.get(first)
+        assert running is not None and running.status == "running" and running.done == 1
+        assert all(jobs.get(j) is not None for j in queued)
+        release.set()
+        finals = [wait_finished(jobs, j) for j in queued[-2:]]
+        assert [f.added for f in finals] == [9, 10]
+        # Finished jobs past the cap go, oldest first; the last two stay.
+        assert [jobs.get(j) is None for j in [first, *queued]] == [True] * 9 + [False] * 2
+    finally:
+        release.set()
+        jobs.close()
+
+
+def test_outcomes_survive_a_restart_and_interrupted_jobs_say_so(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    jobs = JobManager(path)
+    release, started = threading.Event(), threading.Event()
+    try:
+        ok = jobs.submit(3, done(3))
+        assert wait_finished(jobs, ok).status == "succeeded"
+
+        def bad(_: Progress) -> JobStatus:
+            raise InputError("expected a dataset root, got none")
+
+        failed = jobs.submit(0, bad)
+        assert wait_finished(jobs, failed).detail == "expected a dataset root, got none"
+        running = jobs.submit(10, blocked(release, started))
+        assert started.wait(10)
+        queued = jobs.submit(5, done(5))
+        # A second manager on the same file is what a restart after a crash sees.
+        after = JobManager(path)
+        try:
+            assert after.get(ok) == jobs.get(ok)
+            assert after.get(failed) == jobs.get(failed)
+            for job_id in (running, queued):
+                status = after.get(job_id)
+                assert status is not None and status.status == "failed", status
+                assert status.detail == INTERRUPTED
+        finally:
+            after.close()
+    finally:
+        release.set()
+        jobs.close()
+
+
+def test_a_full_queue_refuses_before_accepting(tmp_path: Path) -> None:
+    jobs = JobManager(tmp_path / "jobs.sqlite", max_queued=2)
+    release, started = threading.Event(), threading.Event()
+    try:
+        jobs.submit(10, blocked(release, started))
+        assert started.wait(10)
+        jobs.submit(1, done(1))
+        jobs.submit(1, done(1))
+        with pytest.raises(QueueFull, match="expected at most 2 queued builds"):
+            jobs.submit(1, done(1))
+    finally:
+        release.set()
+        jobs.close()
+
+
+def test_texts_a_job_reports_are_stored_and_served_whatever_they_hold(tmp_path: Path) -> None:
+    # A file name read from disk can hold a lone surrogate (surrogateescape); UTF-8 cannot.
+    def odd(_: Progress) -> JobStatus:
+        return JobStatus(
+            job_id="",
+            status="succeeded",
+            done=0,
+            total=1,
+            skipped=["7: \udcff.png: image not found"],
+            errors=[ErrorItem(index=0, reason="bad \udcff")],
+        )
+
+    jobs = JobManager(tmp_path / "jobs.sqlite")
+    try:
+        status = wait_finished(jobs, jobs.submit(1, odd))
+        assert status.skipped == ["7: \\udcff.png: image not found"]
+        assert status.model_dump_json()  # encodable, so it can be served
+    finally:
+        jobs.close()
+
+
+def test_a_corrupt_job_file_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(IntegrityError, match=f"{path}"):
+        JobManager(path)
+
+
+@contextmanager
+def server_process(artifacts: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m service serve` over artifacts, yielding the process (to kill) and its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(artifacts)]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=5):
+                    break
+            except (urllib.error.URLError, OSError):
+                assert proc.poll() is None and time.monotonic() < deadline, "server not ready"
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_jobs_killed_mid_build_read_as_interrupted_after_a_restart(demo_artifacts: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (9, 9, 200)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    item = {"id": 95000, "text": "a blue square", "image_base64": image}
+    dataset = {"dataset": {"name": "demo", "root": "demo"}, "on_conflict": "replace"}
+    env = {"CMH_SERVER_DATA_DIR": str(demo_artifacts), "CMH_MAX_QUEUED_JOBS": "2"}
+    with server_process(demo_artifacts, **env) as (proc, url), httpx.Client(base_url=url) as client:
+        small = client.post("/v1/index/build", json={"items": [item]}).json()["job_id"]
+        for _ in range(600):
+            if client.get(f"/v1/jobs/{small}").json()["status"] == "succeeded":
+                break
+            time.sleep(0.1)
+        # 80 demo images re-encoded: seconds of work, with two more such builds queued behind.
+        big = [client.post("/v1/index/build", json=dataset).json()["job_id"]]
+        for _ in range(600):
+            status = client.get(f"/v1/jobs/{big[0]}").json()
+            if status["status"] == "running" and status["done"] > 0:
+                break
+            time.sleep(0.02)
+        big += [client.post("/v1/index/build", json=dataset).json()["job_id"] for _ in range(2)]
+        refused = client.post("/v1/index/build", json=dataset)
+        assert refused.status_code == 429 and refused.headers["Retry-After"]
+        assert "expected at most 2 queued builds" in refused.json()["detail"]
+        status = client.get(f"/v1/jobs/{big[0]}").json()
+        assert status["status"] == "running" and status["done"] < status["total"], status
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with server_process(demo_artifacts) as (_, url), httpx.Client(base_url=url) as client:
+        finished = client.get(f"/v1/jobs/{small}").json()
+        assert finished["status"] == "succeeded" and finished["added"] == 1, finished
+        for job_id in big:
+            status = client.get(f"/v1/jobs/{job_id}").json()
+            assert status["status"] == "failed" and status["detail"] == INTERRUPTED, status
+        assert client.get("/v1/items/95000/image").status_code == 200
