@@ -3,7 +3,10 @@
 The vectors are binary (a word is present or not), as in the BoW features of MIRFLICKR-25K and
 NUS-WIDE. The vocabulary is the `vocab_size` most frequent training tokens that occur in at least
 `min_df` training texts, stored as JSON; unknown words are ignored, and a text with no known word
-still encodes (to zeros) and is reported as such.
+still encodes (to zeros) and is reported as such. scikit-learn chooses the vocabulary (`fit`);
+a text is mapped with `tokenize` and one dict, word -> column (`columns`), which is what
+CountVectorizer(binary=True) gives for the same analyzer and vocabulary, without its per-call
+pipeline and sparse-matrix building.
 """
 
 from __future__ import annotations
@@ -61,12 +64,11 @@ class TextVectorizer:
             raise InputError("expected a non-empty vocabulary, got none")
         self.vocabulary = list(vocabulary)
         self.language = language
-        self._counter = CountVectorizer(
-            analyzer=self._analyze, vocabulary=self.vocabulary, binary=True, dtype=np.float32
-        )
-
-    def _analyze(self, text: str) -> list[str]:
-        return tokenize(text, self.language)
+        self._column = {word: j for j, word in enumerate(self.vocabulary)}  # word -> column
+        if len(self._column) != len(self.vocabulary):
+            # The dict keeps a repeated word's last column: its first occurrence differs.
+            twice = next(w for j, w in enumerate(self.vocabulary) if self._column[w] != j)
+            raise InputError(f"expected a vocabulary of distinct words, got {twice!r} twice")
 
     @classmethod
     def fit(
@@ -99,10 +101,26 @@ class TextVectorizer:
         """The vector length (vocabulary size)."""
         return len(self.vocabulary)
 
+    def columns(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Per text, the sorted distinct columns (intp) of its known words (its vector's ones)."""
+        column, language = self._column, self.language
+        out = []
+        for text in texts:
+            found = {column[t] for t in tokenize(text, language) if t in column}
+            out.append(np.array(sorted(found), dtype=np.intp))
+        return out
+
+    def dense(self, columns: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, dim) float32 binary vectors with ones at `columns` (as `columns` gives them)."""
+        matrix = np.zeros((len(columns), self.dim), dtype=np.float32)
+        for row, cols in zip(matrix, columns, strict=True):
+            row[cols] = 1.0
+        return matrix
+
     def transform(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(n, dim) float32 binary vectors, and (n,) bool: True where a text had no known word."""
-        matrix = self._counter.transform(list(texts)).toarray().astype(np.float32)
-        return matrix, matrix.sum(axis=1) == 0
+        columns = self.columns(texts)
+        return self.dense(columns), np.array([len(c) == 0 for c in columns], dtype=bool)
 
     def to_json(self) -> str:
         """The vectorizer as JSON (vocabulary and language)."""

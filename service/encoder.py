@@ -1,5 +1,10 @@
 """Queries to packed codes: texts through the BoW vectorizer, images through backbone + model.
 
+A text becomes the columns of its known words (models/text_features.py) and its code comes from
+models/text_path.py: the text network as a sum of a few weight columns, in float64 NumPy, with
+torch's codes bit for bit (torch itself encodes the rare text too close to a sign change, and
+every text of a model that path cannot reproduce exactly).
+
 Concurrent image requests are micro-batched: each request hands its decoded image to one worker
 thread, which waits up to `window_ms` for more (at most `max_batch`) and runs the backbone once
 for all of them. A lone request pays at most the window; under load the backbone sees full batches.
@@ -25,6 +30,7 @@ from models.checkpoint import Checkpoint, load_checkpoint
 from models.devices import resolve_device
 from models.image_features import Backbone, encode_images, load_backbone
 from models.text_features import TextVectorizer
+from models.text_path import TextPath
 from store.layout import CHECKPOINT_NAME
 from store.manifest import Manifest, manifest_for
 
@@ -136,14 +142,19 @@ class Encoder:
         self.n_bits = checkpoint.n_bits
         self.backbone = backbone
         self.vectorizer = TextVectorizer(checkpoint.vocabulary)
+        # None: the model is not one the fast path reproduces exactly (logged once): torch.
+        self.text_path = TextPath.from_model(self.model)
         self.batcher = MicroBatcher(
             backbone, window_ms=window_ms, max_batch=max_batch, on_batch=on_batch
         )
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(packed codes (n, words) uint64, (n,) bool: the text had no known word)."""
-        features, unknown = self.vectorizer.transform(texts)
-        return pack_codes(self.model.encode_text(features)), unknown
+        columns = self.vectorizer.columns(texts)
+        unknown = np.fromiter((len(c) == 0 for c in columns), dtype=bool, count=len(columns))
+        if self.text_path is None:
+            return pack_codes(self.model.encode_text(self.vectorizer.dense(columns))), unknown
+        return pack_codes(self.text_path.encode(columns)), unknown
 
     def encode_image(self, image: Image.Image, *, timeout: float = 120.0) -> np.ndarray:
         """(1, words) uint64 packed code of one image, through the micro-batcher."""

@@ -1,5 +1,6 @@
 """`cmh bench index` and `cmh bench mih`: our Hamming indexes against FAISS, side by side;
-`cmh bench writes`: the store's adds, deletes, startup, memory and searches under ingest."""
+`cmh bench writes`: the store's adds, deletes, startup, memory and searches under ingest;
+`cmh bench service`: the served searches under wrk, against the framework's floor."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ import numpy as np
 from common.errors import InputError
 from indexes.benchmark import bench_index, bench_mih, make_data
 from indexes.hamming import HammingIndex
+from service.benchmark import bench_service, require_wrk
 from store.benchmark import bench_writes
+from store.layout import CHECKPOINT_NAME
 
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    """Add `bench index`, `bench mih` and `bench writes` to the cmh command line."""
+    """Add `bench index`, `bench mih`, `bench writes` and `bench service` to the command line."""
     bench = subparsers.add_parser(
         "bench", help="benchmark the Hamming indexes against FAISS, and the store"
     )
@@ -75,6 +78,38 @@ def register(subparsers: Any) -> None:
     )
     writes.add_argument("--keep", action="store_true", help="keep the temporary folder")
     writes.set_defaults(run=run_writes)
+    service = kinds.add_parser(
+        "service",
+        help="text and image search under wrk: `cmh serve` against a no-work floor app",
+        description="Build an N-item store of synthetic items next to a copy of a trained "
+        "checkpoint, serve it with `cmh serve` and a floor app (same FastAPI, uvicorn and "
+        "response shape, no work), drive both in turn with wrk at 1, 8 and 32 connections "
+        "(text search) and image search at 1 and 8 with micro-batching on and off, and print "
+        "and write the medians (keys documented in service/benchmark.py). Needs wrk.",
+    )
+    service.add_argument("--n", type=int, default=1_000_000, help="store size (default 1M)")
+    service.add_argument("--runs", type=int, default=3, help="alternated runs (default 3)")
+    service.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of each wrk run (default 10)"
+    )
+    service.add_argument("--json", type=Path, required=True, help="where to write the result")
+    service.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path("artifacts"),
+        help="where the checkpoint (model.pt) comes from, e.g. the demo's (default artifacts)",
+    )
+    service.add_argument(
+        "--image",
+        type=Path,
+        help="the photo image searches post (default: the first JPEG in ARTIFACTS/demo/images)",
+    )
+    service.add_argument("--no-image", action="store_true", help="skip the image searches")
+    service.add_argument(
+        "--dir", type=Path, help="folder in which the temporary store is made (default: system's)"
+    )
+    service.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    service.set_defaults(run=run_service)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +189,39 @@ def run_writes(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             batch=args.batch,
             queries=args.queries,
+        )
+    finally:
+        if args.keep:
+            logger.info("kept %s", root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    _emit(result, args.json)
+    return 0
+
+
+def run_service(args: argparse.Namespace) -> int:
+    """Run `cmh bench service`."""
+    require_wrk()  # before anything is built
+    image = None
+    if not args.no_image:
+        image = args.image or next(
+            iter(sorted((args.artifacts / "demo" / "images").glob("*.jpg"))), None
+        )
+        if image is None:
+            raise InputError(
+                f"expected --image or a JPEG in {args.artifacts / 'demo' / 'images'}, got none"
+            )
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="cmh-bench-service-", dir=args.dir))
+    try:
+        result = bench_service(
+            checkpoint=args.artifacts / CHECKPOINT_NAME,
+            root=root,
+            n=args.n,
+            runs=args.runs,
+            seconds=args.duration,
+            image=image,
         )
     finally:
         if args.keep:
