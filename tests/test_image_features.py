@@ -1,4 +1,6 @@
-"""Image backbones: real EfficientNet-Lite0 weights, VGG19 fc7 with random weights, colour modes."""
+"""Image backbones: real EfficientNet-Lite0 weights, VGG19 fc7 with random weights, colour modes;
+the fast path (fused network, draft JPEG decoding, array preprocessing, workers) against the
+reference path, on real Web News photos."""
 
 from __future__ import annotations
 
@@ -12,7 +14,21 @@ from torchvision.models import vgg19
 
 from common.errors import InputError
 from models.data import PairDataset
-from models.image_features import encode_images, load_backbone, load_vgg19_fc7, to_rgb
+from models.datasets import load_dataset
+from models.image_features import (
+    DRAFT_MIN_SIDE,
+    Backbone,
+    crop_pixels,
+    draft_jpeg,
+    encode_images,
+    load_backbone,
+    load_efficientnet_lite0,
+    load_vgg19_fc7,
+    open_image,
+    pixels_to_input,
+    to_rgb,
+)
+from models.lite_fused import FusedLite0, fuse_lite0, pack_for_cpu
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +49,8 @@ def test_efficientnet_lite0_gives_1280_d_features_in_input_order(
 
 def test_pretrained_weights_separate_scene_kinds(demo_data: PairDataset) -> None:
     """Real ImageNet weights: two scenes of the same kind are closer than scenes of other kinds."""
-    assert demo_data.image_features is not None
     data = demo_data
+    assert data.image_features is not None
     single = np.flatnonzero(data.labels.sum(axis=1) == 1)
     feats = data.image_features[single]
     feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
@@ -103,3 +119,116 @@ def test_cuda_runs_in_half_precision() -> None:
     assert backbone.device.type == "cuda" and backbone.dtype == torch.float16
     feats = encode_images(backbone, [Image.new("RGB", (224, 224), (200, 30, 30))] * 4)
     assert feats.dtype == np.float32 and np.isfinite(feats).all()
+
+
+@pytest.fixture(scope="module")
+def reference() -> Backbone:
+    return load_backbone("efficientnet-lite0", device=torch.device("cpu"), fast=False)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # type: ignore[no-any-return]
+
+
+def test_fast_is_the_default_and_reference_stays_the_package_network(
+    lite: Backbone, reference: Backbone
+) -> None:
+    assert lite.fast and isinstance(lite.net, FusedLite0) and lite.workers >= 1
+    assert all(c.packed is not None for c in lite.net.modules() if hasattr(c, "packed"))
+    assert not reference.fast and not isinstance(reference.net, FusedLite0)
+    with pytest.raises(InputError, match="expected at least 1 worker, got 0"):
+        load_backbone("efficientnet-lite0", device=torch.device("cpu"), workers=0)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["generic-ops", "onednn"])
+def test_fused_lite0_computes_the_package_network(packed: bool) -> None:
+    """Batch norm folded, pads rewritten, 1x1 convs as GEMMs: the same outputs to float error."""
+    package = load_efficientnet_lite0().eval()
+    fused = fuse_lite0(package.net)
+    if packed:
+        fused = pack_for_cpu(fused)
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 224, 224)
+    before = x.clone()
+    with torch.inference_mode():
+        expected, got = package(x), fused(x)
+    assert got.shape == (3, 1280) and torch.equal(x, before)  # the input is not written to
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="expected 224x224 inputs"):
+        fused(torch.zeros(1, 3, 200, 200))
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "vgg19"])
+def test_array_preprocessing_is_bit_identical_to_torchvision(name: str) -> None:
+    backbone = load_backbone(name, device=torch.device("cpu"), workers=1)
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in ((266, 400), (500, 300), (224, 224), (100, 150))
+    ]
+    expected = torch.stack([backbone.preprocess(im) for im in images])
+    got = pixels_to_input(backbone, np.stack([crop_pixels(im) for im in images]))
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def _jpeg(path: Path, size: tuple[int, int]) -> Path:
+    rng = np.random.default_rng(1)
+    small = Image.fromarray(rng.integers(0, 256, (size[1] // 40, size[0] // 40, 3), dtype=np.uint8))
+    small.resize(size, Image.Resampling.BICUBIC).save(path, quality=90)
+    return path
+
+
+def test_draft_reduces_large_jpegs_but_keeps_the_short_side(tmp_path: Path) -> None:
+    assert DRAFT_MIN_SIDE == 1024
+    big = _jpeg(tmp_path / "big.jpg", (4400, 3300))  # 1/2: 2200 x 1650 (1/4 would be 825)
+    assert open_image(big, draft=True).size == (2200, 1650)
+    assert open_image(big).size == (4400, 3300)
+    huge = _jpeg(tmp_path / "huge.jpg", (4200, 4100))  # 1/4: 1050 x 1025
+    assert open_image(huge, draft=True).size == (1050, 1025)
+    edge = _jpeg(tmp_path / "edge.jpg", (3000, 2000))  # 1/2 would make the short side 1000
+    assert open_image(edge, draft=True).size == (3000, 2000)
+    png = tmp_path / "big.png"
+    Image.new("RGB", (4400, 3300)).save(png, compress_level=1)
+    with Image.open(png) as im:
+        assert draft_jpeg(im).size == (4400, 3300)
+
+
+def test_fast_path_drafts_files_and_stays_within_tolerance(
+    lite: Backbone, reference: Backbone, tmp_path: Path
+) -> None:
+    big = _jpeg(tmp_path / "big.jpg", (4400, 3300))
+    fast, ref = encode_images(lite, [big]), encode_images(reference, [big])
+    undrafted = encode_images(lite, [open_image(big)])
+    assert not np.allclose(fast, undrafted, atol=1e-4)  # the file was decoded at 1/2 scale
+    assert _cosines(fast, ref).min() >= 0.999
+
+
+def test_workers_split_batches_keep_order_and_leave_callers_threads(
+    lite: Backbone, demo_root: Path
+) -> None:
+    paths = sorted((demo_root / "images").glob("*.jpg"))[:5]
+    one_by_one = np.concatenate([encode_images(lite, [p]) for p in paths])
+    two = load_backbone("efficientnet-lite0", device=torch.device("cpu"), workers=2)
+    threads = torch.get_num_threads()
+    for backbone, batch_size in ((two, 32), (two, 2), (lite, 1)):
+        feats = encode_images(backbone, paths, batch_size=batch_size)
+        np.testing.assert_allclose(feats, one_by_one, rtol=1e-4, atol=1e-4)
+    assert torch.get_num_threads() == threads
+    assert two.pool is not None and two.pool.submit(torch.get_num_threads).result() == 1
+
+
+@pytest.mark.slow
+def test_fast_path_matches_the_reference_on_real_photos(
+    lite: Backbone, reference: Backbone, web_news_root: Path
+) -> None:
+    """200 Web News photos (every colour mode and format they come in): the issue's tolerance."""
+    data = load_dataset("web-news", web_news_root)
+    assert data.image_paths is not None
+    paths = data.image_paths[:: len(data.image_paths) // 200][:200]
+    fast, ref = encode_images(lite, paths), encode_images(reference, paths)
+    assert fast.shape == ref.shape == (200, 1280)
+    cos = _cosines(fast, ref)
+    classifier = load_efficientnet_lite0().get_submodule("net._fc")
+    with torch.inference_mode():
+        top1 = [classifier(torch.from_numpy(f)).argmax(dim=1).numpy() for f in (fast, ref)]
+    assert cos.min() >= 0.999 and (top1[0] == top1[1]).mean() >= 0.99

@@ -1,0 +1,283 @@
+"""Image features on the CPU: the fast path against the reference path, side by side in one run.
+
+    .venv/bin/python -m scripts.bench_images --root ../shared/data/web-news --runs 3 \
+        --json docs/results/bench-images.json
+
+Both paths are models.image_features.load_backbone("efficientnet-lite0") on the CPU: the
+reference (`fast=False`, today's code: the package's network, full JPEG decodes, torchvision
+ToTensor + Normalize, one batch at a time over the process's torch threads) and the fast one
+(the default). Every measurement alternates the two (reference first on even runs, fast first on
+odd ones) and reports medians over --runs:
+
+- `throughput`: images/s of encode_images over --n image paths, batch 32: what `cmh features`
+  (models.pipeline.cached_image_features) runs; decode included.
+- `latency`: one image at a time (all of them on one path, then on the other) as the service gets it, JPEG bytes in memory -> decoded RGB image -> its
+  features through encode_images (the reference decodes in full as service.uploads.decode_image
+  does today; the fast one calls draft_jpeg first, the change proposed for decode_image);
+  p50 / p90 ms over --latency-images photos per run.
+- `batcher`: the same single image through service.encoder.MicroBatcher (1 client, sequential),
+  p50 ms, for each --windows value (the batch_window_ms setting); reference at 5 ms, today's
+  default, and fast at every window.
+- `tolerance`: the fast path's features against the reference's over the --n images of the first
+  run: cosine min / 1st percentile / median, largest absolute difference, and the agreement of
+  the ImageNet top-1 class (the package's classifier on the pooled features).
+- `breakdown`: median ms per image of each stage (per run, over --breakdown-images photos):
+  `decode` (full, and `decode_draft`), `resize_crop` (the bicubic resize and centre crop),
+  `to_tensor` (reference ToTensor + Normalize, fast pixels_to_input), and the networks alone at
+  batch 1 and 32: `net_reference_tN` (the package's network, N torch threads), `net_fused_t1`
+  (batch norm folded, generic torch ops), `net_packed_tN` (oneDNN, packed under N threads;
+  t1 is what each fast-path worker runs).
+
+The JSON has {"machine": {...}, "n", "runs", "reference": {key: median}, "fast": {key: median},
+"ratio": {key: fast / reference for throughput, reference / fast for times}, "tolerance": {...},
+"breakdown":
+{stage: median ms}, "batcher": {"reference_5ms": p50, "fast_<w>ms": p50}, "samples": [...]}.
+Timings on a machine other processes share are noisy: compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.datasets import load_dataset
+from models.image_features import (
+    Backbone,
+    crop_pixels,
+    draft_jpeg,
+    encode_images,
+    load_backbone,
+    load_efficientnet_lite0,
+    pixels_to_input,
+    to_rgb,
+)
+from models.lite_fused import fuse_lite0, pack_for_cpu
+from service.encoder import MicroBatcher
+
+PATHS = ("reference", "fast")
+
+
+def decode(data: bytes, *, draft: bool) -> Image.Image:
+    """JPEG (or other) bytes -> RGB image, as the service decodes an upload."""
+    with Image.open(io.BytesIO(data)) as im:
+        if draft:
+            draft_jpeg(im)
+        im.load()
+        return to_rgb(im)
+
+
+def ms(seconds: Sequence[float], q: float = 50) -> float:
+    """The q-th percentile of durations in seconds, in ms."""
+    return float(np.percentile(np.asarray(seconds) * 1e3, q))
+
+
+def timed(fn: Callable[..., object], *args: object) -> float:
+    """Seconds that fn(*args) took."""
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def encode_bytes(bb: Backbone, blob: bytes) -> np.ndarray:
+    """Decode (drafted on the fast path) and encode one image, as a search does."""
+    return encode_images(bb, [decode(blob, draft=bb.fast)], batch_size=1)
+
+
+def through_batcher(mb: MicroBatcher, blob: bytes) -> np.ndarray:
+    """Decode one image and wait for its features from the micro-batcher."""
+    return mb.submit(decode(blob, draft=mb.backbone.fast)).result()
+
+
+def ordered(run: int) -> tuple[str, str]:
+    return PATHS if run % 2 == 0 else (PATHS[1], PATHS[0])
+
+
+def throughput(
+    backbones: dict[str, Backbone], paths: list[Path], run: int
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """(images/s, features) of each path over all the paths."""
+    rate, feats = {}, {}
+    for name in ordered(run):
+        start = time.perf_counter()
+        feats[name] = encode_images(backbones[name], paths)
+        rate[name] = len(paths) / (time.perf_counter() - start)
+    return rate, feats
+
+
+def tolerance(feats: dict[str, np.ndarray]) -> dict[str, float]:
+    """Cosines of fast against reference features, and their ImageNet top-1 agreement."""
+    ref, fast = feats["reference"], feats["fast"]
+    cos = (ref * fast).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(fast, axis=1)
+    classifier = load_efficientnet_lite0().get_submodule("net._fc")
+    with torch.inference_mode():
+        top1 = [classifier(torch.from_numpy(f)).argmax(dim=1).numpy() for f in (ref, fast)]
+    return {
+        "images": len(cos),
+        "cos_min": float(cos.min()),
+        "cos_p1": float(np.percentile(cos, 1)),
+        "cos_median": float(np.median(cos)),
+        "max_abs_diff": float(np.abs(ref - fast).max()),
+        "top1_agreement": float((top1[0] == top1[1]).mean()),
+    }
+
+
+def latency(backbones: dict[str, Backbone], blobs: list[bytes], run: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {}
+    for name in ordered(run):  # in blocks: per image, the reference's OpenMP threads, still
+        # spinning after its call, would slow the fast path's next image down about 2x
+        times[name] = [timed(encode_bytes, backbones[name], blob) for blob in blobs]
+    return {
+        f"{k}_{name}": ms(v, q) for name, v in times.items() for k, q in (("p50", 50), ("p90", 90))
+    }
+
+
+def batcher(
+    backbones: dict[str, Backbone], blobs: list[bytes], windows: list[float]
+) -> dict[str, float]:
+    cases = [("reference", 5.0)] + [("fast", w) for w in windows]
+    out = {}
+    for name, window in cases:
+        bb = backbones[name]
+        mb = MicroBatcher(bb, window_ms=window, max_batch=32)
+        try:
+            through_batcher(mb, blobs[0])  # warm
+            times = [timed(through_batcher, mb, blob) for blob in blobs]
+        finally:
+            mb.close()
+        out[f"{name}_{window:g}ms"] = ms(times)
+    return out
+
+
+def per_image(fn: Callable[[], object], n: int) -> float:
+    return timed(fn) / n * 1e3
+
+
+def breakdown(backbones: dict[str, Backbone], blobs: list[bytes]) -> dict[str, float]:
+    ref, fast = backbones["reference"], backbones["fast"]
+    n = len(blobs)
+    out = {
+        "decode": per_image(lambda: [decode(b, draft=False) for b in blobs], n),
+        "decode_draft": per_image(lambda: [decode(b, draft=True) for b in blobs], n),
+    }
+    images = [decode(b, draft=False) for b in blobs]
+    out["resize_crop"] = per_image(lambda: [crop_pixels(im) for im in images], n)
+    crops = [Image.fromarray(crop_pixels(im)) for im in images]
+    steps = ref.preprocess.transforms[2:]  # ToTensor, Normalize
+    out["to_tensor_reference"] = per_image(lambda: [steps[1](steps[0](c)) for c in crops], n)
+    pixels = np.stack([np.asarray(c) for c in crops])
+    out["to_tensor_fast"] = per_image(lambda: pixels_to_input(fast, pixels), n)
+    x = pixels_to_input(fast, pixels[:32])
+    package = ref.net.get_submodule("net")  # the package's EfficientNet inside the reference
+    builders: list[tuple[str, Callable[[], torch.nn.Module], int]] = [
+        ("net_reference_t1", lambda: ref.net, 1),
+        ("net_reference_t2", lambda: ref.net, 2),
+        ("net_fused_t1", lambda: fuse_lite0(package), 1),
+        ("net_packed_t1", lambda: pack_for_cpu(fuse_lite0(package)), 1),
+        ("net_packed_t2", lambda: pack_for_cpu(fuse_lite0(package)), 2),
+    ]
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        for key, build, t in builders:
+            torch.set_num_threads(t)
+            net = build()  # packed under the thread count it runs with, as load_backbone does
+            for batch in (1, len(x)):
+                xb = x[:batch]
+                net(xb)  # warm
+                reps = max(1, 8 // batch) * 3
+                runs = [timed(net, xb) / batch * 1e3 for _ in range(reps)]
+                out[f"{key}_b{batch}"] = statistics.median(runs)
+    torch.set_num_threads(threads)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("../shared/data/web-news"))
+    p.add_argument("--n", type=int, default=0, help="images for throughput (0: all)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--latency-images", type=int, default=50)
+    p.add_argument("--breakdown-images", type=int, default=64)
+    p.add_argument("--windows", default="0,1,5", help="batcher windows in ms, comma-separated")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    data = load_dataset("web-news", args.root)
+    assert data.image_paths is not None
+    paths = list(data.image_paths[: args.n or None])
+    step = max(1, len(data.image_paths) // args.latency_images)
+    blobs = [q.read_bytes() for q in data.image_paths[::step][: args.latency_images]]
+    step = max(1, len(data.image_paths) // args.breakdown_images)
+    few = [q.read_bytes() for q in data.image_paths[1::step][: args.breakdown_images]]
+    cpu = torch.device("cpu")
+    backbones = {
+        "reference": load_backbone("efficientnet-lite0", device=cpu, fast=False),
+        "fast": load_backbone("efficientnet-lite0", device=cpu),
+    }
+    for bb in backbones.values():
+        encode_images(bb, paths[:8])  # warm
+    windows = [float(w) for w in args.windows.split(",")]
+    samples = []
+    report_tolerance: dict[str, float] = {}
+    for run in range(args.runs):
+        row: dict[str, Any] = {"run": run, "load_average": os.getloadavg()[0]}
+        rate, feats = throughput(backbones, paths, run)
+        row |= {f"images_per_s_{k}": v for k, v in rate.items()}
+        if run == 0:
+            report_tolerance = tolerance(feats)
+            print(json.dumps({"tolerance": report_tolerance}), flush=True)
+        row |= latency(backbones, blobs, run)
+        row["batcher"] = batcher(backbones, blobs, windows)
+        row["breakdown"] = breakdown(backbones, few)
+        samples.append(row)
+        print(json.dumps(row), flush=True)
+
+    def med(key: str) -> float:
+        return float(statistics.median(s[key] for s in samples))
+
+    report: dict[str, Any] = {"machine": machine(), "n": len(paths), "runs": args.runs}
+    report["tolerance"] = report_tolerance
+    for name in PATHS:
+        report[name] = {
+            "images_per_s": med(f"images_per_s_{name}"),
+            "latency_p50_ms": med(f"p50_{name}"),
+            "latency_p90_ms": med(f"p90_{name}"),
+        }
+    ref, fast = report["reference"], report["fast"]
+    report["ratio"] = {
+        "images_per_s": fast["images_per_s"] / ref["images_per_s"],
+        "latency_p50_ms": ref["latency_p50_ms"] / fast["latency_p50_ms"],
+        "latency_p90_ms": ref["latency_p90_ms"] / fast["latency_p90_ms"],
+    }
+    for part in ("batcher", "breakdown"):
+        keys = samples[0][part]
+        report[part] = {k: statistics.median(s[part][k] for s in samples) for k in keys}
+    report["samples"] = samples
+    print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
