@@ -135,6 +135,8 @@ def test_image_search_errors(demo_artifacts_master: Path) -> None:
             return r.status_code, str(r.json().get("detail"))
 
         assert post(b"hello", "text/plain") == (415, "expected an image/* upload, got 'text/plain'")
+        status, _ = post(b"definitely not a png", "IMAGE/PNG")  # media types ignore case
+        assert status == 400
         status, detail = post(b"\x00" * 6000)
         assert status == 413 and "at most 5000 bytes" in detail
         status, detail = post(b"definitely not a png")

@@ -91,7 +91,7 @@ async def search_image(
     """Search the text (or image) index with an uploaded image."""
     loaded, settings, metrics = get_loaded(request), get_settings(request), get_metrics(request)
     check_k(k, settings)
-    if not (file.content_type or "").startswith("image/"):
+    if not (file.content_type or "").lower().startswith("image/"):
         raise HTTPException(415, f"expected an image/* upload, got {file.content_type!r}")
     return await run_in_threadpool(_search_image, loaded, settings, metrics, file, k, target)
 
