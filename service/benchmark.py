@@ -31,14 +31,9 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -48,7 +43,7 @@ import numpy as np
 
 from common.errors import InputError
 from models.checkpoint import load_checkpoint
-from service.local import free_port, serving
+from service.local import serving, serving_command
 from store.benchmark import caption_pool, synthetic_items
 from store.compaction import compact_once
 from store.layout import CHECKPOINT_NAME
@@ -188,41 +183,12 @@ def build_store(checkpoint: Path, target: Path, *, n: int, seed: int = 0) -> Non
         store.close()
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:  # noqa: S310
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @contextmanager
 def floor_serving(*, ready_timeout_s: float = 60.0) -> Iterator[str]:
     """`python -m service.floor` on a free loopback port until the block ends; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile(mode="w+") as output:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.floor", "--port", str(port)],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + ready_timeout_s
-            while not _ready(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    output.seek(0)
-                    raise RuntimeError(f"expected the floor ready on {url}, got:\n{output.read()}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    command = [sys.executable, "-m", "service.floor"]
+    with serving_command(command, ready_timeout_s=ready_timeout_s) as url:
+        yield url
 
 
 def _alternated(

@@ -45,13 +45,26 @@ def serving(artifacts: Path, *, ready_timeout_s: float = 120.0, **env: str) -> I
     Raises RuntimeError, quoting the child's output, when it exits or is not ready in time.
     The block's end sends SIGTERM (a clean uvicorn shutdown), then kills after 30 s.
     """
+    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(artifacts)]
+    with serving_command(command, ready_timeout_s=ready_timeout_s, env=env) as url:
+        yield url
+
+
+@contextmanager
+def serving_command(
+    command: list[str], *, ready_timeout_s: float, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run `command --port P` on a free loopback port until /readyz answers 200; yield its URL.
+
+    The service of `serving`, and any other app that takes --port and answers /readyz (the
+    benchmark's floor app).
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(artifacts)]
     with tempfile.TemporaryFile(mode="w+") as output:
         proc = subprocess.Popen(
             [*command, "--port", str(port)],
-            env={**os.environ, **env},
+            env={**os.environ, **(env or {})},
             stdout=output,
             stderr=subprocess.STDOUT,
             text=True,
