@@ -6,15 +6,17 @@
 Both paths are models.image_features.load_backbone("efficientnet-lite0") on the CPU: the
 reference (`fast=False`, today's code: the package's network, full JPEG decodes, torchvision
 ToTensor + Normalize, one batch at a time over the process's torch threads) and the fast one
-(the default). Every measurement alternates the two (reference first on even runs, fast first on
-odd ones) and reports medians over --runs:
+(the default). Throughput and latency alternate the two block by block (--block images, A B,
+B A, A B, ...), so that both meet the same load from other processes; medians over --runs:
 
-- `throughput`: images/s of encode_images over --n image paths, batch 32: what `cmh features`
-  (models.pipeline.cached_image_features) runs; decode included.
-- `latency`: one image at a time (all of them on one path, then on the other) as the service gets it, JPEG bytes in memory -> decoded RGB image -> its
-  features through encode_images (the reference decodes in full as service.uploads.decode_image
-  does today; the fast one calls draft_jpeg first, the change proposed for decode_image);
-  p50 / p90 ms over --latency-images photos per run.
+- `throughput`: images/s of encode_images over --n image paths (default batch size): what
+  `cmh features` (models.pipeline.cached_image_features) runs, decoding included; and the
+  process CPU time per image (all threads), which other processes' load inflates less.
+- `latency`: one image at a time as the service gets it, JPEG bytes in memory -> decoded RGB
+  image -> its features through encode_images (the reference decodes in full as
+  service.uploads.decode_image does today; the fast one calls draft_jpeg first, the change
+  proposed for decode_image); p50 / p90 ms over --latency-images photos per run, blocks of
+  --block / 5.
 - `batcher`: the same single image through service.encoder.MicroBatcher (1 client, sequential),
   p50 ms, for each --windows value (the batch_window_ms setting); reference at 5 ms, today's
   default, and fast at every window.
@@ -29,9 +31,9 @@ odd ones) and reports medians over --runs:
   t1 is what each fast-path worker runs).
 
 The JSON has {"machine": {...}, "n", "runs", "reference": {key: median}, "fast": {key: median},
-"ratio": {key: fast / reference for throughput, reference / fast for times}, "tolerance": {...},
-"breakdown":
-{stage: median ms}, "batcher": {"reference_5ms": p50, "fast_<w>ms": p50}, "samples": [...]}.
+"ratio": {key: fast / reference for images/s, reference / fast for times}, "tolerance": {...},
+"breakdown": {stage: median ms}, "batcher": {"reference_5ms": p50, "fast_<w>ms": p50},
+"samples": [one row per run]}.
 Timings on a machine other processes share are noisy: compare the ratios of one run.
 """
 
@@ -104,15 +106,24 @@ def ordered(run: int) -> tuple[str, str]:
 
 
 def throughput(
-    backbones: dict[str, Backbone], paths: list[Path], run: int
+    backbones: dict[str, Backbone], paths: list[Path], *, block: int
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """(images/s, features) of each path over all the paths."""
-    rate, feats = {}, {}
-    for name in ordered(run):
-        start = time.perf_counter()
-        feats[name] = encode_images(backbones[name], paths)
-        rate[name] = len(paths) / (time.perf_counter() - start)
-    return rate, feats
+    """({images_per_s_P, cpu_ms_per_image_P}, {P: features}) of each path P over all the paths.
+
+    The paths alternate block by block (A B, B A, A B, ...), so both see the same load.
+    """
+    wall = dict.fromkeys(PATHS, 0.0)
+    cpu = dict.fromkeys(PATHS, 0.0)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in PATHS}
+    for i, start in enumerate(range(0, len(paths), block)):
+        for name in ordered(i):
+            w, c = time.perf_counter(), time.process_time()
+            parts[name].append(encode_images(backbones[name], paths[start : start + block]))
+            wall[name] += time.perf_counter() - w
+            cpu[name] += time.process_time() - c
+    out = {f"images_per_s_{name}": len(paths) / wall[name] for name in PATHS}
+    out |= {f"cpu_ms_per_image_{name}": cpu[name] / len(paths) * 1e3 for name in PATHS}
+    return out, {name: np.concatenate(parts[name]) for name in PATHS}
 
 
 def tolerance(feats: dict[str, np.ndarray]) -> dict[str, float]:
@@ -132,11 +143,18 @@ def tolerance(feats: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
-def latency(backbones: dict[str, Backbone], blobs: list[bytes], run: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {}
-    for name in ordered(run):  # in blocks: per image, the reference's OpenMP threads, still
-        # spinning after its call, would slow the fast path's next image down about 2x
-        times[name] = [timed(encode_bytes, backbones[name], blob) for blob in blobs]
+def latency(backbones: dict[str, Backbone], blobs: list[bytes], *, block: int) -> dict[str, float]:
+    """p50 / p90 ms of one image at a time, the paths alternating every `block` images.
+
+    Not image by image: the reference's OpenMP threads, still spinning after its call, would
+    slow the fast path's next image down about 2x.
+    """
+    times: dict[str, list[float]] = {name: [] for name in PATHS}
+    for i, start in enumerate(range(0, len(blobs), block)):
+        for name in ordered(i):
+            times[name] += [
+                timed(encode_bytes, backbones[name], b) for b in blobs[start : start + block]
+            ]
     return {
         f"{k}_{name}": ms(v, q) for name, v in times.items() for k, q in (("p50", 50), ("p90", 90))
     }
@@ -216,6 +234,9 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=Path("../shared/data/web-news"))
     p.add_argument("--n", type=int, default=0, help="images for throughput (0: all)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--block", type=int, default=50, help="images per block of one path (/5: latency)"
+    )
     p.add_argument("--latency-images", type=int, default=50)
     p.add_argument("--breakdown-images", type=int, default=64)
     p.add_argument("--windows", default="0,1,5", help="batcher windows in ms, comma-separated")
@@ -241,12 +262,12 @@ def main() -> None:
     report_tolerance: dict[str, float] = {}
     for run in range(args.runs):
         row: dict[str, Any] = {"run": run, "load_average": os.getloadavg()[0]}
-        rate, feats = throughput(backbones, paths, run)
-        row |= {f"images_per_s_{k}": v for k, v in rate.items()}
+        rates, feats = throughput(backbones, paths, block=args.block)
+        row |= rates
         if run == 0:
             report_tolerance = tolerance(feats)
             print(json.dumps({"tolerance": report_tolerance}), flush=True)
-        row |= latency(backbones, blobs, run)
+        row |= latency(backbones, blobs, block=max(1, args.block // 5))
         row["batcher"] = batcher(backbones, blobs, windows)
         row["breakdown"] = breakdown(backbones, few)
         samples.append(row)
@@ -260,12 +281,14 @@ def main() -> None:
     for name in PATHS:
         report[name] = {
             "images_per_s": med(f"images_per_s_{name}"),
+            "cpu_ms_per_image": med(f"cpu_ms_per_image_{name}"),
             "latency_p50_ms": med(f"p50_{name}"),
             "latency_p90_ms": med(f"p90_{name}"),
         }
     ref, fast = report["reference"], report["fast"]
     report["ratio"] = {
         "images_per_s": fast["images_per_s"] / ref["images_per_s"],
+        "cpu_ms_per_image": ref["cpu_ms_per_image"] / fast["cpu_ms_per_image"],
         "latency_p50_ms": ref["latency_p50_ms"] / fast["latency_p50_ms"],
         "latency_p90_ms": ref["latency_p90_ms"] / fast["latency_p90_ms"],
     }
