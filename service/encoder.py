@@ -76,29 +76,37 @@ class MicroBatcher:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.window
-            stop = False
-            while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                try:
-                    nxt = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._process(batch)
+            batch, stop = self._next_batch()
+            if batch:
+                self._process(batch)
+            # No reference to a finished batch may outlive it while this thread waits for the
+            # next: its decoded images would stay in memory past the decode budget's release.
+            del batch
             if stop:
                 return
+
+    def _next_batch(self) -> tuple[list[_Request], bool]:
+        """The requests of the next batch (waiting up to the window after the first) and
+        whether close() was called."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.window
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                nxt = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
 
     def _process(self, batch: list[_Request]) -> None:
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]

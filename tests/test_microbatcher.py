@@ -4,7 +4,10 @@ every request of its batch, and close() finishes what was queued."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -85,3 +88,17 @@ def test_close_finishes_the_requests_already_queued(backbone: Backbone) -> None:
     futures = [slow.submit(image) for image in images(5)]
     slow.close()
     assert all(f.done() and f.exception() is None for f in futures)
+
+
+def test_the_worker_keeps_no_image_once_its_batch_is_answered(batcher: MicroBatcher) -> None:
+    # The decode budget is released when a request has its features: an image the worker still
+    # referenced while it waited for the next batch would sit in memory outside that budget.
+    picture = images(1)[0]
+    alive = weakref.ref(picture)
+    batcher.submit(picture).result(timeout=120)
+    del picture
+    deadline = time.monotonic() + 10
+    while alive() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert alive() is None, "the batcher still holds the image of an answered request"
