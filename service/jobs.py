@@ -1,24 +1,36 @@
-"""Background build jobs: one worker thread runs them in order; every job's record is on disk.
+"""Background build jobs: one worker thread per process runs them in order; every record is on disk.
 
 A 202 means the job will reach an outcome that GET /v1/jobs/{id} can read back:
 - the record is committed (SQLite, WAL, synchronous=FULL) before the job id is returned;
 - queued and running jobs are never forgotten; only finished ones past `keep` are, oldest first;
-- a restart reads each job as it was left: a finished one as it finished, one that was queued or
-  running as failed, INTERRUPTED (a dataset build keeps the pairs it committed, so running it
-  again resumes it);
-- at most `max_queued` jobs wait to run: one more is refused (QueueFull, a 429) before it is
-  accepted, so the queue's memory (each items job holds its decoded request) stays bounded.
-Progress (done / total) is kept in memory only: it says nothing once the process is gone.
+- a job whose process is gone reads as it was left: a finished one as it finished, one that was
+  queued or running as failed, INTERRUPTED (a dataset build keeps the pairs it committed, so
+  running it again resumes it);
+- at most `max_queued` jobs wait to run in one process: one more is refused (QueueFull, a 429)
+  before it is accepted, so the queue's memory (each items job holds its decoded request) stays
+  bounded.
+
+Several server processes (`cmh serve --workers N`) share one job file: each runs the jobs it
+accepted and answers for every job from the file. A process owns its jobs through an exclusive
+flock on a file named after it in jobs.owners/, which the kernel releases when the process dies
+(kill -9 included): a starting process marks as interrupted only the jobs whose owner's lock it
+can take, never those of a live neighbour (a pid could have been reused; a lock cannot lie).
+Progress (done / total) is written at most once per PROGRESS_EVERY_S, for the other processes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import re
 import sqlite3
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -30,11 +42,15 @@ from service.schemas import ErrorItem, JobStatus
 logger = logging.getLogger(__name__)
 
 JOBS_NAME = "jobs.sqlite"  # in the artifacts folder, next to the store
+OWNERS_NAME = "jobs.owners"  # beside it: one flocked file per live process that owns jobs
 INTERRUPTED = "interrupted by a restart"
+PROGRESS_EVERY_S = 1.0  # how often a running job's progress reaches the file (other processes)
 Progress = Callable[[int, int], None]
 Work = Callable[[Progress], JobStatus]
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, record TEXT)"
+_OWNER = re.compile(r"[0-9a-f]{32}")
+_STATUS = "json_extract(record, '$.status')"
 
 
 class QueueFull(RuntimeError):
@@ -53,40 +69,76 @@ def _printable(status: JobStatus) -> JobStatus:
 
 
 class JobManager:
-    """Runs jobs one at a time in a worker thread; their records live in a SQLite file."""
+    """Runs this process's jobs one at a time in a worker thread; all records live in SQLite."""
 
     def __init__(self, path: Path, *, keep: int = 1000, max_queued: int = 32) -> None:
         self.path = path
         self.keep = keep
         self.max_queued = max_queued
         self._lock = threading.Lock()
-        self._jobs: dict[str, JobStatus] = {}  # in submission order
+        self._mine: dict[str, JobStatus] = {}  # this process's queued and running jobs
+        self._saved_at: dict[str, float] = {}  # when each one's progress was last written
+        self._owner = uuid.uuid4().hex
+        owners = path.parent / OWNERS_NAME
+        owners.mkdir(exist_ok=True)
+        self._owner_fd = _hold(owners / self._owner)
         try:
-            # One connection, used under self._lock from request threads and the worker.
-            self._db = sqlite3.connect(path, check_same_thread=False)
+            # One connection, used under self._lock from request threads and the worker;
+            # transactions are explicit (BEGIN IMMEDIATE), so processes take turns to write.
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=30
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(_SCHEMA)
-            rows = self._db.execute("SELECT id, record FROM jobs ORDER BY seq").fetchall()
-            for job_id, record in rows:
-                self._jobs[job_id] = JobStatus.model_validate_json(record)
+            with self._lock, self._write():
+                self._db.execute(_SCHEMA)
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+                if "owner" not in columns:  # a file from before jobs had owners
+                    self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+                interrupted = self._interrupt_orphans(owners)
+                self._evict()
         except (sqlite3.DatabaseError, ValidationError) as err:
+            os.close(self._owner_fd)
             raise IntegrityError(
                 f"the job records in {path} cannot be read ({str(err).splitlines()[0]}); move "
                 "the file away to start without them"
             ) from None
-        interrupted = [j for j, s in self._jobs.items() if s.status in ("queued", "running")]
-        with self._lock, self._db:
-            for job_id in interrupted:
-                self._save(
-                    self._jobs[job_id].model_copy(
-                        update={"status": "failed", "detail": INTERRUPTED}
-                    )
-                )
-            self._evict()
         if interrupted:
-            logger.warning("%d build jobs were interrupted by a restart", len(interrupted))
+            logger.warning("%d build jobs were interrupted by a restart", interrupted)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="build-job")
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction (the caller holds self._lock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _interrupt_orphans(self, owners: Path) -> int:
+        """Mark the unfinished jobs of every dead owner failed, INTERRUPTED; drop its lock file.
+
+        Runs in a write transaction, so two processes starting at once do this in turn.
+        """
+        dead: set[str | None] = {None}  # no owner: a record from before owners
+        for file in owners.iterdir():
+            if file.name != self._owner and _is_dead(file):
+                dead.add(file.name)
+        rows = self._db.execute(
+            f"SELECT id, record, owner FROM jobs WHERE {_STATUS} IN ('queued', 'running')"
+        ).fetchall()
+        count = 0
+        for _, record, owner in rows:
+            if owner in dead or not (owners / owner).exists():
+                status = JobStatus.model_validate_json(record)
+                self._save(status.model_copy(update={"status": "failed", "detail": INTERRUPTED}))
+                count += 1
+        for name in dead - {None}:
+            (owners / str(name)).unlink(missing_ok=True)
+        return count
 
     def submit(self, total: int, work: Work) -> str:
         """Queue `work(progress)`, which reports (done, total) and returns the final status.
@@ -96,52 +148,68 @@ class JobManager:
         job_id = uuid.uuid4().hex
         status = JobStatus(job_id=job_id, status="queued", done=0, total=total)
         with self._lock:
-            waiting = sum(s.status == "queued" for s in self._jobs.values())
+            waiting = sum(s.status == "queued" for s in self._mine.values())
             if waiting >= self.max_queued:
                 raise QueueFull(
                     f"expected at most {self.max_queued} queued builds, got one more: retry "
                     "when one has finished"
                 )
-            self._jobs[job_id] = status
-            with self._db:
+            with self._write():
                 self._db.execute(
-                    "INSERT INTO jobs (id, record) VALUES (?, ?)",
-                    (job_id, status.model_dump_json()),
+                    "INSERT INTO jobs (id, record, owner) VALUES (?, ?, ?)",
+                    (job_id, status.model_dump_json(), self._owner),
                 )
+            self._mine[job_id] = status
         self._pool.submit(self._run, job_id, work)
         return job_id
 
     def get(self, job_id: str) -> JobStatus | None:
         """The job's current status, or None for an unknown (or long finished) id."""
         with self._lock:
-            return self._jobs.get(job_id)
+            mine = self._mine.get(job_id)
+            if mine is not None:  # its progress, as of now
+                return mine
+            row = self._db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else JobStatus.model_validate_json(row[0])
 
     def _save(self, status: JobStatus) -> None:
-        """Replace a job's record in memory and on disk (the caller holds the lock)."""
+        """Replace a job's record on disk, and in memory while it is this process's and
+        unfinished (the caller holds the lock, in a write transaction)."""
         status = _printable(status)
-        self._jobs[status.job_id] = status
+        if status.job_id in self._mine:
+            if status.status in ("queued", "running"):
+                self._mine[status.job_id] = status
+            else:
+                del self._mine[status.job_id]
+                self._saved_at.pop(status.job_id, None)
         self._db.execute(
             "UPDATE jobs SET record = ? WHERE id = ?", (status.model_dump_json(), status.job_id)
         )
 
     def _evict(self) -> None:
-        """Forget the oldest finished jobs past `keep` (the caller holds the lock)."""
-        finished = [j for j, s in self._jobs.items() if s.status in ("succeeded", "failed")]
-        for job_id in finished[: max(0, len(finished) - self.keep)]:
-            del self._jobs[job_id]
-            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        """Forget the oldest finished jobs past `keep` (the caller holds the lock, in a write
+        transaction)."""
+        self._db.execute(
+            f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE {_STATUS} IN "
+            "('succeeded', 'failed') ORDER BY seq DESC LIMIT -1 OFFSET ?)",
+            (self.keep,),
+        )
 
     def _change(self, job_id: str, **changes: object) -> None:
         """Change a job's record durably, then forget finished jobs past `keep`."""
-        with self._lock, self._db:
-            self._save(self._jobs[job_id].model_copy(update=changes))
+        with self._lock, self._write():
+            self._save(self._mine[job_id].model_copy(update=changes))
             self._evict()
 
     def _progress(self, job_id: str, done: int, total: int) -> None:
-        with self._lock:  # in memory only: a restart reads the job as interrupted anyway
-            self._jobs[job_id] = self._jobs[job_id].model_copy(
-                update={"done": done, "total": total}
-            )
+        with self._lock:  # durability does not matter: a restart reads the job as interrupted
+            status = self._mine[job_id].model_copy(update={"done": done, "total": total})
+            self._mine[job_id] = status
+            now = time.monotonic()
+            if now - self._saved_at.get(job_id, -PROGRESS_EVERY_S) >= PROGRESS_EVERY_S:
+                self._saved_at[job_id] = now
+                with self._write():
+                    self._save(status)
 
     def _run(self, job_id: str, work: Work) -> None:
         self._change(job_id, status="running")
@@ -162,7 +230,40 @@ class JobManager:
         )
 
     def close(self) -> None:
-        """Finish the running job and stop; jobs still queued read as interrupted next start."""
+        """Finish the running job and stop; the jobs still queued read as interrupted."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
+            if self._mine:
+                with self._write():
+                    for status in list(self._mine.values()):
+                        self._save(
+                            status.model_copy(update={"status": "failed", "detail": INTERRUPTED})
+                        )
             self._db.close()
+            (self.path.parent / OWNERS_NAME / self._owner).unlink(missing_ok=True)
+            os.close(self._owner_fd)
+
+
+def _hold(path: Path) -> int:
+    """Create `path` and hold an exclusive flock on it for as long as this process lives."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _is_dead(path: Path) -> bool:
+    """Whether the process that owned `path` is gone (its lock can be taken); a name that is
+    not an owner's is treated as dead, so it is cleaned up."""
+    if not _OWNER.fullmatch(path.name):
+        return True
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the lock again, if it was taken
+    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -21,8 +22,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from common.errors import InputError, IntegrityError
-from service.jobs import INTERRUPTED, JobManager, QueueFull
+from common.errors import IntegrityError
+from service.jobs import INTERRUPTED, OWNERS_NAME, JobManager, QueueFull
 from service.local import free_port
 from service.schemas import ErrorItem, JobStatus
 
@@ -79,36 +80,118 @@ def test_queued_and_running_jobs_are_never_evicted(tmp_path: Path) -> None:
         jobs.close()
 
 
-def test_outcomes_survive_a_restart_and_interrupted_jobs_say_so(tmp_path: Path) -> None:
+# A process that accepts four jobs (one finished, one failed, one running, one queued) and then
+# waits to be killed; it prints their ids once the third is running.
+JOB_OWNER = """
+import json, sys, threading, time
+from pathlib import Path
+from common.errors import InputError
+from service.jobs import JobManager
+from service.schemas import JobStatus
+
+jobs = JobManager(Path(sys.argv[1]))
+started = threading.Event()
+
+def done(progress):
+    progress(3, 3)
+    return JobStatus(job_id="", status="succeeded", done=3, total=3, added=3)
+
+def bad(progress):
+    raise InputError("expected a dataset root, got none")
+
+def stuck(progress):
+    started.set()
+    progress(1, 10)
+    time.sleep(3600)
+
+ids = [jobs.submit(3, done), jobs.submit(0, bad)]
+while any(jobs.get(i).status not in ("succeeded", "failed") for i in ids):
+    time.sleep(0.01)
+ids.append(jobs.submit(10, stuck))
+assert started.wait(60)
+ids.append(jobs.submit(5, done))
+print(json.dumps(ids), flush=True)
+time.sleep(3600)
+"""
+
+
+def test_outcomes_survive_a_kill_and_interrupted_jobs_say_so(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", JOB_OWNER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        ok, failed, running, queued = json.loads(owner.stdout.readline())
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    after = JobManager(path)
+    try:
+        status = after.get(ok)
+        assert status is not None and status.status == "succeeded" and status.added == 3
+        status = after.get(failed)
+        assert status is not None and status.detail == "expected a dataset root, got none"
+        for job_id in (running, queued):
+            status = after.get(job_id)
+            assert status is not None and status.status == "failed", status
+            assert status.detail == INTERRUPTED
+        # The dead owner's lock file is cleaned up; only the live manager's own is left.
+        assert len(list((tmp_path / OWNERS_NAME).iterdir())) == 1
+    finally:
+        after.close()
+
+
+def test_processes_sharing_the_job_file_answer_for_each_others_jobs(tmp_path: Path) -> None:
+    # Two managers on one file are what `cmh serve --workers 2` runs: a starting one must not
+    # take a live neighbour's running job for an interrupted one, and either answers for both.
+    path = tmp_path / "jobs.sqlite"
+    first = JobManager(path)
+    release, started = threading.Event(), threading.Event()
+    try:
+        running = first.submit(10, blocked(release, started))
+        assert started.wait(10)
+        queued = first.submit(5, done(5))
+        second = JobManager(path)
+        try:
+            status = second.get(running)
+            assert status is not None and status.status == "running", status
+            assert status.done == 1  # the first progress report is written at once
+            status = second.get(queued)
+            assert status is not None and status.status == "queued", status
+            mine = second.submit(2, done(2))
+            assert wait_finished(first, mine).added == 2  # answered by the other process
+            release.set()
+            assert wait_finished(second, running).added == 10
+            assert wait_finished(second, queued).added == 5
+        finally:
+            second.close()
+    finally:
+        release.set()
+        first.close()
+
+
+def test_a_clean_shutdown_leaves_its_queued_jobs_interrupted(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite"
     jobs = JobManager(path)
     release, started = threading.Event(), threading.Event()
+    running = jobs.submit(10, blocked(release, started))
+    assert started.wait(10)
+    queued = jobs.submit(5, done(5))
+    closer = threading.Thread(target=jobs.close)
+    closer.start()
+    while not jobs._pool._shutdown:  # close() has given up the queued job before it can start
+        time.sleep(0.001)
+    release.set()  # and lets the running one finish
+    closer.join(30)
+    after = JobManager(path)
     try:
-        ok = jobs.submit(3, done(3))
-        assert wait_finished(jobs, ok).status == "succeeded"
-
-        def bad(_: Progress) -> JobStatus:
-            raise InputError("expected a dataset root, got none")
-
-        failed = jobs.submit(0, bad)
-        assert wait_finished(jobs, failed).detail == "expected a dataset root, got none"
-        running = jobs.submit(10, blocked(release, started))
-        assert started.wait(10)
-        queued = jobs.submit(5, done(5))
-        # A second manager on the same file is what a restart after a crash sees.
-        after = JobManager(path)
-        try:
-            assert after.get(ok) == jobs.get(ok)
-            assert after.get(failed) == jobs.get(failed)
-            for job_id in (running, queued):
-                status = after.get(job_id)
-                assert status is not None and status.status == "failed", status
-                assert status.detail == INTERRUPTED
-        finally:
-            after.close()
+        status = after.get(running)
+        assert status is not None and status.status == "succeeded", status
+        status = after.get(queued)
+        assert status is not None and (status.status, status.detail) == ("failed", INTERRUPTED)
     finally:
-        release.set()
-        jobs.close()
+        after.close()
 
 
 def test_a_full_queue_refuses_before_accepting(tmp_path: Path) -> None:
