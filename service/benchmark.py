@@ -184,9 +184,9 @@ def build_store(checkpoint: Path, target: Path, *, n: int, seed: int = 0) -> Non
 
 
 @contextmanager
-def floor_serving(*, ready_timeout_s: float = 60.0) -> Iterator[str]:
+def floor_serving(*, workers: int = 1, ready_timeout_s: float = 60.0) -> Iterator[str]:
     """`python -m service.floor` on a free loopback port until the block ends; yields its URL."""
-    command = [sys.executable, "-m", "service.floor"]
+    command = [sys.executable, "-m", "service.floor", "--workers", str(workers)]
     with serving_command(command, ready_timeout_s=ready_timeout_s) as url:
         yield url
 
@@ -241,12 +241,23 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def bench_service(
-    *, checkpoint: Path, root: Path, n: int, runs: int, seconds: float, image: Path | None
+    *,
+    checkpoint: Path,
+    root: Path,
+    n: int,
+    runs: int,
+    seconds: float,
+    image: Path | None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Build the store under root (an empty folder), serve it and the floor, drive both: JSON."""
-    if n < 1 or runs < 1 or seconds <= 0:
+    """Build the store under root (an empty folder), serve it and the floor, drive both: JSON.
+
+    Both apps run in `workers` processes, so the ratio compares like with like.
+    """
+    if n < 1 or runs < 1 or seconds <= 0 or workers < 1:
         raise InputError(
-            f"expected n >= 1, runs >= 1 and a positive duration, got {n}, {runs}, {seconds}"
+            "expected n >= 1, runs >= 1, a positive duration and workers >= 1, got "
+            f"{n}, {runs}, {seconds}, {workers}"
         )
     if not checkpoint.is_file():
         raise InputError(
@@ -264,10 +275,13 @@ def bench_service(
     queries = caption_pool()[:QUERIES].tolist()
     text = text_script(root / "text.lua", queries)
     quiet = {"CMH_LOG_LEVEL": "WARNING"}
-    result: dict[str, Any] = {"n": n, "runs": runs, "duration_s": seconds}
+    result: dict[str, Any] = {"n": n, "runs": runs, "duration_s": seconds, "workers": workers}
+    processes = ("--workers", str(workers))
     with ExitStack() as stack:
-        ours = stack.enter_context(serving(ours_dir, ready_timeout_s=READY_TIMEOUT_S, **quiet))
-        floor = stack.enter_context(floor_serving())
+        ours = stack.enter_context(
+            serving(ours_dir, args=processes, ready_timeout_s=READY_TIMEOUT_S, **quiet)
+        )
+        floor = stack.enter_context(floor_serving(workers=workers))
         per_run = _alternated(
             {"ours": ours, "floor": floor},
             text,
@@ -278,7 +292,7 @@ def bench_service(
         if image is not None:
             single = stack.enter_context(
                 serving(
-                    root / "no-batching", ready_timeout_s=READY_TIMEOUT_S,
+                    root / "no-batching", args=processes, ready_timeout_s=READY_TIMEOUT_S,
                     CMH_MAX_IMAGE_BATCH="1", **quiet,
                 )
             )  # fmt: skip
@@ -305,9 +319,10 @@ def bench_service(
         "cpu_count": os.cpu_count(),
         "notes": (
             f"text: POST /v1/search/text, {QUERIES} demo-like queries in turn, k={K}, target "
-            "image; ours = `python -m service serve` (CMH_LOG_LEVEL=WARNING) over one compacted "
-            f"segment of {n} synthetic items and the given checkpoint, floor = `python -m "
-            "service.floor`; wrk 1 thread, keep-alive, --latency; servers, wrk and anything else "
+            f"image; ours = `python -m service serve --workers {workers}` (CMH_LOG_LEVEL="
+            f"WARNING) over one compacted segment of {n} synthetic items and the given "
+            f"checkpoint, floor = `python -m service.floor --workers {workers}`; wrk 1 thread, "
+            "keep-alive, --latency; servers, wrk and anything else "
             "running share this machine's cores"
         ),
     }

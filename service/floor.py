@@ -59,17 +59,29 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8001, help="port to listen on")
     parser.add_argument("--log-level", default="warning", help="uvicorn's logging level")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     args = parser.parse_args()
-    gc.freeze()  # as `cmh serve` does: what is loaded stays out of the cyclic collector
-    uvicorn.run(
-        create_floor_app(),
-        host=args.host,
-        port=args.port,
-        http="httptools",
-        loop="uvloop",
-        log_level=args.log_level,
-    )
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "http": "httptools",
+        "loop": "uvloop",
+        "log_level": args.log_level,
+    }
+    if args.workers == 1:
+        uvicorn.run(create_frozen_floor_app(), **options)
+    else:  # as `cmh serve --workers N`: uvicorn calls the factory in each worker
+        uvicorn.run(
+            "service.floor:create_frozen_floor_app", factory=True, workers=args.workers, **options
+        )
     return 0
+
+
+def create_frozen_floor_app() -> FastAPI:
+    """The floor with what is loaded kept out of the cyclic collector, as `cmh serve` does."""
+    app = create_floor_app()
+    gc.freeze()
+    return app
 
 
 if __name__ == "__main__":

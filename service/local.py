@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,13 +39,16 @@ def _ready(url: str) -> bool:
 
 
 @contextmanager
-def serving(artifacts: Path, *, ready_timeout_s: float = 120.0, **env: str) -> Iterator[str]:
-    """Serve `artifacts` (extra CMH_* settings in `env`) until the block ends; yields the URL.
+def serving(
+    artifacts: Path, *, args: Sequence[str] = (), ready_timeout_s: float = 120.0, **env: str
+) -> Iterator[str]:
+    """Serve `artifacts` (more `cmh serve` options in `args`, CMH_* settings in `env`) until the
+    block ends; yields the URL.
 
     Raises RuntimeError, quoting the child's output, when it exits or is not ready in time.
     The block's end sends SIGTERM (a clean uvicorn shutdown), then kills after 30 s.
     """
-    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(artifacts)]
+    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(artifacts), *args]
     with serving_command(command, ready_timeout_s=ready_timeout_s, env=env) as url:
         yield url
 

@@ -25,6 +25,15 @@ class Loaded:
     jobs: JobManager  # background builds
     mirror: MilvusMirror | None  # searches answered by Milvus, when configured
 
+    def close(self) -> None:
+        """Stop what runs in the background (the job worker after its job, the batcher), then
+        close the mirror and the store."""
+        self.jobs.close()
+        self.encoder.close()
+        if self.mirror is not None:
+            self.mirror.close()
+        self.store.close()
+
     @property
     def searcher(self) -> Searcher | None:
         """Who answers code searches: Milvus when configured, else the store's own view."""

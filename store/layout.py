@@ -14,16 +14,19 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "model.pt"  # the served AUCMH checkpoint
 
 
-def open_store(artifacts: Path, *, expected: Manifest) -> Store:
+def open_store(artifacts: Path, *, expected: Manifest, shared: bool = False) -> Store:
     """The artifacts' store: opened and checked, migrated from generations, or made empty.
 
     A generation-format index/ still present means a migration has not finished (its last step
-    renames index/), so it is run (again) before anything else.
+    renames index/), so it is run (again) before anything else, in this process alone.
+    `shared`: opened for several processes at once (see Store.open).
     """
     if legacy.has_generations(artifacts):
         store, _ = legacy.migrate(artifacts, expected=expected)
-        return store
+        if not shared:
+            return store
+        store.close()
     if Store.exists(artifacts):
-        return Store.open(artifacts, expected=expected)
+        return Store.open(artifacts, expected=expected, shared=shared)
     logger.warning("no index in %s yet: starting an empty store", artifacts)
-    return Store.create(artifacts, expected)
+    return Store.create(artifacts, expected, shared=shared)

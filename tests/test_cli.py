@@ -120,3 +120,16 @@ def test_vgg19_without_weights_exits_2(tiny_demo_root: Path, cmh: Callable[..., 
         "features", "--dataset", "demo", "--root", str(tiny_demo_root), "--backbone", "vgg19"
     )
     assert result.returncode == 2 and "--weights" in result.stderr
+
+
+def test_serve_refuses_worker_counts_it_cannot_run(cmh: Callable[..., Ran], tmp_path: Path) -> None:
+    refused = cmh("serve", "--artifacts", str(tmp_path), "--workers", "0")
+    assert refused.returncode == 2
+    assert "expected --workers of at least 1, got 0" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CMH_INDEX_BACKEND", "milvus")
+        env.setenv("CMH_MILVUS_URI", "http://127.0.0.1:1")
+        refused = cmh("serve", "--artifacts", str(tmp_path), "--workers", "2")
+    assert refused.returncode == 2
+    assert "expected --workers 1 with CMH_INDEX_BACKEND=milvus" in refused.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -110,3 +112,76 @@ def test_a_store_that_does_not_match_the_checkpoint_is_refused_in_one_line(
     assert "got exit code 2; its output:" in output
     assert "cmh serve: error: the index does not match the checkpoint: vocabulary_sha256" in output
     assert "Traceback" not in output
+
+
+def worker_pids(artifacts: Path) -> list[int]:
+    """The worker processes of the `cmh serve --workers N` over `artifacts` (uvicorn spawns them
+    from its parent process, which alone names the folder on its command line)."""
+
+    def cmdline(pid: str) -> str:
+        return (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+    procs = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
+    parents = {pid for pid in procs if f"serve --artifacts {artifacts} " in cmdline(pid)}
+    workers = []
+    for pid in procs:
+        try:
+            ppid = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if ppid in parents and "spawn_main" in cmdline(pid):
+                workers.append(int(pid))
+        except (OSError, IndexError):
+            continue  # it ended while we looked
+    return sorted(workers)
+
+
+@contextmanager
+def only(answering: int, others: list[int]) -> Iterator[None]:
+    """Requests in the block are answered by one worker: the others are stopped (SIGSTOP) and do
+    not accept. Keep the block short: uvicorn replaces a worker silent for 5 s."""
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_two_workers_share_one_store_and_its_jobs(demo_artifacts: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), (240, 200, 40)).save(buf, format="PNG")
+    item = {"id": "sun-1", "text": "a large yellow sun at the top"}
+    item["image_base64"] = base64.b64encode(buf.getvalue()).decode()
+    query = {"text": "a large yellow sun at the top", "k": 100}
+    fresh = httpx.Limits(max_keepalive_connections=0)  # each request on a new connection
+
+    def found(client: httpx.Client) -> set[object]:
+        hits = client.post("/v1/search/text", json=query)
+        assert hits.status_code == 200, hits.text
+        return {hit["id"] for hit in hits.json()["hits"]}
+
+    with (
+        serving(demo_artifacts, args=("--workers", "2"), ready_timeout_s=240) as url,
+        httpx.Client(base_url=url, timeout=60, limits=fresh) as client,
+    ):
+        a, b = worker_pids(demo_artifacts)
+        with only(a, [b]):  # the build is accepted, and run, by worker a
+            accepted = client.post("/v1/index/build", json={"items": [item]})
+            assert accepted.status_code == 202, accepted.text
+        job_url = accepted.json()["status_url"]
+        for _ in range(600):  # answered by either worker, never a 404
+            status = client.get(job_url)
+            assert status.status_code == 200, status.text
+            if status.json()["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.1)
+        assert status.json()["status"] == "succeeded", status.json()
+        with only(b, [a]):  # worker b sees a's write and a's job, and deletes
+            assert "sun-1" in found(client)
+            assert client.get(job_url).json()["status"] == "succeeded"
+            assert client.get("/v1/index/stats").json()["items"] == 81
+            assert client.delete("/v1/items/sun-1").status_code == 200
+        with only(a, [b]):  # worker a sees b's delete
+            assert "sun-1" not in found(client)
+            assert client.get("/v1/items/sun-1/image").status_code == 404
+        assert worker_pids(demo_artifacts) == [a, b]  # neither was replaced meanwhile

@@ -106,6 +106,9 @@ def register(subparsers: Any) -> None:
     )
     service.add_argument("--no-image", action="store_true", help="skip the image searches")
     service.add_argument(
+        "--workers", type=int, default=1, help="server processes of both apps (default 1)"
+    )
+    service.add_argument(
         "--dir", type=Path, help="folder in which the temporary store is made (default: system's)"
     )
     service.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -222,6 +225,7 @@ def run_service(args: argparse.Namespace) -> int:
             runs=args.runs,
             seconds=args.duration,
             image=image,
+            workers=args.workers,
         )
     finally:
         if args.keep:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import gc
+import os
 from pathlib import Path
 
 import uvicorn
 
 from common.errors import InputError
-from service.app import create_app, load
+from service.app import create_app, freeze_loaded, load
 from service.settings import Settings
 from store.layout import CHECKPOINT_NAME
 
@@ -27,35 +27,58 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the store's memory-mapped codes and its writes (default 1)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the app and run uvicorn until interrupted."""
+    """Check everything, then run uvicorn (in `--workers` processes) until interrupted."""
     settings = Settings() if args.artifacts is None else Settings(artifacts_dir=args.artifacts)
+    if args.workers < 1:
+        raise InputError(f"expected --workers of at least 1, got {args.workers}")
+    if args.workers > 1 and settings.index_backend == "milvus":
+        raise InputError(
+            f"expected --workers 1 with CMH_INDEX_BACKEND=milvus (its mirror of the store has one "
+            f"writer), got --workers {args.workers}"
+        )
     checkpoint = settings.artifacts_dir / CHECKPOINT_NAME
     if not checkpoint.is_file():  # say so in one line, before uvicorn's startup traceback would
         raise InputError(
             f"expected a checkpoint at {checkpoint} (build one with `cmh demo build --artifacts "
             f"{settings.artifacts_dir}` or `cmh train ... --out {checkpoint}`), got no file"
         )
-    app = create_app(settings)
-    # Everything is checked (checkpoint, backbone, store and its manifest) before uvicorn starts:
-    # a refusal is then this command's one line and exit 2, not a server traceback.
-    app.state.loaded = load(settings, app.state.metrics)
-    # What is loaded by now (torch, numba, the model: half a million objects) lives as long as
-    # the process: keep it out of the cyclic collector, whose full passes over it stalled every
-    # request for 0.5-0.7 s (the p99 of `cmh bench service` at 32 connections).
-    gc.freeze()
     print(f"serving {settings.artifacts_dir} at http://{args.host}:{args.port}/ (API docs: /docs)")
     # httptools and uvloop (pinned): uvicorn's fast HTTP parser and event loop, named so that a
     # missing one is an error rather than a silent fallback to h11 and asyncio.
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=settings.log_level.lower(),
-        http="httptools",
-        loop="uvloop",
-    )
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": settings.log_level.lower(),
+        "http": "httptools",
+        "loop": "uvloop",
+        # Requests are logged at DEBUG (STYLE): uvicorn's access log is on only at that level.
+        "access_log": settings.log_level.upper() == "DEBUG",
+    }
+    # Everything is checked (checkpoint, backbone, store and its manifest, job records) before
+    # uvicorn starts: a refusal is then this command's one line and exit 2, not a traceback.
+    app = create_app(settings)
+    loaded = load(settings, app.state.metrics)
+    if args.workers == 1:
+        app.state.loaded = loaded
+        freeze_loaded()
+        uvicorn.run(app, **options)
+        return 0
+    # Several processes: each worker loads for itself (service.app.create_worker_app), so the
+    # checked state is closed here first; the store is then opened shared by all of them.
+    loaded.close()
+    del loaded
+    # The workers are fresh interpreters that read their settings from CMH_* variables: the one
+    # setting that came from the command line goes to them that way.
+    os.environ["CMH_ARTIFACTS_DIR"] = str(settings.artifacts_dir)
+    uvicorn.run("service.app:create_worker_app", factory=True, workers=args.workers, **options)
     return 0
