@@ -6,11 +6,14 @@ Ties, padding, removal and radius search are checked for every backend in test_m
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
 
 from common.errors import InputError
+from indexes import hamming
 from indexes.codes import n_words
 from indexes.hamming import SPLIT_DB_MIN, HammingIndex, LiveMask
 from tests.helpers import brute_force, random_packed
@@ -49,6 +52,39 @@ def test_single_query_split_over_threads_matches_brute_force() -> None:
         want_d, want_i = brute_force(q[None, :], codes, ids, 100)
         np.testing.assert_array_equal(dists, want_d)
         np.testing.assert_array_equal(got_ids, want_i)
+
+
+def test_a_search_while_another_scans_stays_on_its_own_thread_and_is_exact() -> None:
+    rng = np.random.default_rng(6)
+    n = SPLIT_DB_MIN + 999
+    codes = random_packed(rng, n, 64)
+    codes[::501] = codes[3]  # ties across the pieces the split makes
+    ids = np.arange(n, dtype=np.int64)
+    index = HammingIndex(64, threads=2)
+    index.add(codes, ids)
+    query = codes[3:4]
+    want = brute_force(query, codes, ids, 50)
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    plan = index._plan(query, 50, None)
+    with Counting(1) as pool:
+        hamming._drain_all(pool, 2, plan.jobs)  # alone: a piece goes to the pool thread
+        assert Counting.submitted == 1
+        np.testing.assert_array_equal(plan.finish(), want)
+        plan = index._plan(query, 50, None)
+        hamming._IN_FLIGHT.enter()  # another search is scanning
+        try:
+            hamming._drain_all(pool, 2, plan.jobs)
+        finally:
+            hamming._IN_FLIGHT.leave()
+        assert Counting.submitted == 1  # every piece of this one ran on the calling thread
+        np.testing.assert_array_equal(plan.finish(), want)
 
 
 def test_duplicate_ids_are_rejected_and_index_left_unchanged() -> None:
