@@ -1,5 +1,9 @@
 """What every endpoint depends on: settings, the loaded model and store, metrics, jobs, the key.
 
+Every dependency is `async def`: FastAPI runs a plain `def` dependency in its threadpool, one
+hand-off per dependency per request, and these do no I/O. The plain getters stay for routes
+that call them directly.
+
 The key is checked before the body is read: FastAPI parses and validates a body before it runs
 a route's dependencies, so `require_key` alone would answer a bad body without a key with 422.
 Routes of a router made with `route_class=KeyFirst` that depend on `require_key` check the
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, Response
 from fastapi.routing import APIRoute
@@ -31,6 +35,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorBody, "description": "not an image upload"},
     503: {"model": ErrorBody, "description": "model and index not loaded yet"},
 }
+T = TypeVar("T")
 API_KEY = APIKeyHeader(
     name="X-API-Key",
     auto_error=False,
@@ -60,7 +65,22 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-def get_jobs(loaded: Annotated[Loaded, Depends(get_loaded)]) -> JobManager:
+def in_event_loop(getter: Callable[[Request], T]) -> Callable[[Request], Coroutine[Any, Any, T]]:
+    """`getter` as an async dependency (run in the event loop, not the threadpool)."""
+
+    async def dependency(request: Request) -> T:
+        return getter(request)
+
+    dependency.__doc__ = getter.__doc__
+    return dependency
+
+
+SettingsDep = Annotated[Settings, Depends(in_event_loop(get_settings))]
+LoadedDep = Annotated[Loaded, Depends(in_event_loop(get_loaded))]
+MetricsDep = Annotated[Metrics, Depends(in_event_loop(get_metrics))]
+
+
+async def get_jobs(loaded: LoadedDep) -> JobManager:
     """The build job manager."""
     return loaded.jobs
 
@@ -74,8 +94,8 @@ def check_key(settings: Settings, given: str | None) -> None:
         raise HTTPException(401, "expected a valid X-API-Key header for this endpoint")
 
 
-def require_key(
-    settings: Annotated[Settings, Depends(get_settings)],
+async def require_key(
+    settings: SettingsDep,
     x_api_key: Annotated[str | None, Depends(API_KEY)] = None,
 ) -> None:
     """When an API key is configured, the X-API-Key header must carry it (else 401)."""
@@ -98,7 +118,4 @@ class KeyFirst(APIRoute):
         return key_first
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-LoadedDep = Annotated[Loaded, Depends(get_loaded)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
