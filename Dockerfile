@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The cmh search API (uvicorn via `python -m service serve`), with artifacts on a volume.
+# The cmh search API (uvicorn via `python -m cli serve`), with artifacts on a volume.
 #
 # GPU image (default): the CUDA 13.0 base image (the CUDA we develop with; the host needs an
 # NVIDIA driver for CUDA 13.0 and the NVIDIA container toolkit) plus PyPI's torch wheels, which
@@ -32,6 +32,7 @@ WORKDIR /app
 # torch first and from TORCH_INDEX_URL (CUDA or CPU wheels); pins as in pyproject.toml.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./
+COPY cli ./cli
 COPY common ./common
 COPY indexes ./indexes
 COPY evaluation ./evaluation
@@ -49,7 +50,7 @@ EXPOSE 8000
 # /healthz: the process answers. Loading the model can take a while, hence the start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["python", "-m", "service", "serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "cli", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # The test suite inside the image; compose's milvus profile runs the Milvus tests with it.
 FROM runtime AS test

@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(PY) -m service demo build --artifacts $(ARTIFACTS)
-	$(PY) -m service serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
+	$(PY) -m cli demo build --artifacts $(ARTIFACTS)
+	$(PY) -m cli serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
 
 demo: $(STAMP)
-	$(PY) -m service demo build --artifacts $(ARTIFACTS)
+	$(PY) -m cli demo build --artifacts $(ARTIFACTS)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

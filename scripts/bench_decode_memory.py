@@ -2,7 +2,7 @@
 
     .venv/bin/python -m scripts.bench_decode_memory --artifacts artifacts --peer /tmp/old-tree
 
-Each run starts `python -m service serve` from one source tree (this one, or --peer: another
+Each run starts `python -m cli serve` from one source tree (this one, or --peer: another
 checkout, e.g. the commit before the decode budget) over a copy of --artifacts, sends CONCURRENT
 image searches at once, each a PNG of about 39.6 M pixels (a few hundred KB on the wire), then
 one small image search, and reads the server's /proc/PID/status: VmRSS when ready (`ready_mb`),
@@ -58,7 +58,7 @@ def one_run(tree: Path, artifacts: Path, images: list[bytes], small: bytes) -> d
         copy = Path(shutil.copytree(artifacts, Path(tmp) / "artifacts"))
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "service", "serve", "--artifacts", str(copy)]
+        command = [sys.executable, "-m", "cli", "serve", "--artifacts", str(copy)]
         proc = subprocess.Popen(
             [*command, "--port", str(port)],
             cwd=tree,

@@ -1,10 +1,10 @@
 """End to end through HTTP: a 1-item build (POST to job succeeded) and a 1-item delete against
-`python -m service serve` over N synthetic items, medians of several runs.
+`python -m cli serve` over N synthetic items, medians of several runs.
 
     .venv/bin/python -m scripts.bench_http_writes --artifacts artifacts --n 1000000
 
 It copies the checkpoint from --artifacts into a temporary folder, fills a store with N items
-(random codes, demo-like captions: scripts/bench_service.synthetic_artifacts), starts the
+(random codes, demo-like captions: service.local.synthetic_artifacts), starts the
 service on a free loopback port and times each write as a client sees it: the build from its
 POST until GET /v1/jobs/{id} says succeeded (image decoding and encoding included), the delete
 as one DELETE request. Also /healthz latency while 20 deletes run from 4 threads.
@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from scripts.bench_service import synthetic_artifacts
-from service.local import serving
+from service.local import serving, synthetic_artifacts
+from store.layout import CHECKPOINT_NAME
 
 
 def png_b64(seed: int) -> str:
@@ -44,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "artifacts"
-        synthetic_artifacts(args.artifacts, target, args.n, seed=0)
+        synthetic_artifacts(args.artifacts / CHECKPOINT_NAME, target, n=args.n)
         with (
             serving(target, ready_timeout_s=300, CMH_LOG_LEVEL="WARNING") as url,
             httpx.Client(base_url=url, timeout=120) as client,

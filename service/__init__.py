@@ -1,1 +1,2 @@
-"""The retrieval service and the `cmh` command line."""
+"""The retrieval service: the HTTP app, its routes, schemas and settings, and what serves a
+request (the encoder, uploads, jobs)."""

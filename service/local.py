@@ -1,13 +1,16 @@
-"""Run the service as a user does, `python -m service serve`, in a child process on loopback.
+"""Run the service as a user does, `python -m cli serve`, in a child process on loopback.
 
-For the tests that need a real HTTP server and for scripts/bench_service.py: one way to start,
-wait for readiness and stop. The child's output goes to a temporary file, not a pipe, so a busy
-server never blocks on a full pipe; it is quoted when the server fails to come up.
+For the tests that need a real HTTP server and for the HTTP benchmarks: one way to start, wait
+for readiness and stop, and the synthetic artifacts the benchmarks serve. The child's output
+goes to a temporary file, not a pipe, so a busy server never blocks on a full pipe; it is quoted
+when the server fails to come up.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +22,18 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
+
+from models.checkpoint import load_checkpoint
+from store.benchmark import synthetic_items
+from store.compaction import compact_once
+from store.layout import CHECKPOINT_NAME
+from store.manifest import manifest_for
+from store.store import Store
+
+BUILD_BATCH = 100_000  # items per store.add while building synthetic artifacts
+logger = logging.getLogger(__name__)
 
 OUTPUT_TAIL = 4000  # characters of the child's output quoted when it fails to start
 
@@ -48,7 +63,7 @@ def serving(
     Raises RuntimeError, quoting the child's output, when it exits or is not ready in time.
     The block's end sends SIGTERM (a clean uvicorn shutdown), then kills after 30 s.
     """
-    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(artifacts), *args]
+    command = [sys.executable, "-m", "cli", "serve", "--artifacts", str(artifacts), *args]
     with serving_command(command, ready_timeout_s=ready_timeout_s, env=env) as url:
         yield url
 
@@ -90,3 +105,27 @@ def serving_command(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def synthetic_artifacts(checkpoint: Path, target: Path, *, n: int, seed: int = 0) -> None:
+    """target/model.pt (a copy of checkpoint) and a store of n synthetic items for it (random
+    codes, demo-like captions, image paths that name no file), compacted into one segment, as a
+    long-running server ends up with: what the HTTP benchmarks serve."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(checkpoint, target / CHECKPOINT_NAME)
+    loaded = load_checkpoint(target / CHECKPOINT_NAME)
+    manifest = manifest_for(
+        target / CHECKPOINT_NAME,
+        n_bits=loaded.n_bits,
+        backbone=loaded.image_backbone,
+        vocabulary=loaded.vocabulary or [],
+    )
+    rng = np.random.default_rng(seed)
+    store = Store.create(target, manifest)
+    try:
+        for first in range(0, n, BUILD_BATCH):
+            store.add(synthetic_items(rng, first, min(BUILD_BATCH, n - first), loaded.n_bits))
+            logger.info("built %d / %d items", min(first + BUILD_BATCH, n), n)
+        compact_once(store, force=True)
+    finally:
+        store.close()

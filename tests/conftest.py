@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.demo_artifacts import build_demo
 from models.data import PairDataset
 from models.demo import generate_demo
 from models.pipeline import prepare
-from service.demo_artifacts import build_demo
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

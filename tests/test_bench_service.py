@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.benchmark import parse_wrk
+from cli.service_bench import parse_wrk
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def _bench(tmp_path: Path, *args: str, path: str | None = None) -> subprocess.Co
         [
             sys.executable,
             "-m",
-            "service",
+            "cli",
             "bench",
             "service",
             "--json",

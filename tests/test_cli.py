@@ -1,5 +1,5 @@
 """The `cmh` command line: exit codes and messages. One test runs the real entry point in a
-subprocess (`python -m service`); the others call `main()` in this process, which runs the same
+subprocess (`python -m cli`); the others call `main()` in this process, which runs the same
 code without paying a fresh torch import per test."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, main
+from cli.main import build_parser, main
 
 
 def cmh_process(*args: str) -> subprocess.CompletedProcess[str]:
     """`cmh ARGS` as a user runs it: a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300
     )
 
 

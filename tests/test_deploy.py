@@ -74,7 +74,7 @@ def test_dockerfile_pins_torch_as_pyproject_and_runs_the_api_as_documented(
     assert 'VOLUME ["/app/artifacts"]' in text and "CMH_ARTIFACTS_DIR=/app/artifacts" in text
     assert re.search(r"^HEALTHCHECK .*\n.*CMD \[.*/healthz", text, re.M)
     cmd = re.findall(r"^CMD (\[.*\])$", text, re.M)[0]
-    assert cmd == '["python", "-m", "service", "serve", "--host", "0.0.0.0", "--port", "8000"]'
+    assert cmd == '["python", "-m", "cli", "serve", "--host", "0.0.0.0", "--port", "8000"]'
 
 
 def test_dockerignore_lets_in_every_package_pyproject_installs() -> None:

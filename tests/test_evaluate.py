@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.evaluate import parse_bits
+from cli.main import main
 from common.errors import InputError
 from evaluation.metrics import (
     average_precisions,
@@ -29,8 +31,6 @@ from evaluation.report import format_table, plot_pr_curves, results_document
 from models.data import PairDataset
 from models.methods import evaluate_methods, parse_methods
 from models.train import split_train
-from service.cli import main
-from service.commands.evaluate import parse_bits
 
 
 def synthetic_dataset(n: int = 300, n_classes: int = 3) -> PairDataset:

@@ -1,5 +1,5 @@
 """A bounded fuzz run that stays in the suite: schemathesis, every check, a fixed seed, against
-a real `python -m service serve` process over the demo artifacts (with an API key).
+a real `python -m cli serve` process over the demo artifacts (with an API key).
 
 Zero failures means no 5xx, no response that breaks the OpenAPI schema (status, content type,
 headers, body), 405s with a correct Allow header, every schema-invalid request refused, every

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.main import main
 from indexes.benchmark import make_data, recall
 from indexes.hamming import HammingIndex
-from service.cli import main
 
 
 def test_bench_index_writes_the_documented_json(

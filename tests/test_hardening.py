@@ -1,4 +1,4 @@
-"""Hostile clients against a real `python -m service serve` process (issue 15): bodies without a
+"""Hostile clients against a real `python -m cli serve` process (issue 15): bodies without a
 Content-Length, strings Python can hold but UTF-8 cannot, invented methods, unauthenticated
 garbage, dataset records naming files outside the data folder, and what the schema promises."""
 

@@ -13,9 +13,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cli.main import main
 from indexes.hamming import HammingIndex
 from service.app import create_app
-from service.cli import main
 from service.settings import Settings
 from store.store import Store
 

@@ -239,10 +239,10 @@ def test_a_corrupt_job_file_is_refused_naming_it(tmp_path: Path) -> None:
 
 @contextmanager
 def server_process(artifacts: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`python -m service serve` over artifacts, yielding the process (to kill) and its URL."""
+    """`python -m cli serve` over artifacts, yielding the process (to kill) and its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "service", "serve", "--artifacts", str(artifacts)]
+    command = [sys.executable, "-m", "cli", "serve", "--artifacts", str(artifacts)]
     proc = subprocess.Popen(
         [*command, "--port", str(port)],
         env={**os.environ, **env},

@@ -12,8 +12,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
+from cli.main import main
 from service.app import create_app
-from service.cli import main
 from service.settings import Settings
 
 COLOURS = {

@@ -1,5 +1,5 @@
 """The search page: its routes through TestClient, then the page in a real browser (headless
-Debian Chromium driven by Selenium) against `python -m service serve` on loopback. The browser tests
+Debian Chromium driven by Selenium) against `python -m cli serve` on loopback. The browser tests
 skip, saying why, where Chromium, chromedriver or Selenium is missing (CI installs them: .ci/run)."""
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli.main import main
 from common.errors import InputError
 from models.data import PairDataset
 from models.datasets import load_dataset
 from models.methods import evaluate_methods, parse_methods
-from service.cli import main
 
 GOOD_BEFORE = {"id": "before", "image": "good.png", "text": "a red square"}
 GOOD_AFTER = {"id": "after", "image": "photos/photo.jpg", "text": "a blue photo"}

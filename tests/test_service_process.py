@@ -1,4 +1,4 @@
-"""The service as a user runs it: `python -m service serve` in its own process, real HTTP on loopback."""
+"""The service as a user runs it: `python -m cli serve` in its own process, real HTTP on loopback."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cli import main
+from cli.main import main
 from store.benchmark import bench_writes, captions, synthetic_items
 
 TIMINGS = (

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import models.train
+from cli.main import main
 from common.errors import InputError
 from evaluation.protocol import validation_map
 from models.aucmh import HashingModel, ModelConfig
@@ -26,7 +27,6 @@ from models.train import (
     train_selecting,
     with_k_grid,
 )
-from service.cli import main
 from tests.helpers import separable_pairs
 
 SMALL = TrainConfig(

@@ -1,4 +1,4 @@
-"""The `cmh` command line (also `python -m service`): one subcommand per module in service/commands.
+"""The `cmh` command line (also `python -m cli`): one subcommand per module of this package.
 
 Errors: an InputError prints one line to stderr and exits 2; anything else is a bug and prints
 its traceback (exit 1).
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cli import bench, data, demo, evaluate, features, index, serve, train
 from common.errors import InputError, IntegrityError
-from service.commands import bench, data, demo, evaluate, features, index, serve, train
 
 # Each module adds its own subparsers with `register(subparsers)` and sets `run=` on them.
 COMMANDS = (data, demo, evaluate, features, train, index, serve, bench)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from cli.service_bench import bench_service, require_wrk
 from common.errors import InputError
 from indexes.benchmark import bench_index, bench_mih, make_data
 from indexes.hamming import HammingIndex
-from service.benchmark import bench_service, require_wrk
 from store.benchmark import bench_writes
 from store.layout import CHECKPOINT_NAME
 
@@ -85,7 +85,7 @@ def register(subparsers: Any) -> None:
         "checkpoint, serve it with `cmh serve` and a floor app (same FastAPI, uvicorn and "
         "response shape, no work), drive both in turn with wrk at 1, 8 and 32 connections "
         "(text search) and image search at 1 and 8 with micro-batching on and off, and print "
-        "and write the medians (keys documented in service/benchmark.py). Needs wrk.",
+        "and write the medians (keys documented in cli/service_bench.py). Needs wrk.",
     )
     service.add_argument("--n", type=int, default=1_000_000, help="store size (default 1M)")
     service.add_argument("--runs", type=int, default=3, help="alternated runs (default 3)")

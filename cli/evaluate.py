@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli.dataset_args import add_dataset_args, prepare_from_args
 from common.errors import InputError
 from evaluation.protocol import run_seeds
 from evaluation.report import format_table, plot_pr_curves, results_document, write_json
 from models.methods import METHODS, evaluate_methods, parse_methods
-from service.commands.dataset_args import add_dataset_args, prepare_from_args
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli.demo_artifacts import build_demo
 from models.demo import N_DEFAULT, generate_demo
-from service.demo_artifacts import build_demo
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,11 +7,11 @@ import dataclasses
 import time
 from pathlib import Path
 
+from cli.dataset_args import add_dataset_args, prepare_from_args
 from models.aucmh import BITS, INPUT_NORMS
 from models.checkpoint import save_checkpoint
 from models.devices import DEVICES
 from models.train import K_GRID, TrainConfig, best_epoch, train_selecting, with_k_grid
-from service.commands.dataset_args import add_dataset_args, prepare_from_args
 
 DEFAULTS = TrainConfig()
 

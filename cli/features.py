@@ -7,13 +7,13 @@ import json
 import time
 from pathlib import Path
 
+from cli.dataset_args import add_dataset_args, check_weights
 from common.errors import InputError
 from models.datasets import load_dataset
 from models.pipeline import (
     cached_image_features,
     fit_text_features,
 )
-from service.commands.dataset_args import add_dataset_args, check_weights
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,8 +1,8 @@
 """`cmh bench service`: the served text and image search under load, against the framework's floor.
 
 A real store of N synthetic items (store/benchmark.py's: seeded random codes, demo-like captions)
-next to a copy of a trained checkpoint, served by `python -m service serve` as a user runs it; the
-floor, `python -m service.floor` (the same FastAPI, uvicorn, request and response models, no
+next to a copy of a trained checkpoint, served by `python -m cli serve` as a user runs it; the
+floor, `python -m cli.floor` (the same FastAPI, uvicorn, request and response models, no
 work); both driven by wrk (a C load generator: the client is not what is measured), one keep-alive
 connection per client, text searches cycling through demo-like queries (k 10, target image).
 Each run drives ours and the floor in turn at 1, 8 and 32 connections (who goes first alternates),
@@ -39,22 +39,14 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from common.errors import InputError
-from models.checkpoint import load_checkpoint
-from service.local import serving, serving_command
-from store.benchmark import caption_pool, synthetic_items
-from store.compaction import compact_once
-from store.layout import CHECKPOINT_NAME
-from store.manifest import manifest_for
-from store.store import Store
+from service.local import serving, serving_command, synthetic_artifacts
+from store.benchmark import caption_pool
 
 logger = logging.getLogger(__name__)
 
 CONNECTIONS = (1, 8, 32)  # text search
 IMAGE_CONNECTIONS = (1, 8)
-BUILD_BATCH = 100_000  # items per store.add while building
 QUERIES = 64  # distinct text queries, cycled by every connection
 K = 10
 WARMUP_S = 2.0  # a discarded wrk run per server before the first measured one
@@ -161,32 +153,10 @@ def run_wrk(url: str, script: Path, *, connections: int, seconds: float) -> dict
     return parse_wrk(done.stdout)
 
 
-def build_store(checkpoint: Path, target: Path, *, n: int, seed: int = 0) -> None:
-    """target/model.pt (a copy of checkpoint) and a store of n synthetic items for it."""
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(checkpoint, target / CHECKPOINT_NAME)
-    loaded = load_checkpoint(target / CHECKPOINT_NAME)
-    manifest = manifest_for(
-        target / CHECKPOINT_NAME,
-        n_bits=loaded.n_bits,
-        backbone=loaded.image_backbone,
-        vocabulary=loaded.vocabulary or [],
-    )
-    rng = np.random.default_rng(seed)
-    store = Store.create(target, manifest)
-    try:
-        for first in range(0, n, BUILD_BATCH):
-            store.add(synthetic_items(rng, first, min(BUILD_BATCH, n - first), loaded.n_bits))
-            logger.info("built %d / %d items", min(first + BUILD_BATCH, n), n)
-        compact_once(store, force=True)  # one segment, as a long-running server ends up with
-    finally:
-        store.close()
-
-
 @contextmanager
 def floor_serving(*, workers: int = 1, ready_timeout_s: float = 60.0) -> Iterator[str]:
-    """`python -m service.floor` on a free loopback port until the block ends; yields its URL."""
-    command = [sys.executable, "-m", "service.floor", "--workers", str(workers)]
+    """`python -m cli.floor` on a free loopback port until the block ends; yields its URL."""
+    command = [sys.executable, "-m", "cli.floor", "--workers", str(workers)]
     with serving_command(command, ready_timeout_s=ready_timeout_s) as url:
         yield url
 
@@ -269,7 +239,7 @@ def bench_service(
     wrk = require_wrk()
     ours_dir = root / "ours"
     logger.info("building a store of %d synthetic items in %s", n, ours_dir)
-    build_store(checkpoint, ours_dir, n=n)
+    synthetic_artifacts(checkpoint, ours_dir, n=n)
     if image is not None:  # one server per store (it holds the store's lock): a copy for the other
         shutil.copytree(ours_dir, root / "no-batching")
     queries = caption_pool()[:QUERIES].tolist()
@@ -319,9 +289,9 @@ def bench_service(
         "cpu_count": os.cpu_count(),
         "notes": (
             f"text: POST /v1/search/text, {QUERIES} demo-like queries in turn, k={K}, target "
-            f"image; ours = `python -m service serve --workers {workers}` (CMH_LOG_LEVEL="
+            f"image; ours = `python -m cli serve --workers {workers}` (CMH_LOG_LEVEL="
             f"WARNING) over one compacted segment of {n} synthetic items and the given "
-            f"checkpoint, floor = `python -m service.floor --workers {workers}`; wrk 1 thread, "
+            f"checkpoint, floor = `python -m cli.floor --workers {workers}`; wrk 1 thread, "
             "keep-alive, --latency; servers, wrk and anything else "
             "running share this machine's cores"
         ),

@@ -1,1 +1,0 @@
-"""One module per `cmh` subcommand; each has `register(subparsers)` and a `run(args) -> int`."""
