@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
 from common.errors import InputError
+from common.fsio import atomic_write_bytes
 
 with warnings.catch_warnings():
     # jieba imports pkg_resources, which warns on every import with setuptools >= 80.
@@ -128,22 +129,7 @@ class TextVectorizer:
             {"vocabulary": self.vocabulary, "language": self.language}, ensure_ascii=False
         )
 
-    @classmethod
-    def from_json(cls, text: str) -> TextVectorizer:
-        """Rebuild from `to_json` output; InputError when malformed."""
-        try:
-            data = json.loads(text)
-            return cls(data["vocabulary"], language=data.get("language", "auto"))
-        except (ValueError, KeyError, TypeError) as err:
-            raise InputError(f"expected vectorizer JSON with a vocabulary, got: {err}") from err
-
     def save(self, path: Path) -> None:
-        """Write the JSON form to path."""
-        Path(path).write_text(self.to_json(), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: Path) -> TextVectorizer:
-        """Read the JSON form from path."""
-        if not Path(path).is_file():
-            raise InputError(f"expected a vocabulary file at {str(path)!r}, but it does not exist")
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """Write the JSON form to path (an export for people and other tools: the checkpoint
+        carries the vocabulary the service uses), atomically."""
+        atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
