@@ -22,6 +22,9 @@ right distance), which is the only way results can differ from HammingIndex.
 Consistency: the collection uses Milvus's Strong level, so a search sees every add and remove
 that returned before it. An add of many codes is sent in batches after all checks pass; only a
 server failure part-way can leave part of a batch added (the in-memory index never does).
+
+Over 300 lines because it is one backend's whole mapping (collection schema, writes, search,
+range search, the shared search tail and its errors) onto the HammingIndex interface.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ The JSON has {"machine": {...}, "n", "runs", "reference": {key: median}, "fast":
 "breakdown": {stage: median ms}, "batcher": {"reference_5ms": p50, "fast_<w>ms": p50},
 "samples": [one row per run]}.
 Timings on a machine other processes share are noisy: compare the ratios of one run.
+
+Over 300 lines because it is one benchmark: both paths, their timing blocks and the tolerance
+checks that make the comparison fair.
 """
 
 from __future__ import annotations
