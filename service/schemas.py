@@ -9,11 +9,19 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
     WithJsonSchema,
     model_validator,
 )
 
 from common.errors import InputError
+from store import filters
+from store.filters import Filter
 from store.ids import MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
 
 Target = Literal["image", "text"]
@@ -65,12 +73,75 @@ class ErrorBody(BaseModel):
     errors: list[ErrorItem] = []
 
 
+FieldName = Annotated[str, StringConstraints(min_length=1, max_length=filters.MAX_FIELD_CHARS)]
+# Strict: "5" stays a string and true a boolean (a filter compares JSON values by type).
+FilterValue = Annotated[
+    StrictBool
+    | StrictInt
+    | Annotated[StrictFloat, Field(allow_inf_nan=False)]
+    | Annotated[StrictStr, StringConstraints(max_length=filters.MAX_VALUE_CHARS)],
+    Field(description="a string, number or boolean"),
+]
+
+
+class SearchFilter(BaseModel):
+    """Which items a search may return: every condition given must hold (an AND).
+
+    Values compare as JSON values: 5 and 5.0 are one number, true is not 1, "5" is not 5. A
+    field whose value is a list matches when one of its elements does (as Milvus's
+    ARRAY_CONTAINS): {"tags": ["news", "2024"]} passes equals {"tags": "news"}. Objects, null
+    and lists inside lists never match. At most 16 field conditions in all (equals and in); a
+    filter without conditions keeps every item.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    equals: dict[FieldName, FilterValue] = Field(
+        {},
+        max_length=filters.MAX_CLAUSES,
+        description="field -> value: the item's field is that value, or a list that contains "
+        "it (ARRAY_CONTAINS)",
+    )
+    in_: dict[
+        FieldName,
+        Annotated[list[FilterValue], Field(min_length=1, max_length=filters.MAX_VALUES)],
+    ] = Field(
+        {},
+        alias="in",
+        max_length=filters.MAX_CLAUSES,
+        description=f"field -> 1..{filters.MAX_VALUES} values: the item's field is one of "
+        "them, or a list that contains one (ARRAY_CONTAINS_ANY)",
+    )
+    ids: Annotated[list[UserId], Field(max_length=filters.MAX_IDS)] | None = Field(
+        None,
+        description=f"at most {filters.MAX_IDS} user ids: only these items (an empty list "
+        "keeps none)",
+    )
+    _value: Filter = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _checked(self) -> SearchFilter:
+        try:
+            self._value = Filter.of(equals=self.equals, any_of=self.in_, ids=self.ids)
+        except InputError as err:  # the store's own checks (at most MAX_CLAUSES in all)
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def value(self) -> Filter | None:
+        """The store's filter, or None when it keeps every item (an unfiltered search)."""
+        return None if self._value.keeps_all else self._value
+
+
 class TextSearch(BaseModel):
     """Search with a text."""
 
     text: str = Field(min_length=1, max_length=10_000, description="the query text")
     k: int = Field(10, ge=1, description="how many hits (at most the server's max_k)")
     target: Target = Field("image", description="search the image index or the text index")
+    filter: SearchFilter | None = Field(
+        None, description="search only among the items that pass (the exact top-k of those)"
+    )
 
 
 class Hit(BaseModel):

@@ -3,9 +3,14 @@
 One database file (WAL journal, synchronous=FULL: a committed transaction is on disk when COMMIT
 returns) holds every item's row (user id, caption, image reference, added time, user fields, both
 codes, a CRC-32 of all of it), the list of live segment files with their sizes and header CRCs,
-the tombstones of deleted rows that still sit in a segment, and the manifest. A write changes
-rows, segments and tombstones in one transaction, so the database alone says what is committed.
-Nothing is loaded into memory at startup but the tombstones and the rows of the growing part.
+the tombstones of deleted rows that still sit in a segment, the terms of the user fields (one row
+per field value per item, which filtered searches read: store/filters.py) and the manifest. A
+write changes rows, terms, segments and tombstones in one transaction, so the database alone says
+what is committed. Nothing is loaded into memory at startup but the tombstones and the rows of
+the growing part.
+
+Schema version 2 added the terms table; a version-1 store is upgraded when it is opened (one
+transaction that fills the table from the rows' fields), so older stores keep opening.
 """
 
 from __future__ import annotations
@@ -13,17 +18,21 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.errors import InputError, IntegrityError
 from store.ids import ItemId
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+UPGRADABLE = ("1",)  # older schema versions that check_schema upgrades in place
 WRITER_CACHE_KIB = 131_072  # the writer's page cache: big batches touch many index pages
 SQL_BATCH = 500  # values per `IN (...)` list (well under SQLite's parameter limit)
+UPGRADE_ROWS = 50_000  # rows read at a time while an upgrade fills the terms table
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
@@ -46,6 +55,13 @@ CREATE TABLE IF NOT EXISTS segments (
     crc INTEGER NOT NULL          -- the segment file's header CRC
 );
 CREATE TABLE IF NOT EXISTS tombstones (seq INTEGER PRIMARY KEY);
+"""
+TERMS_TABLE = """
+CREATE TABLE IF NOT EXISTS terms (
+    term TEXT NOT NULL,           -- one field value of an item: JSON [field, value] (filters.term)
+    seq INTEGER NOT NULL,         -- the item's row; (term, seq) order is each term's posting list
+    PRIMARY KEY (term, seq)
+) WITHOUT ROWID
 """
 ROW_COLUMNS = "seq, id, text, image, added, fields, image_code, text_code, crc"
 
@@ -87,17 +103,49 @@ def connect(path: Path) -> sqlite3.Connection:
 def init_schema(conn: sqlite3.Connection) -> None:
     """Create the tables of a new store."""
     conn.executescript(SCHEMA)
+    conn.execute(TERMS_TABLE)
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
-def check_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Refuse a database that is not a store of this version."""
+def _schema_version(conn: sqlite3.Connection, path: Path) -> str | None:
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as err:
         raise InputError(f"expected a cmh store database at {path}, got: {err}") from err
-    if row is None or row[0] != str(SCHEMA_VERSION):
-        found = None if row is None else row[0]
+    return None if row is None else str(row[0])
+
+
+def check_schema(
+    conn: sqlite3.Connection, path: Path, *, terms_of: Callable[[str], Iterable[str]]
+) -> None:
+    """Refuse a database that is not a store of this version, upgrading an older one in place.
+
+    The upgrade (version 1 had no terms table) is one transaction, re-checked inside it, so that
+    workers opening the store at once upgrade it once; `terms_of` maps a row's fields JSON to
+    its terms (store.filters.terms_of_json).
+    """
+    found = _schema_version(conn, path)
+    if found in UPGRADABLE:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = _schema_version(conn, path)
+            if found in UPGRADABLE:
+                conn.execute(TERMS_TABLE)
+                sql = "SELECT seq, fields FROM items WHERE seq > ? AND fields != '{}' ORDER BY seq"
+                after = -1
+                while rows := conn.execute(f"{sql} LIMIT {UPGRADE_ROWS}", (after,)).fetchall():
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO terms VALUES (?, ?)",
+                        sorted((t, seq) for seq, fields in rows for t in terms_of(fields)),
+                    )
+                    after = rows[-1][0]
+                set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+                found = str(SCHEMA_VERSION)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    if found != str(SCHEMA_VERSION):
         raise InputError(f"expected store schema version {SCHEMA_VERSION} in {path}, got {found}")
 
 
@@ -165,3 +213,28 @@ def image_referenced(conn: sqlite3.Connection, image: str) -> bool:
     """Whether any row still refers to a store-owned image."""
     sql = "SELECT 1 FROM items WHERE image = ? AND image GLOB 'images/*' LIMIT 1"
     return conn.execute(sql, (image,)).fetchone() is not None
+
+
+def insert_terms(conn: sqlite3.Connection, terms: Iterable[tuple[str, int]]) -> None:
+    """Record (term, seq) pairs in the open transaction."""
+    conn.executemany("INSERT INTO terms VALUES (?, ?)", terms)
+
+
+def delete_terms(conn: sqlite3.Connection, terms: Iterable[tuple[str, int]]) -> None:
+    """Remove (term, seq) pairs in the open transaction (primary-key deletes: no scan)."""
+    conn.executemany("DELETE FROM terms WHERE term = ? AND seq = ?", terms)
+
+
+def term_seqs(conn: sqlite3.Connection, term: str, start: int, stop: int) -> np.ndarray:
+    """(r,) int64 ascending seqs in [start, stop) of the rows holding term (its posting list)."""
+    sql = "SELECT seq FROM terms WHERE term = ? AND seq >= ? AND seq < ? ORDER BY seq"
+    return np.fromiter((s for (s,) in conn.execute(sql, (term, start, stop))), np.int64)
+
+
+def seqs_of_ids(conn: sqlite3.Connection, ids: Sequence[ItemId]) -> np.ndarray:
+    """(r,) int64 ascending seqs of the stored items among ids (canonical ids)."""
+    seqs: list[int] = []
+    for part in chunks(ids):
+        sql = f"SELECT seq FROM items WHERE id IN ({marks(len(part))})"
+        seqs.extend(s for (s,) in conn.execute(sql, tuple(part)))
+    return np.sort(np.asarray(seqs, np.int64))

@@ -11,6 +11,8 @@ Writes (one at a time, under the writer lock; searches never take it):
   a second transaction. A batch of BULK_ROWS or more is written straight as its own segment,
   before the transaction that commits its rows, so it is never held in the growing part.
 - delete: the rows go in one transaction, with a tombstone for each row that sits in a segment.
+- the user's fields of each row are also terms rows (store/filters.py), added and deleted in the
+  transaction of their row, which filtered searches read.
 - every write publishes a new View; the growing part is rebuilt from SQLite at startup (its rows
   are those after the last segment), so nothing acknowledged depends on memory.
 A crash at any instant leaves the last committed transaction: a segment file not yet recorded,
@@ -47,6 +49,7 @@ from common.fsio import atomic_write_bytes, fsync_dir
 from indexes.codes import check_packed, n_words
 from indexes.hamming import HammingIndex, LiveMask, check_k
 from store import metadata as md
+from store.filters import GROWING, Filter, FilterIndex, terms_of, terms_of_json
 from store.ids import MAX_INT_ID, ItemId, parse_id
 from store.manifest import Manifest, check_manifest
 from store.segment import SegmentData, read_segment, write_segment
@@ -161,7 +164,7 @@ class _Growing:
         image = HammingIndex.from_arrays(n_bits, self.image[:n], seqs)
         text = HammingIndex.from_arrays(n_bits, self.text[:n], seqs)
         live = self.mask[:n]
-        return Part("growing", image, text, None if live.all() else LiveMask.of(live))
+        return Part(GROWING, image, text, None if live.all() else LiveMask.of(live))
 
     def live_data(self) -> SegmentData:
         keep = self.mask[: self.n].astype(bool)
@@ -208,6 +211,7 @@ class Store:
         self._view = View(self._commit, ())
         self._opened = time.time()
         self.compactor: Any = None  # set by store.compaction.Compactor when started
+        self._filters = FilterIndex()  # answers filtered searches (caches behind its own locks)
         self.listener: Listener | None = None
 
     # ---- opening ---------------------------------------------------------------------------
@@ -273,7 +277,7 @@ class Store:
     ) -> Store:
         conn = md.connect(path)
         try:
-            md.check_schema(conn, path)
+            md.check_schema(conn, path, terms_of=terms_of_json)
             try:
                 manifest = Manifest(**json.loads(md.get_meta(conn, "manifest") or ""))
             except (ValueError, TypeError) as err:
@@ -475,22 +479,32 @@ class Store:
         return conn
 
     def search(
-        self, target: Target, queries: np.ndarray, k: int, *, searcher: Searcher | None = None
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        *,
+        searcher: Searcher | None = None,
+        where: Filter | None = None,
     ) -> Hits:
-        """Exact top-k of each (m, n_words) query among live items, with their metadata.
+        """Exact top-k of each (m, n_words) query among live items (that pass `where`), with
+        their metadata.
 
         The codes are searched in the current view, or by `searcher` (which must hold the same
-        rows under the same seqs); the metadata always comes from the store.
+        rows under the same seqs); the metadata always comes from the store. A filtered search
+        is answered by the view (store/filters.py), whatever the searcher.
         """
         check_packed(queries, self.n_bits, name="queries")  # also when no part is searched
         check_k(k)
+        if where is not None and where.keeps_all:
+            where = None
         for _ in range(SEARCH_ATTEMPTS):
-            found = self._search_once(target, queries, k, searcher, locked=False)
+            found = self._search_once(target, queries, k, searcher, where, locked=False)
             if found is not None:
                 return found
         # Deletes keep outrunning this search: answer once more with writes held off.
         with self._writing():
-            found = self._search_once(target, queries, k, searcher, locked=True)
+            found = self._search_once(target, queries, k, searcher, where, locked=True)
         if found is None:
             raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
         return found
@@ -501,16 +515,28 @@ class Store:
         queries: np.ndarray,
         k: int,
         searcher: Searcher | None,
+        where: Filter | None,
         *,
         locked: bool,
     ) -> Hits | None:
         """One search of the current view with its hits' rows, or None if a hit's row is gone."""
         view = self._view if locked else self.view()
-        dists, seqs = (searcher or view.search)(target, queries, k)
+        if where is None:
+            dists, seqs = (searcher or view.search)(target, queries, k)
+        else:
+            dists, seqs = self._filters.search(view, target, queries, k, where, self._reader())
         wanted = np.unique(seqs[seqs >= 0]).tolist()
         items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
         if len(items) != len(wanted):
             return None
+        if where is not None:
+            for seq, item in items.items():
+                if not where.matches(item.id, item.fields):
+                    raise IntegrityError(
+                        f"stored item {item.id!r} (seq {seq}) does not pass the filter that the "
+                        f"terms table in {self.root / DB_NAME} says it passes: the table was "
+                        "changed outside the service; restore the store from a backup or rebuild it"
+                    )
         hits = [
             [(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0]
             for row_s, row_d in zip(seqs.tolist(), dists.tolist(), strict=True)
@@ -589,6 +615,9 @@ class Store:
                         if taken
                         else f"expected unique ids, got id {repeated!r} twice in this batch"
                     ) from None
+                seq_list = seqs.tolist()
+                # in (term, seq) order: each term's new rows go to one place in its B-tree
+                md.insert_terms(conn, sorted((t, seq_list[i]) for i, ts in rows.terms for t in ts))
                 if segment is not None:
                     self._record_segment(segment)
                 self._next_seq += b
@@ -668,21 +697,32 @@ class Store:
             texts=_checked_texts(batch.texts, "texts"),
             images=_checked_texts(images, "images"),
             fields=["{}"] * b if batch.fields is None else [_fields_json(f) for f in fields],
+            terms=[]
+            if batch.fields is None
+            else [(i, terms_of(f)) for i, f in enumerate(fields) if f],
             image_codes=batch.image_codes,
             text_codes=batch.text_codes,
         )
         return rows, to_write
 
     def _delete_rows(self, ids: list[ItemId]) -> list[tuple[int, str, ItemId]]:
-        """Delete the rows of ids in the open transaction, tombstoning those in segments.
+        """Delete the rows of ids (and their terms) in the open transaction, tombstoning those
+        in segments.
 
         Returns (seq, image, id) of each row that was there.
         """
         gone: list[tuple[int, str, ItemId]] = []
+        terms: list[tuple[str, int]] = []
         for part in md.chunks([parse_id(i) for i in ids]):
-            sql = f"DELETE FROM items WHERE id IN ({md.marks(len(part))}) RETURNING seq, image, id"
-            for seq, image, item_id in self._conn.execute(sql, tuple(part)).fetchall():
+            sql = (
+                f"DELETE FROM items WHERE id IN ({md.marks(len(part))}) "
+                "RETURNING seq, image, id, fields"
+            )
+            for seq, image, item_id, fields in self._conn.execute(sql, tuple(part)).fetchall():
                 gone.append((int(seq), str(image), item_id))
+                if fields != "{}":
+                    terms.extend((t, int(seq)) for t in terms_of_json(fields))
+        md.delete_terms(self._conn, terms)
         sealed_up_to = self._sealed_up_to()
         self._conn.executemany(
             "INSERT INTO tombstones VALUES (?)", [(g[0],) for g in gone if g[0] <= sealed_up_to]
@@ -912,6 +952,7 @@ class _Rows:
     texts: list[str]
     images: list[str]
     fields: list[str]  # JSON objects
+    terms: list[tuple[int, list[str]]]  # (row, its fields' terms) of the rows with fields
     image_codes: np.ndarray  # (b, words) uint64, checked
     text_codes: np.ndarray
 
