@@ -9,6 +9,8 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +182,8 @@ def run_mih(args: argparse.Namespace) -> int:
 
 def run_writes(args: argparse.Namespace) -> int:
     """Run `cmh bench writes`."""
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="cmh-bench-writes-", dir=args.dir))
-    logger.info("building the benchmark store in %s", root)
-    try:
+    with _scratch(args, "cmh-bench-writes-") as root:
+        logger.info("building the benchmark store in %s", root)
         result = bench_writes(
             root=root,
             n=args.n,
@@ -193,13 +192,23 @@ def run_writes(args: argparse.Namespace) -> int:
             batch=args.batch,
             queries=args.queries,
         )
+    _emit(result, args.json)
+    return 0
+
+
+@contextmanager
+def _scratch(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """A new temporary folder under --dir (made if missing), removed afterwards unless --keep."""
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=args.dir))
+    try:
+        yield root
     finally:
         if args.keep:
             logger.info("kept %s", root)
         else:
             shutil.rmtree(root, ignore_errors=True)
-    _emit(result, args.json)
-    return 0
 
 
 def run_service(args: argparse.Namespace) -> int:
@@ -214,10 +223,7 @@ def run_service(args: argparse.Namespace) -> int:
             raise InputError(
                 f"expected --image or a JPEG in {args.artifacts / 'demo' / 'images'}, got none"
             )
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="cmh-bench-service-", dir=args.dir))
-    try:
+    with _scratch(args, "cmh-bench-service-") as root:
         result = bench_service(
             checkpoint=args.artifacts / CHECKPOINT_NAME,
             root=root,
@@ -227,10 +233,5 @@ def run_service(args: argparse.Namespace) -> int:
             image=image,
             workers=args.workers,
         )
-    finally:
-        if args.keep:
-            logger.info("kept %s", root)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     _emit(result, args.json)
     return 0
