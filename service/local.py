@@ -63,9 +63,18 @@ def serving(
     Raises RuntimeError, quoting the child's output, when it exits or is not ready in time.
     The block's end sends SIGTERM (a clean uvicorn shutdown), then kills after 30 s.
     """
-    command = [sys.executable, "-m", "cli", "serve", "--artifacts", str(artifacts), *args]
-    with serving_command(command, ready_timeout_s=ready_timeout_s, env=env) as url:
+    with service_process(artifacts, args=args, ready_timeout_s=ready_timeout_s, **env) as (_, url):
         yield url
+
+
+@contextmanager
+def service_process(
+    artifacts: Path, *, args: Sequence[str] = (), ready_timeout_s: float = 120.0, **env: str
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`serving`, yielding the server's process too (for tests that kill it)."""
+    command = [sys.executable, "-m", "cli", "serve", "--artifacts", str(artifacts), *args]
+    with running(command, ready_timeout_s=ready_timeout_s, env=env) as (proc, url):
+        yield proc, url
 
 
 @contextmanager
@@ -77,6 +86,15 @@ def serving_command(
     The service of `serving`, and any other app that takes --port and answers /readyz (the
     benchmark's floor app).
     """
+    with running(command, ready_timeout_s=ready_timeout_s, env=env) as (_, url):
+        yield url
+
+
+@contextmanager
+def running(
+    command: list[str], *, ready_timeout_s: float, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`serving_command`, yielding the process too; a process killed in the block is fine."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile(mode="w+") as output:
@@ -97,7 +115,7 @@ def serving_command(
                         f"exit code {proc.poll()}; its output:\n{output.read()[-OUTPUT_TAIL:]}"
                     )
                 time.sleep(0.2)
-            yield url
+            yield proc, url
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

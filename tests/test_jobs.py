@@ -6,16 +6,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,7 +20,7 @@ from PIL import Image
 
 from common.errors import IntegrityError
 from service.jobs import INTERRUPTED, OWNERS_NAME, JobManager, QueueFull
-from service.local import free_port
+from service.local import service_process
 from service.schemas import ErrorItem, JobStatus
 
 Progress = Callable[[int, int], None]
@@ -237,38 +233,6 @@ def test_a_corrupt_job_file_is_refused_naming_it(tmp_path: Path) -> None:
         JobManager(path)
 
 
-@contextmanager
-def server_process(artifacts: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`python -m cli serve` over artifacts, yielding the process (to kill) and its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "cli", "serve", "--artifacts", str(artifacts)]
-    proc = subprocess.Popen(
-        [*command, "--port", str(port)],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=5):
-                    break
-            except (urllib.error.URLError, OSError):
-                assert proc.poll() is None and time.monotonic() < deadline, "server not ready"
-                time.sleep(0.2)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def test_jobs_killed_mid_build_read_as_interrupted_after_a_restart(demo_artifacts: Path) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (9, 9, 200)).save(buf, format="PNG")
@@ -276,7 +240,10 @@ def test_jobs_killed_mid_build_read_as_interrupted_after_a_restart(demo_artifact
     item = {"id": 95000, "text": "a blue square", "image_base64": image}
     dataset = {"dataset": {"name": "demo", "root": "demo"}, "on_conflict": "replace"}
     env = {"CMH_SERVER_DATA_DIR": str(demo_artifacts), "CMH_MAX_QUEUED_JOBS": "2"}
-    with server_process(demo_artifacts, **env) as (proc, url), httpx.Client(base_url=url) as client:
+    with (
+        service_process(demo_artifacts, **env) as (proc, url),
+        httpx.Client(base_url=url) as client,
+    ):
         small = client.post("/v1/index/build", json={"items": [item]}).json()["job_id"]
         for _ in range(600):
             if client.get(f"/v1/jobs/{small}").json()["status"] == "succeeded":
@@ -297,7 +264,7 @@ def test_jobs_killed_mid_build_read_as_interrupted_after_a_restart(demo_artifact
         assert status["status"] == "running" and status["done"] < status["total"], status
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    with server_process(demo_artifacts) as (_, url), httpx.Client(base_url=url) as client:
+    with service_process(demo_artifacts) as (_, url), httpx.Client(base_url=url) as client:
         finished = client.get(f"/v1/jobs/{small}").json()
         assert finished["status"] == "succeeded" and finished["added"] == 1, finished
         for job_id in big:
