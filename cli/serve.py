@@ -13,6 +13,8 @@ from service.app import create_app, freeze_loaded, load
 from service.settings import Settings
 from store.layout import CHECKPOINT_NAME
 
+WORKER_HEALTHCHECK_S = 30  # seconds a worker may take to answer uvicorn's liveness ping
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `serve`."""
@@ -80,5 +82,14 @@ def run(args: argparse.Namespace) -> int:
     # The workers are fresh interpreters that read their settings from CMH_* variables: the one
     # setting that came from the command line goes to them that way.
     os.environ["CMH_ARTIFACTS_DIR"] = str(settings.artifacts_dir)
-    uvicorn.run("service.app:create_worker_app", factory=True, workers=args.workers, **options)
+    uvicorn.run(
+        "service.app:create_worker_app",
+        factory=True,
+        workers=args.workers,
+        # uvicorn replaces a worker that does not answer its supervisor's ping within this
+        # time (default 5 s); the pinging thread needs the GIL, which a worker importing torch
+        # and loading the model on a busy machine can hold for longer than that.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+        **options,
+    )
     return 0

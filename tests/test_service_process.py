@@ -137,7 +137,8 @@ def worker_pids(artifacts: Path) -> list[int]:
 @contextmanager
 def only(answering: int, others: list[int]) -> Iterator[None]:
     """Requests in the block are answered by one worker: the others are stopped (SIGSTOP) and do
-    not accept. Keep the block short: uvicorn replaces a worker silent for 5 s."""
+    not accept. Keep the block short: uvicorn replaces a worker silent for
+    cli.serve.WORKER_HEALTHCHECK_S."""
     for pid in others:
         os.kill(pid, signal.SIGSTOP)
     try:
