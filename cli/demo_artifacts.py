@@ -20,7 +20,7 @@ from service.indexing import dataset_ids
 from store import legacy
 from store.layout import CHECKPOINT_NAME, open_store
 from store.manifest import manifest_for
-from store.store import NewItems
+from store.rows import NewItems
 
 logger = logging.getLogger(__name__)
 

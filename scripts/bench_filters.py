@@ -54,7 +54,8 @@ from store.benchmark import caption_pool, random_codes
 from store.compaction import compact_once
 from store.filters import Filter, FilterIndex
 from store.manifest import Manifest
-from store.store import DB_NAME, STORE_DIR, NewItems, Store
+from store.rows import NewItems
+from store.store import DB_NAME, STORE_DIR, Store
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from service.encoder import Encoder
 from service.schemas import BuildItem, ErrorItem
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
 from store.ids import ItemId, parse_id
-from store.store import MAX_FIELDS_BYTES, NewItems, OnConflict, Store
+from store.rows import MAX_FIELDS_BYTES, NewItems
+from store.store import OnConflict, Store
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,8 @@ from indexes.hamming import HammingIndex
 from store import metadata as md
 from store.compaction import Compactor, compact_once
 from store.manifest import Manifest
-from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, NewItems, Store
+from store.rows import NewItems
+from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, Store
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from indexes.hamming import LiveMask
+from store.parts import LoadedSegment
 from store.segment import SegmentData
-from store.store import SEAL_ROWS, SEGMENTS_DIR, Store, _Segment
+from store.store import SEAL_ROWS, SEGMENTS_DIR, Store
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ IDLE_CHECK_S = 30.0  # the compactor also looks for work this often
 class Merge:
     """Segments to merge (adjacent, in seq order) and their masks when the merge was planned."""
 
-    segments: tuple[_Segment, ...]
+    segments: tuple[LoadedSegment, ...]
     masks: tuple[LiveMask | None, ...]
 
 
@@ -47,7 +48,7 @@ def level(rows: int) -> int:
     return max(0, int(math.log(max(rows, 1) / SEAL_ROWS, MERGE_FACTOR) + 1e-9))
 
 
-def plan(segments: list[_Segment]) -> list[_Segment] | None:
+def plan(segments: list[LoadedSegment]) -> list[LoadedSegment] | None:
     """The next segments to merge, or None when the policy is satisfied."""
     for seg in segments:
         if seg.rows and seg.dead / seg.rows > DEAD_FRACTION:
@@ -133,7 +134,7 @@ def _merged(merge: Merge) -> SegmentData:
     return SegmentData(np.concatenate(seqs), np.concatenate(image), np.concatenate(text))
 
 
-def _deleted_meanwhile(merge: Merge, new: _Segment) -> LiveMask | None:
+def _deleted_meanwhile(merge: Merge, new: LoadedSegment) -> LiveMask | None:
     """The new segment's mask: rows deleted after the merge was planned (writer lock held)."""
     gone = []
     for seg, planned in zip(merge.segments, merge.masks, strict=True):

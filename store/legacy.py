@@ -20,7 +20,8 @@ from common.errors import InputError
 from common.fsio import fsync_dir
 from indexes.hamming import HammingIndex
 from store.manifest import Manifest, check_manifest
-from store.store import STORE_DIR, NewItems, Store
+from store.rows import NewItems
+from store.store import STORE_DIR, Store
 
 logger = logging.getLogger(__name__)
 

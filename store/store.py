@@ -18,57 +18,64 @@ Writes (one at a time, under the writer lock; searches never take it):
 A crash at any instant leaves the last committed transaction: a segment file not yet recorded,
 or an image not yet referenced, is an orphan that the next open deletes. Compaction
 (store/compaction.py) merges segments in the background and is crash-safe the same way.
+
+Why this module stays past ~300 lines: the Store is one object whose every method keeps one
+invariant (under the writer lock, the in-memory parts, the counters next_seq / commit / layout
+and the database say the same thing; a View is published only from that state), and spreading
+its methods over modules would spread that invariant with them. What holds none of its state
+lives beside it: store/rows.py (a batch checked, its rows inserted and deleted), store/parts.py
+(the in-memory segments and growing part), store/locks.py (the flocks between processes) and
+store/view.py (the immutable view and its search).
 """
 
 from __future__ import annotations
 
 import bisect
-import fcntl
-import hashlib
-import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Protocol, cast
+from typing import Any, BinaryIO, Literal, Protocol
 
 import numpy as np
 
 from common.errors import InputError, IntegrityError
 from common.fsio import atomic_write_bytes, fsync_dir
 from indexes.codes import check_packed, n_words
-from indexes.hamming import HammingIndex, LiveMask, check_k
+from indexes.hamming import check_k
 from store import metadata as md
-from store.filters import GROWING, Filter, FilterIndex, terms_of, terms_of_json
-from store.ids import MAX_INT_ID, ItemId, parse_id
+from store.filters import Filter, FilterIndex, terms_of_json
+from store.ids import ItemId, parse_id
+from store.locks import (
+    COMPACT_LOCK_NAME,
+    LOCK_NAME,
+    WRITE_LOCK_NAME,
+    exclusive,
+    hold_flock,
+    try_exclusive,
+)
 from store.manifest import Manifest, check_manifest
+from store.parts import Growing, LoadedSegment, apply_tombstones, reloaded_growing
+from store.rows import IMAGES_DIR, NewItems, checked_rows, delete_rows, insert_rows
 from store.segment import SegmentData, read_segment, write_segment
-from store.view import Part, Target, View
+from store.view import Target, View
 
 logger = logging.getLogger(__name__)
 
 STORE_DIR = "store"
 DB_NAME = "items.sqlite"
-LOCK_NAME = "LOCK"  # flock: exclusive for a store open in one process, shared by the workers
-WRITE_LOCK_NAME = "WRITE_LOCK"  # shared opens: flock held by whichever process is writing
-COMPACT_LOCK_NAME = "COMPACT_LOCK"  # shared opens: flock of the one process that merges
 SYNC_ATTEMPTS = 5  # a merge elsewhere removed a segment file a snapshot named: read again
 SEGMENTS_DIR = "segments"
-IMAGES_DIR = "images"
 SEAL_ROWS = 65_536  # the growing part becomes a segment at this many rows
 BULK_ROWS = 16_384  # a batch at least this large is written as its own segment
-MAX_FIELDS_BYTES = 16_384  # the user's fields of one item, as JSON
-_EXTENSION = re.compile(r"[a-z0-9]{1,5}")  # of stored image files
 SEARCH_ATTEMPTS = 3  # a hit deleted between the view and its metadata read: search again
 OnConflict = Literal["error", "replace"]
 # Another engine answering the same searches (Milvus): (target, queries, k) -> (dists, seqs).
@@ -86,93 +93,11 @@ class Listener(Protocol):
 
 
 @dataclass(frozen=True)
-class NewItems:
-    """A batch to add, column by column (rows aligned)."""
-
-    ids: Sequence[ItemId]  # canonical ids (store.ids.parse_id)
-    texts: Sequence[str]
-    images: Sequence[str]  # paths relative to the artifacts folder
-    image_codes: np.ndarray  # (b, n_words) uint64
-    text_codes: np.ndarray  # (b, n_words) uint64
-    fields: Sequence[dict[str, Any]] | None = None  # the user's fields per item
-    # (bytes, extension) of images for the store to keep under images/ (content-addressed);
-    # where given, it replaces that row's entry in `images`
-    image_data: Sequence[tuple[bytes, str] | None] | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass(frozen=True)
 class Hits:
     """A search's answer: per query, (item, distance) nearest first, and the view's commit."""
 
     hits: list[list[tuple[md.Item, int]]]
     commit: int
-
-
-@dataclass(eq=False)
-class _Segment:
-    """A loaded segment and its current live mask (replaced, never changed in place)."""
-
-    name: str
-    image: HammingIndex
-    text: HammingIndex
-    rows: int
-    crc: int
-    mask: LiveMask | None = None  # None while every row is live
-
-    @property
-    def seqs(self) -> np.ndarray:
-        return self.image.ids
-
-    @property
-    def dead(self) -> int:
-        return 0 if self.mask is None else self.rows - self.mask.count
-
-    def part(self) -> Part:
-        return Part(self.name, self.image, self.text, self.mask)
-
-    def without(self, seqs: np.ndarray) -> None:
-        """Mask these seqs (all in this segment) dead: a new bitset, n / 8 bytes copied."""
-        current = self.mask if self.mask is not None else LiveMask.all_live(self.rows)
-        self.mask = current.without(np.searchsorted(self.seqs, seqs))
-
-
-@dataclass(eq=False)
-class _Growing:
-    """Rows not yet in a segment: preallocated buffers, of which views see a prefix."""
-
-    words: int
-    capacity: int = 0  # rows it can hold: SEAL_ROWS (0), more after a crash before a seal
-    seqs: np.ndarray = field(init=False)
-    image: np.ndarray = field(init=False)
-    text: np.ndarray = field(init=False)
-    mask: np.ndarray = field(init=False)  # copied on delete, so published prefixes never change
-    n: int = 0
-
-    def __post_init__(self) -> None:
-        self.capacity = self.capacity or SEAL_ROWS
-        self.seqs = np.empty(self.capacity, np.int64)
-        self.image = np.empty((self.capacity, self.words), np.uint64)
-        self.text = np.empty((self.capacity, self.words), np.uint64)
-        self.mask = np.ones(self.capacity, np.uint8)
-
-    def part(self, n_bits: int) -> Part:
-        n = self.n
-        seqs = self.seqs[:n]
-        image = HammingIndex.from_arrays(n_bits, self.image[:n], seqs)
-        text = HammingIndex.from_arrays(n_bits, self.text[:n], seqs)
-        live = self.mask[:n]
-        return Part(GROWING, image, text, None if live.all() else LiveMask.of(live))
-
-    def live_data(self) -> SegmentData:
-        keep = self.mask[: self.n].astype(bool)
-        return SegmentData(
-            self.seqs[: self.n][keep].copy(),
-            self.image[: self.n][keep].copy(),
-            self.text[: self.n][keep].copy(),
-        )
 
 
 class Store:
@@ -184,11 +109,11 @@ class Store:
         self.artifacts = artifacts
         self.root = artifacts / STORE_DIR
         # Shared: several processes (`cmh serve --workers N`) have the store open; each write
-        # takes WRITE_LOCK and first catches up with the others' commits (_sync), each search
+        # takes WRITE_LOCK and first catches up with the others' commits (_reload), each search
         # catches up when SQLite says another connection committed, and only the holder of
         # COMPACT_LOCK merges segments and removes orphan files.
         self.shared = shared
-        self._lock_file = _hold_flock(self.root / LOCK_NAME, shared=shared)
+        self._lock_file = hold_flock(self.root / LOCK_NAME, shared=shared)
         self._write_lock_file = (self.root / WRITE_LOCK_NAME).open("ab") if shared else None
         self._compact_lock_file: BinaryIO | None = None
         self.compacts = not shared  # whether this process merges (and removes orphans)
@@ -204,8 +129,8 @@ class Store:
         self._readers_lock = threading.Lock()
         self._lock = threading.Lock()  # serialises writes and the swap of a merge
         self._merge_lock = threading.Lock()  # one merge at a time
-        self._segments: list[_Segment] = []  # in seq order, ranges disjoint
-        self._growing = _Growing(self._words)
+        self._segments: list[LoadedSegment] = []  # in seq order, ranges disjoint
+        self._growing = Growing(self._words, SEAL_ROWS)
         self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
         self._commit = int(md.get_meta(conn, "commit") or 0)
         self._view = View(self._commit, ())
@@ -319,11 +244,8 @@ class Store:
         """Become the process that merges and cleans up, if none is (shared opens); then remove
         the files that no commit refers to (writes or merges cut short by a crash)."""
         if self.shared and not self.compacts:
-            f = (self.root / COMPACT_LOCK_NAME).open("ab")
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
+            f = try_exclusive(self.root / COMPACT_LOCK_NAME)
+            if f is None:
                 return
             self._compact_lock_file, self.compacts = f, True
         if not self.compacts:
@@ -363,22 +285,19 @@ class Store:
                 (s for (s,) in conn.execute("SELECT seq FROM tombstones ORDER BY seq")), np.int64
             )
             segments = [self._loaded_segment(name, n_rows, crc) for name, n_rows, crc in rows]
-            growing = self._growing_rows(segments)
+            after = int(segments[-1].seqs[-1]) if segments else -1
+            growing = reloaded_growing(
+                self._growing, conn, after=after, where=self.root / DB_NAME, seal_rows=SEAL_ROWS
+            )
             next_seq = int(md.get_meta(conn, "next_seq") or 0)
         finally:
             conn.execute("COMMIT")
-        for seg in segments:  # tombstones only grow while a segment lives: compare counts
-            lo, hi = np.searchsorted(dead, [seg.seqs[0], seg.seqs[-1] + 1]) if seg.rows else (0, 0)
-            if hi > lo:
-                pos = np.searchsorted(seg.seqs, dead[lo:hi])
-                mine = dead[lo:hi][seg.seqs[np.minimum(pos, seg.rows - 1)] == dead[lo:hi]]
-                if mine.size != seg.dead:
-                    seg.mask = LiveMask.all_live(seg.rows).without(np.searchsorted(seg.seqs, mine))
+        apply_tombstones(segments, dead)
         self._segments, self._growing = segments, growing
         self._commit, self._layout, self._next_seq = commit, layout, next_seq
         self._publish()
 
-    def _loaded_segment(self, name: str, n_rows: int, crc: int) -> _Segment:
+    def _loaded_segment(self, name: str, n_rows: int, crc: int) -> LoadedSegment:
         """The segment `name`: the one already loaded, or read (and checked) from its file."""
         for seg in self._segments:
             if seg.name == name and seg.crc == crc:
@@ -387,47 +306,7 @@ class Store:
         if self.shared and not path.exists():  # merged away after our snapshot was taken
             raise FileNotFoundError(path)
         data = read_segment(path, n_bits=self.n_bits, expect_rows=n_rows, expect_crc=crc)
-        return self._segment(name, data, crc)
-
-    def _growing_rows(self, segments: list[_Segment]) -> _Growing:
-        """The rows after the last segment, live ones only (inside the caller's snapshot).
-
-        Rows the current growing part holds keep their codes; only newer rows are read whole
-        and checked, so catching up after another process's write reads that write's rows.
-        """
-        after = int(segments[-1].seqs[-1]) if segments else -1
-        conn, where = self._conn, self.root / DB_NAME
-        alive = np.fromiter(
-            (
-                s
-                for (s,) in conn.execute(
-                    "SELECT seq FROM items WHERE seq > ? ORDER BY seq", (after,)
-                )
-            ),
-            np.int64,
-        )
-        old = self._growing
-        old_seqs = old.seqs[: old.n]
-        pos = np.minimum(np.searchsorted(old_seqs, alive), max(old.n - 1, 0))
-        known = (old_seqs[pos] == alive) if old.n else np.zeros(alive.size, bool)
-        fresh: dict[int, tuple[bytes, bytes]] = {}
-        if not known.all():
-            first_new = int(alive[~known][0])
-            sql = f"SELECT {md.ROW_COLUMNS} FROM items WHERE seq >= ? ORDER BY seq"
-            for row in conn.execute(sql, (first_new,)):
-                md.check_row(row, where)
-                fresh[row[0]] = (row[6], row[7])
-        n = int(alive.size)
-        new = _Growing(self._words, max(SEAL_ROWS, n))
-        new.seqs[:n] = alive
-        new.image[:n][known] = old.image[pos[known]]
-        new.text[:n][known] = old.text[pos[known]]
-        unknown = alive[~known].tolist()
-        if unknown:
-            new.image[:n][~known] = _codes(b"".join(fresh[s][0] for s in unknown), self._words)
-            new.text[:n][~known] = _codes(b"".join(fresh[s][1] for s in unknown), self._words)
-        new.n = n
-        return new
+        return LoadedSegment.of(name, data, crc, self.n_bits)
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -437,17 +316,9 @@ class Store:
             if self._write_lock_file is None:
                 yield
                 return
-            fd = self._write_lock_file.fileno()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
+            with exclusive(self._write_lock_file):
                 self._reload()
                 yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def _segment(self, name: str, data: SegmentData, crc: int) -> _Segment:
-        image = HammingIndex.from_arrays(self.n_bits, data.image_codes, data.seqs)
-        return _Segment(name, image, image.with_codes(data.text_codes), len(data), crc)
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -578,7 +449,7 @@ class Store:
         by the new one in the same transaction.
         """
         b = len(batch)
-        rows, to_write = self._rows(batch)
+        rows, to_write = checked_rows(batch, self.n_bits)
         with self._writing():
             # Under the lock: a delete's image clean-up cannot remove a file this add refers to.
             for relative, data in to_write.items():
@@ -600,24 +471,7 @@ class Store:
                 replaced: list[tuple[int, str, ItemId]] = []
                 if on_conflict == "replace":
                     replaced = self._delete_rows(list(batch.ids))
-                conn.execute("SAVEPOINT batch")
-                try:
-                    conn.executemany(
-                        "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        _with_seqs(rows, seqs.tolist(), added, codes=segment is None),
-                    )
-                except sqlite3.IntegrityError:
-                    conn.execute("ROLLBACK TO batch")  # the batch's rows inserted before the clash
-                    taken = md.existing_ids(conn, rows.ids)
-                    repeated = _first_repeat(batch.ids)
-                    raise InputError(
-                        f"expected new ids, got {sorted(map(str, taken))[:10]} already indexed"
-                        if taken
-                        else f"expected unique ids, got id {repeated!r} twice in this batch"
-                    ) from None
-                seq_list = seqs.tolist()
-                # in (term, seq) order: each term's new rows go to one place in its B-tree
-                md.insert_terms(conn, sorted((t, seq_list[i]) for i, ts in rows.terms for t in ts))
+                insert_rows(conn, rows, seqs.tolist(), added, codes=segment is None)
                 if segment is not None:
                     self._record_segment(segment)
                 self._next_seq += b
@@ -667,67 +521,9 @@ class Store:
             self._wake_compactor()
             return [g[2] for g in gone]
 
-    def _rows(self, batch: NewItems) -> tuple[_Rows, dict[str, bytes]]:
-        """(id, text, image, fields JSON, codes bytes) per item, checked before any lock, and
-        the image files to write (path relative to artifacts -> bytes)."""
-        b = len(batch)
-        for name, codes in (("image", batch.image_codes), ("text", batch.text_codes)):
-            check_packed(codes, self.n_bits, name=f"{name} codes")
-            if codes.shape[0] != b:
-                raise InputError(f"expected {b} {name} codes, got {codes.shape[0]}")
-        if len(batch.texts) != b or len(batch.images) != b:
-            raise InputError(
-                f"expected {b} texts and images, got {len(batch.texts)}, {len(batch.images)}"
-            )
-        fields = batch.fields if batch.fields is not None else [{}] * b
-        image_data = batch.image_data if batch.image_data is not None else [None] * b
-        if len(fields) != b or len(image_data) != b:
-            raise InputError(f"expected {b} field objects and images, got {len(fields)}")
-        images = list(batch.images)
-        to_write: dict[str, bytes] = {}
-        for i, given in enumerate(image_data):
-            if given is not None:
-                data, extension = given
-                if not _EXTENSION.fullmatch(extension):
-                    raise InputError(f"expected an image extension like 'jpg', got {extension!r}")
-                images[i] = f"{IMAGES_DIR}/{hashlib.sha256(data).hexdigest()}.{extension}"
-                to_write[images[i]] = data
-        rows = _Rows(
-            ids=_checked_ids(batch.ids),
-            texts=_checked_texts(batch.texts, "texts"),
-            images=_checked_texts(images, "images"),
-            fields=["{}"] * b if batch.fields is None else [_fields_json(f) for f in fields],
-            terms=[]
-            if batch.fields is None
-            else [(i, terms_of(f)) for i, f in enumerate(fields) if f],
-            image_codes=batch.image_codes,
-            text_codes=batch.text_codes,
-        )
-        return rows, to_write
-
     def _delete_rows(self, ids: list[ItemId]) -> list[tuple[int, str, ItemId]]:
-        """Delete the rows of ids (and their terms) in the open transaction, tombstoning those
-        in segments.
-
-        Returns (seq, image, id) of each row that was there.
-        """
-        gone: list[tuple[int, str, ItemId]] = []
-        terms: list[tuple[str, int]] = []
-        for part in md.chunks([parse_id(i) for i in ids]):
-            sql = (
-                f"DELETE FROM items WHERE id IN ({md.marks(len(part))}) "
-                "RETURNING seq, image, id, fields"
-            )
-            for seq, image, item_id, fields in self._conn.execute(sql, tuple(part)).fetchall():
-                gone.append((int(seq), str(image), item_id))
-                if fields != "{}":
-                    terms.extend((t, int(seq)) for t in terms_of_json(fields))
-        md.delete_terms(self._conn, terms)
-        sealed_up_to = self._sealed_up_to()
-        self._conn.executemany(
-            "INSERT INTO tombstones VALUES (?)", [(g[0],) for g in gone if g[0] <= sealed_up_to]
-        )
-        return gone
+        """(seq, image, id) of the rows of ids, deleted in the open transaction (store/rows.py)."""
+        return delete_rows(self._conn, ids, sealed_up_to=self._sealed_up_to())
 
     def _sealed_up_to(self) -> int:
         """The last seq in a segment (-1 without segments): later rows are growing."""
@@ -749,10 +545,7 @@ class Store:
         for index, wanted in by_segment.items():
             self._segments[index].without(np.asarray(wanted, np.int64))
         if growing:
-            g = self._growing
-            mask = g.mask.copy()
-            mask[np.searchsorted(g.seqs[: g.n], np.asarray(growing, np.int64))] = 0
-            g.mask = mask
+            self._growing.without(np.asarray(growing, np.int64))
 
     def _append_growing(self, seqs: np.ndarray, image: np.ndarray, text: np.ndarray) -> None:
         """Copy committed rows into the growing part, sealing it each time it fills."""
@@ -760,13 +553,8 @@ class Store:
         while start < len(seqs):
             if self._growing.n >= SEAL_ROWS:
                 self._seal(publish=False)  # the caller publishes the whole batch
-            g = self._growing
-            take = min(SEAL_ROWS - g.n, len(seqs) - start)
-            g.seqs[g.n : g.n + take] = seqs[start : start + take]
-            g.image[g.n : g.n + take] = image[start : start + take]
-            g.text[g.n : g.n + take] = text[start : start + take]
-            g.n += take
-            start += take
+            rest = slice(start, None)
+            start += self._growing.append(seqs[rest], image[rest], text[rest], up_to=SEAL_ROWS)
 
     def _seal(self, *, publish: bool = True) -> None:
         """Write the growing part's live rows as a segment and record it (writer lock held)."""
@@ -782,12 +570,12 @@ class Store:
                 self._roll_back()
                 raise
             self._segments.append(segment)
-        self._growing = _Growing(self._words)
+        self._growing = Growing(self._words, SEAL_ROWS)
         if publish:
             self._publish()
         logger.info("sealed %d growing rows into a segment", len(data))
 
-    def _write_segment(self, data: SegmentData) -> _Segment:
+    def _write_segment(self, data: SegmentData) -> LoadedSegment:
         name = f"seg-{int(data.seqs[0]):016d}-{uuid.uuid4().hex[:8]}.seg"
         crc = write_segment(self.root / SEGMENTS_DIR / name, n_bits=self.n_bits, data=data)
         loaded = read_segment(
@@ -796,9 +584,9 @@ class Store:
             expect_rows=len(data),
             expect_crc=crc,
         )
-        return self._segment(name, loaded, crc)
+        return LoadedSegment.of(name, loaded, crc, self.n_bits)
 
-    def _record_segment(self, seg: _Segment) -> None:
+    def _record_segment(self, seg: LoadedSegment) -> None:
         self._conn.execute(
             "INSERT INTO segments VALUES (?, ?, ?, ?, ?)",
             (seg.name, int(seg.seqs[0]), int(seg.seqs[-1]), seg.rows, seg.crc),
@@ -877,138 +665,3 @@ class Store:
     def remove_files(self) -> None:
         """Delete the store's folder (after close); the images stay."""
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _hold_flock(path: Path, *, shared: bool) -> BinaryIO:
-    """Hold path's flock, exclusive (one process has the store) or shared (workers of one
-    server share it); the kernel frees it on exit. Refuses when the other kind is held."""
-    f = path.open("ab")
-    try:
-        fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise InputError(
-            f"expected the store {path.parent} to be free, but another process has it open "
-            "(a running server or build); stop it, or build through the server's API"
-        ) from None
-    return f
-
-
-def _codes(blob: bytes, words: int) -> np.ndarray:
-    """(n, words) uint64 codes from their little-endian bytes, back to back."""
-    return np.frombuffer(blob, dtype="<u8").astype(np.uint64).reshape(-1, words)
-
-
-def _fields_json(fields: dict[str, Any]) -> str:
-    if type(fields) is dict and not fields:  # the common case, without json.dumps
-        return "{}"
-    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
-        raise InputError(f"expected the item's fields as an object, got {type(fields).__name__}")
-    try:
-        text = json.dumps(fields, ensure_ascii=False, sort_keys=True, allow_nan=False)
-        text.encode("utf-8")
-    except (ValueError, TypeError, RecursionError) as err:  # NaN, a set, a lone surrogate
-        raise InputError(f"expected the item's fields as JSON, got: {err}") from None
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FIELDS_BYTES:
-        raise InputError(f"expected an item's fields to take at most {MAX_FIELDS_BYTES} bytes")
-    return text
-
-
-def _checked_ids(ids: Sequence[ItemId]) -> list[ItemId]:
-    """Canonical ids; a batch of plain integers in range is checked at C speed."""
-    if set(map(type, ids)) <= {int}:  # C speed, unlike a generator over the batch
-        ints = cast(list[int], list(ids))
-        if not ints or (min(ints) >= 0 and max(ints) <= MAX_INT_ID):
-            return list(ints)
-    return [parse_id(i) for i in ids]
-
-
-def _checked_texts(values: Sequence[object], what: str) -> list[str]:
-    """Strings SQLite can store (UTF-8, so no lone surrogates), or InputError."""
-    if set(map(type, values)) <= {str}:
-        texts = cast(list[str], list(values))
-        joined = "".join(texts)
-        if joined.isascii() and "\0" not in joined:  # the common case, at C speed
-            return texts
-    for index, value in enumerate(values):
-        if not isinstance(value, str):
-            raise InputError(f"expected {what} as strings, got {type(value).__name__} at {index}")
-        if "\0" in value:  # the row checksum joins values with NUL
-            raise InputError(f"expected {what} without NUL characters, got one at {index}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise InputError(
-                f"expected {what} of valid Unicode, got a lone surrogate at {index}:{err.start}"
-            ) from None
-    return cast(list[str], list(values))
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """A checked batch, column by column, as SQLite will store it."""
-
-    ids: list[ItemId]
-    texts: list[str]
-    images: list[str]
-    fields: list[str]  # JSON objects
-    terms: list[tuple[int, list[str]]]  # (row, its fields' terms) of the rows with fields
-    image_codes: np.ndarray  # (b, words) uint64, checked
-    text_codes: np.ndarray
-
-
-def _code_bytes(codes: np.ndarray) -> list[bytes]:
-    """Each row's code as its little-endian bytes."""
-    data = np.ascontiguousarray(codes, dtype="<u8")
-    width = 8 * data.shape[1]
-    blob = data.tobytes()
-    return [blob[i : i + width] for i in range(0, len(blob), width)]
-
-
-def _with_seqs(rows: _Rows, seqs: list[int], added: float, *, codes: bool) -> Any:
-    """The rows as SQLite tuples, each with its seq, added time and CRC.
-
-    Without `codes` (a bulk batch, whose codes are in its own checksummed segment file) the
-    code columns are NULL: the rows are smaller and insert faster, and the CRC is md.row_crc's
-    without codes written out inline (one f-string per row: this is most of a bulk ingest's
-    Python time), which tests check against md.row_crc.
-    """
-    b = len(seqs)
-    added_text = repr(added)
-    if codes:
-        image_bytes, text_bytes = _code_bytes(rows.image_codes), _code_bytes(rows.text_codes)
-        crcs = [
-            md.row_crc(seq, item_id, text, image, added_text, fields, ic + tc)
-            for seq, item_id, text, image, fields, ic, tc in zip(
-                seqs, rows.ids, rows.texts, rows.images, rows.fields, image_bytes, text_bytes,
-                strict=True,
-            )
-        ]  # fmt: skip
-        image_codes: list[bytes | None] = list(image_bytes)
-        text_codes: list[bytes | None] = list(text_bytes)
-    else:
-        image_codes = text_codes = [None] * b
-        crc32 = zlib.crc32
-        crcs = [
-            crc32(
-                f"{seq}\0{'i' if type(item_id) is int else 's'}{item_id}\0{text}\0{image}"
-                f"\0{added_text}\0{fields}".encode("utf-8", "surrogatepass")
-            )
-            for seq, item_id, text, image, fields in zip(
-                seqs, rows.ids, rows.texts, rows.images, rows.fields, strict=True
-            )
-        ]
-    return zip(
-        seqs, rows.ids, rows.texts, rows.images, itertools.repeat(added, b), rows.fields,
-        image_codes, text_codes, crcs, strict=True,
-    )  # fmt: skip
-
-
-def _first_repeat(ids: Sequence[ItemId]) -> ItemId | None:
-    seen: set[ItemId] = set()
-    for item_id in ids:
-        canonical = parse_id(item_id)
-        if canonical in seen:
-            return canonical
-        seen.add(canonical)
-    return None

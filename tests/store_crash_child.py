@@ -35,7 +35,8 @@ from store import compaction
 from store.compaction import Compactor, compact_once
 from store.ids import ItemId
 from store.manifest import Manifest
-from store.store import IMAGES_DIR, NewItems, Store
+from store.rows import IMAGES_DIR, NewItems
+from store.store import Store
 
 N_BITS = 64
 POOL = 32  # distinct codes per modality: ties everywhere

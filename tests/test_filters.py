@@ -36,7 +36,8 @@ from store.compaction import compact_once
 from store.filters import Filter
 from store.ids import ItemId, parse_id
 from store.manifest import Manifest
-from store.store import DB_NAME, STORE_DIR, NewItems, Store
+from store.rows import NewItems
+from store.store import DB_NAME, STORE_DIR, Store
 from store.view import Target
 
 N_BITS = 72  # two words per code, the second with padding bits

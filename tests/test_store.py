@@ -33,8 +33,9 @@ from store import metadata as md
 from store.compaction import compact_once
 from store.ids import ItemId, parse_id
 from store.manifest import CHECKED_FIELDS, Manifest
+from store.rows import IMAGES_DIR, NewItems
 from store.segment import HEADER, HEADER_SIZE
-from store.store import DB_NAME, IMAGES_DIR, SEGMENTS_DIR, STORE_DIR, NewItems, Store
+from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, Store
 from store.view import Target
 
 N_BITS = 72  # two words per code, the second with padding bits

@@ -43,7 +43,8 @@ from store_crash_child import (
 import store.store as store_module
 from store import compaction
 from store.ids import ItemId
-from store.store import IMAGES_DIR, SEGMENTS_DIR, STORE_DIR, Store
+from store.rows import IMAGES_DIR
+from store.store import SEGMENTS_DIR, STORE_DIR, Store
 from store.view import Target
 
 ROOT = Path(__file__).resolve().parents[1]
