@@ -63,8 +63,13 @@ DRAFT_MIN_SIDE = 4 * RESIZE
 FAST_BATCH = 8
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # per thread (OpenMP / MKL thread-local): the caller's stays as it was
+def one_torch_thread() -> None:
+    """Run torch on one intra-op thread from this thread on, as the backbone workers do.
+
+    Per thread (OpenMP / MKL thread-local): other threads keep theirs. From such a thread, a
+    fast-path batch that fits one worker's share runs inline (encode_images).
+    """
+    torch.set_num_threads(1)
 
 
 def cpu_cores() -> int:
@@ -189,7 +194,9 @@ def load_backbone(
     net = net.eval().to(device=device, dtype=dtype)
     n_workers = (workers or cpu_cores()) if fast else 1
     pool = (
-        ThreadPoolExecutor(n_workers, thread_name_prefix=f"{name}-worker", initializer=_worker_init)
+        ThreadPoolExecutor(
+            n_workers, thread_name_prefix=f"{name}-worker", initializer=one_torch_thread
+        )
         if fast
         else None
     )
@@ -274,7 +281,8 @@ def encode_images(
     """(n, backbone.dim) float32 features for PIL images or image paths, in input order.
 
     Fast path: batches of at most batch_size and FAST_BATCH, at least one per worker while there
-    are images enough, run on the backbone's workers.
+    are images enough, run on the backbone's workers; a single batch called from a thread with one
+    torch thread (one_torch_thread: the service's micro-batcher) runs on the caller's thread.
     """
     if backbone.fast and backbone.pool is not None:
         return _encode_fast(backbone, images, batch_size=batch_size, progress=progress)
@@ -300,8 +308,12 @@ def _encode_fast(
     progress: bool,
 ) -> np.ndarray:
     assert backbone.pool is not None
-    out = np.empty((len(images), backbone.dim), dtype=np.float32)
     size = max(1, min(batch_size, FAST_BATCH, math.ceil(len(images) / backbone.workers)))
+    if len(images) <= size and torch.get_num_threads() == 1 and not progress:
+        # A lone image's hand-off to a worker and back costs two thread wake-ups, several ms on
+        # loaded cores; a thread running torch as the workers do (their packed layout) may run it.
+        return _features_fast(backbone, images)
+    out = np.empty((len(images), backbone.dim), dtype=np.float32)
     starts = range(0, len(images), size)
     chunks = backbone.pool.map(lambda s: _features_fast(backbone, images[s : s + size]), starts)
     bar = tqdm(total=len(images), desc=f"{backbone.name} features", disable=not progress)

@@ -14,8 +14,8 @@ B A, A B, ...), so that both meet the same load from other processes; medians ov
   process CPU time per image (all threads), which other processes' load inflates less.
 - `latency`: one image at a time as the service gets it, JPEG bytes in memory -> decoded RGB
   image -> its features through encode_images (the reference decodes in full as
-  service.uploads.decode_image does today; the fast one calls draft_jpeg first, the change
-  proposed for decode_image); p50 / p90 ms over --latency-images photos per run, blocks of
+  service.uploads.decode_image did before it drafted; the fast one calls draft_jpeg first, as
+  decode_image now does); p50 / p90 ms over --latency-images photos per run, blocks of
   --block / 5.
 - `batcher`: the same single image through service.encoder.MicroBatcher (1 client, sequential),
   p50 ms, for each --windows value (the batch_window_ms setting); reference at 5 ms, today's

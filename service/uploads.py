@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import InputError
-from models.image_features import to_rgb
+from models.image_features import draft_jpeg, to_rgb
 
 EXTENSIONS = {
     "JPEG": "jpg",
@@ -133,7 +133,10 @@ def decode_image(
 ) -> tuple[Image.Image, str]:
     """(RGB image, file extension) from image file bytes; InputError saying why it cannot be.
 
-    The decode takes its width * height from `budget` while it runs.
+    A large JPEG decodes at reduced DCT scale (draft_jpeg: the short side stays >= 4x the
+    backbone's resize, within the fast path's tolerance), as `cmh features` reads files, so a
+    search and a build see the image an offline build sees. The decode takes its width * height
+    (after the draft) from `budget` while it runs.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -145,7 +148,8 @@ def decode_image(
                 )
             if fmt not in EXTENSIONS:
                 raise InputError(f"expected one of {', '.join(EXTENSIONS)} images, got {fmt!r}")
-            with budget.taking(width * height):
+            draft_jpeg(im)
+            with budget.taking(im.size[0] * im.size[1]):
                 im.load()
                 image = to_rgb(im)
     except UnidentifiedImageError:

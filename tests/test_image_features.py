@@ -4,6 +4,9 @@ reference path, on real Web News photos."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +27,13 @@ from models.image_features import (
     load_backbone,
     load_efficientnet_lite0,
     load_vgg19_fc7,
+    one_torch_thread,
     open_image,
     pixels_to_input,
     to_rgb,
 )
 from models.lite_fused import FusedLite0, fuse_lite0, pack_for_cpu
+from service.uploads import PixelBudget, decode_image
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +198,26 @@ def test_draft_reduces_large_jpegs_but_keeps_the_short_side(tmp_path: Path) -> N
         assert draft_jpeg(im).size == (4400, 3300)
 
 
+def test_uploads_are_drafted_like_files_and_take_the_drafted_pixels(tmp_path: Path) -> None:
+    """A search or build upload decodes as `cmh features` reads the same file."""
+    big = _jpeg(tmp_path / "big.jpg", (4400, 3300))
+    taken: list[int] = []
+
+    class Watched(PixelBudget):
+        @contextmanager
+        def taking(self, pixels: int) -> Iterator[None]:
+            taken.append(pixels)
+            with super().taking(pixels):
+                yield
+
+    image, extension = decode_image(big.read_bytes(), max_pixels=10**8, budget=Watched(10**8))
+    assert image.size == open_image(big, draft=True).size == (2200, 1650) and extension == "jpg"
+    assert taken == [2200 * 1650]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(open_image(big, draft=True)))
+    with pytest.raises(InputError, match="expected at most 1000000 pixels, got 4400x3300"):
+        decode_image(big.read_bytes(), max_pixels=10**6)  # the limit is on the header's size
+
+
 def test_fast_path_drafts_files_and_stays_within_tolerance(
     lite: Backbone, reference: Backbone, tmp_path: Path
 ) -> None:
@@ -215,6 +240,36 @@ def test_workers_split_batches_keep_order_and_leave_callers_threads(
         np.testing.assert_allclose(feats, one_by_one, rtol=1e-4, atol=1e-4)
     assert torch.get_num_threads() == threads
     assert two.pool is not None and two.pool.submit(torch.get_num_threads).result() == 1
+
+
+def test_a_lone_image_runs_inline_only_on_a_one_torch_thread_caller(lite: Backbone) -> None:
+    ran_on: list[str] = []
+    hook = lite.net.register_forward_pre_hook(
+        lambda *_: ran_on.append(threading.current_thread().name)
+    )
+    picture = Image.new("RGB", (300, 200), (30, 120, 200))
+    inline = np.empty(0)
+
+    def call(threads: int, images: list[Image.Image]) -> None:
+        nonlocal inline
+        if threads == 1:
+            one_torch_thread()
+        else:
+            torch.set_num_threads(threads)
+        inline = encode_images(lite, images)
+
+    try:
+        for name, threads, n in (("one", 1, 1), ("two", 2, 1), ("one-many", 1, 9)):
+            caller = threading.Thread(target=call, args=(threads, [picture] * n), name=name)
+            caller.start()
+            caller.join(120)
+            if name == "one":
+                alone = inline
+    finally:
+        hook.remove()
+    assert ran_on[0] == "one"  # one image, one torch thread: no hand-off
+    assert all(t.startswith("efficientnet-lite0-worker") for t in ran_on[1:]), ran_on
+    np.testing.assert_allclose(alone[0], inline[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -102,3 +102,50 @@ def test_the_worker_keeps_no_image_once_its_batch_is_answered(batcher: MicroBatc
         gc.collect()
         time.sleep(0.01)
     assert alive() is None, "the batcher still holds the image of an answered request"
+
+
+def test_a_lone_request_is_not_held_for_the_window(backbone: Backbone) -> None:
+    # A 2 s window: a lone client's request that waited it would take over 2 s.
+    for former, held in ((False, False), (True, True)):
+        lone = MicroBatcher(backbone, window_ms=2000.0, max_batch=8, former=former)
+        try:
+            lone.submit(images(1)[0]).result(timeout=120)  # warm
+            start = time.monotonic()
+            lone.submit(images(1)[0]).result(timeout=120)
+            took = time.monotonic() - start
+        finally:
+            lone.close()
+        assert (took >= 2.0) == held, f"former={former}: {took:.2f} s"
+
+
+def test_company_waits_the_window_and_shares_a_batch(backbone: Backbone) -> None:
+    """Requests queued behind a running batch run together; after a shared batch the next
+    request waits the window for company; after a lone batch it does not."""
+    gate = threading.Event()
+
+    def hold(_: int) -> None:
+        gate.wait(60)
+
+    mb = MicroBatcher(backbone, window_ms=2000.0, max_batch=8, on_batch=hold)
+    pictures = images(5)
+    try:
+        first = mb.submit(pictures[0])  # runs at once, held in on_batch until the gate opens
+        deadline = time.monotonic() + 30
+        while not mb.batch_sizes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = [mb.submit(p) for p in pictures[1:3]]  # queued behind it: company
+        gate.set()
+        first.result(timeout=120)
+        for f in queued:
+            f.result(timeout=120)
+        assert mb.batch_sizes == [1, 2]
+        times = []
+        for picture in pictures[3:]:
+            start = time.monotonic()
+            mb.submit(picture).result(timeout=120)
+            times.append(time.monotonic() - start)
+        assert mb.batch_sizes == [1, 2, 1, 1]
+        assert times[0] >= 2.0 > times[1], times  # waited after the shared batch, not after 1
+    finally:
+        gate.set()
+        mb.close()
