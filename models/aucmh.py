@@ -30,13 +30,15 @@ class _SignSTE(torch.autograd.Function):
         return grad
 
 
-def hash_layer(z: Tensor, *, binary: bool = True) -> Tensor:
+def hash_layer(z: Tensor, *, binary: bool = True, temperature: float = 1.0) -> Tensor:
     """tanh, L2-normalise, then sign (straight-through) when `binary`; (B, n_bits) -> (B, n_bits).
 
     With `binary=False` the normalised tanh output is returned: the paper's "without hash layer"
     ablation (continuous relaxation), whose cosines the losses use in place of code cosines.
+    `temperature` divides z before tanh (1: the paper's form). sign(tanh(z / T)) = sign(z) for
+    every T > 0, so binary codes never depend on it: it only shapes the gradient in training.
     """
-    h = F.normalize(torch.tanh(z), dim=1)
+    h = F.normalize(torch.tanh(z / temperature), dim=1)
     if not binary:
         return h
     out: Tensor = _SignSTE.apply(h)
@@ -165,13 +167,16 @@ class HashingModel(nn.Module):
         """(B, text_dim) raw features -> standardised features."""
         return (self._row_scaled(x) - self.text_mean) / self.text_std
 
-    def hash_image(self, x: Tensor, *, binary: bool = True) -> Tensor:
+    def hash_image(self, x: Tensor, *, binary: bool = True, temperature: float = 1.0) -> Tensor:
         """Raw image features (B, image_dim) -> codes (B, n_bits), differentiable (STE)."""
-        return hash_layer(self.image_net(self.standardise_image(x)), binary=binary)
+        z = self.image_net(self.standardise_image(x))
+        return hash_layer(z, binary=binary, temperature=temperature)
 
-    def hash_text(self, x: Tensor, *, binary: bool = True) -> Tensor:
+    def hash_text(self, x: Tensor, *, binary: bool = True, temperature: float = 1.0) -> Tensor:
         """Raw text features (B, text_dim) -> codes (B, n_bits), differentiable (STE)."""
-        return hash_layer(self.text_net(self.standardise_text(x)), binary=binary)
+        return hash_layer(
+            self.text_net(self.standardise_text(x)), binary=binary, temperature=temperature
+        )
 
     def encode_image(self, features: np.ndarray) -> np.ndarray:
         """Image features (n, image_dim) -> int8 codes (n, n_bits) in {-1, +1}.

@@ -32,6 +32,7 @@ NEAREST_CHUNK = 2048
 
 # The values of k that train_selecting tries by default (see TrainConfig.k).
 K_GRID = (20, 100)
+LR_SCHEDULES = ("constant", "cosine")  # TrainConfig.lr_schedule's choices
 
 # The TrainConfig fields that say what network is trained: ModelConfig's, less the feature widths,
 # which come from the data (TrainConfig.model_config).
@@ -62,7 +63,14 @@ class TrainConfig:
     beta: float = 0.8  # L = beta * L_g + (1 - beta) * L_r (Eq. 8); chosen on validation
     margin: float = 0.8  # gamma, the triplet margin of L_r (Eq. 7), 0 < gamma < 1; validation
     temperature: float = 1.0  # divides code cosines in Q (Eq. 5); 1 is the paper's form
+    # Divides the hash layer's input during training, tanh(z / T) (1: the paper's form). The codes
+    # are sign(z) whatever T, so only the straight-through gradient changes: a training setting,
+    # and a checkpoint (or the serving text path) has nothing to store or reproduce for it.
+    hash_temperature: float = 1.0
     lr: float = 3e-4  # Adam learning rate (paper: 1e-4; 3e-4 chosen on validation)
+    # How lr moves over the epochs: "constant" (the paper's plain Adam) or "cosine" (annealed
+    # from lr towards 0 at epoch `epochs`, stepped once per epoch; an option beyond the paper).
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0  # Adam L2 penalty on the MLP weights (0: none, as in the paper)
     batch_size: int = 256  # n, pairs per batch (paper: 256)
     epochs: int = 100  # most epochs to run (paper: about 100)
@@ -83,7 +91,9 @@ class TrainConfig:
             (0.0 < self.beta < 1.0, "0 < beta < 1", self.beta),
             (0.0 < self.margin < 1.0, "0 < margin < 1", self.margin),
             (self.temperature > 0.0, "temperature > 0", self.temperature),
+            (self.hash_temperature > 0.0, "hash_temperature > 0", self.hash_temperature),
             (self.lr > 0.0, "lr > 0", self.lr),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule in {LR_SCHEDULES}", self.lr_schedule),
             (self.weight_decay >= 0.0, "weight_decay >= 0", self.weight_decay),
             (self.batch_size >= 2, "batch_size >= 2", self.batch_size),
             (self.epochs >= 1, "epochs >= 1", self.epochs),
@@ -225,6 +235,12 @@ def train(
     model.fit_statistics(image[fit_idx], text[fit_idx])
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # None for "constant": the optimizer alone, exactly as before schedules existed.
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
 
     # Anchors: m fitting pairs, sampled once before training (Algorithm 1, step 2). A point's
     # column of S (Eq. 2) depends only on the point and the fixed anchors, so it is found once
@@ -279,8 +295,8 @@ def train(
         for batch in batches:
             xi = torch.as_tensor(image[batch], dtype=torch.float32, device=device)
             xt = torch.as_tensor(text[batch], dtype=torch.float32, device=device)
-            hi = model.hash_image(xi, binary=cfg.use_hash_layer)
-            ht = model.hash_text(xt, binary=cfg.use_hash_layer)
+            hi = model.hash_image(xi, binary=cfg.use_hash_layer, temperature=cfg.hash_temperature)
+            ht = model.hash_text(xt, binary=cfg.use_hash_layer, temperature=cfg.hash_temperature)
             zero = hi.new_zeros(())
             loss_g, loss_r = zero, zero
             if cfg.use_graph_loss:
@@ -300,6 +316,8 @@ def train(
             torch.autograd.backward(loss)
             optimizer.step()
             sums += [loss.item(), loss_g.item(), loss_r.item()]
+        if scheduler is not None:
+            scheduler.step()
         seconds = time.perf_counter() - start
         i2t, t2i = evaluate()
         mean_loss, mean_g, mean_r = (float(v) for v in sums / len(batches))

@@ -1,0 +1,258 @@
+"""Quality study (issue 17): options beyond the paper against the `aucmh` reference, on validation.
+
+Every figure is a validation figure: as in scripts/tune_aucmh.py, an outer fifth of the dataset's
+training part (seeded by 1000 + seed) is held out as queries against the rest as database, AUCMH
+trains on the rest (carving its own epoch-selection split inside, as `cmh evaluate` does) and is
+scored on the held-out pairs, MAP@all in both directions. The dataset's query set is never read.
+"aucmh" is TrainConfig's defaults, the `cmh evaluate` method of that name: the reference row.
+Each other variant changes one or two named options, so its row shows what that option buys.
+`--k grid` trains one model per k in K_GRID as `cmh evaluate` does; a single k (the one that grid
+keeps: 100 on Wikipedia, 20 on Web News) halves the cost, for every row alike. Runs are on CPU.
+
+    python -m scripts.quality_study --dataset wikipedia --root ../shared/data/wikipedia \
+        --bits 64 --seeds 0,1,2 --k 100 --variants aucmh,epochs-200,cosine \
+        --json docs/results/quality-study.json
+
+The JSON file holds one entry per (dataset, variant, bits); a run adds its seeds to an entry of the
+same options and k (replacing seeds run again) and keeps the other entries, so datasets, variants
+and seeds can be run separately (even at once: writes are locked).
+Entry keys: dataset, variant, options (the TrainConfig fields and text weighting it sets), bits,
+k ("grid" when chosen per run from K_GRID on the inner split, else the fixed k), seeds,
+i2t_mean / i2t_std / t2i_mean / t2i_std (held-out MAP@all over seeds, std with ddof 0),
+kept_epoch_mean, and runs: per seed the held-out i2t / t2i, the inner-split val_i2t / val_t2i
+of the kept epoch (the figures the epoch was chosen on, so biased upwards), kept_epoch,
+epochs_run, the k kept and the training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import InputError
+from common.fsio import atomic_write
+from models.data import PairDataset
+from models.pipeline import prepare
+from models.text_features import tokenize
+from models.train import (
+    TrainConfig,
+    best_epoch,
+    config_from_dict,
+    train_selecting,
+    with_k_grid,
+)
+from scripts.tune_aucmh import outer_split, score
+
+# Text inputs a variant can train on: the binary bag of words of models/text_features.py (today's
+# and the serving path's), log(1 + counts), or tf-idf rows of unit length (idf from fitting texts).
+WEIGHTINGS = ("binary", "log", "tfidf")
+
+# name -> (TrainConfig fields over the defaults, text weighting). "aucmh" is the reference row.
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "aucmh": ({}, "binary"),
+    "epochs-200": ({"epochs": 200}, "binary"),
+    "epochs-200-patience-40": ({"epochs": 200, "patience": 40}, "binary"),
+    "patience-10": ({"patience": 10}, "binary"),
+    "cosine": ({"lr_schedule": "cosine"}, "binary"),
+    "cosine-200": ({"lr_schedule": "cosine", "epochs": 200}, "binary"),
+    "lr-1e-3": ({"lr": 1e-3}, "binary"),
+    "batch-128": ({"batch_size": 128}, "binary"),
+    "batch-512": ({"batch_size": 512}, "binary"),
+    "softmax-t-0.5": ({"temperature": 0.5}, "binary"),
+    "softmax-t-2": ({"temperature": 2.0}, "binary"),
+    "hash-t-0.5": ({"hash_temperature": 0.5}, "binary"),
+    "hash-t-2": ({"hash_temperature": 2.0}, "binary"),
+    "hash-t-4": ({"hash_temperature": 4.0}, "binary"),
+    "text-log": ({}, "log"),
+    "text-tfidf": ({}, "tfidf"),
+    "text-tfidf-200": ({"epochs": 200}, "tfidf"),
+}
+
+
+def count_matrix(texts: list[str], vocabulary: list[str]) -> np.ndarray:
+    """(n, len(vocabulary)) float32 term counts, tokenised as the binary bag of words is."""
+    column = {word: j for j, word in enumerate(vocabulary)}
+    out = np.zeros((len(texts), len(vocabulary)), dtype=np.float32)
+    for row, text in zip(out, texts, strict=True):
+        for j, c in Counter(column[t] for t in tokenize(text) if t in column).items():
+            row[j] = c
+    return out
+
+
+def weighted_text(data: PairDataset, weighting: str) -> PairDataset:
+    """The dataset with its text features re-weighted; idf is counted on data.train_idx only."""
+    if weighting == "binary":
+        return data
+    if weighting not in WEIGHTINGS:
+        raise InputError(f"expected a text weighting in {WEIGHTINGS}, got {weighting!r}")
+    if data.texts is None or data.vocabulary is None:
+        raise InputError(
+            f"expected raw texts and a vocabulary to weight text {weighting!r} on dataset "
+            f"{data.name!r}, got text features only"
+        )
+    counts = count_matrix(data.texts, data.vocabulary)
+    if weighting == "log":
+        return dataclasses.replace(data, text_features=np.log1p(counts))
+    n_fit = data.train_idx.size
+    df = (counts[data.train_idx] > 0).sum(axis=0)
+    idf = (np.log((1 + n_fit) / (1 + df)) + 1).astype(np.float32)  # scikit-learn's smoothed idf
+    tfidf = counts * idf
+    norms = np.linalg.norm(tfidf, axis=1, keepdims=True)
+    return dataclasses.replace(data, text_features=tfidf / np.maximum(norms, 1e-12))
+
+
+def run_one(
+    data: PairDataset, *, fields: dict[str, Any], n_bits: int, seed: int, k: int | None
+) -> dict[str, Any]:
+    """Train one variant at one length and seed on data.train_idx; score it on data.query_idx."""
+    start = time.perf_counter()
+    cfg = config_from_dict({**fields, "n_bits": n_bits, "seed": seed, "device": "cpu"})
+    candidates = with_k_grid(cfg) if k is None else [dataclasses.replace(cfg, k=k)]
+    model, history, chosen = train_selecting(candidates=candidates, data=data)
+    kept = best_epoch(history)
+    row = score(data, model, "aucmh", n_bits, seed)
+    return {
+        "seed": seed,
+        "i2t": row["i2t"],
+        "t2i": row["t2i"],
+        "val_i2t": kept["val_i2t"],
+        "val_t2i": kept["val_t2i"],
+        "kept_epoch": int(kept["epoch"]),
+        "epochs_run": len(history),
+        "k": chosen.k,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def summary(
+    *, dataset: str, variant: str, n_bits: int, k: int | None, runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One JSON entry: mean and spread over seeds of the held-out MAPs, and every run."""
+    fields, weighting = VARIANTS[variant]
+    entry: dict[str, Any] = {
+        "dataset": dataset,
+        "variant": variant,
+        "options": {**fields, "text_weighting": weighting},
+        "bits": n_bits,
+        "k": "grid" if k is None else k,
+        "seeds": [r["seed"] for r in runs],
+    }
+    for key in ("i2t", "t2i"):
+        values = np.array([r[key] for r in runs])
+        entry[f"{key}_mean"] = float(values.mean())
+        entry[f"{key}_std"] = float(values.std())
+    entry["kept_epoch_mean"] = float(np.mean([r["kept_epoch"] for r in runs]))
+    entry["runs"] = runs
+    return entry
+
+
+def _key(entry: dict[str, Any]) -> tuple[str, str, int]:
+    return entry["dataset"], entry["variant"], entry["bits"]
+
+
+def merge_into(path: Path, entry: dict[str, Any], *, command: str) -> dict[str, Any]:
+    """Merge one cell (summary's entry) into the file and return the cell as now stored.
+
+    A cell of the same (dataset, variant, bits) with the same options and k keeps its runs of
+    other seeds (a rerun of a seed replaces that run), so seeds can be added later; a cell with
+    other options or k is replaced. Other cells are kept.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Two studies (one per dataset) may write at once: they lock the folder, which outlives the
+    # file's replacement by atomic_write and leaves no lock file behind.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        doc: dict[str, Any] = {"results": []}
+        if path.is_file():
+            doc = json.loads(path.read_text())
+        old = [e for e in doc["results"] if _key(e) == _key(entry)]
+        runs = {r["seed"]: r for r in entry["runs"]}
+        if old and (old[0]["options"], old[0]["k"]) == (entry["options"], entry["k"]):
+            runs = {**{r["seed"]: r for r in old[0]["runs"]}, **runs}
+        k = None if entry["k"] == "grid" else entry["k"]
+        merged = summary(
+            dataset=entry["dataset"], variant=entry["variant"], n_bits=entry["bits"], k=k,
+            runs=[runs[seed] for seed in sorted(runs)],
+        )  # fmt: skip
+        merged["options"] = entry["options"]  # as run (summary reads today's VARIANTS table)
+        kept = [e for e in doc["results"] if _key(e) != _key(entry)]
+        out = {
+            "description": __doc__.splitlines()[0],
+            "metric": "map@all on an outer validation fifth of the training part",
+            "commands": list(dict.fromkeys([*doc.get("commands", []), command])),
+            "results": sorted([*kept, merged], key=_key),
+        }
+        atomic_write(path, lambda f: f.write(json.dumps(out, indent=1).encode() + b"\n"))
+    finally:
+        os.close(folder)  # closing releases the lock
+    return merged
+
+
+def print_table(entries: list[dict[str, Any]]) -> None:
+    """A plain mean(std) table of the entries run here (scripts print; the library logs)."""
+    print(f"{'variant':24s} bits  i2t mean(std)     t2i mean(std)    kept epoch")
+    for e in entries:
+        print(
+            f"{e['variant']:24s} {e['bits']:4d}  {e['i2t_mean']:.4f}({e['i2t_std']:.3f})"
+            f"   {e['t2i_mean']:.4f}({e['t2i_std']:.3f})   {e['kept_epoch_mean']:.0f}"
+        )
+
+
+def main() -> None:
+    """Run every (variant, bits, seed) asked for and merge the summaries into --json."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--bits", default="64")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
+    p.add_argument("--k", default="grid", help='"grid" (K_GRID, chosen per run) or one k')
+    p.add_argument("--json", type=Path, default=Path("docs/results/quality-study.json"))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise InputError(f"expected variants from {', '.join(VARIANTS)}, got {unknown}")
+    k = None if args.k == "grid" else int(args.k)
+    bits = [int(b) for b in args.bits.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    defaults = dataclasses.asdict(TrainConfig())
+    base = prepare(args.dataset, args.root)
+    command = (
+        f"python -m scripts.quality_study --dataset {args.dataset} --root {args.root} "
+        f"--bits {args.bits} --seeds {args.seeds} --k {args.k} --variants {args.variants}"
+    )
+    done = []
+    for name in names:
+        fields, weighting = VARIANTS[name]
+        for n_bits in bits:
+            runs = []
+            for seed in seeds:
+                data = weighted_text(outer_split(base, seed), weighting)
+                run = run_one(data, fields={**defaults, **fields}, n_bits=n_bits, seed=seed, k=k)
+                runs.append(run)
+                row = {"dataset": args.dataset, "variant": name, "bits": n_bits, **run}
+                print(json.dumps(row), flush=True)
+            entry = summary(dataset=args.dataset, variant=name, n_bits=n_bits, k=k, runs=runs)
+            # Each cell is written as soon as it is done; the table shows every seed stored.
+            done.append(merge_into(args.json, entry, command=command))
+    print_table(done)
+
+
+if __name__ == "__main__":
+    main()
