@@ -11,7 +11,14 @@ from cli.dataset_args import add_dataset_args, prepare_from_args
 from models.aucmh import BITS, INPUT_NORMS
 from models.checkpoint import save_checkpoint
 from models.devices import DEVICES
-from models.train import K_GRID, TrainConfig, best_epoch, train_selecting, with_k_grid
+from models.train import (
+    K_GRID,
+    LR_SCHEDULES,
+    TrainConfig,
+    best_epoch,
+    train_selecting,
+    with_k_grid,
+)
 
 DEFAULTS = TrainConfig()
 
@@ -72,6 +79,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--margin", type=float, default=d.margin, help=f"gamma of L_r ({d.margin})")
     p.add_argument("--temperature", type=float, default=d.temperature, help="of Q (1 = paper)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
+    p.add_argument(
+        "--lr-schedule",
+        default=d.lr_schedule,
+        choices=LR_SCHEDULES,
+        help=f"learning rate over the epochs ({d.lr_schedule}; cosine: beyond the paper)",
+    )
+    p.add_argument(
+        "--hash-temperature",
+        type=float,
+        default=d.hash_temperature,
+        help=f"T of tanh(z / T) in training ({d.hash_temperature:g} = paper; codes are sign(z))",
+    )
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam L2 penalty")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"n ({d.batch_size})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"most epochs ({d.epochs})")
@@ -99,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         margin=args.margin,
         temperature=args.temperature,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        hash_temperature=args.hash_temperature,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         epochs=args.epochs,

@@ -133,3 +133,15 @@ def test_serve_refuses_worker_counts_it_cannot_run(cmh: Callable[..., Ran], tmp_
         refused = cmh("serve", "--artifacts", str(tmp_path), "--workers", "2")
     assert refused.returncode == 2
     assert "expected --workers 1 with CMH_INDEX_BACKEND=milvus" in refused.stderr
+
+
+def test_train_flags_set_the_options_beyond_the_paper() -> None:
+    from cli.main import build_parser
+    from cli.train import config_from_args
+
+    base = ["train", "--dataset", "demo", "--root", "demo", "--out", "model.pt"]
+    default = config_from_args(build_parser().parse_args(base))
+    assert (default.lr_schedule, default.hash_temperature) == ("constant", 1.0)
+    flags = ["--lr-schedule", "cosine", "--hash-temperature", "2"]
+    chosen = config_from_args(build_parser().parse_args(base + flags))
+    assert (chosen.lr_schedule, chosen.hash_temperature) == ("cosine", 2.0)
