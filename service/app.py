@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from anyio import CapacityLimiter
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -84,6 +85,7 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
         indexer=indexer,
         jobs=jobs,
         mirror=mirror,
+        text_searches=CapacityLimiter(settings.search_threads),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,12 @@ class Settings(BaseSettings):
         80_000_000, ge=1, description="pixels of all image decodes in progress at once (memory)"
     )
     max_queued_jobs: int = Field(32, ge=1, description="builds waiting to run before a 429")
+    search_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="threads that run text searches at once (default: one per core); more "
+        "requests wait in the event loop rather than contend for the cores and the GIL",
+    )
     batch_window_ms: float = Field(5.0, ge=0, description="how long image requests wait to batch")
     max_image_batch: int = Field(32, ge=1, description="largest backbone batch of image requests")
     index_backend: Literal["memory", "milvus"] = Field(

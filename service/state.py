@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from anyio import CapacityLimiter
+
 from service.encoder import Encoder
 from service.indexing import Indexer
 from service.jobs import JobManager
@@ -24,6 +26,7 @@ class Loaded:
     indexer: Indexer  # build items into the store
     jobs: JobManager  # background builds
     mirror: MilvusMirror | None  # searches answered by Milvus, when configured
+    text_searches: CapacityLimiter  # the threads text searches run on (settings.search_threads)
 
     def close(self) -> None:
         """Stop what runs in the background (the job worker after its job, the batcher), then

@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,20 @@ def test_build_while_searching_gives_no_errors_and_no_torn_results(demo_artifact
     assert status["status"] == "succeeded"
     assert not failures
     assert len(generations) == 2
+
+
+def test_text_searches_beyond_the_search_threads_wait_and_all_answer(demo_artifacts: Path) -> None:
+    # One search thread: the other concurrent requests wait in the event loop for it, and each
+    # gets its own answer, the same as alone.
+    texts = ["a red car", "a small green tree", "a yellow sun", "two balloons", "pink flower"] * 4
+    with client_for(demo_artifacts, search_threads=1) as client:
+        assert client.app.state.loaded.text_searches.total_tokens == 1
+        alone = [client.post("/v1/search/text", json={"text": t, "k": 5}).json() for t in texts]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(
+                pool.map(
+                    lambda t: client.post("/v1/search/text", json={"text": t, "k": 5}).json(),
+                    texts,
+                )
+            )
+    assert together == alone

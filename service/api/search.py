@@ -18,6 +18,7 @@ import time
 from typing import Annotated
 from urllib.parse import quote
 
+from anyio import to_thread
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -67,7 +68,11 @@ async def search_text(body: TextSearch, request: Request) -> SearchResponse:
     """Search the image (or text) index with a text."""
     loaded, settings, metrics = get_loaded(request), get_settings(request), get_metrics(request)
     check_k(body.k, settings)
-    return await run_in_threadpool(_search_text, loaded, metrics, body)
+    # Its own few threads (one per core by default), not the shared pool of 40: at 32
+    # connections 32 threads contending for 2 cores and the GIL made each search slower.
+    return await to_thread.run_sync(
+        _search_text, loaded, metrics, body, limiter=loaded.text_searches
+    )
 
 
 def _search_text(loaded: Loaded, metrics: Metrics, body: TextSearch) -> SearchResponse:
