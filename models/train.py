@@ -1,4 +1,8 @@
-"""AUCMH training: one flat loop over batches (Algorithm 1), with selection on validation."""
+"""AUCMH training: one flat loop over batches (Algorithm 1), with selection on validation.
+
+Over 300 lines because TrainConfig (every field checked), the loop and the epoch and k selection
+that read its history are one procedure; the model itself lives in models/aucmh.py.
+"""
 
 from __future__ import annotations
 
