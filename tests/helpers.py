@@ -7,6 +7,18 @@ import numpy as np
 from indexes.codes import pack_codes
 from indexes.results import PAD_DIST
 from models.data import PairDataset
+from store.manifest import Manifest
+
+
+def store_manifest(n_bits: int) -> Manifest:
+    """The manifest of a store made by the tests, not by a trained checkpoint."""
+    return Manifest(
+        n_bits=n_bits,
+        image_backbone="test-backbone",
+        vocabulary_sha256="0" * 64,
+        checkpoint_sha256="1" * 64,
+        created=0.0,
+    )
 
 
 def random_packed(rng: np.random.Generator, n: int, n_bits: int) -> np.ndarray:

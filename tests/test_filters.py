@@ -35,21 +35,15 @@ from store import metadata as md
 from store.compaction import compact_once
 from store.filters import Filter
 from store.ids import ItemId, parse_id
-from store.manifest import Manifest
 from store.rows import NewItems
 from store.store import DB_NAME, STORE_DIR, Store
 from store.view import Target
+from tests.helpers import store_manifest
 
 N_BITS = 72  # two words per code, the second with padding bits
 POOL = 24  # distinct codes per modality: ties everywhere
 SEAL, BULK, FACTOR = 64, 40, 4  # lowered SEAL_ROWS, BULK_ROWS, MERGE_FACTOR
-MANIFEST = Manifest(
-    n_bits=N_BITS,
-    image_backbone="test-backbone",
-    vocabulary_sha256="0" * 64,
-    checkpoint_sha256="1" * 64,
-    created=0.0,
-)
+MANIFEST = store_manifest(N_BITS)
 _bits = np.random.default_rng(11).integers(0, 2, (2, POOL + 2, N_BITS))
 POOLS = {"image": pack_codes(_bits[0, :POOL]), "text": pack_codes(_bits[1, :POOL])}
 QUERIES = {  # per target: two pooled codes (distance-0 ties) and two from outside the pool

@@ -37,6 +37,7 @@ from store.rows import IMAGES_DIR, NewItems
 from store.segment import HEADER, HEADER_SIZE
 from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, Store
 from store.view import Target
+from tests.helpers import store_manifest
 
 N_BITS = 72  # two words per code, the second with padding bits
 SEAL = 64  # lowered SEAL_ROWS
@@ -44,13 +45,7 @@ BULK = 40  # lowered BULK_ROWS
 FACTOR = 4  # lowered MERGE_FACTOR
 POOL = 40  # distinct codes per modality: many items share a code, so ties are everywhere
 TARGETS: tuple[Target, ...] = ("image", "text")
-MANIFEST = Manifest(
-    n_bits=N_BITS,
-    image_backbone="test-backbone",
-    vocabulary_sha256="0" * 64,
-    checkpoint_sha256="1" * 64,
-    created=0.0,
-)
+MANIFEST = store_manifest(N_BITS)
 _bits = np.random.default_rng(7).integers(0, 2, (2, POOL + 3, N_BITS))
 IMAGE_POOL, TEXT_POOL = pack_codes(_bits[0, :POOL]), pack_codes(_bits[1, :POOL])
 # per target: three pooled codes (distance-0 ties) and three codes from outside the pool
