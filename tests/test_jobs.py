@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -271,3 +272,24 @@ def test_jobs_killed_mid_build_read_as_interrupted_after_a_restart(demo_artifact
             status = client.get(f"/v1/jobs/{job_id}").json()
             assert status["status"] == "failed" and status["detail"] == INTERRUPTED, status
         assert client.get("/v1/items/95000/image").status_code == 200
+
+
+def test_a_job_file_from_before_owners_is_upgraded_and_its_unfinished_jobs_interrupted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(path) as old:  # the schema before jobs had owners
+        old.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, record TEXT)")
+        for job_id, state in (("a" * 32, "running"), ("b" * 32, "succeeded")):
+            status = JobStatus(job_id=job_id, status=state, done=1, total=2)
+            old.execute(
+                "INSERT INTO jobs (id, record) VALUES (?, ?)", (job_id, status.model_dump_json())
+            )
+    jobs = JobManager(path)
+    try:
+        running, finished = jobs.get("a" * 32), jobs.get("b" * 32)
+        assert running is not None and (running.status, running.detail) == ("failed", INTERRUPTED)
+        assert finished is not None and finished.status == "succeeded"
+        assert wait_finished(jobs, jobs.submit(1, done(1))).added == 1  # and it takes new jobs
+    finally:
+        jobs.close()
