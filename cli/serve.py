@@ -9,7 +9,8 @@ from pathlib import Path
 import uvicorn
 
 from common.errors import InputError
-from service.app import create_app, freeze_loaded, load
+from service.app import create_served_app, load
+from service.metrics import Metrics
 from service.settings import Settings
 from store.layout import CHECKPOINT_NAME
 
@@ -68,17 +69,12 @@ def run(args: argparse.Namespace) -> int:
     }
     # Everything is checked (checkpoint, backbone, store and its manifest, job records) before
     # uvicorn starts: a refusal is then this command's one line and exit 2, not a traceback.
-    app = create_app(settings)
-    loaded = load(settings, app.state.metrics)
     if args.workers == 1:
-        app.state.loaded = loaded
-        freeze_loaded()
-        uvicorn.run(app, **options)
+        uvicorn.run(create_served_app(settings), **options)
         return 0
-    # Several processes: each worker loads for itself (service.app.create_worker_app), so the
-    # checked state is closed here first; the store is then opened shared by all of them.
-    loaded.close()
-    del loaded
+    # Several processes: each worker loads for itself (service.app.create_worker_app), so what
+    # the check loaded is closed here first; the store is then opened shared by all of them.
+    load(settings, Metrics()).close()
     # The workers are fresh interpreters that read their settings from CMH_* variables: the one
     # setting that came from the command line goes to them that way.
     os.environ["CMH_ARTIFACTS_DIR"] = str(settings.artifacts_dir)

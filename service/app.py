@@ -192,23 +192,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def create_served_app(settings: Settings | None = None, *, shared: bool = False) -> FastAPI:
+    """The app with everything loaded: what `cmh serve` runs, in each of its processes.
+
+    A refusal (a mismatched store, a missing checkpoint...) raises here, before any server
+    listens. `shared`: the store is opened for several worker processes at once. What is loaded
+    by then (torch, numba, the model: half a million objects) lives as long as the process and is
+    kept out of the cyclic garbage collector, whose full passes over it stalled every request for
+    0.5-0.7 s (the p99 of `cmh bench service` at 32 connections).
+    """
+    app = create_app(settings)
+    app.state.loaded = load(app.state.settings, app.state.metrics, shared=shared)
+    gc.freeze()
+    return app
+
+
 def create_worker_app() -> FastAPI:
     """One worker process of `cmh serve --workers N`: uvicorn calls this factory in each one.
 
     Settings come from the CMH_* environment (the parent set CMH_ARTIFACTS_DIR); the store is
-    opened shared with the other workers; everything is loaded before the worker listens.
+    opened shared with the other workers.
     """
-    app = create_app()
-    app.state.loaded = load(app.state.settings, app.state.metrics, shared=True)
-    freeze_loaded()
-    return app
-
-
-def freeze_loaded() -> None:
-    """Keep what is loaded by now out of the cyclic garbage collector.
-
-    torch, numba and the model are half a million objects that live as long as the process; the
-    collector's full passes over them stalled every request for 0.5-0.7 s (the p99 of
-    `cmh bench service` at 32 connections).
-    """
-    gc.freeze()
+    return create_served_app(shared=True)
