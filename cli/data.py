@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from models.datasets import DATASETS, load_dataset, summarize
+from models.data.loaders import DATASETS, load_dataset, summarize
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 from common.errors import InputError
-from models.data import PairDataset
-from models.datasets import DATASETS
-from models.image_features import BACKBONES
-from models.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
+from models.data.dataset import PairDataset
+from models.data.loaders import DATASETS
+from models.features.image import BACKBONES
+from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
 
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:

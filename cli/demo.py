@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from cli.demo_artifacts import build_demo
-from models.demo import N_DEFAULT, generate_demo
+from models.data.demo import N_DEFAULT, generate_demo
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from indexes.codes import pack_codes
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.demo import N_DEFAULT, generate_demo
-from models.pipeline import prepare
-from models.train import TrainConfig, best_epoch, train_selecting, with_k_grid
+from models.data.demo import N_DEFAULT, generate_demo
+from models.features.pipeline import prepare
+from models.network.checkpoint import load_checkpoint, save_checkpoint
+from models.training.train import TrainConfig, best_epoch, train_selecting, with_k_grid
 from service.indexing import dataset_ids
 from store import legacy
 from store.layout import CHECKPOINT_NAME, open_store

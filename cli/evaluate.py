@@ -9,7 +9,7 @@ from cli.dataset_args import add_dataset_args, prepare_from_args
 from common.errors import InputError
 from evaluation.protocol import run_seeds
 from evaluation.report import format_table, plot_pr_curves, results_document, write_json
-from models.methods import METHODS, evaluate_methods, parse_methods
+from models.methods.compare import METHODS, evaluate_methods, parse_methods
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

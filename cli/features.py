@@ -9,8 +9,8 @@ from pathlib import Path
 
 from cli.dataset_args import add_dataset_args, check_weights
 from common.errors import InputError
-from models.datasets import load_dataset
-from models.pipeline import (
+from models.data.loaders import load_dataset
+from models.features.pipeline import (
     cached_image_features,
     fit_text_features,
 )

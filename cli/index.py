@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from models.datasets import DATASETS, load_dataset
+from models.data.loaders import DATASETS, load_dataset
 from service.encoder import Encoder, load_served_model
 from service.indexing import Indexer
 from store import legacy

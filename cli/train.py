@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 from cli.dataset_args import add_dataset_args, prepare_from_args
-from models.aucmh import BITS, INPUT_NORMS
-from models.checkpoint import save_checkpoint
 from models.devices import DEVICES
-from models.train import (
+from models.network.aucmh import BITS, INPUT_NORMS
+from models.network.checkpoint import save_checkpoint
+from models.training.train import (
     K_GRID,
     LR_SCHEDULES,
     TrainConfig,

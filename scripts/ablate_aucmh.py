@@ -21,8 +21,14 @@ from pathlib import Path
 
 import torch
 
-from models.pipeline import prepare
-from models.train import TrainConfig, best_epoch, config_from_dict, train_selecting, with_k_grid
+from models.features.pipeline import prepare
+from models.training.train import (
+    TrainConfig,
+    best_epoch,
+    config_from_dict,
+    train_selecting,
+    with_k_grid,
+)
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "AUCMH": {},

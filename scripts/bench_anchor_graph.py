@@ -8,7 +8,7 @@ process's peak just before it starts (after the inputs exist).
 - anchor: P for every batch of an epoch as in the paper (Eq. 2-4: m anchors, k nearest, W, G).
   Its cost per batch does not depend on N, so the epoch time is the median batch time times the
   number of batches (`measured_batches` are timed; the rest is that multiplication).
-  The script also splits that work as models.train does it: each point's nearest anchors once
+  The script also splits that work as models.training.train does it: each point's nearest anchors once
   (`cached_once_s`, `cached_mib` computed as N k (4 + 8) bytes per modality), then per batch only
   W and G (`cached_epoch_s`).
 - full: a first-order k-nearest-neighbour cosine graph over all N training pairs for each
@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from models.aucmh import HashingModel
-from models.losses import (
+from models.network.aucmh import HashingModel
+from models.training.losses import (
     anchor_graph_loss,
     graph_from_nearest,
     nearest_anchors,
@@ -72,7 +72,7 @@ def bench_anchor(
         p = pair_affinity(xi, xt, image_anchors, text_anchors, k=k)
         times.append(time.perf_counter() - start)
         assert p.shape == (batch, batch)
-        # The same P split in two: nearest anchors (once per point in models.train) ...
+        # The same P split in two: nearest anchors (once per point in models.training.train) ...
         start = time.perf_counter()
         near_i = nearest_anchors(xi, image_anchors, k=k)
         near_t = nearest_anchors(xt, text_anchors, k=k)

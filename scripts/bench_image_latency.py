@@ -4,7 +4,7 @@
         --json docs/results/bench-image-latency.json
 
 What a search runs between the upload's bytes and the index: service.uploads.decode_image, then
-service.encoder.MicroBatcher (the fast EfficientNet-Lite0 path of models.image_features) with
+service.encoder.MicroBatcher (the fast EfficientNet-Lite0 path of models.features.image) with
 the service's defaults (5 ms window, batches of at most 32). The AUCMH network on the features
 and the index search come after (well under a millisecond each; not measured here).
 
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.datasets import load_dataset
-from models.image_features import (
+from models.data.loaders import load_dataset
+from models.features.image import (
     Backbone,
     crop_pixels,
     encode_images,

@@ -3,14 +3,14 @@
     .venv/bin/python -m scripts.bench_images --root ../shared/data/web-news --runs 3 \
         --json docs/results/bench-images.json
 
-Both paths are models.image_features.load_backbone("efficientnet-lite0") on the CPU: the
+Both paths are models.features.image.load_backbone("efficientnet-lite0") on the CPU: the
 reference (`fast=False`, today's code: the package's network, full JPEG decodes, torchvision
 ToTensor + Normalize, one batch at a time over the process's torch threads) and the fast one
 (the default). Throughput and latency alternate the two block by block (--block images, A B,
 B A, A B, ...), so that both meet the same load from other processes; medians over --runs:
 
 - `throughput`: images/s of encode_images over --n image paths (default batch size): what
-  `cmh features` (models.pipeline.cached_image_features) runs, decoding included; and the
+  `cmh features` (models.features.pipeline.cached_image_features) runs, decoding included; and the
   process CPU time per image (all threads), which other processes' load inflates less.
 - `latency`: one image at a time as the service gets it, JPEG bytes in memory -> decoded RGB
   image -> its features through encode_images (the reference decodes in full as
@@ -56,8 +56,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.datasets import load_dataset
-from models.image_features import (
+from models.data.loaders import load_dataset
+from models.features.image import (
     Backbone,
     crop_pixels,
     draft_jpeg,
@@ -67,7 +67,7 @@ from models.image_features import (
     pixels_to_input,
     to_rgb,
 )
-from models.lite_fused import fuse_lite0, pack_for_cpu
+from models.features.lite_fused import fuse_lite0, pack_for_cpu
 from service.encoder import MicroBatcher
 
 PATHS = ("reference", "fast")

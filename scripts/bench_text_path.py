@@ -1,4 +1,4 @@
-"""One text to its packed code: the fast path (models/text_path.py) against the torch path.
+"""One text to its packed code: the fast path (models/network/text_path.py) against the torch path.
 
     .venv/bin/python -m scripts.bench_text_path --checkpoint artifacts/model.pt
 
@@ -21,9 +21,9 @@ import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
 from indexes.codes import pack_codes
-from models.checkpoint import load_checkpoint
-from models.text_features import TextVectorizer, tokenize
-from models.text_path import TextPath
+from models.features.text import TextVectorizer, tokenize
+from models.network.checkpoint import load_checkpoint
+from models.network.text_path import TextPath
 from store.benchmark import caption_pool
 
 

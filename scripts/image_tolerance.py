@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.datasets import load_dataset
-from models.image_features import (
+from models.data.loaders import load_dataset
+from models.features.image import (
     DRAFT_MIN_SIDE,
     Backbone,
     draft_jpeg,
@@ -42,8 +42,8 @@ from models.image_features import (
     load_efficientnet_lite0,
     to_rgb,
 )
-from models.pipeline import DEFAULT_VOCAB_SIZE, fit_text_features
-from models.train import TrainConfig, train
+from models.features.pipeline import DEFAULT_VOCAB_SIZE, fit_text_features
+from models.training.train import TrainConfig, train
 
 
 def compare(ref: np.ndarray, other: np.ndarray) -> dict[str, float]:

@@ -42,10 +42,10 @@ import torch
 
 from common.errors import InputError
 from common.fsio import atomic_write
-from models.data import PairDataset
-from models.pipeline import prepare
-from models.text_features import tokenize
-from models.train import (
+from models.data.dataset import PairDataset
+from models.features.pipeline import prepare
+from models.features.text import tokenize
+from models.training.train import (
     TrainConfig,
     best_epoch,
     config_from_dict,
@@ -54,7 +54,7 @@ from models.train import (
 )
 from scripts.tune_aucmh import outer_split, score
 
-# Text inputs a variant can train on: the binary bag of words of models/text_features.py (today's
+# Text inputs a variant can train on: the binary bag of words of models/features/text.py (today's
 # and the serving path's), log(1 + counts), or tf-idf rows of unit length (idf from fitting texts).
 WEIGHTINGS = ("binary", "log", "tfidf")
 

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from evaluation.protocol import Encoder, validation_map, validation_split
-from models.data import PairDataset
-from models.methods import METHODS, features
-from models.pipeline import prepare
-from models.train import TrainConfig, config_from_dict, train
+from models.data.dataset import PairDataset
+from models.features.pipeline import prepare
+from models.methods.compare import METHODS, features
+from models.training.train import TrainConfig, config_from_dict, train
 
 OUTER_SEED_OFFSET = 1000  # the outer split's seed differs from every inner split's seed
 

@@ -1,8 +1,8 @@
 """Queries to packed codes: texts through the BoW vectorizer, images through backbone + model.
 
-A text becomes the columns of its known words (models/text_features.py) and its code comes from
-models/text_path.py: the text network as a sum of a few weight columns, in float64 NumPy, with
-torch's codes bit for bit (torch itself encodes the rare text too close to a sign change, and
+A text becomes the columns of its known words (models/features/text.py) and its code comes from
+models/network/text_path.py: the text network as a sum of a few weight columns, in float64 NumPy,
+with torch's codes bit for bit (torch itself encodes the rare text too close to a sign change, and
 every text of a model that path cannot reproduce exactly).
 
 Concurrent image requests are micro-batched: each request hands its decoded image to one worker
@@ -29,11 +29,11 @@ from PIL import Image
 
 from common.errors import InputError
 from indexes.codes import pack_codes
-from models.checkpoint import Checkpoint, load_checkpoint
 from models.devices import resolve_device
-from models.image_features import Backbone, encode_images, load_backbone, one_torch_thread
-from models.text_features import TextVectorizer
-from models.text_path import TextPath
+from models.features.image import Backbone, encode_images, load_backbone, one_torch_thread
+from models.features.text import TextVectorizer
+from models.network.checkpoint import Checkpoint, load_checkpoint
+from models.network.text_path import TextPath
 from store.layout import CHECKPOINT_NAME
 from store.manifest import Manifest, manifest_for
 

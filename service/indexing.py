@@ -29,7 +29,7 @@ from PIL import Image
 
 from common.errors import InputError
 from indexes.codes import n_words
-from models.data import PairDataset
+from models.data.dataset import PairDataset
 from service.encoder import Encoder
 from service.schemas import BuildItem, ErrorItem
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside

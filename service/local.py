@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.checkpoint import load_checkpoint
+from models.network.checkpoint import load_checkpoint
 from store.benchmark import synthetic_items
 from store.compaction import compact_once
 from store.layout import CHECKPOINT_NAME

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import InputError
-from models.image_features import draft_jpeg, to_rgb
+from models.features.image import draft_jpeg, to_rgb
 
 EXTENSIONS = {
     "JPEG": "jpg",

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from cli.demo_artifacts import build_demo
-from models.data import PairDataset
-from models.demo import generate_demo
-from models.pipeline import prepare
+from models.data.dataset import PairDataset
+from models.data.demo import generate_demo
+from models.features.pipeline import prepare
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from indexes.codes import pack_codes
 from indexes.results import PAD_DIST
-from models.data import PairDataset
+from models.data.dataset import PairDataset
 from store.manifest import Manifest
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.errors import InputError
-from models.aucmh import HashingModel, ModelConfig, build_model, hash_layer
+from models.network.aucmh import HashingModel, ModelConfig, build_model, hash_layer
 
 
 def _model(seed: int = 0) -> HashingModel:

@@ -12,7 +12,7 @@ from evaluation.metrics import (
     mean_average_precision,
     relevance,
 )
-from models.baselines import CCA, CCAITQ, CMFH, CVH, LSH, cca_directions, itq_rotation
+from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH, cca_directions, itq_rotation
 
 BINARY = (CVH, CMFH, CCAITQ, LSH)
 

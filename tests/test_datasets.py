@@ -13,8 +13,8 @@ import scipy.io
 from PIL import Image
 
 from common.errors import InputError
-from models.datasets import load_dataset, summarize
-from models.demo import KINDS, generate_demo, load_demo
+from models.data.demo import KINDS, generate_demo, load_demo
+from models.data.loaders import load_dataset, summarize
 
 
 def test_wikipedia_training_part(wikipedia_root: Path) -> None:

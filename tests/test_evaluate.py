@@ -28,9 +28,9 @@ from evaluation.protocol import (
     validation_split,
 )
 from evaluation.report import format_table, plot_pr_curves, results_document
-from models.data import PairDataset
-from models.methods import evaluate_methods, parse_methods
-from models.train import split_train
+from models.data.dataset import PairDataset
+from models.methods.compare import evaluate_methods, parse_methods
+from models.training.train import split_train
 
 
 def synthetic_dataset(n: int = 300, n_classes: int = 3) -> PairDataset:
@@ -155,7 +155,7 @@ def test_validation_split_holds_out_part_of_the_training_rows() -> None:
 def test_baselines_choose_their_regulariser_on_validation(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="models.methods"):
+    with caplog.at_level(logging.INFO, logger="models.methods.compare"):
         evaluate_methods(synthetic_dataset(), methods=parse_methods("cmfh"), bits=[8], seeds=[0])
     assert "validation MAP@all by regularisation" in caplog.text
     assert "chose" in caplog.text

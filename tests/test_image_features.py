@@ -16,9 +16,9 @@ from PIL import Image
 from torchvision.models import vgg19
 
 from common.errors import InputError
-from models.data import PairDataset
-from models.datasets import load_dataset
-from models.image_features import (
+from models.data.dataset import PairDataset
+from models.data.loaders import load_dataset
+from models.features.image import (
     DRAFT_MIN_SIDE,
     Backbone,
     crop_pixels,
@@ -32,7 +32,7 @@ from models.image_features import (
     pixels_to_input,
     to_rgb,
 )
-from models.lite_fused import FusedLite0, fuse_lite0, pack_for_cpu
+from models.features.lite_fused import FusedLite0, fuse_lite0, pack_for_cpu
 from service.uploads import PixelBudget, decode_image
 
 

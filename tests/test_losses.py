@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.losses import (
+from models.training.losses import (
     anchor_graph,
     anchor_graph_loss,
     cosine_matrix,

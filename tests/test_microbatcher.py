@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.image_features import Backbone, encode_images, load_backbone
+from models.features.image import Backbone, encode_images, load_backbone
 from service.encoder import MicroBatcher
 
 

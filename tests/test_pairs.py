@@ -1,4 +1,4 @@
-"""The pairs format (models/pairs.py): real files on disk, every defect rejected with its line."""
+"""The pairs format (models/data/pairs.py): real files on disk, every defect rejected with its line."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from PIL import Image
 
 from cli.main import main
 from common.errors import InputError
-from models.data import PairDataset
-from models.datasets import load_dataset
-from models.methods import evaluate_methods, parse_methods
+from models.data.dataset import PairDataset
+from models.data.loaders import load_dataset
+from models.methods.compare import evaluate_methods, parse_methods
 
 GOOD_BEFORE = {"id": "before", "image": "good.png", "text": "a red square"}
 GOOD_AFTER = {"id": "after", "image": "photos/photo.jpg", "text": "a blue photo"}

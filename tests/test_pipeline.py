@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import PairDataset
-from models.datasets import load_dataset
-from models.pipeline import cached_image_features, prepare
+from models.data.dataset import PairDataset
+from models.data.loaders import load_dataset
+from models.features.pipeline import cached_image_features, prepare
 
 
 def test_cache_is_hit_on_the_second_run_and_missed_after_a_change(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.errors import InputError
-from models.text_features import TextVectorizer, tokenize
+from models.features.text import TextVectorizer, tokenize
 
 
 def test_english_tokens_drop_stop_words_and_punctuation() -> None:

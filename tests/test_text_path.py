@@ -1,4 +1,4 @@
-"""The fast text path (models/text_path.py) gives torch's codes bit for bit.
+"""The fast text path (models/network/text_path.py) gives torch's codes bit for bit.
 
 Against `HashingModel.encode_text` on the dense bag of words: the demo checkpoint built by
 build_demo, a model trained here on real Web News captions (2,000 words), and untrained models of
@@ -20,13 +20,13 @@ from sklearn.feature_extraction.text import CountVectorizer
 from torch import nn
 
 from indexes.codes import pack_codes
-from models.aucmh import HashingModel
-from models.checkpoint import load_checkpoint
-from models.image_features import load_backbone
-from models.text_features import TextVectorizer, tokenize
-from models.text_path import FLOOR, TextPath
-from models.train import TrainConfig, train
-from models.webnews import load_web_news
+from models.data.webnews import load_web_news
+from models.features.image import load_backbone
+from models.features.text import TextVectorizer, tokenize
+from models.network.aucmh import HashingModel
+from models.network.checkpoint import load_checkpoint
+from models.network.text_path import FLOOR, TextPath
+from models.training.train import TrainConfig, train
 from service.encoder import Encoder
 
 WebNewsModel = tuple[HashingModel, TextVectorizer, list[str]]  # model, its vectorizer, captions
@@ -222,7 +222,7 @@ def test_what_cannot_be_reproduced_is_refused_and_logged(
     model.eval()
     assert TextPath.from_model(model) is not None
     change(model)  # type: ignore[operator]  # the parametrised lambdas
-    with caplog.at_level(logging.WARNING, logger="models.text_path"):
+    with caplog.at_level(logging.WARNING, logger="models.network.text_path"):
         assert TextPath.from_model(model) is None
     assert len(caplog.records) == 1 and reason in caplog.records[0].getMessage()
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import models.train
+import models.training.train
 from cli.main import main
 from common.errors import InputError
 from evaluation.protocol import validation_map
-from models.aucmh import HashingModel, ModelConfig
-from models.checkpoint import load_checkpoint
-from models.data import PairDataset
-from models.train import (
+from models.data.dataset import PairDataset
+from models.network.aucmh import HashingModel, ModelConfig
+from models.network.checkpoint import load_checkpoint
+from models.training.train import (
     K_GRID,
     TrainConfig,
     best_epoch,
@@ -179,7 +179,7 @@ def _scripted_validation(monkeypatch, means: list[float]) -> None:
         mean = next(scores)
         return mean, mean
 
-    monkeypatch.setattr(models.train, "validation_map", scripted)
+    monkeypatch.setattr(models.training.train, "validation_map", scripted)
 
 
 def test_train_keeps_the_epoch_best_epoch_names_never_the_untrained_weights(

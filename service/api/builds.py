@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from common.errors import InputError
-from models.datasets import load_dataset
+from models.data.loaders import load_dataset
 from service.api.deps import (
     ERRORS,
     JobsDep,

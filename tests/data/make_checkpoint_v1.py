@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from indexes.codes import pack_codes
-from models.aucmh import HashingModel
-from models.checkpoint import save_checkpoint
-from models.train import TrainConfig
+from models.network.aucmh import HashingModel
+from models.network.checkpoint import save_checkpoint
+from models.training.train import TrainConfig
 
 IMAGE_DIM, TEXT_DIM, N_ROWS = 6, 5, 8
 

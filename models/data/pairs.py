@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
 from common.errors import InputError
-from models.data import PairDataset, Rejection
+from models.data.dataset import PairDataset, Rejection
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from common.fsio import atomic_write_bytes, fsync_dir
-from models.data import PairDataset, Rejection
+from models.data.dataset import PairDataset, Rejection
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,13 @@ bicubic; centre crop 224; scale and normalise).
 
 `load_backbone(..., fast=True)` (the default, used by the service and `cmh features` alike through
 `encode_images`) gives the same features within a tested tolerance, several times faster on a CPU:
-EfficientNet-Lite0 with batch norm folded into its convolutions (models/lite_fused.py), JPEG files
-decoded at reduced DCT scale while their short side stays >= DRAFT_MIN_SIDE, the crop turned into a
-tensor from its uint8 array in one pass (bit-identical to ToTensor + Normalize), and batches split
-over one worker thread per core, each running torch with one intra-op thread (on two cores this is
-faster than one batch over two threads and degrades far less when other processes share the
-cores). `fast=False` is the reference path, kept for the tests and scripts/bench_images.py.
+EfficientNet-Lite0 with batch norm folded into its convolutions (models/features/lite_fused.py),
+JPEG files decoded at reduced DCT scale while their short side stays >= DRAFT_MIN_SIDE, the crop
+turned into a tensor from its uint8 array in one pass (bit-identical to ToTensor + Normalize), and
+batches split over one worker thread per core, each running torch with one intra-op thread (on two
+cores this is faster than one batch over two threads and degrades far less when other processes
+share the cores). `fast=False` is the reference path, kept for the tests and
+scripts/bench_images.py.
 
 Over 300 lines because both paths (the reference and the fast one) and the one preprocessing
 they must agree on live side by side, so a reader can check that they do.
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from models.devices import resolve_device
-from models.lite_fused import FusedLite0, fuse_lite0, pack_for_cpu
+from models.features.lite_fused import FusedLite0, fuse_lite0, pack_for_cpu
 
 logger = logging.getLogger(__name__)
 

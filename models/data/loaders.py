@@ -9,8 +9,8 @@ methods train on the database):
 - web-news: queries = the pairs of testset_txt_img_cat.list; database = train = trainset's pairs.
 - mirflickr25k, iapr-tc12, nus-wide: 2,000 (NUS-WIDE 2,100) seeded random queries; database = train
   = the rest (the UCCH code's file layout, documented in the README).
-- demo: the generated dataset (models/demo.py).
-- pairs: each line's split field (models/pairs.py): queries = the "query" pairs; database = the
+- demo: the generated dataset (models/data/demo.py).
+- pairs: each line's split field (models/data/pairs.py): queries = the "query" pairs; database = the
   "database" pairs (the default); train = the "train" and "database" pairs. With no split on any
   line, database = train = every pair and there are no queries.
 """
@@ -26,11 +26,11 @@ import numpy as np
 import scipy.io
 
 from common.errors import InputError
-from models.data import PairDataset, Rejection, seeded_query_split
-from models.demo import load_demo
-from models.matfiles import read_mat_variables
-from models.pairs import load_pairs
-from models.webnews import load_web_news
+from models.data.dataset import PairDataset, Rejection, seeded_query_split
+from models.data.demo import load_demo
+from models.data.matfiles import read_mat_variables
+from models.data.pairs import load_pairs
+from models.data.webnews import load_web_news
 
 logger = logging.getLogger(__name__)
 

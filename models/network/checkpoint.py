@@ -1,8 +1,8 @@
 """AUCMH checkpoints: one torch file with the network's config, weights, history and vocabulary.
 
 The file is a plain dict of tensors, strings and numbers, so `torch.load(weights_only=True)`
-reads it, and the network is rebuilt from its "model_args" with models/aucmh.py alone (nanoGPT's
-`GPTConfig(**checkpoint["model_args"])`): serving never imports training.
+reads it, and the network is rebuilt from its "model_args" with models/network/aucmh.py alone
+(nanoGPT's `GPTConfig(**checkpoint["model_args"])`): serving never imports training.
 
 Version 2 (written): "model_args" (ModelConfig fields), "model" (state dict), "train_config"
 (the TrainConfig fields it was trained with, for the record), "history", "vocabulary",
@@ -22,7 +22,7 @@ import torch
 
 from common.errors import InputError
 from common.fsio import atomic_write
-from models.aucmh import HashingModel, ModelConfig, build_model
+from models.network.aucmh import HashingModel, ModelConfig, build_model
 
 FORMAT = "cmh-aucmh-checkpoint"
 VERSION = 2
@@ -42,7 +42,7 @@ class Checkpoint:
     model: HashingModel  # in eval mode, on the device asked for
     model_config: ModelConfig  # what the network is (model.config)
     train_config: dict[str, Any]  # TrainConfig fields it was trained with, as saved (a record)
-    history: list[dict[str, float]]  # one row per trained epoch (models/train.py)
+    history: list[dict[str, float]]  # one row per trained epoch (models/training/train.py)
     vocabulary: list[str] | None  # BoW terms in text feature column order, when the text is BoW
     image_backbone: str  # what made the image features the model expects
     dataset: str  # the dataset it was trained on

@@ -15,10 +15,10 @@ import numpy as np
 
 from common.errors import InputError
 from common.fsio import atomic_write
-from models.data import PairDataset
-from models.datasets import load_dataset
-from models.image_features import encode_images, load_backbone
-from models.text_features import TextVectorizer
+from models.data.dataset import PairDataset
+from models.data.loaders import load_dataset
+from models.features.image import encode_images, load_backbone
+from models.features.text import TextVectorizer
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import InputError
-from models.data import PairDataset, Rejection
+from models.data.dataset import PairDataset, Rejection
 
 logger = logging.getLogger(__name__)
 

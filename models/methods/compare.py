@@ -5,9 +5,9 @@ database rows of both modalities. Binary methods are ranked by Hamming distance;
 CCA reference by cosine, with one fit serving every code length. Every method makes its choices
 by validation MAP@all (mean of both directions) on a seeded split held out of the training part,
 never on the queries, but the splits differ, and the difference favours the baselines:
-- AUCMH (models/train.py) holds out TrainConfig.n_val pairs (2,000, at most a fifth), ranks them
-  against at most VAL_DATABASE_CAP (20,000) of the other training pairs, picks the epoch and then
-  the anchor k on them, and keeps that model: it never trains on the held-out pairs.
+- AUCMH (models/training/train.py) holds out TrainConfig.n_val pairs (2,000, at most a fifth),
+  ranks them against at most VAL_DATABASE_CAP (20,000) of the other training pairs, picks the
+  epoch and then the anchor k on them, and keeps that model: it never trains on the held-out pairs.
 - each baseline holds out VALIDATION_FRACTION (a fifth) of the training part, ranks it against
   all the other training pairs, picks its one regularisation value (widening its grid while the
   choice sits on an edge), and then refits on the whole training part.
@@ -25,9 +25,9 @@ import numpy as np
 
 from common.errors import InputError
 from evaluation.protocol import Encoder, RunResult, score_run, validation_map, validation_split
-from models.baselines import CCA, CCAITQ, CMFH, CVH, LSH
-from models.data import PairDataset
-from models.train import TrainConfig, train_selecting, with_k_grid
+from models.data.dataset import PairDataset
+from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH
+from models.training.train import TrainConfig, train_selecting, with_k_grid
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.aucmh import HashingModel
+from models.network.aucmh import HashingModel
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """AUCMH training: one flat loop over batches (Algorithm 1), with selection on validation.
 
 Over 300 lines because TrainConfig (every field checked), the loop and the epoch and k selection
-that read its history are one procedure; the model itself lives in models/aucmh.py.
+that read its history are one procedure; the model itself lives in models/network/aucmh.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,15 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from evaluation.protocol import seeded_split, validation_map
-from models.aucmh import HashingModel, ModelConfig, build_model
-from models.data import PairDataset
+from models.data.dataset import PairDataset
 from models.devices import DEVICES, resolve_device
-from models.losses import anchor_graph_loss, graph_from_nearest, nearest_anchors, ranking_loss
+from models.network.aucmh import HashingModel, ModelConfig, build_model
+from models.training.losses import (
+    anchor_graph_loss,
+    graph_from_nearest,
+    nearest_anchors,
+    ranking_loss,
+)
 
 logger = logging.getLogger(__name__)
 

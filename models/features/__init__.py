@@ -1,0 +1,1 @@
+"""Features: image backbones, the bag-of-words vectoriser, and dataset root -> features."""

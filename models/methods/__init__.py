@@ -1,0 +1,1 @@
+"""The methods `cmh evaluate` compares: the baselines and the loop that fits and scores them."""

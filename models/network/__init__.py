@@ -1,0 +1,1 @@
+"""The AUCMH network: the model, its checkpoints and the NumPy text path serving uses."""

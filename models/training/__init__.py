@@ -1,0 +1,1 @@
+"""Training AUCMH: the anchor-graph and ranking losses, and the loop with validation selection."""
