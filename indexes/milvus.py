@@ -32,8 +32,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
@@ -73,6 +74,101 @@ def milvus_dim(n_bits: int) -> int:
     """The BINARY_VECTOR dim for n_bits-bit codes: Milvus needs a multiple of 8."""
     n_words(n_bits)  # the same range check as every other index
     return -(-n_bits // 8) * 8
+
+
+class Hit(NamedTuple):
+    """One Milvus search hit: Hamming distance, insertion seq, primary key, requested fields."""
+
+    dist: int
+    seq: int
+    id: int | str
+    entity: dict[str, Any]
+
+
+def search_hits(
+    client: MilvusClient,
+    collection: str,
+    vectors: np.ndarray,
+    *,
+    anns_field: str,
+    limit: int,
+    radius: tuple[int, int] | None = None,
+    expr: str = "",
+    output_fields: Sequence[str] = (),
+    timeout: int
+    | None = None,  # whole seconds: pymilvus ignores a float (see store/milvus_store.py)
+) -> list[list[Hit]]:
+    """Hits of each (m, bytes) uint8 query vector sorted by (dist, seq); radius is [low, high).
+
+    `expr` is a Milvus boolean expression over scalar fields; the caller builds it from checked
+    values only (store/milvus_store.py). Each collection must have an INT64 `seq` field.
+    """
+    params: dict[str, Any] = {"metric_type": "HAMMING"}
+    if radius is not None:
+        params["params"] = {"range_filter": radius[0], "radius": radius[1]}
+    fields = ["seq", *output_fields]
+    out: list[list[Hit]] = []
+    step = max(1, RESULT_BUDGET // limit)
+    for start in range(0, vectors.shape[0], step):
+        chunk = vectors[start : start + step]
+        found = client.search(
+            collection,
+            data=[v.tobytes() for v in chunk],
+            filter=expr,
+            limit=limit,
+            anns_field=anns_field,
+            search_params=params,
+            output_fields=fields,
+            timeout=timeout,
+        )
+        for hits in found:
+            rows = [
+                Hit(int(hit["distance"]), int(hit["entity"]["seq"]), hit["id"], hit["entity"])
+                for hit in hits
+            ]
+            rows.sort(key=lambda hit: (hit.dist, hit.seq))
+            out.append(rows)
+    return out
+
+
+def exact_top_k(
+    client: MilvusClient,
+    collection: str,
+    vectors: np.ndarray,
+    k: int,
+    *,
+    anns_field: str,
+    expr: str = "",
+    output_fields: Sequence[str] = (),
+    timeout: int
+    | None = None,  # whole seconds: pymilvus ignores a float (see store/milvus_store.py)
+) -> list[list[Hit]]:
+    """The exact k nearest hits of each query, ties in seq order (see the module docstring).
+
+    Asks for k + 1 hits; where the (k + 1)-th ties with the k-th, a range search at that
+    boundary distance fetches every tied hit, and those with the smallest seqs are kept.
+    """
+
+    def run(v: np.ndarray, limit: int, radius: tuple[int, int] | None) -> list[list[Hit]]:
+        return search_hits(
+            client, collection, v, anns_field=anns_field, limit=limit, radius=radius,
+            expr=expr, output_fields=output_fields, timeout=timeout,
+        )  # fmt: skip
+
+    hits = run(vectors, k + 1, None)
+    # Queries whose k-th and (k+1)-th hits tie, grouped by that boundary distance.
+    boundary: dict[int, list[int]] = {}
+    for row, found in enumerate(hits):
+        if len(found) > k and found[k].dist == found[k - 1].dist:
+            boundary.setdefault(found[k - 1].dist, []).append(row)
+        else:
+            hits[row] = found[:k]
+    for dist, rows in boundary.items():
+        tied = run(vectors[rows], TOPK_LIMIT, (dist, dist + 1))
+        for row, group in zip(rows, tied, strict=True):
+            nearer = [hit for hit in hits[row] if hit.dist < dist]
+            hits[row] = nearer + group[: k - len(nearer)]
+    return hits
 
 
 class MilvusHammingIndex:
@@ -231,23 +327,11 @@ class MilvusHammingIndex:
         m = queries.shape[0]
         dists, out_ids = padded(m, k)
         vectors = to_milvus_bytes(queries, self.n_bits)
-        hits = self._search(vectors, limit=k + 1, radius=None)
-        # Queries whose k-th and (k+1)-th hits tie, grouped by that boundary distance.
-        boundary: dict[int, list[int]] = {}
-        for row, found in enumerate(hits):
-            if len(found) > k and found[k][0] == found[k - 1][0]:
-                boundary.setdefault(found[k - 1][0], []).append(row)
-            else:
-                hits[row] = found[:k]
-        for dist, rows in boundary.items():
-            tied = self._search(vectors[rows], limit=TOPK_LIMIT, radius=(dist, dist + 1))
-            for row, group in zip(rows, tied, strict=True):
-                nearer = [hit for hit in hits[row] if hit[0] < dist]
-                hits[row] = nearer + group[: k - len(nearer)]
+        hits = exact_top_k(self._client, self.collection, vectors, k, anns_field="code")
         for row, found in enumerate(hits):
             if found:
-                dists[row, : len(found)] = [hit[0] for hit in found]
-                out_ids[row, : len(found)] = [hit[2] for hit in found]
+                dists[row, : len(found)] = [hit.dist for hit in found]
+                out_ids[row, : len(found)] = [int(hit.id) for hit in found]
         return dists, out_ids
 
     def range_search(self, queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -262,7 +346,14 @@ class MilvusHammingIndex:
         radius = min(int(radius), self.n_bits)
         vectors = to_milvus_bytes(queries, self.n_bits)
         results = []
-        for found in self._search(vectors, limit=TOPK_LIMIT, radius=(0, radius + 1)):
+        for found in search_hits(
+            self._client,
+            self.collection,
+            vectors,
+            anns_field="code",
+            limit=TOPK_LIMIT,
+            radius=(0, radius + 1),
+        ):
             if len(found) >= TOPK_LIMIT:
                 raise InputError(
                     f"expected fewer than {TOPK_LIMIT} codes within radius {radius} "
@@ -270,39 +361,11 @@ class MilvusHammingIndex:
                 )
             results.append(
                 (
-                    np.asarray([hit[0] for hit in found], dtype=np.int32),
-                    np.asarray([hit[2] for hit in found], dtype=np.int64),
+                    np.asarray([hit.dist for hit in found], dtype=np.int32),
+                    np.asarray([int(hit.id) for hit in found], dtype=np.int64),
                 )
             )
         return results
-
-    def _search(
-        self, vectors: np.ndarray, *, limit: int, radius: tuple[int, int] | None
-    ) -> list[list[tuple[int, int, int]]]:
-        """Hits (dist, seq, id) of each query sorted by (dist, seq); radius is [low, high)."""
-        params: dict[str, Any] = {"metric_type": "HAMMING"}
-        if radius is not None:
-            params["params"] = {"range_filter": radius[0], "radius": radius[1]}
-        out: list[list[tuple[int, int, int]]] = []
-        step = max(1, RESULT_BUDGET // limit)
-        for start in range(0, vectors.shape[0], step):
-            chunk = vectors[start : start + step]
-            found = self._client.search(
-                self.collection,
-                data=[v.tobytes() for v in chunk],
-                limit=limit,
-                anns_field="code",
-                search_params=params,
-                output_fields=["seq"],
-            )
-            for hits in found:
-                rows = [
-                    (int(hit["distance"]), int(hit["entity"]["seq"]), int(hit["id"]))
-                    for hit in hits
-                ]
-                rows.sort()
-                out.append(rows)
-        return out
 
     def save(self, path: Path) -> None:
         """Write the index to `path` in HammingIndex's file format (HammingIndex.load reads it)."""

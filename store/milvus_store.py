@@ -1,0 +1,472 @@
+"""MilvusStore: the store's interface over one Milvus collection, the system of record.
+
+With CMH_INDEX_BACKEND=milvus the API process keeps no codes and no metadata between requests:
+every add, delete, get and search goes to one long-lived collection (CMH_MILVUS_COLLECTION,
+default `cmh_items`), so several `cmh serve` processes, on one host or several, share one index.
+
+Collection layout (one row per item):
+  id          VARCHAR primary key: str(id) for an integer id, "s" + hex(UTF-8) for a string id
+              (store/ids.py: a string of canonical digits is always the integer, so the mapping
+              is one to one, and a key holds only [0-9a-fs]: nothing to escape in `id in [...]`)
+  seq         INT64 insertion sequence: the tie order of every search (see "Sequence")
+  image_code, text_code   BINARY_VECTOR, BIN_FLAT + HAMMING: exact; the byte layout and the
+              exact tie handling of indexes/milvus.py (exact_top_k)
+  text, image, added      the caption, the image reference (artifacts-relative), the added time
+  fields      JSON: the user's fields as given
+  terms       JSON {"t": [...]}: hex(UTF-8) of each of the item's filter terms (store/filters.py
+              terms_of), which filters match with json_contains_any (not an ARRAY field:
+              milvus-lite 2.5.1 fails every query of an empty collection that has one)
+The collection's description holds the manifest (bits, backbone, vocabulary and checkpoint
+digests) and a store id, as JSON; `open` checks it with check_manifest and refuses a mismatch
+with one line.
+
+Filters: a clause is json_contains_any(terms["t"], [hex terms]) and an ids list is `id in [keys]`,
+ANDed. Every literal in an expression is hex or a key made above, never a user's text, so no
+value can change the expression (milvus-lite 2.5.1 refuses pymilvus's filter_params templates,
+which is why values are not passed that way). The terms are those of the local store, so the
+same filter keeps the same items on both backends (5 and 5.0 alike, true is not 1). A stored
+term longer than any filter can name (MAX_TERM_HEX) is left out: no filter could match it.
+
+Sequence: seq = (max(now in units of 1.024 us, last + 1) << 10) | tag, tag a random 10-bit number
+per opened store. It increases within a process, and across processes it follows the writes'
+wall-clock order (as far as the hosts' clocks agree); the tag keeps two processes' seqs apart
+even within one tick. Ties are in this order: insertion order as the clocks saw it.
+
+Consistency: Strong, so a write acknowledged through one process is visible to the next search
+through any other (the two-process tests check it). Writes are upserts of at most WRITE_BATCH
+rows per call: one build request (at most CMH_MAX_BATCH_ITEMS items, 1,000 by default) is one
+call, all or nothing; a larger offline batch that fails part-way may leave its first calls
+written, and is re-run with on_conflict="replace". Two processes adding the same new id at
+the same moment both succeed (last upsert wins): Milvus has no unique constraint to refuse one.
+
+Failures: every call has a timeout (CMH_MILVUS_TIMEOUT_S); a timeout or an unreachable server is
+NotReadyError (503, and /readyz fails), so a write that Milvus did not acknowledge is reported
+failed. After `kill -9` of the server and its restart, every acknowledged write is there
+(tests/test_milvus_store.py).
+
+Images added through the API are content-addressed files under the artifacts folder, as with
+the local store: with several hosts, that folder's images/ must be a shared volume. A delete
+removes an image file only when no row refers to it and it was not written in the last
+IMAGE_GRACE_S seconds (another process may be adding a row that names it).
+
+Over 300 lines because it is one backend's whole mapping of the store's interface (schema,
+manifest, ids, terms, writes, search, errors) onto Milvus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from common.errors import InputError, IntegrityError, NotReadyError
+from common.fsio import atomic_write_bytes
+from indexes.codes import check_packed
+from indexes.hamming import check_k
+from indexes.milvus import MAX_K, exact_top_k, milvus_dim, to_milvus_bytes
+from store.filters import Filter, terms_of
+from store.ids import ItemId, parse_id
+from store.manifest import Manifest, check_manifest
+from store.metadata import Item
+from store.rows import IMAGES_DIR, NewItems, checked_rows
+from store.store import Hits, OnConflict
+from store.view import Target
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "cmh-store-1"  # the description's format tag
+WRITE_BATCH = 1_000  # rows per upsert call
+ID_BATCH = 1_000  # keys per `id in [...]` expression
+MAX_KEY_BYTES = 2_049  # "s" + hex of a 256-character id (at most 4 bytes each)
+MAX_TERM_HEX = 10_200  # longest stored term (hex): a filter's terms are at most ~10,100
+MAX_TEXT_BYTES = 65_535  # Milvus's largest VARCHAR
+MAX_IMAGE_BYTES = 4_096  # of an image reference
+TAG_BITS = 10  # of a seq, the process tag
+IMAGE_GRACE_S = 600.0  # an image file written this recently may be about to be referenced
+_STORED_IMAGE = re.compile(rf"{IMAGES_DIR}/[0-9a-f]{{64}}\.[a-z0-9]{{1,5}}")
+ITEM_FIELDS = ["seq", "text", "image", "added", "fields"]
+T = TypeVar("T")
+
+
+def key_of(item_id: ItemId) -> str:
+    """The primary key of a canonical id (see the module docstring)."""
+    if isinstance(item_id, int):
+        return str(item_id)
+    return "s" + item_id.encode("utf-8").hex()
+
+
+def id_of(key: str) -> ItemId:
+    """The canonical id of a primary key (key_of's inverse)."""
+    return bytes.fromhex(key[1:]).decode("utf-8") if key.startswith("s") else int(key)
+
+
+def _hex_terms(fields: dict[str, Any]) -> list[str]:
+    """The item's filter terms as stored: hex of UTF-8, those a filter could name."""
+    terms = [t.encode("utf-8", "surrogatepass").hex() for t in terms_of(fields)]
+    return [t for t in terms if len(t) <= MAX_TERM_HEX]
+
+
+def expression(where: Filter | None) -> str:
+    """The Milvus boolean expression of a filter ("" keeps every item); literals are hex only."""
+    if where is None or where.keeps_all:
+        return ""
+    parts = []
+    for clause in where.clauses:
+        terms = ", ".join(f'"{t.encode("utf-8", "surrogatepass").hex()}"' for t in clause.terms)
+        parts.append(f'json_contains_any(terms["t"], [{terms}])')
+    if where.ids is not None:
+        keys = ", ".join(f'"{key_of(i)}"' for i in sorted(where.ids, key=str))
+        parts.append(f"id in [{keys}]")
+    return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class MilvusView:
+    """What the service reads of a store's state: the last write's seq, the size, no parts."""
+
+    commit: int  # the seq clock at this process's last write (0 before any)
+    count: int  # live items in the collection
+    parts: tuple[()] = ()  # Milvus manages its own segments
+
+
+class MilvusStore:
+    """A store whose items live in one Milvus collection. Open with MilvusStore.open."""
+
+    def __init__(
+        self,
+        artifacts: Path,
+        client: MilvusClient,
+        *,
+        collection: str,
+        manifest: Manifest,
+        store_id: str,
+        uri: str,
+        timeout_s: float,
+    ) -> None:
+        self.artifacts = artifacts
+        self.collection = collection
+        self.manifest = manifest
+        self.n_bits = manifest.n_bits
+        self.store_id = store_id
+        self.uri = uri
+        self.timeout_s = timeout_s
+        # pymilvus bounds its retries by a timeout only when it is an int (decorators.py:
+        # `isinstance(_timeout, int)`); a float is ignored and a dead server costs 75 retries
+        # (minutes). So every call passes whole seconds.
+        self._timeout = max(1, math.ceil(timeout_s))
+        self._client = client
+        self._tag = random.getrandbits(TAG_BITS)
+        self._last_tick = 0
+        self._commit = 0
+
+    @classmethod
+    def open(
+        cls,
+        artifacts: Path,
+        *,
+        uri: str,
+        collection: str,
+        expected: Manifest,
+        token: str = "",
+        timeout_s: float = 10.0,
+    ) -> MilvusStore:
+        """Open (or create) the collection; InputError when it holds codes of another model,
+        NotReadyError when Milvus does not answer within timeout_s."""
+        try:
+            # A private connection: pymilvus shares one per URI, and close() would end it for all.
+            client = MilvusClient(
+                uri=uri,
+                token=token,
+                timeout=max(1, math.ceil(timeout_s)),
+                alias=f"cmh-{uuid.uuid4().hex}",
+            )
+        except MilvusException as err:
+            raise NotReadyError(f"expected Milvus at {uri} to answer, got: {_short(err)}") from None
+        store = cls(
+            artifacts,
+            client,
+            collection=collection,
+            manifest=expected,
+            store_id="",
+            uri=uri,
+            timeout_s=timeout_s,
+        )
+        try:
+            store.store_id = store._call(store._open_collection, expected)
+        except BaseException:
+            client.close()
+            raise
+        logger.info("serving Milvus collection %s at %s", collection, uri)
+        return store
+
+    def _open_collection(self, expected: Manifest) -> str:
+        """The collection's store id; creates the collection when it is missing."""
+        client, name, t = self._client, self.collection, self._timeout
+        if not client.has_collection(name, timeout=t):
+            store_id = uuid.uuid4().hex
+            self._create(expected, store_id)
+            return store_id
+        description = client.describe_collection(name, timeout=t).get("description", "")
+        try:
+            found = json.loads(description)
+            if found.get("format") != FORMAT:
+                raise ValueError(f"format {found.get('format')!r}")
+            manifest = Manifest(**found["manifest"])
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise InputError(
+                f"expected Milvus collection {name!r} to be a cmh store ({FORMAT}), got "
+                f"description {description[:80]!r} ({err}); name another CMH_MILVUS_COLLECTION"
+            ) from None
+        check_manifest(manifest, expected)
+        client.load_collection(name, timeout=t)
+        return str(found.get("store_id", ""))
+
+    def _create(self, manifest: Manifest, store_id: str) -> None:
+        description = json.dumps(
+            {"format": FORMAT, "manifest": asdict(manifest), "store_id": store_id}
+        )
+        schema = MilvusClient.create_schema(
+            auto_id=False, enable_dynamic_field=False, description=description
+        )
+        dim = milvus_dim(manifest.n_bits)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_KEY_BYTES)
+        schema.add_field("seq", DataType.INT64)
+        schema.add_field("image_code", DataType.BINARY_VECTOR, dim=dim)
+        schema.add_field("text_code", DataType.BINARY_VECTOR, dim=dim)
+        schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+        schema.add_field("image", DataType.VARCHAR, max_length=MAX_IMAGE_BYTES)
+        schema.add_field("added", DataType.DOUBLE)
+        schema.add_field("fields", DataType.JSON)
+        schema.add_field("terms", DataType.JSON)  # {"t": [hex terms]}
+        index_params = self._client.prepare_index_params()
+        for field in ("image_code", "text_code"):
+            index_params.add_index(field_name=field, index_type="BIN_FLAT", metric_type="HAMMING")
+        self._client.create_collection(
+            self.collection,
+            schema=schema,
+            index_params=index_params,
+            consistency_level="Strong",
+            timeout=self._timeout,
+        )
+        logger.info("created Milvus collection %s for %d-bit codes", self.collection, dim)
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs) with Milvus failures as NotReadyError (503)."""
+        try:
+            return fn(*args, **kwargs)
+        except MilvusException as err:
+            raise NotReadyError(
+                f"expected Milvus at {self.uri} to answer within {self.timeout_s:g} s, got: "
+                f"{_short(err)}; retry when it is back"
+            ) from None
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        rows = self._call(
+            self._client.query,
+            self.collection,
+            output_fields=["count(*)"],
+            timeout=self._timeout,
+        )
+        return int(rows[0]["count(*)"])
+
+    def view(self) -> MilvusView:
+        """The last write's seq clock and the collection's size, read now."""
+        return MilvusView(self._commit, len(self))
+
+    def _rows(self, ids: Sequence[ItemId], fields: list[str]) -> list[dict[str, Any]]:
+        """The stored rows of these ids (absent ones left out), with these fields."""
+        keys = sorted({key_of(parse_id(i)) for i in ids})
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(keys), ID_BATCH):
+            listed = ", ".join(f'"{k}"' for k in keys[start : start + ID_BATCH])
+            out += self._call(
+                self._client.query,
+                self.collection,
+                filter=f"id in [{listed}]",
+                output_fields=["id", *fields],
+                timeout=self._timeout,
+            )
+        return out
+
+    def existing(self, ids: Sequence[ItemId]) -> set[ItemId]:
+        """Which of ids are stored (as canonical ids)."""
+        return {id_of(row["id"]) for row in self._rows(ids, [])}
+
+    def get(self, item_id: ItemId) -> Item | None:
+        """The item stored under item_id (5 and "5" alike), or None."""
+        rows = self._rows([item_id], ITEM_FIELDS)
+        return _item(rows[0]) if rows else None
+
+    def search(
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        *,
+        searcher: None = None,  # noqa: ARG002 (the local store's hook: always None here)
+        where: Filter | None = None,
+    ) -> Hits:
+        """Exact top-k of each (m, n_words) query among stored items (that pass `where`), with
+        their metadata; ties in seq order. `searcher` is the local store's hook: always None."""
+        check_packed(queries, self.n_bits, name="queries")
+        check_k(k)
+        if k > MAX_K:
+            raise InputError(f"expected k <= {MAX_K} with the Milvus backend, got {k}")
+        found = self._call(
+            exact_top_k,
+            self._client,
+            self.collection,
+            to_milvus_bytes(queries, self.n_bits),
+            int(k),
+            anns_field=f"{target}_code",
+            expr=expression(where),
+            output_fields=ITEM_FIELDS,
+            timeout=self._timeout,
+        )
+        hits = []
+        for row in found:
+            items = [(_item({"id": hit.id, **hit.entity}), hit.dist) for hit in row]
+            if where is not None:
+                for item, _ in items:
+                    if not where.matches(item.id, item.fields):
+                        raise IntegrityError(
+                            f"Milvus returned item {item.id!r}, which does not pass the filter: "
+                            f"its terms in {self.collection!r} were changed outside the service"
+                        )
+            hits.append(items)
+        return Hits(hits, self._commit)
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def _seqs(self, n: int) -> list[int]:
+        """n new increasing seqs (see "Sequence" in the module docstring)."""
+        first = max(time.time_ns() >> TAG_BITS, self._last_tick + 1)
+        self._last_tick = first + n - 1
+        return [((first + i) << TAG_BITS) | self._tag for i in range(n)]
+
+    def add(self, batch: NewItems, *, on_conflict: OnConflict = "error") -> int:
+        """Write a batch (acknowledged by Milvus before this returns); the last seq written.
+
+        An id already stored is an InputError, or (on_conflict="replace") its item is replaced
+        by the new one, with a new seq.
+        """
+        rows, to_write = checked_rows(batch, self.n_bits)
+        keys = [key_of(i) for i in rows.ids]
+        if len(set(keys)) != len(keys):
+            seen: set[str] = set()
+            for key in keys:
+                if key in seen:
+                    raise InputError(
+                        f"expected unique ids, got id {id_of(key)!r} twice in this batch"
+                    )
+                seen.add(key)
+        old = self._rows(rows.ids, ["image"])
+        if old and on_conflict == "error":
+            taken = sorted(str(id_of(row["id"])) for row in old)
+            raise InputError(f"expected new ids, got {taken[:10]} already indexed")
+        for caption in rows.texts:
+            if len(caption.encode("utf-8")) > MAX_TEXT_BYTES:
+                raise InputError(f"expected texts of at most {MAX_TEXT_BYTES} bytes as UTF-8")
+        terms = [_hex_terms(f) for f in (batch.fields or [{}] * len(batch))]
+        for relative, data in to_write.items():  # rewritten: its fresh mtime guards it
+            atomic_write_bytes(self.artifacts / relative, data)
+        image_vectors = to_milvus_bytes(rows.image_codes, self.n_bits)
+        text_vectors = to_milvus_bytes(rows.text_codes, self.n_bits)
+        seqs, added = self._seqs(len(keys)), time.time()
+        for start in range(0, len(keys), WRITE_BATCH):
+            self._call(
+                self._client.upsert,
+                self.collection,
+                [
+                    {
+                        "id": keys[i],
+                        "seq": seqs[i],
+                        "image_code": image_vectors[i].tobytes(),
+                        "text_code": text_vectors[i].tobytes(),
+                        "text": rows.texts[i],
+                        "image": rows.images[i],
+                        "added": added,
+                        "fields": json.loads(rows.fields[i]),
+                        "terms": {"t": terms[i]},
+                    }
+                    for i in range(start, min(start + WRITE_BATCH, len(keys)))
+                ],
+                timeout=self._timeout,
+            )
+        if seqs:
+            self._commit = seqs[-1]
+        self._collect_images([row["image"] for row in old])
+        return self._commit
+
+    def delete(self, ids: Sequence[ItemId]) -> list[ItemId]:
+        """Delete these ids (acknowledged by Milvus when this returns); the ids that were there."""
+        gone = self._rows(ids, ["image"])
+        keys = [row["id"] for row in gone]
+        for start in range(0, len(keys), ID_BATCH):
+            self._call(
+                self._client.delete,
+                self.collection,
+                ids=keys[start : start + ID_BATCH],
+                timeout=self._timeout,
+            )
+        if keys:
+            self._commit = self._seqs(1)[0]
+        self._collect_images([row["image"] for row in gone])
+        return [id_of(k) for k in keys]
+
+    def _collect_images(self, images: list[str]) -> None:
+        """Remove store-owned image files no row refers to and no write may be about to."""
+        for image in set(images):
+            path = self.artifacts / image
+            if not _STORED_IMAGE.fullmatch(image) or not path.is_file():
+                continue
+            if time.time() - path.stat().st_mtime < IMAGE_GRACE_S:
+                continue
+            used = self._call(
+                self._client.query,
+                self.collection,
+                filter=f'image == "{image}"',  # [0-9a-z./] only: _STORED_IMAGE
+                output_fields=["id"],
+                limit=1,
+                timeout=self._timeout,
+            )
+            if not used:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the connection (the collection stays on the server)."""
+        self._client.close()
+
+    def drop(self) -> None:
+        """Delete the collection and everything in it (tests, `migrate --replace`)."""
+        self._call(self._client.drop_collection, self.collection, timeout=self._timeout)
+
+
+def _item(row: dict[str, Any]) -> Item:
+    return Item(
+        id_of(str(row["id"])),
+        str(row["text"]),
+        str(row["image"]),
+        float(row["added"]),
+        dict(row["fields"] or {}),
+    )
+
+
+def _short(err: BaseException) -> str:
+    """The first line of a pymilvus error, at most 200 characters."""
+    text = str(getattr(err, "message", "") or err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
