@@ -8,7 +8,13 @@ from pathlib import Path
 from cli.dataset_args import add_dataset_args, prepare_from_args
 from common.errors import InputError
 from evaluation.protocol import run_seeds
-from evaluation.report import format_table, plot_pr_curves, results_document, write_json
+from evaluation.report import (
+    format_other_metrics,
+    format_table,
+    plot_pr_curves,
+    results_document,
+    write_json,
+)
 from models.methods.compare import METHODS, evaluate_methods, parse_methods
 
 
@@ -16,10 +22,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add `evaluate`."""
     p = subparsers.add_parser(
         "evaluate",
-        help="train and score methods (MAP@all, both directions) over bits and seeds",
+        help="train and score methods (MAP@all and more, both directions) over bits and seeds",
         description="Fit each method on the dataset's training part, rank the database for every "
         "query in both directions (image->text, text->image), and report MAP over the whole "
-        "ranked database (mean +- std over seeds), a results JSON and precision-recall plots.",
+        "ranked database (mean +- std over seeds), then MAP@R, P@K and R@K (K = 1, 10, 100) and "
+        "instance-level Recall@1/5/10 (each query's own pair among the query pairs' other "
+        "modality), a results JSON and precision-recall plots.",
     )
     add_dataset_args(p)
     p.add_argument(
@@ -56,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"queries {sizes['query']}, database {sizes['database']}, train {sizes['train']}")
     results = evaluate_methods(data, methods=methods, bits=bits, seeds=seeds)
     print(format_table(results, dataset=data.name))
+    print()
+    print(format_other_metrics(results, dataset=data.name))
     if args.json:
         document = results_document(
             results, dataset=data.name, n_query=sizes["query"], n_database=sizes["database"]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from cli.dataset_args import add_dataset_args, prepare_from_args
 from models.devices import DEVICES
+from models.features.pipeline import reweight, text_vectorizer
+from models.features.text import WEIGHTINGS
 from models.network.aucmh import BITS, INPUT_NORMS
 from models.network.checkpoint import save_checkpoint
 from models.training.train import (
@@ -58,6 +60,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    p.add_argument(
+        "--text-weighting",
+        default="binary",
+        choices=WEIGHTINGS,
+        help="a word's value in a text: binary (the paper's), log(1 + count), or tf-idf with idf "
+        "from the training texts; saved in the checkpoint, which the service encodes texts with "
+        "(binary)",
+    )
     p.add_argument("--bits", type=int, default=d.n_bits, choices=BITS, help="n_bits")
     p.add_argument("--image-hidden", type=_widths, default=d.image_hidden, help="e.g. 1024,1024")
     p.add_argument("--text-hidden", type=_widths, default=d.text_hidden, help="e.g. 1024")
@@ -136,7 +146,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
     candidates = with_k_grid(config_from_args(args), args.k)
-    data = prepare_from_args(args)
+    data = prepare_from_args(args)  # binary text, the vocabulary from the training texts
+    weighting = args.text_weighting
+    vectorizer = None
+    if weighting != "binary":  # the same vocabulary, weighted; idf from the training texts
+        vectorizer = text_vectorizer(data, weighting)
+        data = reweight(data, weighting)
     start = time.perf_counter()
     model, history, cfg = train_selecting(candidates=candidates, data=data, progress=True)
     seconds = time.perf_counter() - start
@@ -148,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         vocabulary=data.vocabulary,
         image_backbone=data.image_backbone,
         dataset=data.name,
+        text_weighting=weighting,
+        idf=None if vectorizer is None else vectorizer.idf,
     )
     best = best_epoch(history)
     summary = {
@@ -155,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": data.name,
         "n_bits": cfg.n_bits,
         "k": cfg.k,
+        "text_weighting": weighting,
         "epochs_run": len(history),
         "best_epoch": int(best["epoch"]),
         "val_i2t": round(best["val_i2t"], 4),

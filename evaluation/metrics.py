@@ -17,16 +17,29 @@ distances [0, 1, 1] and relevance [True, False, True]. Whatever the tie order, i
 If item 2 precedes item 1, the relevant items sit at ranks 1 and 2: AP = (1/1 + 2/2) / 2 = 1.0.
 If item 1 precedes item 2, they sit at ranks 1 and 3: AP = (1/1 + 2/3) / 2 = 5/6.
 
-`cmh evaluate` reports MAP@all and the precision-recall curves (score_direction in protocol.py).
-The single-number helpers (mean_average_precision from codes, MAP@R, P@K, R@K, PR by radius)
-are kept as this module's public API on purpose: they are the standard metrics of the field,
-each defined by hand-worked tests, and the tests use MAP from codes as their oracle. Never mix
-MAP@R with MAP@all in one table.
+`cmh evaluate` reports, per direction (score_direction in protocol.py, from one ranking of each
+query block, `ranked_scores`): MAP@all (the headline), MAP@R, P@K and R@K for K in 1, 10, 100,
+instance-level Recall@K (`partner_ranks`) and the precision-recall curve. Definitions:
+
+- MAP@R (Musgrave, Belongie and Lim, "A Metric Learning Reality Check", ECCV 2020): R is the
+  number of relevant items of the query in the database, and AP@R = sum_{k <= R} P(k) rel(k) / R.
+  The divisor is R itself, not the hits found in the top R, so a perfect top R scores 1 and half
+  of it at most 1/2. `average_precisions(top=...)` is the other variant (a fixed depth, divided
+  by the hits within it); the two are never mixed in one table, nor with MAP@all.
+- P@K = relevant in the top K / K and R@K = relevant in the top K / relevant in the database;
+  where K exceeds the database, the missing ranks count as not relevant.
+- Instance Recall@K (the metric of the Flickr30K / MS-COCO tables): the fraction of queries whose
+  own paired item (the other modality of the same pair) ranks in the top K. Labels play no part.
+
+The single-number helpers (mean_average_precision from codes, AP at a depth, P@K, R@K, PR by
+radius) are kept as this module's public API on purpose: they are the standard metrics of the
+field, each defined by hand-worked tests, and the tests use them as oracles for `ranked_scores`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -135,6 +148,73 @@ def mean_average_precision_at(
     dists = hamming_distances(query_codes, db_codes)
     rel = relevance(query_labels, db_labels)
     return float(np.mean(average_precisions(dists, rel, top=top, seed=seed)))
+
+
+@dataclass(frozen=True)
+class RankedScores:
+    """Per-query metrics of one ranking (see the module docstring for each definition)."""
+
+    ap: np.ndarray  # (n_query,) float64, AP over the whole ranked database (MAP@all's terms)
+    ap_r: np.ndarray  # (n_query,) float64, AP@R with R = the query's relevant count
+    precision: np.ndarray  # (n_query, len(ks)) float64, P@K
+    recall: np.ndarray  # (n_query, len(ks)) float64, R@K
+
+
+def ranked_scores(
+    dists: np.ndarray, relevant: np.ndarray, *, ks: np.ndarray, seed: int = 0
+) -> RankedScores:
+    """AP, AP@R, P@K and R@K of every query from one ranking (K >= 1, any K; see module)."""
+    _check_pair(dists, relevant)
+    ks = np.asarray(ks, dtype=np.int64)
+    if ks.ndim != 1 or ks.size == 0 or ks.min() < 1:
+        raise InputError(f"expected a non-empty list of K >= 1, got {ks.tolist()}")
+    n_query, n_db = dists.shape
+    # Beyond the database nothing more is found: hits at K > n_db are the hits at n_db.
+    at = np.minimum(ks, n_db) - 1
+    positions = np.arange(1, n_db + 1, dtype=np.float64)  # (n_db,)
+    ap = np.empty(n_query, dtype=np.float64)
+    ap_r = np.empty(n_query, dtype=np.float64)
+    precision = np.empty((n_query, ks.size), dtype=np.float64)
+    recall = np.empty((n_query, ks.size), dtype=np.float64)
+    for rows, rel in _ranked_relevance(dists, relevant, seed=seed):
+        hits = np.cumsum(rel, axis=1)  # (b, n_db)
+        n_rel = hits[:, -1]  # (b,)
+        # The same expression as average_precisions, so MAP@all is the same to the last bit.
+        terms = np.where(rel, hits / positions, 0.0)  # (b, n_db)
+        summed = np.sum(terms, axis=1)
+        ap[rows] = np.divide(summed, n_rel, out=np.zeros_like(summed), where=n_rel > 0)
+        within_r = positions[None, :] <= n_rel[:, None]  # (b, n_db): rank k <= R
+        summed_r = np.sum(np.where(within_r, terms, 0.0), axis=1)
+        ap_r[rows] = np.divide(summed_r, n_rel, out=np.zeros_like(summed_r), where=n_rel > 0)
+        found = hits[:, at]  # (b, len(ks))
+        precision[rows] = found / ks
+        recall[rows] = np.divide(
+            found, n_rel[:, None], out=np.zeros(found.shape), where=n_rel[:, None] > 0
+        )
+    return RankedScores(ap=ap, ap_r=ap_r, precision=precision, recall=recall)
+
+
+def partner_ranks(dists: np.ndarray, partners: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """The 1-based rank (n_query,) int64 of each query's own item `partners[i]` in its ranking.
+
+    `dists` (n_query, n_gallery) ranks a gallery; ties follow `tie_break_order(n_gallery, seed)`,
+    as in `rank`, but no sort is needed: the rank is 1 + the items strictly closer + the items at
+    equal distance that the tie order puts first.
+    """
+    if dists.ndim != 2 or partners.shape != (dists.shape[0],):
+        raise InputError(
+            f"expected a (n_query, n_gallery) matrix and n_query partners, got {dists.shape} and "
+            f"{partners.shape}"
+        )
+    n_gallery = dists.shape[1]
+    if partners.size and (partners.min() < 0 or partners.max() >= n_gallery):
+        raise InputError(f"expected partners in 0..{n_gallery - 1}, got {partners.tolist()[:5]}")
+    order = np.empty(n_gallery, dtype=np.int64)
+    order[tie_break_order(n_gallery, seed=seed)] = np.arange(n_gallery)  # position in tie order
+    rows = np.arange(dists.shape[0])
+    own = dists[rows, partners][:, None]  # (n_query, 1)
+    ahead = (dists < own) | ((dists == own) & (order[None, :] < order[partners][:, None]))
+    return np.asarray(1 + ahead.sum(axis=1), dtype=np.int64)
 
 
 def cutoff_curves(

@@ -3,6 +3,15 @@
 Image-to-text (i2t) ranks the text codes of the database by their distance to an image query's
 code; text-to-image (t2i) the other way round. Queries and database are disjoint, as the dataset's
 protocol defines them; this module only scores the codes it is given.
+
+What one direction reports (definitions in evaluation/metrics.py): MAP@all, the headline metric;
+MAP@R; P@K and R@K for K in CUTOFFS, all against the database by shared labels; and instance-level
+Recall@K for K in INSTANCE_CUTOFFS. For the last, the gallery is the other modality of the query
+pairs themselves, as in the Flickr30K / MS-COCO test protocols (1,000 test images against their
+own captions): an image query ranks the texts of all query pairs, and a hit is its own text in
+the top K. It cannot be the database, because every protocol here keeps the query pairs out of
+it, so a query's own partner is never there; a database with its partner added back would mix one
+unseen item among training items. Every block of queries is ranked once for all of these.
 """
 
 from __future__ import annotations
@@ -17,16 +26,19 @@ from common.errors import InputError
 from evaluation.metrics import (
     average_precisions,
     cosine_distances,
-    cutoff_curves,
     hamming_distances,
     mean_curve,
+    partner_ranks,
     radius_curves,
+    ranked_scores,
     relevance,
 )
 
 METRIC = "map@all"  # the one MAP variant every table of this project reports
 QUERY_BLOCK = 128  # queries scored at once: 128 x 200k database items is about 100 MB a matrix
 _CUTOFF_POINTS = 64  # rank cut-offs along a real-valued method's precision-recall curve
+CUTOFFS = (1, 10, 100)  # K of P@K and R@K against the database
+INSTANCE_CUTOFFS = (1, 5, 10)  # K of instance-level Recall@K (the query's own pair)
 
 
 class Encoder(Protocol):
@@ -48,10 +60,14 @@ class Curve:
 
 @dataclass(frozen=True)
 class DirectionScore:
-    """MAP@all and the precision-recall curve of one retrieval direction."""
+    """Every metric of one retrieval direction, each a mean over its queries, and the PR curve."""
 
     map_all: float
     curve: Curve
+    map_r: float  # MAP@R, R = the query's relevant count in the database
+    precision_at: dict[int, float]  # P@K for K in CUTOFFS
+    recall_at: dict[int, float]  # R@K for K in CUTOFFS
+    instance_recall_at: dict[int, float]  # own pair in the top K, for K in INSTANCE_CUTOFFS
 
 
 @dataclass(frozen=True)
@@ -170,33 +186,71 @@ def score_direction(
     query_labels: np.ndarray,
     db_labels: np.ndarray,
     *,
+    partners: np.ndarray,
     real_valued: bool,
     seed: int,
 ) -> DirectionScore:
     """Score one direction: Hamming ranking for codes in {-1,+1}, cosine for real vectors.
 
-    Binary codes get the precision-recall curve over Hamming radius 0..L; real vectors have no
-    radius, so theirs follows rank cut-offs K from 1 to the database size. Queries go in blocks,
-    so memory stays at a block's (QUERY_BLOCK, n_db) matrices whatever the number of queries.
+    `partners` (n_query, width) are the other modality of the query pairs, row i paired with
+    query i: the gallery of instance-level Recall@K (module docstring). Binary codes get the
+    precision-recall curve over Hamming radius 0..L; real vectors have no radius, so theirs
+    follows rank cut-offs K from 1 to the database size. Queries go in blocks, so memory stays at
+    a block's (QUERY_BLOCK, n_db) matrices whatever the number of queries, and each block is
+    ranked once for MAP@all, MAP@R, P@K, R@K and the real-valued curve.
     """
+    if partners.shape[0] != query.shape[0]:
+        raise InputError(
+            f"expected one partner per query, got {partners.shape[0]} for {query.shape[0]} queries"
+        )
     n_db = db.shape[0]
-    ks = np.unique(np.linspace(1, n_db, min(_CUTOFF_POINTS, n_db)).round().astype(np.int64))
-    aps, precisions, recalls = [], [], []
+    curve_ks = np.unique(np.linspace(1, n_db, min(_CUTOFF_POINTS, n_db)).round().astype(np.int64))
+    # One ranking serves the reported cut-offs and, for real vectors, the curve's cut-offs.
+    extra = curve_ks if real_valued else np.zeros(0, dtype=np.int64)
+    ks = np.concatenate([np.array(CUTOFFS, dtype=np.int64), extra])
+    distances = cosine_distances if real_valued else hamming_distances
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("ap", "ap_r", "p", "r", "curve_p", "curve_r", "own")
+    }
+    start = 0
     for dists, rel in _blocks(query, db, query_labels, db_labels, real_valued=real_valued):
+        scores = ranked_scores(dists, rel, ks=ks, seed=seed)
         if real_valued:
-            precision, recall = cutoff_curves(dists, rel, ks=ks, seed=seed)
+            precision, recall = (
+                scores.precision[:, len(CUTOFFS) :],
+                scores.recall[:, len(CUTOFFS) :],
+            )
         else:
             precision, recall = radius_curves(dists, rel, n_bits=query.shape[1])
-        aps.append(average_precisions(dists, rel, seed=seed))
-        precisions.append(precision)
-        recalls.append(recall)
-    mean_precision, mean_recall = mean_curve(np.vstack(precisions), np.vstack(recalls))
+        block = slice(start, start + dists.shape[0])
+        own = np.arange(dists.shape[0]) + start  # (b,) each query's own pair in the gallery
+        parts["own"].append(partner_ranks(distances(query[block], partners), own, seed=seed))
+        parts["ap"].append(scores.ap)
+        parts["ap_r"].append(scores.ap_r)
+        parts["p"].append(scores.precision[:, : len(CUTOFFS)])
+        parts["r"].append(scores.recall[:, : len(CUTOFFS)])
+        parts["curve_p"].append(precision)
+        parts["curve_r"].append(recall)
+        start += dists.shape[0]
+    mean_precision, mean_recall = mean_curve(
+        np.vstack(parts["curve_p"]), np.vstack(parts["curve_r"])
+    )
     curve = Curve(
         precision=mean_precision,
         recall=mean_recall,
         by="rank" if real_valued else "hamming radius",
     )
-    return DirectionScore(map_all=float(np.mean(np.concatenate(aps))), curve=curve)
+    p_at = np.vstack(parts["p"]).mean(axis=0)
+    r_at = np.vstack(parts["r"]).mean(axis=0)
+    own_ranks = np.concatenate(parts["own"])
+    return DirectionScore(
+        map_all=float(np.mean(np.concatenate(parts["ap"]))),
+        curve=curve,
+        map_r=float(np.mean(np.concatenate(parts["ap_r"]))),
+        precision_at={k: float(v) for k, v in zip(CUTOFFS, p_at, strict=True)},
+        recall_at={k: float(v) for k, v in zip(CUTOFFS, r_at, strict=True)},
+        instance_recall_at={k: float(np.mean(own_ranks <= k)) for k in INSTANCE_CUTOFFS},
+    )
 
 
 def score_run(
@@ -212,11 +266,14 @@ def score_run(
     db_labels: np.ndarray,
     real_valued: bool,
 ) -> RunResult:
-    """Score a method's query and database encodings in both directions (ties seeded by `seed`)."""
+    """Score a method's query and database encodings in both directions (ties seeded by `seed`);
+    each direction's instance gallery is the other modality's query encodings."""
     i2t = score_direction(
-        image_query, text_db, query_labels, db_labels, real_valued=real_valued, seed=seed
-    )
+        image_query, text_db, query_labels, db_labels, partners=text_query,
+        real_valued=real_valued, seed=seed,
+    )  # fmt: skip
     t2i = score_direction(
-        text_query, image_db, query_labels, db_labels, real_valued=real_valued, seed=seed
-    )
+        text_query, image_db, query_labels, db_labels, partners=image_query,
+        real_valued=real_valued, seed=seed,
+    )  # fmt: skip
     return RunResult(method=method, bits=bits, seed=seed, i2t=i2t, t2i=t2i)

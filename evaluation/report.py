@@ -1,4 +1,9 @@
-"""Reports of evaluation runs: mean +- std tables, the results JSON and precision-recall plots."""
+"""Reports of evaluation runs: mean +- std tables, the results JSON and precision-recall plots.
+
+The results JSON keeps its first keys (`i2t_map`, `t2i_map`: MAP@all) and adds, per run, an
+`i2t` and a `t2i` object with the other metrics under the names of OTHER_METRICS; the protocol
+object says what each of them means.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,35 @@ import numpy as np  # noqa: E402
 
 from common.fsio import atomic_write_bytes  # noqa: E402
 from evaluation.metrics import mean_curve  # noqa: E402
-from evaluation.protocol import METRIC, RunResult  # noqa: E402
+from evaluation.protocol import (  # noqa: E402
+    CUTOFFS,
+    INSTANCE_CUTOFFS,
+    METRIC,
+    DirectionScore,
+    RunResult,
+)
+
+# The metrics beside MAP@all: (name in the JSON and the second table, definition).
+OTHER_METRICS: tuple[tuple[str, str], ...] = (
+    ("map@r", "MAP@R (Musgrave et al. 2020): AP over the top R ranks divided by R, R = the "
+     "query's relevant count in the database"),
+    *((f"p@{k}", f"precision in the top {k} of the database") for k in CUTOFFS),
+    *((f"r@{k}", f"recall in the top {k} of the database") for k in CUTOFFS),
+    *(
+        (f"instance-r@{k}", f"share of queries whose own pair ranks in the top {k} among the "
+         "query pairs' other modality (Flickr30K / MS-COCO Recall@K)")
+        for k in INSTANCE_CUTOFFS
+    ),
+)  # fmt: skip
+
+
+def other_metrics(score: DirectionScore) -> dict[str, float]:
+    """One direction's metrics beside MAP@all, by their OTHER_METRICS names."""
+    values = {"map@r": score.map_r}
+    values.update({f"p@{k}": v for k, v in score.precision_at.items()})
+    values.update({f"r@{k}": v for k, v in score.recall_at.items()})
+    values.update({f"instance-r@{k}": v for k, v in score.instance_recall_at.items()})
+    return values
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -56,10 +89,45 @@ def format_table(results: Sequence[RunResult], *, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def format_other_metrics(results: Sequence[RunResult], *, dataset: str) -> str:
+    """The second table: one row per method, direction and L; OTHER_METRICS mean +- std."""
+    methods = list(dict.fromkeys(r.method for r in results))
+    bits = sorted({r.bits for r in results})
+    seeds = sorted({r.seed for r in results})
+    names = [name for name, _ in OTHER_METRICS]
+    header = ["method", "dir", "bits", *(n.replace("instance-", "inst-") for n in names)]
+    rows = [header]
+    for method in methods:
+        for direction in ("i2t", "t2i"):
+            for b in bits:
+                runs = [r for r in results if r.method == method and r.bits == b]
+                if not runs:
+                    continue
+                per_run = [other_metrics(getattr(r, direction)) for r in runs]
+                cells = [_short(*mean_std([m[n] for m in per_run])) for n in names]
+                rows.append([method, direction, str(b), *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        f"{dataset}: MAP@R, P@K, R@K (database, by labels) and instance Recall@K (own pair among "
+        f"the queries' pairs), mean +- std over seeds {seeds}",
+        *(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _short(mean: float, std: float) -> str:
+    """.245+-.004: three decimals without the leading zero keep 10 metric columns readable."""
+    return f"{mean:.3f}+-{std:.3f}".replace("0.", ".")
+
+
 def results_document(
     results: Sequence[RunResult], *, dataset: str, n_query: int, n_database: int
 ) -> dict[str, Any]:
-    """The results JSON: dataset, protocol (sizes, metric, seeds) and one row per run."""
+    """The results JSON: dataset, protocol (sizes, metric, seeds, the other metrics' meanings) and
+    one row per run (MAP@all as i2t_map / t2i_map, the other metrics under i2t / t2i)."""
     return {
         "dataset": dataset,
         "protocol": {
@@ -67,6 +135,7 @@ def results_document(
             "database": n_database,
             "metric": METRIC,
             "seeds": sorted({r.seed for r in results}),
+            "other_metrics": dict(OTHER_METRICS),
         },
         "results": [
             {
@@ -75,6 +144,8 @@ def results_document(
                 "seed": r.seed,
                 "i2t_map": r.i2t.map_all,
                 "t2i_map": r.t2i.map_all,
+                "i2t": other_metrics(r.i2t),
+                "t2i": other_metrics(r.t2i),
             }
             for r in results
         ],

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,8 @@ import torch
 from common.errors import InputError
 from common.fsio import atomic_write
 from models.data.dataset import PairDataset
-from models.features.pipeline import prepare
-from models.features.text import tokenize
+from models.features.pipeline import prepare, reweight
+from models.features.text import TextVectorizer
 from models.training.train import (
     TrainConfig,
     best_epoch,
@@ -54,11 +53,10 @@ from models.training.train import (
 )
 from scripts.tune_aucmh import outer_split, score
 
-# Text inputs a variant can train on: the binary bag of words of models/features/text.py (today's
-# and the serving path's), log(1 + counts), or tf-idf rows of unit length (idf from fitting texts).
-WEIGHTINGS = ("binary", "log", "tfidf")
-
 # name -> (TrainConfig fields over the defaults, text weighting). "aucmh" is the reference row.
+# A weighting is one of models/features/text.py's WEIGHTINGS: the binary bag of words, log(1 +
+# counts), or tf-idf rows of unit length (idf from the fitting texts), as `cmh train
+# --text-weighting` trains and the service encodes them.
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "aucmh": ({}, "binary"),
     "epochs-200": ({"epochs": 200}, "binary"),
@@ -81,35 +79,18 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def count_matrix(texts: list[str], vocabulary: list[str]) -> np.ndarray:
-    """(n, len(vocabulary)) float32 term counts, tokenised as the binary bag of words is."""
-    column = {word: j for j, word in enumerate(vocabulary)}
-    out = np.zeros((len(texts), len(vocabulary)), dtype=np.float32)
-    for row, text in zip(out, texts, strict=True):
-        for j, c in Counter(column[t] for t in tokenize(text) if t in column).items():
-            row[j] = c
-    return out
+    """(n, len(vocabulary)) float32 term counts, as models/features/text.py counts them."""
+    vectorizer = TextVectorizer(vocabulary)
+    columns, counts = vectorizer.counts(texts)
+    return vectorizer.dense(columns, [c.astype(np.float32) for c in counts])
 
 
 def weighted_text(data: PairDataset, weighting: str) -> PairDataset:
-    """The dataset with its text features re-weighted; idf is counted on data.train_idx only."""
+    """The dataset with its text features re-weighted (models/features/pipeline.py's `reweight`,
+    what `cmh train --text-weighting` trains on); idf is counted on data.train_idx only."""
     if weighting == "binary":
-        return data
-    if weighting not in WEIGHTINGS:
-        raise InputError(f"expected a text weighting in {WEIGHTINGS}, got {weighting!r}")
-    if data.texts is None or data.vocabulary is None:
-        raise InputError(
-            f"expected raw texts and a vocabulary to weight text {weighting!r} on dataset "
-            f"{data.name!r}, got text features only"
-        )
-    counts = count_matrix(data.texts, data.vocabulary)
-    if weighting == "log":
-        return dataclasses.replace(data, text_features=np.log1p(counts))
-    n_fit = data.train_idx.size
-    df = (counts[data.train_idx] > 0).sum(axis=0)
-    idf = (np.log((1 + n_fit) / (1 + df)) + 1).astype(np.float32)  # scikit-learn's smoothed idf
-    tfidf = counts * idf
-    norms = np.linalg.norm(tfidf, axis=1, keepdims=True)
-    return dataclasses.replace(data, text_features=tfidf / np.maximum(norms, 1e-12))
+        return data  # prepare's features are binary
+    return reweight(data, weighting)
 
 
 def run_one(

@@ -1,6 +1,8 @@
 """Queries to packed codes: texts through the BoW vectorizer, images through backbone + model.
 
-A text becomes the columns of its known words (models/features/text.py) and its code comes from
+A text becomes the columns of its known words, weighted as the checkpoint was trained (binary,
+log counts or tf-idf with the checkpoint's idf: models/features/text.py, the same float32 values
+the offline pipeline trains and evaluates on), and its code comes from
 models/network/text_path.py: the text network as a sum of a few weight columns, in float64 NumPy,
 with torch's codes bit for bit (torch itself encodes the rare text too close to a sign change, and
 every text of a model that path cannot reproduce exactly).
@@ -164,20 +166,28 @@ class Encoder:
         self.model = checkpoint.model
         self.n_bits = checkpoint.n_bits
         self.backbone = backbone
-        self.vectorizer = TextVectorizer(checkpoint.vocabulary)
+        self.vectorizer = TextVectorizer(
+            checkpoint.vocabulary, weighting=checkpoint.text_weighting, idf=checkpoint.idf
+        )
+        self.binary_text = checkpoint.text_weighting == "binary"  # columns alone: values are 1
         # None: the model is not one the fast path reproduces exactly (logged once): torch.
-        self.text_path = TextPath.from_model(self.model)
+        self.text_path = TextPath.from_model(self.model, weighted=not self.binary_text)
         self.batcher = MicroBatcher(
             backbone, window_ms=window_ms, max_batch=max_batch, on_batch=on_batch
         )
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(packed codes (n, words) uint64, (n,) bool: the text had no known word)."""
-        columns = self.vectorizer.columns(texts)
+        values: list[np.ndarray] | None = None
+        if self.binary_text:
+            columns = self.vectorizer.columns(texts)
+        else:
+            columns, values = self.vectorizer.weighted(texts)
         unknown = np.fromiter((len(c) == 0 for c in columns), dtype=bool, count=len(columns))
         if self.text_path is None:
-            return pack_codes(self.model.encode_text(self.vectorizer.dense(columns))), unknown
-        return pack_codes(self.text_path.encode(columns)), unknown
+            dense = self.vectorizer.dense(columns, values)
+            return pack_codes(self.model.encode_text(dense)), unknown
+        return pack_codes(self.text_path.encode(columns, values)), unknown
 
     def encode_image(self, image: Image.Image, *, timeout: float = 120.0) -> np.ndarray:
         """(1, words) uint64 packed code of one image, through the micro-batcher."""

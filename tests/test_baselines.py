@@ -12,7 +12,16 @@ from evaluation.metrics import (
     mean_average_precision,
     relevance,
 )
-from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH, cca_directions, itq_rotation
+from models.methods.baselines import (
+    CCA,
+    CCAITQ,
+    CMFH,
+    CVH,
+    LSH,
+    FitCache,
+    cca_directions,
+    itq_rotation,
+)
 
 BINARY = (CVH, CMFH, CCAITQ, LSH)
 
@@ -149,3 +158,26 @@ def test_bad_inputs_raise_input_error(split: dict[str, np.ndarray]) -> None:
     model = CMFH().fit(split["image_train"], split["text_train"], n_bits=8, seed=0)
     with pytest.raises(InputError, match=r"image features of shape \(n, 20\)"):
         model.encode_image(split["text_query"])
+
+
+def test_fit_cache_gives_bit_identical_codes_and_is_keyed_by_content() -> None:
+    rng = np.random.default_rng(11)
+    image, text = rng.normal(size=(120, 12)), rng.normal(size=(120, 6))
+    cache = FitCache()
+    for fit in (
+        lambda c, r: CVH(ridge=r).fit(image, text, n_bits=8, seed=0, cache=c),
+        lambda c, r: LSH(ridge=r).fit(image, text, n_bits=8, seed=1, cache=c),
+        lambda c, r: CCAITQ(ridge=r).fit(image, text, n_bits=16, seed=2, cache=c),
+        lambda c, r: CMFH(gamma=r).fit(image, text, n_bits=8, seed=0, cache=c),
+    ):
+        for ridge in (0.01, 1.0):
+            plain, cached = fit(None, ridge), fit(cache, ridge)
+            assert np.array_equal(plain.encode_image(image), cached.encode_image(image))
+            assert np.array_equal(plain.encode_text(text), cached.encode_text(text))
+    assert cache.hits > 0  # CVH, LSH and CCA-ITQ share CCA's covariances and directions
+    # Other rows are another key: the fit matches a fresh uncached fit on those rows.
+    other = image.copy()
+    other[0, 0] += 1.0
+    cached = CVH().fit(other, text, n_bits=8, seed=0, cache=cache)
+    plain = CVH().fit(other, text, n_bits=8, seed=0)
+    assert np.array_equal(plain.encode_image(other), cached.encode_image(other))

@@ -43,6 +43,7 @@ def test_round_trip_gives_identical_codes(tmp_path: Path) -> None:
     assert ckpt.n_bits == 32 and ckpt.history == history
     assert ckpt.vocabulary == ["cat", "dog"] and ckpt.image_backbone == "synthetic"
     assert ckpt.dataset == "synthetic" and not ckpt.model.training
+    assert ckpt.text_weighting == "binary" and ckpt.idf is None  # the default
     assert data.image_features is not None and data.text_features is not None
     for encode_a, encode_b, x in [
         (model.encode_image, ckpt.model.encode_image, data.image_features),
@@ -88,7 +89,7 @@ def test_the_file_keeps_the_network_apart_from_the_training_record(tmp_path: Pat
         vocabulary=None, image_backbone="synthetic", dataset=data.name,
     )  # fmt: skip
     payload = torch.load(path, weights_only=True)
-    assert payload["version"] == 2 and "config" not in payload
+    assert payload["version"] == 3 and "config" not in payload
     # nanoGPT's pattern: the model module alone rebuilds the network from "model_args".
     assert ModelConfig(**payload["model_args"]) == model.config
     assert payload["train_config"] == dataclasses.asdict(CFG)
@@ -126,6 +127,7 @@ def test_version_1_checkpoints_rebuild_their_network_and_codes(
         input_norm=input_norm, dropout=dropout,
     )  # fmt: skip
     assert not ckpt.model.training and ckpt.vocabulary == ["cat", "dog"]
+    assert ckpt.text_weighting == "binary" and ckpt.idf is None  # before text weighting
     # The training record is the saved config, completed with the network it rebuilt.
     record = {**expected["config"], "image_hidden": (8,), "text_hidden": (4, 4)}
     assert ckpt.train_config == {**record, "input_norm": input_norm, "dropout": dropout}
@@ -135,12 +137,25 @@ def test_version_1_checkpoints_rebuild_their_network_and_codes(
     assert pack_codes(ckpt.model.encode_text(text)).tolist() == expected["text_codes"]
 
 
+def test_version_2_checkpoints_load_as_binary_text() -> None:
+    # Saved by tests/data/make_checkpoint_v2.py at 103dd24, before text weighting existed.
+    expected = json.loads((DATA / "checkpoint-v2.json").read_text(encoding="utf-8"))
+    assert torch.load(DATA / "checkpoint-v2.pt", weights_only=True)["version"] == 2
+    ckpt = load_checkpoint(DATA / "checkpoint-v2.pt")
+    assert ckpt.text_weighting == "binary" and ckpt.idf is None
+    assert ckpt.vocabulary == ["cat", "dog", "red", "sky", "car"]
+    image = np.asarray(expected["image"], dtype=np.float32)
+    text = np.asarray(expected["text"], dtype=np.float32)
+    assert pack_codes(ckpt.model.encode_image(image)).tolist() == expected["image_codes"]
+    assert pack_codes(ckpt.model.encode_text(text)).tolist() == expected["text_codes"]
+
+
 def test_unknown_version_is_refused(tmp_path: Path) -> None:
     payload = torch.load(DATA / "checkpoint-v1.pt", weights_only=True)
-    payload["version"] = 3
-    path = tmp_path / "v3.pt"
+    payload["version"] = 4
+    path = tmp_path / "v4.pt"
     torch.save(payload, path)
-    with pytest.raises(InputError, match=r"expected checkpoint version in \(1, 2\) .*got 3"):
+    with pytest.raises(InputError, match=r"expected checkpoint version in \(1, 2, 3\) .*got 4"):
         load_checkpoint(path)
 
 

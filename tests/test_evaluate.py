@@ -16,7 +16,10 @@ from evaluation.metrics import (
     average_precisions,
     hamming_distances,
     mean_average_precision,
+    partner_ranks,
+    precision_recall_at,
     precision_recall_by_radius,
+    ranked_scores,
     relevance,
 )
 from evaluation.protocol import (
@@ -27,7 +30,13 @@ from evaluation.protocol import (
     validation_map,
     validation_split,
 )
-from evaluation.report import format_table, plot_pr_curves, results_document
+from evaluation.report import (
+    OTHER_METRICS,
+    format_other_metrics,
+    format_table,
+    plot_pr_curves,
+    results_document,
+)
 from models.data.dataset import PairDataset
 from models.methods.compare import evaluate_methods, parse_methods
 from models.training.train import split_train
@@ -65,10 +74,32 @@ def test_evaluate_methods_gives_one_result_per_method_bits_and_seed(tmp_path: Pa
         assert 0.45 < r.i2t.map_all <= 1.0 and 0.45 < r.t2i.map_all <= 1.0  # random: about 1/3
     doc = results_document(results, dataset="synthetic", n_query=60, n_database=240)
     assert set(doc) == {"dataset", "protocol", "results"}
-    assert doc["protocol"] == {"queries": 60, "database": 240, "metric": "map@all", "seeds": [0, 1]}
-    assert set(doc["results"][0]) == {"method", "bits", "seed", "i2t_map", "t2i_map"}
+    assert doc["protocol"] == {
+        "queries": 60,
+        "database": 240,
+        "metric": "map@all",
+        "seeds": [0, 1],
+        "other_metrics": dict(OTHER_METRICS),
+    }
+    # The first keys stay (other code reads them); the other metrics come per direction.
+    assert set(doc["results"][0]) == {"method", "bits", "seed", "i2t_map", "t2i_map", "i2t", "t2i"}
+    names = ["map@r", "p@1", "p@10", "p@100", "r@1", "r@10", "r@100"]
+    names += ["instance-r@1", "instance-r@5", "instance-r@10"]
+    for row in doc["results"]:
+        for direction in ("i2t", "t2i"):
+            assert list(row[direction]) == names
+            assert all(0.0 <= v <= 1.0 for v in row[direction].values())
     table = format_table(results, dataset="synthetic")
     assert "map@all" in table and "+-" in table and "cca-itq" in table
+    other = format_other_metrics(results, dataset="synthetic").splitlines()
+    assert other[1].split() == [
+        "method",
+        "dir",
+        "bits",
+        *(n.replace("instance-", "inst-") for n in names),
+    ]
+    assert len(other) == 2 + 5 * 2 * 2  # title, header, one row per method, direction and L
+    assert all(len(line) < 140 for line in other)
     png = tmp_path / "pr.png"
     plot_pr_curves(results, dataset="synthetic", bits=16, path=png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -81,12 +112,47 @@ def test_scoring_in_query_blocks_matches_scoring_at_once() -> None:
     db = np.where(rng.random((400, 16)) > 0.5, 1, -1).astype(np.int8)
     query_labels = (rng.random((n_query, 5)) > 0.7).astype(np.uint8)
     db_labels = (rng.random((400, 5)) > 0.7).astype(np.uint8)
-    score = score_direction(query, db, query_labels, db_labels, real_valued=False, seed=4)
+    partners = np.where(rng.random((n_query, 16)) > 0.5, 1, -1).astype(np.int8)
+    score = score_direction(
+        query, db, query_labels, db_labels, partners=partners, real_valued=False, seed=4
+    )
     dists, rel = hamming_distances(query, db), relevance(query_labels, db_labels)
     assert score.map_all == pytest.approx(float(np.mean(average_precisions(dists, rel, seed=4))))
     precision, recall = precision_recall_by_radius(dists, rel, n_bits=16)
     assert np.allclose(score.curve.precision, precision, equal_nan=True)
     assert np.allclose(score.curve.recall, recall)
+    whole = ranked_scores(dists, rel, ks=np.array([1, 10, 100]), seed=4)
+    assert score.map_r == pytest.approx(float(whole.ap_r.mean()))
+    at_k = precision_recall_at(dists, rel, ks=np.array([1, 10, 100]), seed=4)
+    assert list(score.precision_at.values()) == pytest.approx(at_k[0].tolist())
+    assert list(score.recall_at.values()) == pytest.approx(at_k[1].tolist())
+    own = partner_ranks(hamming_distances(query, partners), np.arange(n_query), seed=4)
+    assert score.instance_recall_at == {k: pytest.approx(np.mean(own <= k)) for k in (1, 5, 10)}
+
+
+@pytest.mark.parametrize("real_valued", [False, True])
+def test_instance_recall_finds_each_query_s_own_pair(real_valued: bool) -> None:
+    rng = np.random.default_rng(5)
+    n_query = QUERY_BLOCK + 40  # more than one block: each block's own pairs are offset rows
+    latent = rng.normal(size=(n_query, 32))
+    image = latent if real_valued else np.where(latent > 0, 1, -1).astype(np.int8)
+    text = image.copy()  # each text's code is its own image's code: its pair ranks first
+    db = image[:50]
+    labels = np.eye(2, dtype=np.uint8)[rng.integers(0, 2, size=n_query)]
+    run = score_run(
+        method="same", bits=32, seed=0, image_query=image, text_query=text, image_db=db,
+        text_db=db, query_labels=labels, db_labels=labels[:50], real_valued=real_valued,
+    )  # fmt: skip
+    assert run.i2t.instance_recall_at == {1: 1.0, 5: 1.0, 10: 1.0}
+    assert run.t2i.instance_recall_at == {1: 1.0, 5: 1.0, 10: 1.0}
+    # Pairs broken by a shift: each query's own pair is now a random item, found in the top 10
+    # of 168 about 6% of the time, not always.
+    shifted = score_run(
+        method="shifted", bits=32, seed=0, image_query=image, text_query=np.roll(text, 1, axis=0),
+        image_db=db, text_db=db, query_labels=labels, db_labels=labels[:50],
+        real_valued=real_valued,
+    )  # fmt: skip
+    assert shifted.i2t.instance_recall_at[10] < 0.2 and shifted.t2i.instance_recall_at[1] < 0.05
 
 
 def test_method_and_bits_lists_are_validated() -> None:
@@ -137,8 +203,15 @@ def test_cli_on_the_wikipedia_development_split(
     # Ten classes: random MAP@all is about 0.1; both methods are clearly above it.
     assert by_method["cca-itq"]["i2t_map"] > 0.17 and by_method["cca-itq"]["t2i_map"] > 0.15
     assert by_method["cca"]["i2t_map"] > 0.2 and by_method["cca"]["t2i_map"] > 0.2
+    for direction in ("i2t", "t2i"):  # the other metrics: above chance, inside their bounds
+        cca = by_method["cca"][direction]
+        assert 0.1 < cca["map@r"] < 1.0
+        assert cca["r@1"] <= cca["r@10"] <= cca["r@100"] < 1.0
+        # 435 queries: chance Recall@10 of the own pair is 10 / 435, about 0.023.
+        assert 0.05 < cca["instance-r@10"] <= 1.0
     assert (tmp_path / "wikipedia-16bits-pr.png").is_file()
-    assert "cca-itq" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cca-itq" in out and "inst-r@10" in out
 
 
 def test_validation_split_holds_out_part_of_the_training_rows() -> None:

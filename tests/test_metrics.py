@@ -13,13 +13,16 @@ import pytest
 from common.errors import InputError
 from evaluation.metrics import (
     average_precisions,
+    cutoff_curves,
     hamming_distances,
     mean_average_precision,
     mean_average_precision_at,
+    partner_ranks,
     precision_at_k,
     precision_recall_at,
     precision_recall_by_radius,
     rank,
+    ranked_scores,
     recall_at_k,
     relevance,
     tie_break_order,
@@ -109,6 +112,57 @@ def test_map_at_r_counts_only_the_top_r() -> None:
     db = np.array([[1, 1], [1, -1], [-1, -1]], dtype=np.int8)
     value = mean_average_precision_at(codes, db, one_hot([0]), one_hot([0, 1, 0]), top=2)
     assert value == 1.0
+
+
+def test_map_at_r_divides_by_the_relevant_count() -> None:
+    # R = 2 for the first two queries. Query 0: within the top 2 one hit, at rank 1: P(1) / R =
+    # 1/2. Query 1: one hit, at rank 2: P(2) / R = (1/2) / 2. Query 2: nothing relevant: 0.
+    dists = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
+    rel = np.array([[1, 0, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=bool)
+    scores = ranked_scores(dists, rel, ks=np.array([1, 2, 10]))
+    assert scores.ap_r.tolist() == [0.5, 0.25, 0.0]
+    # The fixed-depth variant divides by the hits found instead: 1.0 for query 0.
+    assert average_precisions(dists, rel, top=2)[0] == 1.0
+    # A perfect top R scores 1.
+    assert ranked_scores(dists[:1], np.array([[1, 1, 0, 0]], dtype=bool), ks=np.array([1])).ap_r[
+        0
+    ] == pytest.approx(1.0)
+    # K beyond the 4-item database: the missing ranks are not relevant.
+    assert scores.precision[0].tolist() == [1.0, 0.5, 2 / 10]
+    assert scores.recall[1].tolist() == [0.0, 0.5, 1.0]
+    assert scores.recall[2].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_ranked_scores_match_the_single_metric_functions_bit_for_bit() -> None:
+    rng = np.random.default_rng(7)
+    dists = rng.integers(0, 6, size=(300, 120))  # many ties; more than one ranking block
+    rel = rng.random((300, 120)) > 0.8
+    rel[5] = False
+    ks = np.array([1, 10, 100])
+    scores = ranked_scores(dists, rel, ks=ks, seed=3)
+    assert np.array_equal(scores.ap, average_precisions(dists, rel, seed=3))
+    precision, recall = cutoff_curves(dists, rel, ks=ks, seed=3)
+    assert np.array_equal(scores.precision, precision) and np.array_equal(scores.recall, recall)
+    # AP@R against its definition, query by query, from the ranking itself.
+    order = rank(dists, seed=3)
+    for i in (0, 5, 299):
+        ranked = rel[i, order[i]]
+        r = int(ranked.sum())
+        expected = sum(ranked[:k].sum() / k for k in range(1, r + 1) if ranked[k - 1]) / max(r, 1)
+        assert scores.ap_r[i] == pytest.approx(expected)
+
+
+def test_partner_ranks_follow_the_ranking_and_its_tie_order() -> None:
+    # No ties: the partner (item 2, distance 1) has one item closer: rank 2.
+    assert partner_ranks(np.array([[3, 0, 1, 2]]), np.array([2])).tolist() == [2]
+    rng = np.random.default_rng(8)
+    dists = rng.integers(0, 4, size=(50, 30))  # heavy ties
+    partners = rng.integers(0, 30, size=50)
+    order = rank(dists, seed=5)
+    expected = [int(np.flatnonzero(order[i] == partners[i])[0]) + 1 for i in range(50)]
+    assert partner_ranks(dists, partners, seed=5).tolist() == expected
+    with pytest.raises(InputError, match="partners in 0..29"):
+        partner_ranks(dists, np.full(50, 30))
 
 
 def test_multi_label_relevance_means_one_shared_label() -> None:

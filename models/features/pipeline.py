@@ -3,12 +3,18 @@
 Image features are the expensive part, so they are cached on disk in `cache_dir`, keyed by dataset,
 backbone, weights and a digest of the image files' contents and order: a later run with the same
 inputs reads the cache, and any changed image, weights file or order gives a new key.
+
+Text is a bag of words weighted as asked ("binary", "log" or "tfidf": models/features/text.py),
+its vocabulary and idf counted on the training texts only. `reweight` re-weights a prepared
+dataset's texts with the idf of its own training part, and `text_vectorizer` gives the vectorizer
+that made them, the one a checkpoint saves so the service encodes texts the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +24,7 @@ from common.fsio import atomic_write
 from models.data.dataset import PairDataset
 from models.data.loaders import load_dataset
 from models.features.image import encode_images, load_backbone
-from models.features.text import TextVectorizer
+from models.features.text import WEIGHTINGS, TextVectorizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +70,53 @@ def cached_image_features(
     return features, path, False
 
 
-def fit_text_features(data: PairDataset, *, vocab_size: int) -> tuple[np.ndarray, TextVectorizer]:
-    """BoW features for every text, the vocabulary fitted on the training texts only."""
+def _texts(data: PairDataset, weighting: str) -> list[str]:
     if data.texts is None:
-        raise InputError(f"expected raw texts in dataset {data.name!r}, it has features only")
-    vectorizer = TextVectorizer.fit([data.texts[i] for i in data.train_idx], vocab_size=vocab_size)
-    features, unknown = vectorizer.transform(data.texts)
+        raise InputError(
+            f"expected raw texts in dataset {data.name!r} to weight text {weighting!r}, "
+            "got text features only"
+        )
+    return data.texts
+
+
+def fit_text_features(
+    data: PairDataset, *, vocab_size: int, weighting: str = "binary"
+) -> tuple[np.ndarray, TextVectorizer]:
+    """BoW features for every text, the vocabulary (and idf) fitted on the training texts only."""
+    texts = _texts(data, weighting)
+    vectorizer = TextVectorizer.fit(
+        [texts[i] for i in data.train_idx], vocab_size=vocab_size, weighting=weighting
+    )
+    features, unknown = vectorizer.transform(texts)
     if unknown.any():
         logger.info(
             "%d of %d texts have no vocabulary word (encoded as zeros)", unknown.sum(), len(unknown)
         )
     return features, vectorizer
+
+
+def text_vectorizer(data: PairDataset, weighting: str) -> TextVectorizer:
+    """The vectorizer of data's vocabulary weighted as `weighting`, idf from data.train_idx's
+    texts only (what fit_text_features gives when data's vocabulary was fitted on them)."""
+    texts = _texts(data, weighting)
+    if data.vocabulary is None:
+        raise InputError(
+            f"expected a bag-of-words vocabulary in dataset {data.name!r} to weight text "
+            f"{weighting!r}, got none"
+        )
+    if weighting not in WEIGHTINGS:
+        raise InputError(f"expected a text weighting in {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    return TextVectorizer(data.vocabulary).with_weighting(
+        weighting, [texts[i] for i in data.train_idx]
+    )
+
+
+def reweight(data: PairDataset, weighting: str) -> PairDataset:
+    """data with every text's features weighted as `weighting`, over its vocabulary, the idf
+    counted on data.train_idx only (a split's training part: its queries never count)."""
+    vectorizer = text_vectorizer(data, weighting)
+    features, _ = vectorizer.transform(_texts(data, weighting))
+    return replace(data, text_features=features)
 
 
 def prepare(
@@ -84,18 +126,29 @@ def prepare(
     backbone: str = "efficientnet-lite0",
     weights: Path | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    text_weighting: str = "binary",
     cache_dir: Path = DEFAULT_CACHE,
     progress: bool = False,
     seed: int = 0,
 ) -> PairDataset:
-    """Load dataset `name` from root with image and text features (datasets of features as is)."""
+    """Load dataset `name` from root with image and text features (datasets of features as is,
+    binary only: another `text_weighting` needs raw texts)."""
+    if text_weighting not in WEIGHTINGS:
+        raise InputError(
+            f"expected a text weighting in {', '.join(WEIGHTINGS)}, got {text_weighting!r}"
+        )
     data = load_dataset(name, root, seed=seed)
     if data.image_features is not None and data.text_features is not None:
+        if text_weighting != "binary":  # the features are the dataset's own
+            raise InputError(
+                f"expected raw texts in dataset {name!r} to weight text {text_weighting!r}, "
+                "got text features only"
+            )
         return data
     image, _, _ = cached_image_features(
         data, backbone=backbone, weights=weights, cache_dir=cache_dir, progress=progress
     )
-    text, vectorizer = fit_text_features(data, vocab_size=vocab_size)
+    text, vectorizer = fit_text_features(data, vocab_size=vocab_size, weighting=text_weighting)
     return data.with_features(
         image=image, text=text, image_backbone=backbone, vocabulary=vectorizer.vocabulary
     )

@@ -1,22 +1,34 @@
 """Bag-of-words text features: English and Chinese (jieba) tokens, vocabulary from training texts.
 
-The vectors are binary (a word is present or not), as in the BoW features of MIRFLICKR-25K and
-NUS-WIDE. The vocabulary is the `vocab_size` most frequent training tokens that occur in at least
-`min_df` training texts, stored as JSON; unknown words are ignored, and a text with no known word
-still encodes (to zeros) and is reported as such. scikit-learn chooses the vocabulary (`fit`);
-a text is mapped with `tokenize` and one dict, word -> column (`columns`), which is what
-CountVectorizer(binary=True) gives for the same analyzer and vocabulary, without its per-call
-pipeline and sparse-matrix building.
+The vocabulary is the `vocab_size` most frequent training tokens that occur in at least `min_df`
+training texts, stored as JSON; unknown words are ignored, and a text with no known word still
+encodes (to zeros) and is reported as such. scikit-learn chooses the vocabulary (`fit`); a text
+is mapped with `tokenize` and one dict, word -> column, which is what CountVectorizer gives for
+the same analyzer and vocabulary, without its per-call pipeline and sparse-matrix building.
+
+A word's value in a text (`weighting`, chosen at training and saved with the checkpoint):
+- "binary": 1 where the word occurs (the paper's and MIRFLICKR-25K's BoW; the default);
+- "log": log(1 + count);
+- "tfidf": count * idf, each text's row scaled to unit L2 length; idf is scikit-learn's smoothed
+  idf, ln((1 + n) / (1 + df)) + 1, counted on the fitting texts only (`with_weighting`).
+The count of a word is how often `tokenize` yields it (after lower-casing, stop words and jieba
+segmentation): CountVectorizer(binary=False)'s count for the same analyzer. Each value is
+computed in float64 from the text alone (no BLAS: math.fsum, math.log1p) and rounded once to
+float32, so a text gets the same float32 values in a batch of 100,000 offline and alone in a
+request: the offline features and the served codes come from the same numbers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
@@ -33,6 +45,7 @@ logger = logging.getLogger(__name__)
 jieba.setLogLevel(logging.WARNING)
 
 LANGUAGES = ("auto", "en", "zh")
+WEIGHTINGS = ("binary", "log", "tfidf")  # a word's value in a text: see the module docstring
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # Function words that carry no topic in Chinese news text (jieba keeps them as tokens).
@@ -55,16 +68,53 @@ def tokenize(text: str, language: str = "auto") -> list[str]:
     return [t for t in WORD.findall(text) if t not in ENGLISH_STOP_WORDS]
 
 
-class TextVectorizer:
-    """Binary bag of words over a fixed vocabulary (fit on training texts only)."""
+def smoothed_idf(document_frequency: np.ndarray, n_texts: int) -> np.ndarray:
+    """(dim,) float64 idf = ln((1 + n) / (1 + df)) + 1, scikit-learn's TfidfTransformer default."""
+    df = np.asarray(document_frequency, dtype=np.float64)
+    out: np.ndarray = np.log((1.0 + n_texts) / (1.0 + df)) + 1.0
+    return out
 
-    def __init__(self, vocabulary: Sequence[str], *, language: str = "auto") -> None:
+
+def check_weighting(weighting: str, idf: Sequence[float] | np.ndarray | None, dim: int) -> None:
+    """Raises InputError unless `weighting` is known and idf is given (dim positive finite
+    numbers) exactly when it is "tfidf"."""
+    if weighting not in WEIGHTINGS:
+        raise InputError(f"expected a text weighting in {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if weighting != "tfidf":
+        if idf is not None:
+            raise InputError(f"expected no idf with text weighting {weighting!r}, got one")
+        return
+    if idf is None:
+        raise InputError("expected an idf vector with text weighting 'tfidf', got none")
+    arr = np.asarray(idf, dtype=np.float64)
+    if arr.shape != (dim,) or not (np.isfinite(arr).all() and (arr > 0).all()):
+        raise InputError(
+            f"expected {dim} positive finite idf values (one per vocabulary word), "
+            f"got shape {arr.shape}"
+        )
+
+
+class TextVectorizer:
+    """Bag of words over a fixed vocabulary (fit on training texts only), weighted as chosen."""
+
+    def __init__(
+        self,
+        vocabulary: Sequence[str],
+        *,
+        language: str = "auto",
+        weighting: str = "binary",
+        idf: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
         if language not in LANGUAGES:
             raise InputError(f"expected a language in {', '.join(LANGUAGES)}, got {language!r}")
         if not vocabulary:
             raise InputError("expected a non-empty vocabulary, got none")
+        check_weighting(weighting, idf, len(vocabulary))
         self.vocabulary = list(vocabulary)
         self.language = language
+        self.weighting = weighting
+        # (dim,) float64 for "tfidf", else None
+        self.idf = None if idf is None else np.array(idf, dtype=np.float64)
         self._column = {word: j for j, word in enumerate(self.vocabulary)}  # word -> column
         if len(self._column) != len(self.vocabulary):
             # The dict keeps a repeated word's last column: its first occurrence differs.
@@ -79,10 +129,16 @@ class TextVectorizer:
         vocab_size: int = 2000,
         min_df: int = 2,
         language: str = "auto",
+        weighting: str = "binary",
     ) -> TextVectorizer:
-        """Choose the vocabulary from training texts; raises InputError when none is left."""
+        """Choose the vocabulary (and for "tfidf" the idf) from training texts; raises
+        InputError when no word is left."""
         if vocab_size < 1:
             raise InputError(f"expected vocab_size >= 1, got {vocab_size}")
+        if weighting not in WEIGHTINGS:
+            raise InputError(
+                f"expected a text weighting in {', '.join(WEIGHTINGS)}, got {weighting!r}"
+            )
         counter = CountVectorizer(
             analyzer=lambda t: tokenize(t, language),
             binary=True,
@@ -95,7 +151,18 @@ class TextVectorizer:
             raise InputError(f"expected training texts with words, got: {err}") from err
         vocabulary = sorted(counter.vocabulary_, key=counter.vocabulary_.__getitem__)
         logger.info("fitted a %d-word vocabulary on %d texts", len(vocabulary), len(texts))
-        return cls(vocabulary, language=language)
+        return cls(vocabulary, language=language).with_weighting(weighting, texts)
+
+    def with_weighting(self, weighting: str, texts: Sequence[str]) -> TextVectorizer:
+        """The same vocabulary weighted as `weighting`; "tfidf" counts its idf on `texts` (the
+        fitting texts only), the other weightings ignore them."""
+        idf = None
+        if weighting == "tfidf":
+            df = np.zeros(self.dim, dtype=np.int64)
+            for cols in self.columns(texts):
+                df[cols] += 1
+            idf = smoothed_idf(df, len(texts))
+        return TextVectorizer(self.vocabulary, language=self.language, weighting=weighting, idf=idf)
 
     @property
     def dim(self) -> int:
@@ -103,7 +170,7 @@ class TextVectorizer:
         return len(self.vocabulary)
 
     def columns(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Per text, the sorted distinct columns (intp) of its known words (its vector's ones)."""
+        """Per text, the sorted distinct columns (intp) of its known words (its nonzeros)."""
         column, language = self._column, self.language
         out = []
         for text in texts:
@@ -111,25 +178,96 @@ class TextVectorizer:
             out.append(np.array(sorted(found), dtype=np.intp))
         return out
 
-    def dense(self, columns: Sequence[np.ndarray]) -> np.ndarray:
-        """(n, dim) float32 binary vectors with ones at `columns` (as `columns` gives them)."""
+    def counts(self, texts: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per text, its sorted distinct columns (intp) and each one's count (int64)."""
+        column, language = self._column, self.language
+        cols_out, counts_out = [], []
+        for text in texts:
+            found = sorted(
+                Counter(column[t] for t in tokenize(text, language) if t in column).items()
+            )
+            cols_out.append(np.fromiter((j for j, _ in found), np.intp, len(found)))
+            counts_out.append(np.fromiter((c for _, c in found), np.int64, len(found)))
+        return cols_out, counts_out
+
+    def weighted(self, texts: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per text, its sorted distinct columns (intp) and their float32 values (the weighting's;
+        see the module docstring). No dense row is built."""
+        if self.weighting == "binary":
+            columns = self.columns(texts)
+            return columns, [np.ones(len(c), dtype=np.float32) for c in columns]
+        columns, counts = self.counts(texts)
+        return columns, [self._values(c, n) for c, n in zip(columns, counts, strict=True)]
+
+    def _values(self, cols: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        if self.weighting == "log":
+            return np.array([math.log1p(c) for c in counts.tolist()], dtype=np.float32)
+        assert self.idf is not None  # checked at construction for "tfidf"
+        tf_idf = counts * self.idf[cols]  # (k,) float64
+        norm = math.sqrt(math.fsum((tf_idf * tf_idf).tolist()))  # correctly rounded sum
+        out: np.ndarray = (tf_idf / max(norm, 1e-300)).astype(np.float32)
+        return out
+
+    def dense(
+        self, columns: Sequence[np.ndarray], values: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
+        """(n, dim) float32 vectors with `values` (ones when None) at `columns` (as `columns`
+        or `weighted` gives them)."""
         matrix = np.zeros((len(columns), self.dim), dtype=np.float32)
-        for row, cols in zip(matrix, columns, strict=True):
-            row[cols] = 1.0
+        if values is None:
+            for row, cols in zip(matrix, columns, strict=True):
+                row[cols] = 1.0
+            return matrix
+        for row, cols, vals in zip(matrix, columns, values, strict=True):
+            row[cols] = vals
         return matrix
 
     def transform(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dim) float32 binary vectors, and (n,) bool: True where a text had no known word."""
-        columns = self.columns(texts)
-        return self.dense(columns), np.array([len(c) == 0 for c in columns], dtype=bool)
+        """(n, dim) float32 weighted vectors, and (n,) bool: True where a text had no known word."""
+        columns, values = self.weighted(texts)
+        return self.dense(columns, values), np.array([len(c) == 0 for c in columns], dtype=bool)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form: vocabulary, language, weighting and ("tfidf") the idf."""
+        out: dict[str, Any] = {
+            "vocabulary": self.vocabulary,
+            "language": self.language,
+            "weighting": self.weighting,
+        }
+        if self.idf is not None:
+            out["idf"] = self.idf.tolist()  # float64 repr: reads back to the same numbers
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextVectorizer:
+        """The vectorizer `to_dict` (or `to_json`) wrote; without "weighting" (files written
+        before weighting existed) it is binary. Raises InputError on anything else."""
+        if not isinstance(data, dict) or not isinstance(data.get("vocabulary"), list):
+            raise InputError(f"expected a vectorizer object with a vocabulary, got {type(data)}")
+        known = {"vocabulary", "language", "weighting", "idf"}
+        if set(data) - known:
+            raise InputError(f"expected vectorizer keys in {sorted(known)}, got {sorted(data)}")
+        return cls(
+            data["vocabulary"],
+            language=data.get("language", "auto"),
+            weighting=data.get("weighting", "binary"),
+            idf=data.get("idf"),
+        )
 
     def to_json(self) -> str:
-        """The vectorizer as JSON (vocabulary and language)."""
-        return json.dumps(
-            {"vocabulary": self.vocabulary, "language": self.language}, ensure_ascii=False
-        )
+        """The vectorizer as JSON (`to_dict`)."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> TextVectorizer:
+        """The vectorizer `to_json` wrote (old JSON without "weighting" reads as binary)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"expected vectorizer JSON, got invalid JSON: {err}") from None
+        return cls.from_dict(data)
 
     def save(self, path: Path) -> None:
         """Write the JSON form to path (an export for people and other tools: the checkpoint
-        carries the vocabulary the service uses), atomically."""
+        carries the vocabulary and weighting the service uses), atomically."""
         atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))

@@ -8,9 +8,17 @@ Every statistic (means, scales, projections, rotations) comes from the training 
 A shared space of CCA has at most c = min(d_img, d_txt) dimensions (10 on Wikipedia, whose text
 is 10-d LDA). Where a method needs more bits than that, the extra bits are signs of seeded random
 Gaussian projections of the shared space, as in LSH; this is stated per class.
+
+A tuned run fits the same method on the same rows many times (every regulariser on the grid, its
+widening, every code length, the refit on the whole training part), and CVH, LSH, CCA-ITQ and
+CCA all start from the same CCA. `FitCache` keeps what those fits share: per fit set the
+covariances (CCA) and the Gram matrices (CMFH), per fit set and ridge the CCA directions.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
 
 import numpy as np
 import scipy.linalg
@@ -25,6 +33,46 @@ CMFH_LAMBDA = 0.5  # weight of image vs text reconstruction (Ding et al.: 0.5)
 CMFH_MU = 100.0  # weight of the projection terms (Ding et al.: 100)
 CMFH_GAMMA = 0.01  # default ridge on every factor (Ding et al.: 0.01)
 CMFH_ITERATIONS = 50  # alternating updates; the objective is flat well before this
+
+
+class FitCache:
+    """Results of the baselines' expensive steps, keyed by the exact input they came from.
+
+    A key holds a digest of the bytes, shape and dtype of every matrix a step reads and the
+    regulariser, so a hit returns what the same expression on the same input returned: fits are
+    bit-identical with and without the cache, and a value can only be reused for identical data
+    (another seed's validation split, another dataset or another scaling is another key). Cached
+    arrays are read-only. One cache per `cmh evaluate` run (models/methods/compare.py): it holds
+    a few covariance matrices per fit set and the (d, c) directions, not one (d, d) per ridge.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[object, ...], tuple[np.ndarray, ...]] = {}
+        self.hits = 0  # lookups answered from the cache
+        self.misses = 0  # lookups computed (and stored)
+
+    def get(
+        self, key: tuple[object, ...], compute: Callable[[], tuple[np.ndarray, ...]]
+    ) -> tuple[np.ndarray, ...]:
+        """The stored value of `key`, or `compute()` stored under it (its arrays made read-only)."""
+        found = self._store.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        value = compute()
+        for arr in value:
+            arr.setflags(write=False)  # shared between fits: nobody may change it in place
+        self._store[key] = value
+        return value
+
+
+def digest(x: np.ndarray) -> str:
+    """A content key for `x`: BLAKE2b of its shape, dtype and bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{x.shape}{x.dtype.str}".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
 
 
 def to_codes(z: np.ndarray) -> np.ndarray:
@@ -70,22 +118,49 @@ def _inverse_sqrt(cov: np.ndarray, ridge: float) -> np.ndarray:
 
 
 def cca_directions(
-    x: np.ndarray, y: np.ndarray, *, n_components: int, ridge: float = CCA_RIDGE
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    n_components: int,
+    ridge: float = CCA_RIDGE,
+    cache: FitCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Regularised CCA of centred x (n, dx), y (n, dy): A (dx, c), B (dy, c), correlations (c,).
 
     Hotelling's CCA by whitening and an SVD of the whitened cross-covariance; c is n_components
     capped at min(dx, dy), directions sorted by decreasing correlation. The ridge matters when
     d is near or above n (bag-of-words, CNN features): unregularised CCA then finds perfect,
-    meaningless correlations.
+    meaningless correlations. With a `cache`, the covariances are computed once per (x, y) and
+    the directions once per (x, y, ridge, c): CVH, LSH, CCA-ITQ and CCA share them.
     """
     if ridge < 0:
         raise InputError(f"expected ridge >= 0, got {ridge}")
-    n = x.shape[0]
     c = min(n_components, x.shape[1], y.shape[1])
-    wx = _inverse_sqrt(x.T @ x / n, ridge)
-    wy = _inverse_sqrt(y.T @ y / n, ridge)
-    u, s, vt = np.linalg.svd(wx @ (x.T @ y / n) @ wy, full_matrices=False)
+    if cache is None:
+        return _cca_directions(_covariances(x, y), c, ridge)
+    store = cache  # a name the closure below sees as not None
+    keys = (digest(x), digest(y))
+
+    def compute() -> tuple[np.ndarray, ...]:
+        return _cca_directions(store.get(("cov", *keys), lambda: _covariances(x, y)), c, ridge)
+
+    a, b, s = store.get(("cca", *keys, ridge, c), compute)
+    return a, b, s
+
+
+def _covariances(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Cxx (dx, dx), Cyy (dy, dy), Cxy (dx, dy)) of centred rows."""
+    n = x.shape[0]
+    return x.T @ x / n, y.T @ y / n, x.T @ y / n
+
+
+def _cca_directions(
+    covs: tuple[np.ndarray, ...], c: int, ridge: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cxx, cyy, cxy = covs
+    wx = _inverse_sqrt(cxx, ridge)
+    wy = _inverse_sqrt(cyy, ridge)
+    u, s, vt = np.linalg.svd(wx @ cxy @ wy, full_matrices=False)
     return wx @ u[:, :c], wy @ vt.T[:, :c], s[:c]
 
 
@@ -101,13 +176,21 @@ class CVH:
     def __init__(self, *, ridge: float = CCA_RIDGE) -> None:
         self.ridge = ridge  # CCA covariance ridge, relative (see cca_directions)
 
-    def fit(self, image: np.ndarray, text: np.ndarray, *, n_bits: int, seed: int) -> CVH:
+    def fit(
+        self,
+        image: np.ndarray,
+        text: np.ndarray,
+        *,
+        n_bits: int,
+        seed: int,
+        cache: FitCache | None = None,
+    ) -> CVH:
         """Learn the projections; bits beyond the c canonical directions are random (see module)."""
         _check_pairs(image, text, n_bits)
         self._image = _Features(image, name="image", scale=False)
         self._text = _Features(text, name="text", scale=False)
         a, b, _ = cca_directions(
-            self._image(image), self._text(text), n_components=n_bits, ridge=self.ridge
+            self._image(image), self._text(text), n_components=n_bits, ridge=self.ridge, cache=cache
         )
         if a.shape[1] < n_bits:
             extra = _lift(a, n_bits, np.random.default_rng(seed))
@@ -132,13 +215,21 @@ class LSH:
     def __init__(self, *, ridge: float = CCA_RIDGE) -> None:
         self.ridge = ridge  # CCA covariance ridge, relative (see cca_directions)
 
-    def fit(self, image: np.ndarray, text: np.ndarray, *, n_bits: int, seed: int) -> LSH:
+    def fit(
+        self,
+        image: np.ndarray,
+        text: np.ndarray,
+        *,
+        n_bits: int,
+        seed: int,
+        cache: FitCache | None = None,
+    ) -> LSH:
         """Learn the shared space and draw the n_bits random hyperplanes."""
         _check_pairs(image, text, n_bits)
         self._image = _Features(image, name="image", scale=False)
         self._text = _Features(text, name="text", scale=False)
         a, b, _ = cca_directions(
-            self._image(image), self._text(text), n_components=n_bits, ridge=self.ridge
+            self._image(image), self._text(text), n_components=n_bits, ridge=self.ridge, cache=cache
         )
         planes = np.random.default_rng(seed).standard_normal((a.shape[1], n_bits))
         self._a, self._b = a @ planes, b @ planes
@@ -171,13 +262,21 @@ class CCAITQ:
     def __init__(self, *, ridge: float = CCA_RIDGE) -> None:
         self.ridge = ridge  # CCA covariance ridge, relative (see cca_directions)
 
-    def fit(self, image: np.ndarray, text: np.ndarray, *, n_bits: int, seed: int) -> CCAITQ:
+    def fit(
+        self,
+        image: np.ndarray,
+        text: np.ndarray,
+        *,
+        n_bits: int,
+        seed: int,
+        cache: FitCache | None = None,
+    ) -> CCAITQ:
         """Learn the scaled CCA projections (lifted to n_bits when c < n_bits) and the rotation."""
         _check_pairs(image, text, n_bits)
         self._image = _Features(image, name="image", scale=False)
         self._text = _Features(text, name="text", scale=False)
         xi, xt = self._image(image), self._text(text)
-        a, b, corr = cca_directions(xi, xt, n_components=n_bits, ridge=self.ridge)
+        a, b, corr = cca_directions(xi, xt, n_components=n_bits, ridge=self.ridge, cache=cache)
         weights = corr**ITQ_EIGEN_POWER
         a, b = a * weights, b * weights
         rng = np.random.default_rng(seed)
@@ -207,7 +306,15 @@ class CMFH:
             raise InputError(f"expected gamma > 0, got {gamma}")
         self.gamma = gamma  # ridge on every factor; needs raising when d is near or above n
 
-    def fit(self, image: np.ndarray, text: np.ndarray, *, n_bits: int, seed: int) -> CMFH:
+    def fit(
+        self,
+        image: np.ndarray,
+        text: np.ndarray,
+        *,
+        n_bits: int,
+        seed: int,
+        cache: FitCache | None = None,
+    ) -> CMFH:
         """Run the alternating updates from a seeded random V."""
         _check_pairs(image, text, n_bits)
         self._image = _Features(image, name="image", scale=True)
@@ -216,8 +323,9 @@ class CMFH:
         lam, mu, gamma = CMFH_LAMBDA, CMFH_MU, self.gamma
         eye = np.eye(n_bits)
         # P_m = V X_m^T (X_m X_m^T + gamma/mu I)^-1: the factor depends on X_m only, so solve once.
-        chol1 = scipy.linalg.cho_factor(x1 @ x1.T + gamma / mu * np.eye(x1.shape[0]))
-        chol2 = scipy.linalg.cho_factor(x2 @ x2.T + gamma / mu * np.eye(x2.shape[0]))
+        gram1, gram2 = _grams(x1, x2, cache)
+        chol1 = scipy.linalg.cho_factor(gram1 + gamma / mu * np.eye(x1.shape[0]))
+        chol2 = scipy.linalg.cho_factor(gram2 + gamma / mu * np.eye(x2.shape[0]))
         v = np.random.default_rng(seed).standard_normal((n_bits, x1.shape[1]))  # (L, n)
         for _ in range(CMFH_ITERATIONS):
             vvt = v @ v.T
@@ -241,6 +349,15 @@ class CMFH:
         return to_codes(self._text(x) @ self._p2)
 
 
+def _grams(x1: np.ndarray, x2: np.ndarray, cache: FitCache | None) -> tuple[np.ndarray, ...]:
+    """(X1 X1^T, X2 X2^T) of CMFH's (d, n) feature matrices, once per fit set with a cache."""
+
+    def compute() -> tuple[np.ndarray, ...]:
+        return x1 @ x1.T, x2 @ x2.T
+
+    return compute() if cache is None else cache.get(("gram", digest(x1), digest(x2)), compute)
+
+
 class CCA:
     """Real-valued CCA (Hotelling 1936; the cross-modal reference of Rasiwasia et al., ACM MM
     2010): centred features projected on the top canonical directions, ranked by cosine."""
@@ -248,13 +365,17 @@ class CCA:
     def __init__(self, *, ridge: float = CCA_RIDGE) -> None:
         self.ridge = ridge  # CCA covariance ridge, relative (see cca_directions)
 
-    def fit(self, image: np.ndarray, text: np.ndarray) -> CCA:
+    def fit(self, image: np.ndarray, text: np.ndarray, *, cache: FitCache | None = None) -> CCA:
         """Learn the top min(d_img, d_txt, CCA_MAX_COMPONENTS) canonical directions."""
         _check_pairs(image, text, 1)
         self._image = _Features(image, name="image", scale=False)
         self._text = _Features(text, name="text", scale=False)
         self._a, self._b, self.correlations = cca_directions(
-            self._image(image), self._text(text), n_components=CCA_MAX_COMPONENTS, ridge=self.ridge
+            self._image(image),
+            self._text(text),
+            n_components=CCA_MAX_COMPONENTS,
+            ridge=self.ridge,
+            cache=cache,
         )
         return self
 

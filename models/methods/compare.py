@@ -11,6 +11,8 @@ never on the queries, but the splits differ, and the difference favours the base
 - each baseline holds out VALIDATION_FRACTION (a fifth) of the training part, ranks it against
   all the other training pairs, picks its one regularisation value (widening its grid while the
   choice sits on an edge), and then refits on the whole training part.
+Those baseline fits share their covariances and CCA directions through one FitCache per
+evaluate_methods call (models/methods/baselines.py); the fits are bit-identical without it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from common.errors import InputError
 from evaluation.protocol import Encoder, RunResult, score_run, validation_map, validation_split
 from models.data.dataset import PairDataset
-from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH
+from models.features.pipeline import reweight
+from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH, FitCache
 from models.training.train import TrainConfig, train_selecting, with_k_grid
 
 logger = logging.getLogger(__name__)
@@ -40,13 +43,22 @@ GAMMA_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # CMFH's ridge gamma (the paper's 0.
 MAX_GRID_EXTENSIONS = 4
 
 
+class Fit(Protocol):
+    """Fit a method on a dataset's training part at (n_bits, seed); a cache may share work."""
+
+    def __call__(
+        self, data: PairDataset, n_bits: int, seed: int, /, cache: FitCache | None = None
+    ) -> Encoder: ...
+
+
 @dataclass(frozen=True)
 class Method:
     """A method's name, its fit (data, n_bits, seed) -> Encoder, and how its outputs rank."""
 
     name: str
-    fit: Callable[[PairDataset, int, int], Encoder]
+    fit: Fit
     real_valued: bool = False  # cosine ranking; one fit per seed serves every n_bits
+    text_weighting: str = "binary"  # the text features it is fitted and scored on
 
 
 class _CCAEncoder:
@@ -72,27 +84,62 @@ def features(data: PairDataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 # A baseline fitted on (image, text) rows at (n_bits, seed) with one regularisation value.
-FitOne = Callable[[np.ndarray, np.ndarray, int, int, float], Encoder]
+FitOne = Callable[[np.ndarray, np.ndarray, int, int, float, FitCache | None], Encoder]
 
 
-def _cvh(image: np.ndarray, text: np.ndarray, n_bits: int, seed: int, ridge: float) -> Encoder:
-    return CVH(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed)
+def _cvh(
+    image: np.ndarray,
+    text: np.ndarray,
+    n_bits: int,
+    seed: int,
+    ridge: float,
+    cache: FitCache | None,
+) -> Encoder:
+    return CVH(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
 
 
-def _lsh(image: np.ndarray, text: np.ndarray, n_bits: int, seed: int, ridge: float) -> Encoder:
-    return LSH(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed)
+def _lsh(
+    image: np.ndarray,
+    text: np.ndarray,
+    n_bits: int,
+    seed: int,
+    ridge: float,
+    cache: FitCache | None,
+) -> Encoder:
+    return LSH(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
 
 
-def _cca_itq(image: np.ndarray, text: np.ndarray, n_bits: int, seed: int, ridge: float) -> Encoder:
-    return CCAITQ(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed)
+def _cca_itq(
+    image: np.ndarray,
+    text: np.ndarray,
+    n_bits: int,
+    seed: int,
+    ridge: float,
+    cache: FitCache | None,
+) -> Encoder:
+    return CCAITQ(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
 
 
-def _cmfh(image: np.ndarray, text: np.ndarray, n_bits: int, seed: int, gamma: float) -> Encoder:
-    return CMFH(gamma=gamma).fit(image, text, n_bits=n_bits, seed=seed)
+def _cmfh(
+    image: np.ndarray,
+    text: np.ndarray,
+    n_bits: int,
+    seed: int,
+    gamma: float,
+    cache: FitCache | None,
+) -> Encoder:
+    return CMFH(gamma=gamma).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
 
 
-def _cca(image: np.ndarray, text: np.ndarray, _n_bits: int, _seed: int, ridge: float) -> Encoder:
-    return _CCAEncoder(CCA(ridge=ridge).fit(image, text))
+def _cca(
+    image: np.ndarray,
+    text: np.ndarray,
+    _n_bits: int,
+    _seed: int,
+    ridge: float,
+    cache: FitCache | None,
+) -> Encoder:
+    return _CCAEncoder(CCA(ridge=ridge).fit(image, text, cache=cache))
 
 
 def choose_widening(
@@ -124,21 +171,19 @@ def choose_widening(
     return best_value, tried
 
 
-def _tuned(
-    fit_one: FitOne, grid: Sequence[float], *, real_valued: bool = False
-) -> Callable[[PairDataset, int, int], Encoder]:
+def _tuned(fit_one: FitOne, grid: Sequence[float], *, real_valued: bool = False) -> Fit:
     """Fit with the grid value of best validation MAP (mean of both directions), then refit.
 
     The validation split is held out of the training part (seeded by the run's seed); the
     queries are never looked at. A choice on the grid's edge widens the grid (choose_widening).
     """
 
-    def fit(data: PairDataset, n_bits: int, seed: int) -> Encoder:
+    def fit(data: PairDataset, n_bits: int, seed: int, /, cache: FitCache | None = None) -> Encoder:
         image, text = features(data)
         fit_idx, val_idx = validation_split(data.train_idx, fraction=VALIDATION_FRACTION, seed=seed)
 
         def score(value: float) -> float:
-            model = fit_one(image[fit_idx], text[fit_idx], n_bits, seed, value)
+            model = fit_one(image[fit_idx], text[fit_idx], n_bits, seed, value, cache)
             i2t, t2i = validation_map(
                 model, image=image, text=text, labels=data.labels, query_idx=val_idx,
                 db_idx=fit_idx, real_valued=real_valued, seed=seed,
@@ -153,12 +198,12 @@ def _tuned(
         )
         if best in (tried[0][0], tried[-1][0]):
             logger.warning("regulariser %g is still on the edge of the widened grid", best)
-        return fit_one(image[data.train_idx], text[data.train_idx], n_bits, seed, best)
+        return fit_one(image[data.train_idx], text[data.train_idx], n_bits, seed, best, cache)
 
     return fit
 
 
-def _aucmh(**fields: Any) -> Callable[[PairDataset, int, int], Encoder]:
+def _aucmh(**fields: Any) -> Fit:
     """AUCMH with TrainConfig's defaults but `fields` (ablation switches, options), per length.
 
     One model per k in K_GRID; the trainer picks the epoch, and then the k, by validation MAP on
@@ -166,7 +211,8 @@ def _aucmh(**fields: Any) -> Callable[[PairDataset, int, int], Encoder]:
     """
     TrainConfig(**fields)  # a bad field fails when the table is built, not in the middle of a run
 
-    def fit(data: PairDataset, n_bits: int, seed: int) -> Encoder:
+    def fit(data: PairDataset, n_bits: int, seed: int, /, cache: FitCache | None = None) -> Encoder:
+        del cache  # gradient training: no closed-form step repeats between fits
         cfg = replace(TrainConfig(), n_bits=n_bits, seed=seed, **fields)
         model, _history, _chosen = train_selecting(candidates=with_k_grid(cfg), data=data)
         return model
@@ -186,6 +232,7 @@ METHODS: dict[str, Method] = {
         # Options beyond the paper, one row each (scripts/quality_study.py measures them).
         Method("aucmh-cosine", _aucmh(lr_schedule="cosine")),
         Method("aucmh-hash-t2", _aucmh(hash_temperature=2.0)),
+        Method("aucmh-tfidf", _aucmh(), text_weighting="tfidf"),  # needs raw texts (Web News)
         Method("cvh", _tuned(_cvh, RIDGE_GRID)),
         Method("cmfh", _tuned(_cmfh, GAMMA_GRID)),
         Method("cca-itq", _tuned(_cca_itq, RIDGE_GRID)),
@@ -210,16 +257,21 @@ def evaluate_methods(
     """Fit, encode and score every method at every code length and seed (one result each)."""
     if data.query_idx.size == 0:
         raise InputError('expected query pairs (split "query") to evaluate, got none')
-    image, text = features(data)
     q, db = data.query_idx, data.database_idx
+    cache = FitCache()  # content-keyed, so sharing it across methods and seeds is safe
+    weighted: dict[str, PairDataset] = {"binary": data}  # idf from the training part only
     results: list[RunResult] = []
     for method in methods:
+        if method.text_weighting not in weighted:
+            weighted[method.text_weighting] = reweight(data, method.text_weighting)
+        mdata = weighted[method.text_weighting]
+        image, text = features(mdata)
         for seed in seeds:
             # A real-valued method ignores n_bits: fit and score it once, repeat for each length.
             lengths = bits[:1] if method.real_valued else bits
             for n_bits in lengths:
                 start = time.perf_counter()
-                model = method.fit(data, n_bits, seed)
+                model = method.fit(mdata, n_bits, seed, cache=cache)
                 run = score_run(
                     method=method.name,
                     bits=n_bits,
@@ -228,8 +280,8 @@ def evaluate_methods(
                     text_query=model.encode_text(text[q]),
                     image_db=model.encode_image(image[db]),
                     text_db=model.encode_text(text[db]),
-                    query_labels=data.labels[q],
-                    db_labels=data.labels[db],
+                    query_labels=mdata.labels[q],
+                    db_labels=mdata.labels[db],
                     real_valued=method.real_valued,
                 )
                 logger.info(
@@ -245,6 +297,7 @@ def evaluate_methods(
                     results.extend(_with_bits(run, b) for b in bits)
                 else:
                     results.append(run)
+    logger.info("baseline fit cache: %d hits, %d computed", cache.hits, cache.misses)
     return results
 
 

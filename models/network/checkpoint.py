@@ -1,13 +1,17 @@
-"""AUCMH checkpoints: one torch file with the network's config, weights, history and vocabulary.
+"""AUCMH checkpoints: one torch file with the network's config, weights, history and text encoding.
 
 The file is a plain dict of tensors, strings and numbers, so `torch.load(weights_only=True)`
 reads it, and the network is rebuilt from its "model_args" with models/network/aucmh.py alone
 (nanoGPT's `GPTConfig(**checkpoint["model_args"])`): serving never imports training.
 
-Version 2 (written): "model_args" (ModelConfig fields), "model" (state dict), "train_config"
+Version 3 (written): "model_args" (ModelConfig fields), "model" (state dict), "train_config"
 (the TrainConfig fields it was trained with, for the record), "history", "vocabulary",
-"image_backbone", "dataset". Version 1 (read): one "config" dict of TrainConfig fields, network
-and training mixed, with "n_bits", "image_dim" and "text_dim" beside it.
+"text_weighting" ("binary", "log" or "tfidf": models/features/text.py), "idf" (a (text_dim,)
+float64 tensor for "tfidf", else None), "image_backbone", "dataset". Version 2 (read): the same
+without "text_weighting" and "idf": binary text, the only kind then. Its number changed so that
+code reading version 2 refuses a tf-idf checkpoint instead of serving it binary inputs. Version 1
+(read): one "config" dict of TrainConfig fields, network and training mixed, with "n_bits",
+"image_dim" and "text_dim" beside it; binary text.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.errors import InputError
 from common.fsio import atomic_write
+from models.features.text import check_weighting
 from models.network.aucmh import HashingModel, ModelConfig, build_model
 
 FORMAT = "cmh-aucmh-checkpoint"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 # The ModelConfig fields a version-1 "config" holds (the feature widths sit beside it).
 V1_NETWORK_FIELDS = ("n_bits", "image_hidden", "text_hidden", "input_norm", "dropout")
@@ -44,6 +50,8 @@ class Checkpoint:
     train_config: dict[str, Any]  # TrainConfig fields it was trained with, as saved (a record)
     history: list[dict[str, float]]  # one row per trained epoch (models/training/train.py)
     vocabulary: list[str] | None  # BoW terms in text feature column order, when the text is BoW
+    text_weighting: str  # a word's value in a text: "binary", "log" or "tfidf" (features/text.py)
+    idf: np.ndarray | None  # (text_dim,) float64 for "tfidf" (from the training texts), else None
     image_backbone: str  # what made the image features the model expects
     dataset: str  # the dataset it was trained on
 
@@ -62,11 +70,16 @@ def save_checkpoint(
     vocabulary: list[str] | None,
     image_backbone: str,
     dataset: str,
+    text_weighting: str = "binary",
+    idf: np.ndarray | None = None,
 ) -> None:
     """Write the checkpoint atomically and durably (common.fsio.atomic_write).
 
-    `train_config` is `dataclasses.asdict` of the TrainConfig, kept for the record only.
+    `train_config` is `dataclasses.asdict` of the TrainConfig, kept for the record only;
+    `text_weighting` and `idf` are the vectorizer's (TextVectorizer.weighting, .idf) that made
+    the text features. Raises InputError when they do not fit the vocabulary.
     """
+    _check_text(text_weighting, idf, vocabulary, model.config.text_dim, "the checkpoint to save")
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -75,6 +88,8 @@ def save_checkpoint(
         "train_config": dict(train_config),
         "history": [{str(k): float(v) for k, v in row.items()} for row in history],
         "vocabulary": list(vocabulary) if vocabulary is not None else None,
+        "text_weighting": text_weighting,
+        "idf": None if idf is None else torch.tensor(np.asarray(idf, dtype=np.float64)),
         "image_backbone": image_backbone,
         "dataset": dataset,
     }
@@ -85,6 +100,31 @@ def _field(payload: dict[str, Any], key: str, kind: type | tuple[type, ...], pat
     if key not in payload or not isinstance(payload[key], kind):
         raise InputError(f"expected a '{key}' entry in checkpoint {path}, got {payload.get(key)!r}")
     return payload[key]
+
+
+def _check_text(
+    weighting: str, idf: np.ndarray | None, vocabulary: list[str] | None, text_dim: int, where: str
+) -> None:
+    """Raises InputError unless the text weighting and idf fit the vocabulary and network."""
+    try:
+        check_weighting(weighting, idf, text_dim)
+    except InputError as err:
+        raise InputError(f"{err} (in {where})") from None
+    if weighting != "binary" and vocabulary is None:
+        raise InputError(
+            f"expected a vocabulary with text weighting {weighting!r} in {where}, got none"
+        )
+
+
+def _text_entries(payload: dict[str, Any], path: Path) -> tuple[str, np.ndarray | None]:
+    """(text weighting, idf) of a version-3 checkpoint."""
+    weighting = _field(payload, "text_weighting", str, path)
+    idf = payload.get("idf")
+    if idf is None:
+        return weighting, None
+    if not isinstance(idf, torch.Tensor) or idf.dtype != torch.float64 or idf.ndim != 1:
+        raise InputError(f"expected idf as a float64 vector in {path}, got {type(idf).__name__}")
+    return weighting, idf.numpy().copy()
 
 
 def _model_config(values: dict[str, Any], path: Path) -> ModelConfig:
@@ -118,7 +158,7 @@ def _v1_configs(payload: dict[str, Any], path: Path) -> tuple[ModelConfig, dict[
 
 
 def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
-    """Read a checkpoint (version 1 or 2) onto `device`; the model is in eval mode.
+    """Read a checkpoint (version 1, 2 or 3) onto `device`; the model is in eval mode.
 
     Raises InputError when the file is missing, is not such a checkpoint, or is inconsistent.
     """
@@ -148,6 +188,9 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
         isinstance(vocabulary, list) and all(isinstance(t, str) for t in vocabulary)
     ):
         raise InputError(f"expected a list of strings as vocabulary in {path}, got {vocabulary!r}")
+    # Versions 1 and 2 predate text weighting: their text features were binary.
+    weighting, idf = _text_entries(payload, path) if version == 3 else ("binary", None)
+    _check_text(weighting, idf, vocabulary, model_config.text_dim, str(path))
     model = build_model(model_config)
     try:
         model.load_state_dict(_field(payload, "model", dict, path))
@@ -161,6 +204,8 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
         train_config=dict(train_config),
         history=list(_field(payload, "history", list, path)),
         vocabulary=vocabulary,
+        text_weighting=weighting,
+        idf=idf,
         image_backbone=_field(payload, "image_backbone", str, path),
         dataset=_field(payload, "dataset", str, path),
     )
