@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--workers",
         type=int,
         default=1,
-        help="server processes sharing the store's memory-mapped codes and its writes (default 1)",
+        help="server processes sharing the store's memory-mapped codes and its writes, or the "
+        "Milvus collection (default 1)",
     )
     p.set_defaults(run=run)
 
@@ -44,11 +45,6 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings() if args.artifacts is None else Settings(artifacts_dir=args.artifacts)
     if args.workers < 1:
         raise InputError(f"expected --workers of at least 1, got {args.workers}")
-    if args.workers > 1 and settings.index_backend == "milvus":
-        raise InputError(
-            f"expected --workers 1 with CMH_INDEX_BACKEND=milvus (its mirror of the store has one "
-            f"writer), got --workers {args.workers}"
-        )
     checkpoint = settings.artifacts_dir / CHECKPOINT_NAME
     if not checkpoint.is_file():  # say so in one line, before uvicorn's startup traceback would
         raise InputError(

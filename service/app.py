@@ -37,17 +37,39 @@ from service.indexing import Indexer
 from service.jobs import JOBS_NAME, JobManager, QueueFull
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
-from service.milvus_serving import MilvusMirror
 from service.pages import router as pages_router
 from service.settings import Settings
 from service.state import Loaded
 from service.uploads import DECODES
+from store.backend import ItemStore
 from store.compaction import Compactor
 from store.layout import CHECKPOINT_NAME, open_store
+from store.manifest import Manifest
+from store.milvus_store import MilvusStore
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5  # what a 429 tells a client to wait before it submits again
+
+
+def open_item_store(settings: Settings, expected: Manifest, *, shared: bool) -> ItemStore:
+    """The system of record the settings name: the local store under the artifacts folder (with
+    its background compactor), or the Milvus collection (no codes or metadata kept here)."""
+    if settings.index_backend == "milvus":
+        if not settings.milvus_uri:
+            raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
+        token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
+        return MilvusStore.open(
+            settings.artifacts_dir,
+            uri=settings.milvus_uri,
+            collection=settings.milvus_collection,
+            expected=expected,
+            token=token,
+            timeout_s=settings.milvus_timeout_s,
+        )
+    store = open_store(settings.artifacts_dir, expected=expected, shared=shared)
+    Compactor(store)
+    return store
 
 
 def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loaded:
@@ -58,10 +80,7 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
     artifacts = settings.artifacts_dir
     model = load_served_model(artifacts, device=settings.device)
     checkpoint, backbone, expected = model.checkpoint, model.backbone, model.manifest
-    milvus_uri = settings.milvus_uri if settings.index_backend == "milvus" else None
-    if settings.index_backend == "milvus" and not milvus_uri:
-        raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
-    store = open_store(artifacts, expected=expected, shared=shared)
+    store = open_item_store(settings, expected, shared=shared)
     encoder = Encoder(
         checkpoint,
         backbone,
@@ -69,11 +88,6 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
         max_batch=settings.max_image_batch,
         on_batch=metrics.image_batch.observe,
     )
-    mirror = None
-    if milvus_uri:
-        token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
-        mirror = MilvusMirror(store, uri=milvus_uri, token=token)
-    Compactor(store)
     DECODES.resize(settings.max_decode_pixels)
     indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
     jobs = JobManager(artifacts / JOBS_NAME, max_queued=settings.max_queued_jobs)
@@ -84,7 +98,6 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
         store=store,
         indexer=indexer,
         jobs=jobs,
-        mirror=mirror,
         text_searches=CapacityLimiter(settings.search_threads),
     )
 

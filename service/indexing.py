@@ -33,9 +33,10 @@ from models.data.dataset import PairDataset
 from service.encoder import Encoder
 from service.schemas import BuildItem, ErrorItem
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
+from store.backend import ItemStore
 from store.ids import ItemId, parse_id
 from store.rows import MAX_FIELDS_BYTES, NewItems
-from store.store import OnConflict, Store
+from store.store import OnConflict
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class Indexer:
     """Validates, encodes and commits build items to the store."""
 
     def __init__(
-        self, *, store: Store, encoder: Encoder, max_pixels: int, budget: PixelBudget = DECODES
+        self, *, store: ItemStore, encoder: Encoder, max_pixels: int, budget: PixelBudget = DECODES
     ) -> None:
         self.store = store
         self.encoder = encoder

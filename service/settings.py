@@ -39,8 +39,16 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0, description="how long image requests wait to batch")
     max_image_batch: int = Field(32, ge=1, description="largest backbone batch of image requests")
     index_backend: Literal["memory", "milvus"] = Field(
-        "memory", description="where searches run: in this process, or Milvus (milvus_uri)"
+        "memory",
+        description="the system of record: the local store under artifacts_dir, or one Milvus "
+        "collection (milvus_uri, milvus_collection) shared by every serving process",
     )
     milvus_uri: str | None = Field(None, description="Milvus server URL, or a milvus-lite .db file")
     milvus_token: SecretStr | None = Field(None, description="Milvus credentials, when needed")
+    milvus_collection: str = Field(
+        "cmh_items", min_length=1, description="the Milvus collection that holds the items"
+    )
+    milvus_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for one Milvus call before a 503 (whole seconds)"
+    )
     log_level: str = Field("INFO", description="logging level")

@@ -10,9 +10,8 @@ from service.encoder import Encoder
 from service.indexing import Indexer
 from service.jobs import JobManager
 from service.metrics import Metrics
-from service.milvus_serving import MilvusMirror
 from service.settings import Settings
-from store.store import Searcher, Store
+from store.backend import ItemStore
 
 
 @dataclass(frozen=True)
@@ -22,22 +21,14 @@ class Loaded:
     settings: Settings  # the app's settings
     metrics: Metrics  # the app's Prometheus registry
     encoder: Encoder  # queries and build items to codes
-    store: Store  # what is indexed
+    store: ItemStore  # what is indexed: the local Store, or MilvusStore (CMH_INDEX_BACKEND)
     indexer: Indexer  # build items into the store
     jobs: JobManager  # background builds
-    mirror: MilvusMirror | None  # searches answered by Milvus, when configured
     text_searches: CapacityLimiter  # the threads text searches run on (settings.search_threads)
 
     def close(self) -> None:
         """Stop what runs in the background (the job worker after its job, the batcher), then
-        close the mirror and the store."""
+        close the store."""
         self.jobs.close()
         self.encoder.close()
-        if self.mirror is not None:
-            self.mirror.close()
         self.store.close()
-
-    @property
-    def searcher(self) -> Searcher | None:
-        """Who answers code searches: Milvus when configured, else the store's own view."""
-        return None if self.mirror is None else self.mirror.search

@@ -14,18 +14,19 @@ Collection layout (one row per item):
   text, image, added      the caption, the image reference (artifacts-relative), the added time
   fields      JSON: the user's fields as given
   terms       JSON {"t": [...]}: hex(UTF-8) of each of the item's filter terms (store/filters.py
-              terms_of), which filters match with json_contains_any (not an ARRAY field:
+              terms_of), which filters match with json_contains (not an ARRAY field:
               milvus-lite 2.5.1 fails every query of an empty collection that has one)
 The collection's description holds the manifest (bits, backbone, vocabulary and checkpoint
 digests) and a store id, as JSON; `open` checks it with check_manifest and refuses a mismatch
 with one line.
 
-Filters: a clause is json_contains_any(terms["t"], [hex terms]) and an ids list is `id in [keys]`,
-ANDed. Every literal in an expression is hex or a key made above, never a user's text, so no
-value can change the expression (milvus-lite 2.5.1 refuses pymilvus's filter_params templates,
-which is why values are not passed that way). The terms are those of the local store, so the
-same filter keeps the same items on both backends (5 and 5.0 alike, true is not 1). A stored
-term longer than any filter can name (MAX_TERM_HEX) is left out: no filter could match it.
+Filters: a clause is json_contains(terms["t"], "hex term") ORed over its terms, and an ids list
+is `id in [keys]`, ANDed. Every literal in an expression is hex or a key made above, never a
+user's text, so no value can change the expression (milvus-lite 2.5.1 refuses pymilvus's
+filter_params templates, which is why values are not passed that way). The terms are those of
+the local store, so the same filter keeps the same items on both backends (5 and 5.0 alike, true
+is not 1). A stored term longer than any filter can name (MAX_TERM_HEX) is left out: no filter
+could match it.
 
 Sequence: seq = (max(now in units of 1.024 us, last + 1) << 10) | tag, tag a random 10-bit number
 per opened store. It increases within a process, and across processes it follows the writes'
@@ -81,7 +82,7 @@ from store.ids import ItemId, parse_id
 from store.manifest import Manifest, check_manifest
 from store.metadata import Item
 from store.rows import IMAGES_DIR, NewItems, checked_rows
-from store.store import Hits, OnConflict
+from store.store import Hits, OnConflict, Searcher
 from store.view import Target
 
 logger = logging.getLogger(__name__)
@@ -124,8 +125,10 @@ def expression(where: Filter | None) -> str:
         return ""
     parts = []
     for clause in where.clauses:
-        terms = ", ".join(f'"{t.encode("utf-8", "surrogatepass").hex()}"' for t in clause.terms)
-        parts.append(f'json_contains_any(terms["t"], [{terms}])')
+        # One json_contains per term, ORed: milvus-lite 2.5.1's server segfaults, now and then,
+        # on json_contains_any with several values (tests/test_milvus_store.py found it).
+        terms = [t.encode("utf-8", "surrogatepass").hex() for t in clause.terms]
+        parts.append("(" + " or ".join(f'json_contains(terms["t"], "{t}")' for t in terms) + ")")
     if where.ids is not None:
         keys = ", ".join(f'"{key_of(i)}"' for i in sorted(where.ids, key=str))
         parts.append(f"id in [{keys}]")
@@ -317,11 +320,14 @@ class MilvusStore:
         queries: np.ndarray,
         k: int,
         *,
-        searcher: None = None,  # noqa: ARG002 (the local store's hook: always None here)
+        searcher: Searcher | None = None,
         where: Filter | None = None,
     ) -> Hits:
         """Exact top-k of each (m, n_words) query among stored items (that pass `where`), with
-        their metadata; ties in seq order. `searcher` is the local store's hook: always None."""
+        their metadata; ties in seq order. `searcher` is the local store's hook (store.backend
+        ItemStore): Milvus searches for itself, so it must be None."""
+        if searcher is not None:
+            raise InputError("expected no searcher with the Milvus store (it searches itself)")
         check_packed(queries, self.n_bits, name="queries")
         check_k(k)
         if k > MAX_K:

@@ -127,12 +127,6 @@ def test_serve_refuses_worker_counts_it_cannot_run(cmh: Callable[..., Ran], tmp_
     assert refused.returncode == 2
     assert "expected --workers of at least 1, got 0" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CMH_INDEX_BACKEND", "milvus")
-        env.setenv("CMH_MILVUS_URI", "http://127.0.0.1:1")
-        refused = cmh("serve", "--artifacts", str(tmp_path), "--workers", "2")
-    assert refused.returncode == 2
-    assert "expected --workers 1 with CMH_INDEX_BACKEND=milvus" in refused.stderr
 
 
 def test_train_flags_set_the_options_beyond_the_paper() -> None:

@@ -81,9 +81,7 @@ def _search_text(loaded: Loaded, metrics: Metrics, body: TextSearch) -> SearchRe
     code, unknown = loaded.encoder.encode_texts([body.text])
     metrics.encode.labels("text").observe(time.perf_counter() - start)
     where = None if body.filter is None else body.filter.value
-    found: Hits = loaded.store.search(
-        body.target, code, body.k, searcher=loaded.searcher, where=where
-    )
+    found: Hits = loaded.store.search(body.target, code, body.k, where=where)
     return SearchResponse(
         target=body.target,
         k=body.k,
@@ -143,7 +141,7 @@ def _search_image(
     start = time.perf_counter()
     code = loaded.encoder.encode_image(image)
     metrics.encode.labels("image").observe(time.perf_counter() - start)
-    found = loaded.store.search(target, code, k, searcher=loaded.searcher, where=where)
+    found = loaded.store.search(target, code, k, where=where)
     return SearchResponse(
         target=target,
         k=k,

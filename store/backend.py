@@ -1,0 +1,89 @@
+"""ItemStore: what the service needs of a store, satisfied by the local Store and MilvusStore.
+
+The service reads and writes items only through these methods, so one `Loaded.store` serves
+either backend. What only one backend has (the local store's compaction, live rows, listener)
+is not part of it: code that needs those takes a `Store`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from store.filters import Filter
+from store.ids import ItemId
+from store.metadata import Item
+from store.rows import NewItems
+from store.store import Hits, OnConflict, Searcher
+from store.view import Target
+
+
+class StoreView(Protocol):
+    """What the service reads of a store's current state."""
+
+    @property
+    def commit(self) -> int:
+        """The commit (local store) or last write's seq (Milvus) this state shows."""
+        ...
+
+    @property
+    def count(self) -> int:
+        """Live items."""
+        ...
+
+    @property
+    def parts(self) -> tuple[object, ...]:
+        """The searched parts (segments); empty when the backend manages its own."""
+        ...
+
+
+class ItemStore(Protocol):
+    """A store the service can serve: search, read, add and delete items."""
+
+    @property
+    def artifacts(self) -> Path:
+        """The artifacts folder that stored image references are relative to."""
+        ...
+
+    def __len__(self) -> int:
+        """Live items."""
+        ...
+
+    def view(self) -> StoreView:
+        """The current state."""
+        ...
+
+    def existing(self, ids: Sequence[ItemId]) -> set[ItemId]:
+        """Which of ids are stored."""
+        ...
+
+    def get(self, item_id: ItemId) -> Item | None:
+        """The item stored under item_id, or None."""
+        ...
+
+    def search(
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        *,
+        searcher: Searcher | None = None,
+        where: Filter | None = None,
+    ) -> Hits:
+        """Exact top-k of each query among stored items (that pass `where`)."""
+        ...
+
+    def add(self, batch: NewItems, *, on_conflict: OnConflict = "error") -> int:
+        """Commit a batch; the commit number (or seq) it made."""
+        ...
+
+    def delete(self, ids: Sequence[ItemId]) -> list[ItemId]:
+        """Remove these ids; those that were stored."""
+        ...
+
+    def close(self) -> None:
+        """Release files and connections."""
+        ...
