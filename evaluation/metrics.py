@@ -1,5 +1,7 @@
 """Retrieval metrics over ranked databases: MAP@all, MAP@R, P@K, R@K and precision-recall curves.
 
+Over 300 lines because every metric shares one ranking and one tie rule, stated once here.
+
 Conventions shared by every function here:
 
 - Relevant means the query and the item share at least one label (`labels` are (n, C) multi-hot).
