@@ -17,7 +17,7 @@ from store.filters import Filter
 from store.ids import ItemId
 from store.metadata import Item
 from store.rows import NewItems
-from store.store import Hits, OnConflict, Searcher
+from store.store import Hits, OnConflict
 from store.view import Target
 
 
@@ -70,7 +70,6 @@ class ItemStore(Protocol):
         queries: np.ndarray,
         k: int,
         *,
-        searcher: Searcher | None = None,
         where: Filter | None = None,
     ) -> Hits:
         """Exact top-k of each query among stored items (that pass `where`)."""

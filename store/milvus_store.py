@@ -82,7 +82,7 @@ from store.ids import ItemId, parse_id
 from store.manifest import Manifest, check_manifest
 from store.metadata import Item
 from store.rows import IMAGES_DIR, NewItems, checked_rows
-from store.store import Hits, OnConflict, Searcher
+from store.store import Hits, OnConflict
 from store.view import Target
 
 logger = logging.getLogger(__name__)
@@ -320,14 +320,10 @@ class MilvusStore:
         queries: np.ndarray,
         k: int,
         *,
-        searcher: Searcher | None = None,
         where: Filter | None = None,
     ) -> Hits:
         """Exact top-k of each (m, n_words) query among stored items (that pass `where`), with
-        their metadata; ties in seq order. `searcher` is the local store's hook (store.backend
-        ItemStore): Milvus searches for itself, so it must be None."""
-        if searcher is not None:
-            raise InputError("expected no searcher with the Milvus store (it searches itself)")
+        their metadata; ties in seq order."""
         check_packed(queries, self.n_bits, name="queries")
         check_k(k)
         if k > MAX_K:

@@ -87,48 +87,20 @@ def features(data: PairDataset) -> tuple[np.ndarray, np.ndarray]:
 FitOne = Callable[[np.ndarray, np.ndarray, int, int, float, FitCache | None], Encoder]
 
 
-def _cvh(
-    image: np.ndarray,
-    text: np.ndarray,
-    n_bits: int,
-    seed: int,
-    ridge: float,
-    cache: FitCache | None,
-) -> Encoder:
-    return CVH(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
+def _binary(make: Callable[[float], CVH | LSH | CCAITQ | CMFH]) -> FitOne:
+    """The FitOne of a binary baseline built by make(regularisation value)."""
 
+    def fit_one(
+        image: np.ndarray,
+        text: np.ndarray,
+        n_bits: int,
+        seed: int,
+        value: float,
+        cache: FitCache | None,
+    ) -> Encoder:
+        return make(value).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
 
-def _lsh(
-    image: np.ndarray,
-    text: np.ndarray,
-    n_bits: int,
-    seed: int,
-    ridge: float,
-    cache: FitCache | None,
-) -> Encoder:
-    return LSH(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
-
-
-def _cca_itq(
-    image: np.ndarray,
-    text: np.ndarray,
-    n_bits: int,
-    seed: int,
-    ridge: float,
-    cache: FitCache | None,
-) -> Encoder:
-    return CCAITQ(ridge=ridge).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
-
-
-def _cmfh(
-    image: np.ndarray,
-    text: np.ndarray,
-    n_bits: int,
-    seed: int,
-    gamma: float,
-    cache: FitCache | None,
-) -> Encoder:
-    return CMFH(gamma=gamma).fit(image, text, n_bits=n_bits, seed=seed, cache=cache)
+    return fit_one
 
 
 def _cca(
@@ -233,10 +205,10 @@ METHODS: dict[str, Method] = {
         Method("aucmh-cosine", _aucmh(lr_schedule="cosine")),
         Method("aucmh-hash-t2", _aucmh(hash_temperature=2.0)),
         Method("aucmh-tfidf", _aucmh(), text_weighting="tfidf"),  # needs raw texts (Web News)
-        Method("cvh", _tuned(_cvh, RIDGE_GRID)),
-        Method("cmfh", _tuned(_cmfh, GAMMA_GRID)),
-        Method("cca-itq", _tuned(_cca_itq, RIDGE_GRID)),
-        Method("lsh", _tuned(_lsh, RIDGE_GRID)),
+        Method("cvh", _tuned(_binary(lambda ridge: CVH(ridge=ridge)), RIDGE_GRID)),
+        Method("cmfh", _tuned(_binary(lambda gamma: CMFH(gamma=gamma)), GAMMA_GRID)),
+        Method("cca-itq", _tuned(_binary(lambda ridge: CCAITQ(ridge=ridge)), RIDGE_GRID)),
+        Method("lsh", _tuned(_binary(lambda ridge: LSH(ridge=ridge)), RIDGE_GRID)),
         Method("cca", _tuned(_cca, RIDGE_GRID, real_valued=True), real_valued=True),
     )
 }
