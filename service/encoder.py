@@ -32,7 +32,12 @@ from PIL import Image
 from common.errors import InputError
 from indexes.codes import pack_codes
 from models.devices import resolve_device
-from models.features.image import Backbone, encode_images, load_backbone, one_torch_thread
+from models.features.image import (
+    Backbone,
+    all_cores_torch_threads,
+    encode_images,
+    load_backbone,
+)
 from models.features.text import TextVectorizer
 from models.network.checkpoint import Checkpoint, load_checkpoint
 from models.network.text_path import TextPath
@@ -86,7 +91,7 @@ class MicroBatcher:
 
     def _run(self) -> None:
         if not self.former:
-            one_torch_thread()  # a batch of one runs here, without a hand-off to a worker
+            all_cores_torch_threads()  # a batch of one runs here, on every core
         while True:
             batch, stop = self._next_batch()
             if batch:
@@ -130,7 +135,12 @@ class MicroBatcher:
         if self.on_batch is not None:
             self.on_batch(len(batch))
         try:
-            feats = encode_images(self.backbone, [r.image for r in batch], batch_size=len(batch))
+            feats = encode_images(
+                self.backbone,
+                [r.image for r in batch],
+                batch_size=len(batch),
+                inline=not self.former,  # the former rule: every batch to a backbone worker
+            )
         except Exception as err:  # handed to every waiting request, which re-raises it
             for r in batch:
                 r.future.set_exception(err)

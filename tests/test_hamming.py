@@ -15,7 +15,7 @@ import pytest
 from common.errors import InputError
 from indexes import hamming
 from indexes.codes import n_words
-from indexes.hamming import SPLIT_DB_MIN, HammingIndex, LiveMask
+from indexes.hamming import SPLIT_MIN_WORDS, HammingIndex, LiveMask
 from tests.helpers import brute_force, random_packed
 
 
@@ -38,15 +38,19 @@ def test_search_matches_brute_force(n: int, n_bits: int, threads: int) -> None:
         np.testing.assert_array_equal(got_ids, want_i)
 
 
+SPLIT_BITS = 512  # codes of the split tests
+SPLIT_WORDS = SPLIT_BITS // 64
+
+
 def test_single_query_split_over_threads_matches_brute_force() -> None:
     rng = np.random.default_rng(5)
-    n = SPLIT_DB_MIN + 4321
-    codes = random_packed(rng, n, 64)
+    n = SPLIT_MIN_WORDS // SPLIT_WORDS + 4321  # long codes: a split database in few rows
+    codes = random_packed(rng, n, SPLIT_BITS)
     codes[::997] = codes[0]  # many exact ties spread over both halves
     ids = np.arange(n, dtype=np.int64)[::-1].copy()
-    index = HammingIndex(64, threads=2)
+    index = HammingIndex(SPLIT_BITS, threads=2)
     index.add(codes, ids)
-    queries = np.concatenate([codes[:1], random_packed(rng, 1, 64)])
+    queries = np.concatenate([codes[:1], random_packed(rng, 1, SPLIT_BITS)])
     for q in queries:
         dists, got_ids = index.search(q[None, :], 100)
         want_d, want_i = brute_force(q[None, :], codes, ids, 100)
@@ -56,11 +60,11 @@ def test_single_query_split_over_threads_matches_brute_force() -> None:
 
 def test_a_search_while_another_scans_stays_on_its_own_thread_and_is_exact() -> None:
     rng = np.random.default_rng(6)
-    n = SPLIT_DB_MIN + 999
-    codes = random_packed(rng, n, 64)
+    n = SPLIT_MIN_WORDS // SPLIT_WORDS + 999
+    codes = random_packed(rng, n, SPLIT_BITS)
     codes[::501] = codes[3]  # ties across the pieces the split makes
     ids = np.arange(n, dtype=np.int64)
-    index = HammingIndex(64, threads=2)
+    index = HammingIndex(SPLIT_BITS, threads=2)
     index.add(codes, ids)
     query = codes[3:4]
     want = brute_force(query, codes, ids, 50)
