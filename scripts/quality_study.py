@@ -72,9 +72,28 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "hash-t-0.5": ({"hash_temperature": 0.5}, "binary"),
     "hash-t-2": ({"hash_temperature": 2.0}, "binary"),
     "hash-t-4": ({"hash_temperature": 4.0}, "binary"),
+    "contrastive-0.5": ({"contrastive_weight": 0.5}, "binary"),
+    "contrastive-1": ({"contrastive_weight": 1.0}, "binary"),
+    "contrastive-0.5-t-0.5": (
+        {"contrastive_weight": 0.5, "contrastive_temperature": 0.5},
+        "binary",
+    ),
+    "contrastive-0.5-t-1": ({"contrastive_weight": 0.5, "contrastive_temperature": 1.0}, "binary"),
+    "contrastive-0.2-t-0.3": (
+        {"contrastive_weight": 0.2, "contrastive_temperature": 0.3},
+        "binary",
+    ),
     "text-log": ({}, "log"),
     "text-tfidf": ({}, "tfidf"),
     "text-tfidf-200": ({"epochs": 200}, "tfidf"),
+    "tfidf-contrastive-0.5-t-0.5": (
+        {"contrastive_weight": 0.5, "contrastive_temperature": 0.5},
+        "tfidf",
+    ),
+    "tfidf-contrastive-0.2-t-0.3": (
+        {"contrastive_weight": 0.2, "contrastive_temperature": 0.3},
+        "tfidf",
+    ),
 }
 
 

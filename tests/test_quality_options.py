@@ -18,6 +18,7 @@ from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.methods.compare import METHODS, RIDGE_GRID, choose_widening, parse_methods
 from models.network.aucmh import HashingModel, hash_layer
+from models.training.losses import contrastive_loss
 from models.training.train import TrainConfig, config_from_dict, train
 from scripts.quality_study import VARIANTS, count_matrix, merge_into, summary, weighted_text
 from tests.helpers import separable_pairs
@@ -112,10 +113,38 @@ def test_hash_temperature_shapes_gradients_never_codes() -> None:
     assert not torch.allclose(warm, hot)  # without the sign, T changes the training codes
 
 
+def test_contrastive_weight_changes_training(data: PairDataset, default_run: Run) -> None:
+    _, default = default_run
+    _, history = train(cfg=dataclasses.replace(SHORT, contrastive_weight=0.5), data=data)
+    # The term joins the total loss only: L_g and L_r of the first batch are the same functions
+    # of the same start, so the epoch-1 totals differ by the term (positive) and later epochs
+    # differ everywhere as the weights move apart.
+    assert _rows(history)[0][0] > _rows(default)[0][0]
+    assert all(a != b for a, b in zip(_rows(history)[1:], _rows(default)[1:], strict=True))
+
+
+def test_contrastive_loss_is_infonce_on_code_cosines() -> None:
+    g = torch.Generator().manual_seed(0)
+    hi, ht = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    t = 0.3
+    c = (hi / hi.norm(dim=1, keepdim=True)) @ (ht / ht.norm(dim=1, keepdim=True)).T / t
+    by_hand = -0.5 * (
+        (c.diagonal() - c.logsumexp(dim=1)).mean() + (c.diagonal() - c.logsumexp(dim=0)).mean()
+    )
+    assert contrastive_loss(hi, ht, temperature=t).item() == pytest.approx(by_hand.item(), 1e-6)
+    # Paired codes that agree score lower than the same codes paired at random.
+    aligned = contrastive_loss(hi, hi + 0.1 * ht, temperature=t)
+    shuffled = contrastive_loss(hi, (hi + 0.1 * ht)[torch.randperm(8, generator=g)], temperature=t)
+    assert aligned < shuffled
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("lr_schedule", "step"), ("hash_temperature", 0.0), ("hash_temperature", -1.0)],
-)
+    [
+        ("lr_schedule", "step"), ("hash_temperature", 0.0), ("hash_temperature", -1.0),
+        ("contrastive_weight", -0.1), ("contrastive_temperature", 0.0),
+    ],
+)  # fmt: skip
 def test_options_refuse_bad_values(field: str, value: object) -> None:
     with pytest.raises(InputError, match=f"expected {field}.*got {value!r}"):
         TrainConfig(**{field: value})  # type: ignore[arg-type]
@@ -125,6 +154,7 @@ def test_train_configs_saved_before_the_options_rebuild_with_todays_behaviour() 
     # A checkpoint's "train_config" record from before has neither field: they take the defaults.
     old = dataclasses.asdict(SHORT)
     del old["lr_schedule"], old["hash_temperature"]
+    del old["contrastive_weight"], old["contrastive_temperature"]
     assert config_from_dict(old) == SHORT
 
 

@@ -91,3 +91,16 @@ def ranking_loss(h_image: Tensor, h_text: Tensor, *, margin: float) -> Tensor:
     g_it = margin + c - pos[:, None]
     g_ti = margin + c.T - pos[:, None]
     return _mean_violations(g_it) + _mean_violations(g_ti)
+
+
+def contrastive_loss(h_image: Tensor, h_text: Tensor, *, temperature: float) -> Tensor:
+    """A symmetric in-batch InfoNCE on code cosines (beyond the paper; UCCH's spirit).
+
+    Each image's own text is its one positive among the batch's texts and the other way round:
+    cross-entropy of softmax_l(cos(h_image_j, h_text_l) / temperature) against the identity,
+    averaged over rows and the two directions. Unlike L_g (whose P spreads each row over the
+    graph's neighbours, at temperature 1 on cosines in [-1, 1]) it asks for a sharp pairing.
+    """
+    logits = cosine_matrix(h_image, h_text) / temperature
+    own = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, own) + F.cross_entropy(logits.T, own))

@@ -25,6 +25,7 @@ from models.devices import DEVICES, resolve_device
 from models.network.aucmh import HashingModel, ModelConfig, build_model
 from models.training.losses import (
     anchor_graph_loss,
+    contrastive_loss,
     graph_from_nearest,
     nearest_anchors,
     ranking_loss,
@@ -89,6 +90,10 @@ class TrainConfig:
     use_graph_loss: bool = True  # ablation switch: False drops L_g ("without L_g")
     use_ranking_loss: bool = True  # ablation switch: False drops L_r ("without L_r")
     use_hash_layer: bool = True  # ablation switch: False trains on continuous tanh codes
+    # Beyond the paper (0: off, the paper's loss): L += contrastive_weight * an in-batch InfoNCE
+    # of each pair against the batch's other pairs at contrastive_temperature (losses.py).
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
 
     def __post_init__(self) -> None:
@@ -108,6 +113,12 @@ class TrainConfig:
             (self.epochs >= 1, "epochs >= 1", self.epochs),
             (self.patience >= 1, "patience >= 1", self.patience),
             (self.n_val >= 1, "n_val >= 1", self.n_val),
+            (self.contrastive_weight >= 0.0, "contrastive_weight >= 0", self.contrastive_weight),
+            (
+                self.contrastive_temperature > 0.0,
+                "contrastive_temperature > 0",
+                self.contrastive_temperature,
+            ),
             (self.use_graph_loss or self.use_ranking_loss, "at least one loss", "none"),
             (self.device in DEVICES, "device auto, cpu or cuda", self.device),
         ]
@@ -321,6 +332,10 @@ def train(
                 loss = cfg.beta * loss_g + (1 - cfg.beta) * loss_r
             else:
                 loss = loss_g + loss_r  # one of them is zero: the ablation keeps the other alone
+            if cfg.contrastive_weight > 0.0:
+                loss = loss + cfg.contrastive_weight * contrastive_loss(
+                    hi, ht, temperature=cfg.contrastive_temperature
+                )
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             optimizer.step()
