@@ -52,7 +52,7 @@ import numpy as np
 from indexes.hamming import HammingIndex
 from store.benchmark import caption_pool, random_codes
 from store.compaction import compact_once
-from store.filters import Filter, FilterIndex
+from store.filters import Filter
 from store.manifest import Manifest
 from store.rows import NewItems
 from store.store import DB_NAME, STORE_DIR, Store
@@ -142,14 +142,13 @@ def measure(
     for q in queries[:, None]:
         filtered.append(timed_ms(partial(store.search, "image", q, K, where=where)))
         plain.append(timed_ms(partial(store.search, "image", q, K)))
-    view, conn = store.view(), store._reader()
-    evals = [timed_ms(lambda: store._filters.parts(view, "image", where, conn)) for _ in queries]
-    whole = {id(p.image) for p in view.parts}
-    scanned = store._filters.parts(view, "image", where, conn)
+    evals = [timed_ms(partial(store.scan_plan, "image", where)) for _ in queries]
+    whole = {id(p.image) for p in store.view().parts}
+    scanned = store.scan_plan("image", where)
     gathered = any(id(index) not in whole for index, _ in scanned)
     firsts = []
     for _ in range(cold):
-        store._filters = FilterIndex()  # empty caches: the first search after a start
+        store.drop_filter_caches()  # the first search after a start
         firsts.append(timed_ms(lambda: store.search("image", queries[:1], K, where=where)))
     checked = True
     for q in queries[:check]:

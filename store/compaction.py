@@ -6,7 +6,8 @@ level merge into one of the next, so a store of N rows has O(log N) segments and
 rewritten O(log N) times. A segment whose deleted rows pass DEAD_FRACTION is rewritten alone.
 
 A merge reads its segments (immutable) and their masks at the start and writes the merged file
-without any lock; searches and writes go on. Only the swap takes the writer lock: one SQLite
+without any lock; searches and writes go on. Only the swap (Store.record_merge: the store's
+state changes in the store's methods alone) takes the writer lock: one SQLite
 transaction replaces the segments' rows in `segments` and drops the tombstones of the rows left
 out; rows deleted while the merge ran keep their tombstones and are masked in the new segment.
 A crash before that commit leaves an orphan file that the next open removes; after it, old files
@@ -19,28 +20,19 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from indexes.hamming import LiveMask
-from store.parts import LoadedSegment
+from store.parts import LoadedSegment, Merge
 from store.segment import SegmentData
-from store.store import SEAL_ROWS, SEGMENTS_DIR, Store
+from store.store import SEAL_ROWS, Store
 
 logger = logging.getLogger(__name__)
 
 MERGE_FACTOR = 8
 DEAD_FRACTION = 0.2
 IDLE_CHECK_S = 30.0  # the compactor also looks for work this often
-
-
-@dataclass(frozen=True)
-class Merge:
-    """Segments to merge (adjacent, in seq order) and their masks when the merge was planned."""
-
-    segments: tuple[LoadedSegment, ...]
-    masks: tuple[LiveMask | None, ...]
 
 
 def level(rows: int) -> int:
@@ -68,19 +60,24 @@ def compact_once(store: Store, *, force: bool = False) -> bool:
     """
     if not store.compacts:
         return False
-    with store._merge_lock:
+    with store.merge_lock:
         return _compact(store, force=force)
 
 
+def _chosen(segments: list[LoadedSegment], *, force: bool) -> list[LoadedSegment] | None:
+    """What plan picks, or with force every segment (unless one without deleted rows)."""
+    if not force:
+        return plan(segments)
+    return None if not segments or (len(segments) == 1 and segments[0].dead == 0) else segments
+
+
 def _compact(store: Store, *, force: bool) -> bool:
-    with store._writing():
-        chosen = list(store._segments) if force else plan(store._segments)
-        if not chosen or (force and len(chosen) == 1 and chosen[0].dead == 0):
-            return False
-        merge = Merge(tuple(chosen), tuple(s.mask for s in chosen))
+    merge = store.plan_merge(partial(_chosen, force=force))
+    if merge is None:
+        return False
     start = time.perf_counter()
     data = _merged(merge)
-    new = store._write_segment(data) if len(data) else None
+    new = store.write_segment(data) if len(data) else None
     dropped = np.concatenate(
         [
             s.seqs[~m.to_bool()]
@@ -89,33 +86,10 @@ def _compact(store: Store, *, force: bool) -> bool:
         ]
         or [np.empty(0, np.int64)]
     )
-    with store._writing():
-        names = [s.name for s in merge.segments]
-        conn = store._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("DELETE FROM segments WHERE name = ?", [(n,) for n in names])
-            conn.executemany("DELETE FROM tombstones WHERE seq = ?", [(int(s),) for s in dropped])
-            if new is not None:
-                store._record_segment(new)
-            else:
-                store.bump_layout()
-            conn.execute("COMMIT")
-        except BaseException:
-            store._roll_back()
-            if new is not None:
-                (store.root / SEGMENTS_DIR / new.name).unlink(missing_ok=True)
-            raise
-        if new is not None:
-            new.mask = _deleted_meanwhile(merge, new)
-        first = next(i for i, s in enumerate(store._segments) if s is merge.segments[0])
-        store._segments[first : first + len(names)] = [new] if new is not None else []
-        store._publish()
-    for name in names:
-        (store.root / SEGMENTS_DIR / name).unlink(missing_ok=True)
+    store.record_merge(merge, new, dropped)
     logger.info(
         "merged %d segments into %d rows (%d deleted rows dropped) in %.2f s",
-        len(names),
+        len(merge.segments),
         len(data),
         dropped.size,
         time.perf_counter() - start,
@@ -132,19 +106,6 @@ def _merged(merge: Merge) -> SegmentData:
         image.append(np.asarray(seg.image.codes)[keep])
         text.append(np.asarray(seg.text.codes)[keep])
     return SegmentData(np.concatenate(seqs), np.concatenate(image), np.concatenate(text))
-
-
-def _deleted_meanwhile(merge: Merge, new: LoadedSegment) -> LiveMask | None:
-    """The new segment's mask: rows deleted after the merge was planned (writer lock held)."""
-    gone = []
-    for seg, planned in zip(merge.segments, merge.masks, strict=True):
-        if seg.mask is not None and seg.mask is not planned:
-            alive_then = np.ones(seg.rows, bool) if planned is None else planned.to_bool()
-            gone.append(seg.seqs[alive_then & ~seg.mask.to_bool()])
-    dead = np.concatenate(gone) if gone else np.empty(0, np.int64)
-    if dead.size == 0:
-        return None
-    return LiveMask.all_live(new.rows).without(np.searchsorted(new.seqs, dead))
 
 
 class Compactor:
@@ -178,7 +139,7 @@ class Compactor:
         while not self._stop.is_set():
             try:
                 if not self.store.compacts:  # shared: take over when the compacting process ends
-                    self.store._take_compaction()
+                    self.store.take_compaction()
                 while not self._stop.is_set() and compact_once(self.store):
                     pass
             except Exception:  # a bug or a full disk: logged, retried at the next wake

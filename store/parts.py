@@ -71,6 +71,28 @@ def apply_tombstones(segments: list[LoadedSegment], dead: np.ndarray) -> None:
                 seg.mask = LiveMask.all_live(seg.rows).without(np.searchsorted(seg.seqs, mine))
 
 
+@dataclass(frozen=True)
+class Merge:
+    """Segments to merge (adjacent, in seq order) and their masks when the merge was planned."""
+
+    segments: tuple[LoadedSegment, ...]
+    masks: tuple[LiveMask | None, ...]
+
+
+def deleted_meanwhile(merge: Merge, new: LoadedSegment) -> LiveMask | None:
+    """The merged segment's mask: the rows deleted after the merge was planned (a mask that is
+    no longer the planned object was replaced by a delete since; writer lock held)."""
+    gone = []
+    for seg, planned in zip(merge.segments, merge.masks, strict=True):
+        if seg.mask is not None and seg.mask is not planned:
+            alive_then = np.ones(seg.rows, bool) if planned is None else planned.to_bool()
+            gone.append(seg.seqs[alive_then & ~seg.mask.to_bool()])
+    dead = np.concatenate(gone) if gone else np.empty(0, np.int64)
+    if dead.size == 0:
+        return None
+    return LiveMask.all_live(new.rows).without(np.searchsorted(new.seqs, dead))
+
+
 @dataclass(eq=False)
 class Growing:
     """Rows not yet in a segment: preallocated buffers, of which views see a prefix."""

@@ -24,8 +24,9 @@ invariant (under the writer lock, the in-memory parts, the counters next_seq / c
 and the database say the same thing; a View is published only from that state), and spreading
 its methods over modules would spread that invariant with them. What holds none of its state
 lives beside it: store/rows.py (a batch checked, its rows inserted and deleted), store/parts.py
-(the in-memory segments and growing part), store/locks.py (the flocks between processes) and
-store/view.py (the immutable view and its search).
+(the in-memory segments and growing part), store/locks.py (the flocks between processes),
+store/view.py (the immutable view and its search) and store/compaction.py (the merge policy and
+thread, which change the store only through plan_merge / write_segment / record_merge here).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import numpy as np
 from common.errors import InputError, IntegrityError
 from common.fsio import atomic_write_bytes, fsync_dir
 from indexes.codes import check_packed, n_words
-from indexes.hamming import check_k
+from indexes.hamming import HammingIndex, LiveMask, check_k
 from store import metadata as md
 from store.filters import Filter, FilterIndex, terms_of_json
 from store.ids import ItemId, parse_id
@@ -63,7 +64,14 @@ from store.locks import (
     try_exclusive,
 )
 from store.manifest import Manifest, check_manifest
-from store.parts import Growing, LoadedSegment, apply_tombstones, reloaded_growing
+from store.parts import (
+    Growing,
+    LoadedSegment,
+    Merge,
+    apply_tombstones,
+    deleted_meanwhile,
+    reloaded_growing,
+)
 from store.rows import IMAGES_DIR, NewItems, checked_rows, delete_rows, insert_rows
 from store.segment import SegmentData, read_segment, write_segment
 from store.view import Target, View
@@ -78,8 +86,6 @@ SEAL_ROWS = 65_536  # the growing part becomes a segment at this many rows
 BULK_ROWS = 16_384  # a batch at least this large is written as its own segment
 SEARCH_ATTEMPTS = 3  # a hit deleted between the view and its metadata read: search again
 OnConflict = Literal["error", "replace"]
-# Another engine answering the same searches (Milvus): (target, queries, k) -> (dists, seqs).
-Searcher = Callable[[Target, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 class Listener(Protocol):
@@ -128,7 +134,7 @@ class Store:
         self._reader_conns: list[sqlite3.Connection] = []  # every thread's, closed by close()
         self._readers_lock = threading.Lock()
         self._lock = threading.Lock()  # serialises writes and the swap of a merge
-        self._merge_lock = threading.Lock()  # one merge at a time
+        self.merge_lock = threading.Lock()  # one merge at a time (store/compaction.py)
         self._segments: list[LoadedSegment] = []  # in seq order, ranges disjoint
         self._growing = Growing(self._words, SEAL_ROWS)
         self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
@@ -173,7 +179,7 @@ class Store:
         conn = md.connect(root / DB_NAME)
         logger.info("created an empty %d-bit store in %s", manifest.n_bits, root)
         store = cls(artifacts, conn, manifest, shared=shared)
-        store._take_compaction()
+        store.take_compaction()
         return store
 
     @classmethod
@@ -215,7 +221,7 @@ class Store:
             raise
         try:
             store._load()
-            store._take_compaction()
+            store.take_compaction()
         except BaseException:  # a refusal holds neither the database nor the flock
             store.close()
             raise
@@ -240,7 +246,7 @@ class Store:
             time.perf_counter() - start,
         )
 
-    def _take_compaction(self) -> None:
+    def take_compaction(self) -> None:
         """Become the process that merges and cleans up, if none is (shared opens); then remove
         the files that no commit refers to (writes or merges cut short by a crash)."""
         if self.shared and not self.compacts:
@@ -355,27 +361,21 @@ class Store:
         queries: np.ndarray,
         k: int,
         *,
-        searcher: Searcher | None = None,
         where: Filter | None = None,
     ) -> Hits:
         """Exact top-k of each (m, n_words) query among live items (that pass `where`), with
-        their metadata.
-
-        The codes are searched in the current view, or by `searcher` (which must hold the same
-        rows under the same seqs); the metadata always comes from the store. A filtered search
-        is answered by the view (store/filters.py), whatever the searcher.
-        """
+        their metadata: the codes of the current view, filtered by store/filters.py."""
         check_packed(queries, self.n_bits, name="queries")  # also when no part is searched
         check_k(k)
         if where is not None and where.keeps_all:
             where = None
         for _ in range(SEARCH_ATTEMPTS):
-            found = self._search_once(target, queries, k, searcher, where, locked=False)
+            found = self._search_once(target, queries, k, where, locked=False)
             if found is not None:
                 return found
         # Deletes keep outrunning this search: answer once more with writes held off.
         with self._writing():
-            found = self._search_once(target, queries, k, searcher, where, locked=True)
+            found = self._search_once(target, queries, k, where, locked=True)
         if found is None:
             raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
         return found
@@ -385,7 +385,6 @@ class Store:
         target: Target,
         queries: np.ndarray,
         k: int,
-        searcher: Searcher | None,
         where: Filter | None,
         *,
         locked: bool,
@@ -393,7 +392,7 @@ class Store:
         """One search of the current view with its hits' rows, or None if a hit's row is gone."""
         view = self._view if locked else self.view()
         if where is None:
-            dists, seqs = (searcher or view.search)(target, queries, k)
+            dists, seqs = view.search(target, queries, k)
         else:
             dists, seqs = self._filters.search(view, target, queries, k, where, self._reader())
         wanted = np.unique(seqs[seqs >= 0]).tolist()
@@ -413,6 +412,19 @@ class Store:
             for row_s, row_d in zip(seqs.tolist(), dists.tolist(), strict=True)
         ]
         return Hits(hits, view.commit)
+
+    def scan_plan(
+        self, target: Target, where: Filter
+    ) -> list[tuple[HammingIndex, LiveMask | None]]:
+        """What a search filtered by `where` scans in the current view (an EXPLAIN, for the
+        filter benchmark): per part with passing rows, its index and mask, or a gathered index
+        of just those rows."""
+        return self._filters.parts(self.view(), target, where, self._reader())
+
+    def drop_filter_caches(self) -> None:
+        """Forget cached posting lists and selections: the next filtered search is a cold one,
+        as after a start."""
+        self._filters = FilterIndex()
 
     def get(self, item_id: ItemId) -> md.Item | None:
         """The item stored under item_id (5 and "5" alike), or None."""
@@ -461,9 +473,7 @@ class Store:
                 self._seal()
             segment = None
             if bulk:  # the codes go to disk before the rows that name them are committed
-                segment = self._write_segment(
-                    SegmentData(seqs, batch.image_codes, batch.text_codes)
-                )
+                segment = self.write_segment(SegmentData(seqs, batch.image_codes, batch.text_codes))
             added = time.time()
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
@@ -560,7 +570,7 @@ class Store:
         """Write the growing part's live rows as a segment and record it (writer lock held)."""
         data = self._growing.live_data()
         if len(data):
-            segment = self._write_segment(data)
+            segment = self.write_segment(data)
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -575,7 +585,9 @@ class Store:
             self._publish()
         logger.info("sealed %d growing rows into a segment", len(data))
 
-    def _write_segment(self, data: SegmentData) -> LoadedSegment:
+    def write_segment(self, data: SegmentData) -> LoadedSegment:
+        """Write and read back a new segment file of `data`, not yet recorded (no lock needed:
+        until a seal or record_merge names it in a commit, the next open removes it)."""
         name = f"seg-{int(data.seqs[0]):016d}-{uuid.uuid4().hex[:8]}.seg"
         crc = write_segment(self.root / SEGMENTS_DIR / name, n_bits=self.n_bits, data=data)
         loaded = read_segment(
@@ -585,6 +597,48 @@ class Store:
             expect_crc=crc,
         )
         return LoadedSegment.of(name, loaded, crc, self.n_bits)
+
+    # ---- compaction (the policy and the merging thread are store/compaction.py's) ---------
+
+    def plan_merge(
+        self, choose: Callable[[list[LoadedSegment]], list[LoadedSegment] | None]
+    ) -> Merge | None:
+        """The segments `choose` picks among the current ones (in seq order), with their masks
+        as they are now; None when it picks none."""
+        with self._writing():
+            chosen = choose(list(self._segments))
+            return Merge(tuple(chosen), tuple(s.mask for s in chosen)) if chosen else None
+
+    def record_merge(self, merge: Merge, new: LoadedSegment | None, dropped: np.ndarray) -> None:
+        """Swap the merge's segments for `new` (None: no row of theirs was live), in one commit
+        that also drops the tombstones of `dropped` (the rows the merge left out), then publish
+        and remove the old files. Rows deleted while the merge ran stay masked in `new`."""
+        names = [s.name for s in merge.segments]
+        with self._writing():
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("DELETE FROM segments WHERE name = ?", [(n,) for n in names])
+                conn.executemany(
+                    "DELETE FROM tombstones WHERE seq = ?", [(int(s),) for s in dropped]
+                )
+                if new is not None:
+                    self._record_segment(new)
+                else:
+                    self.bump_layout()
+                conn.execute("COMMIT")
+            except BaseException:
+                self._roll_back()
+                if new is not None:
+                    (self.root / SEGMENTS_DIR / new.name).unlink(missing_ok=True)
+                raise
+            if new is not None:
+                new.mask = deleted_meanwhile(merge, new)
+            first = next(i for i, s in enumerate(self._segments) if s is merge.segments[0])
+            self._segments[first : first + len(names)] = [new] if new is not None else []
+            self._publish()
+        for name in names:
+            (self.root / SEGMENTS_DIR / name).unlink(missing_ok=True)
 
     def _record_segment(self, seg: LoadedSegment) -> None:
         self._conn.execute(

@@ -33,7 +33,7 @@ from service.settings import Settings
 from store import compaction, filters
 from store import metadata as md
 from store.compaction import compact_once
-from store.filters import Filter
+from store.filters import Filter, FilterIndex
 from store.ids import ItemId, parse_id
 from store.rows import NewItems
 from store.store import DB_NAME, STORE_DIR, Store
@@ -244,25 +244,23 @@ def test_a_filter_pads_and_orders_like_an_unfiltered_view_search(artifacts: Path
     """At the view level: (dists, seqs) arrays, padding included, of a filter that keeps every
     row are the unfiltered view's, and a filter that keeps none gives only padding."""
     store, rng = Store.create(artifacts, MANIFEST), np.random.default_rng(8)
+    conn = sqlite3.connect(artifacts / STORE_DIR / DB_NAME)  # a reader of its own
     try:
         for start in (0, 100, 200):
             store.add(make(list(range(start, start + 30)), rng))
         store.delete([5, 105])
-        view = store.view()
+        view, index = store.view(), FilterIndex()
         everything = Filter.of(ids=list(range(300)))
         nothing = Filter.of(equals={"source": "nowhere"})
         for k in (1, 17, 200):
             want = view.search("image", QUERIES["image"], k)
-            got = store._filters.search(
-                view, "image", QUERIES["image"], k, everything, store._reader()
-            )
+            got = index.search(view, "image", QUERIES["image"], k, everything, conn)
             assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
             assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
-            none = store._filters.search(
-                view, "image", QUERIES["image"], k, nothing, store._reader()
-            )
+            none = index.search(view, "image", QUERIES["image"], k, nothing, conn)
             assert (none[1] == -1).all() and (none[0] == np.iinfo(np.int32).max).all()
     finally:
+        conn.close()
         store.close()
 
 
@@ -537,25 +535,3 @@ def test_http_bad_filters_are_4xx_saying_what_was_expected(
         assert schema["properties"]["ids"]["anyOf"][0]["maxItems"] == filters.MAX_IDS
         assert "ARRAY_CONTAINS" in schema["properties"]["equals"]["description"]
         assert f"At most {filters.MAX_CLAUSES} field conditions" in schema["description"]
-
-
-def test_a_filtered_search_is_answered_by_the_view_whatever_the_searcher(artifacts: Path) -> None:
-    """A mirror (Milvus) answers unfiltered searches only: it holds codes, not fields."""
-    store = Store.create(artifacts, MANIFEST)
-    asked: list[int] = []
-
-    def mirror(target: Target, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        asked.append(k)
-        return store.view().search(target, queries, k)
-
-    try:
-        batch = make(list(range(30)), np.random.default_rng(3))
-        store.add(replace(batch, fields=[{"k": "a" if i < 10 else "b"} for i in range(30)]))
-        where = Filter.of(equals={"k": "a"})
-        hits = store.search("image", QUERIES["image"], 30, searcher=mirror, where=where).hits
-        assert asked == [] and all(item.fields == {"k": "a"} for row in hits for item, _ in row)
-        assert [len(row) for row in hits] == [10] * len(QUERIES["image"])
-        store.search("image", QUERIES["image"], 5, searcher=mirror)
-        assert asked == [5]
-    finally:
-        store.close()

@@ -33,6 +33,7 @@ from store import metadata as md
 from store.compaction import compact_once
 from store.ids import ItemId, parse_id
 from store.manifest import CHECKED_FIELDS, Manifest
+from store.parts import Merge
 from store.rows import IMAGES_DIR, NewItems
 from store.segment import HEADER, HEADER_SIZE
 from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, Store
@@ -736,7 +737,7 @@ def test_searches_during_merges_equal_the_oracle(
     changed = threading.Condition()
     merged = compaction._merged
 
-    def slow_merged(merge: compaction.Merge) -> Any:
+    def slow_merged(merge: Merge) -> Any:
         with changed:
             start = done[0]
             assert changed.wait_for(lambda: done[0] >= start + 4, timeout=120)
@@ -792,7 +793,7 @@ def test_deletes_made_while_a_merge_runs_stay_deleted(
     planned, proceed = threading.Event(), threading.Event()
     merged = compaction._merged
 
-    def paused(merge: compaction.Merge) -> Any:
+    def paused(merge: Merge) -> Any:
         planned.set()
         assert proceed.wait(timeout=120)
         return merged(merge)
