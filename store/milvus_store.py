@@ -68,6 +68,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
@@ -195,7 +196,9 @@ class MilvusStore:
                 timeout=max(1, math.ceil(timeout_s)),
                 alias=f"cmh-{uuid.uuid4().hex}",
             )
-        except MilvusException as err:
+        except (MilvusException, grpc.RpcError) as err:
+            # pymilvus turns most failures into MilvusException but re-raises a gRPC deadline
+            # (a hung server: connections open, no answer) as the grpc.RpcError itself.
             raise NotReadyError(f"expected Milvus at {uri} to answer, got: {_short(err)}") from None
         store = cls(
             artifacts,
@@ -269,7 +272,9 @@ class MilvusStore:
         """fn(*args, **kwargs) with Milvus failures as NotReadyError (503)."""
         try:
             return fn(*args, **kwargs)
-        except MilvusException as err:
+        except (MilvusException, grpc.RpcError) as err:
+            # pymilvus turns most failures into MilvusException but re-raises a gRPC deadline
+            # (a hung server: connections open, no answer) as the grpc.RpcError itself.
             raise NotReadyError(
                 f"expected Milvus at {self.uri} to answer within {self.timeout_s:g} s, got: "
                 f"{_short(err)}; retry when it is back"
@@ -469,6 +474,9 @@ def _item(row: dict[str, Any]) -> Item:
 
 
 def _short(err: BaseException) -> str:
-    """The first line of a pymilvus error, at most 200 characters."""
+    """The first line of a pymilvus error, at most 200 characters (a gRPC error: its status
+    and details, e.g. "DEADLINE_EXCEEDED: Deadline Exceeded")."""
+    if isinstance(err, grpc.Call):
+        return f"{err.code().name}: {err.details()}"[:200]
     text = str(getattr(err, "message", "") or err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:200]

@@ -129,6 +129,16 @@ class MilvusLite:
             time.sleep(0.1)
         raise RuntimeError("milvus-lite did not listen within 30 s")
 
+    def pause(self) -> None:
+        """SIGSTOP the server: it holds its connections and answers nothing (a hung server)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the server (no clean shutdown) and reap it."""
         if self.proc is not None:

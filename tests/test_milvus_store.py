@@ -185,6 +185,55 @@ def test_killed_server_is_not_ready_quickly_and_loses_nothing_acknowledged(
     store.close()
 
 
+def test_a_hung_server_times_out_every_call_and_a_timed_out_write_is_all_or_nothing(
+    tmp_path: Path, milvus_lite: MilvusLite
+) -> None:
+    """SIGSTOP: the server keeps its sockets open and answers nothing, the case a timeout must
+    bound (a killed server refuses connections at once). pymilvus bounds its retries only by an
+    int timeout, which is what MilvusStore passes."""
+    rng = np.random.default_rng(3)
+    store = open_milvus(tmp_path, milvus_lite.uri, timeout_s=2.0)
+    store.add(items(rng, 0, 30))
+    queries = random_packed(rng, 2, N_BITS)
+    before = answers(store, queries, 10, None)
+    late = items(rng, 100, 3)
+    milvus_lite.pause()
+    try:
+        calls = {
+            "len": lambda: len(store),
+            "search": lambda: store.search("image", queries, 5),
+            "get": lambda: store.get(1),
+            "add": lambda: store.add(late),
+            "delete": lambda: store.delete([2]),
+        }
+        for name, call in calls.items():
+            start = time.monotonic()
+            with pytest.raises(NotReadyError, match="expected Milvus at .* to answer") as err:
+                call()
+            assert time.monotonic() - start < 10, name  # bounded by the timeout, not a hang
+            assert "DEADLINE_EXCEEDED" in str(err.value) or "Deadline" in str(err.value), name
+    finally:
+        milvus_lite.resume()
+    for _ in range(50):
+        try:
+            n = len(store)
+            break
+        except NotReadyError:
+            time.sleep(0.2)
+    # A write reported failed may still have reached the server before it stopped (the
+    # ambiguity of every timeout): each batch is one upsert or one delete, so it is all there
+    # or not at all, and retrying it with on_conflict="replace" is safe.
+    added = {i for i in late.ids if store.get(i) is not None}
+    assert added in (set(), set(late.ids))
+    deleted = store.get(2) is None
+    assert n == 30 + len(added) - deleted
+    if not added and not deleted:
+        assert answers(store, queries, 10, None) == before
+    store.add(late, on_conflict="replace")
+    assert all(store.get(i) is not None for i in late.ids)
+    store.close()
+
+
 def test_migrate_copies_the_local_store_resumably_and_verifies(
     tmp_path: Path, milvus_lite: MilvusLite, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,7 +1,8 @@
 """The service with CMH_INDEX_BACKEND=milvus: Milvus is the system of record, shared by replicas.
 
 One real milvus-lite server process and two `cmh serve` replicas over real HTTP (B with
-`--workers 2`: its workers share the collection too). Each replica
+`--workers 2`: its workers share the collection too), through kill -9 of a replica and of the
+server, and a hung (SIGSTOPped) server. Each replica
 has its own copy of the demo artifacts folder: what they share is the collection, as two hosts
 would; their job records (artifacts/jobs) stay their own, as a job is polled where it was
 posted. Their images/ folders are not shared, so no test reads an item's image file through
@@ -135,6 +136,20 @@ def test_two_replicas_share_one_collection_and_survive_kills(
                         break
                     time.sleep(0.2)
                 assert set(text_hits(client, text="a red car")) == everything
+            milvus_lite.pause()  # hung (SIGSTOP: sockets open, no answer): 503 in time too
+            try:
+                started = time.monotonic()
+                hung = a.post("/v1/search/text", json={"text": "a red car"})
+                assert hung.status_code == 503 and "Milvus" in hung.json()["detail"], hung.text
+                assert a.get("/readyz").status_code == 503
+                assert time.monotonic() - started < 4 * TIMEOUT_S + 5
+            finally:
+                milvus_lite.resume()
+            for _ in range(100):
+                if a.get("/readyz").status_code == 200:
+                    break
+                time.sleep(0.2)
+            assert set(text_hits(a, text="a red car")) == everything
 
 
 def test_milvus_backend_needs_a_uri(demo_artifacts_master: Path) -> None:
