@@ -129,6 +129,45 @@ def test_compose_milvus_profile_is_the_documented_standalone_stack(
         assert services[name]["healthcheck"]["test"][0] == "CMD"
 
 
+def test_compose_scale_out_profile_is_two_replicas_over_milvus_behind_nginx(
+    compose: dict[str, Any],
+) -> None:
+    """What `docker compose --profile scale-out up -d proxy` starts (no engine here to run it:
+    tests/test_service_milvus.py runs deploy/nginx.conf with real nginx in front of two real
+    replicas on one folder over a real milvus-lite)."""
+    services = compose["services"]
+    in_profile = {name for name, svc in services.items() if "scale-out" in svc.get("profiles", [])}
+    assert in_profile == {"etcd", "minio", "milvus", "api-1", "api-2", "proxy"}
+    api = services["api"]
+    for name in ("api-1", "api-2"):
+        replica = services[name]
+        for key in ("build", "image", "command", "healthcheck", "deploy", "volumes"):
+            assert replica[key] == api[key], (name, key)  # the same container as `api`
+        assert "artifacts:/app/artifacts" in replica["volumes"]  # one shared volume
+        assert "ports" not in replica  # reached through the proxy only
+        env = replica["environment"]
+        assert env["CMH_INDEX_BACKEND"] == "milvus"
+        assert env["CMH_MILVUS_URI"] == "http://milvus:19530"
+        assert env["CMH_API_KEY"] == api["environment"]["CMH_API_KEY"]
+        assert replica["depends_on"] == {"milvus": {"condition": "service_healthy"}}
+    proxy = services["proxy"]
+    assert proxy["image"].startswith("nginx:")  # the official image
+    assert proxy["volumes"] == ["./deploy/nginx.conf:/etc/nginx/nginx.conf:ro"]
+    assert proxy["ports"] == ["${CMH_PROXY_PORT:-8080}:8000"]
+    assert proxy["depends_on"] == {
+        "api-1": {"condition": "service_healthy"},
+        "api-2": {"condition": "service_healthy"},
+    }
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    upstream = re.search(r"upstream cmh_api \{(.*?)\}", conf, re.S)
+    assert upstream is not None
+    servers = re.findall(r"^\s*server (\S+)", upstream.group(1), re.M)
+    assert servers == ["api-1:8000", "api-2:8000"]
+    assert re.search(r"^\s*listen 8000;", conf, re.M)
+    assert "proxy_set_header Host $http_host;" in conf  # status_url keeps the client's port
+    assert "/proxy-healthz" in " ".join(proxy["healthcheck"]["test"])
+
+
 def test_dockerfile_and_compose_healthchecks_are_the_same_command(compose: dict[str, Any]) -> None:
     line = re.search(r"CMD (\[.*/healthz.*\])", DOCKERFILE.read_text())
     assert line is not None

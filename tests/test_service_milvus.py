@@ -16,7 +16,10 @@ import io
 import json
 import shutil
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -26,7 +29,7 @@ from PIL import Image
 
 from common.errors import InputError
 from service.app import create_app
-from service.local import service_process, serving
+from service.local import free_port, service_process, serving
 from service.settings import Settings
 from tests.conftest import MilvusLite
 
@@ -158,3 +161,99 @@ def test_milvus_backend_needs_a_uri(demo_artifacts_master: Path) -> None:
             create_app(Settings(artifacts_dir=demo_artifacts_master, index_backend="milvus"))
         ):
             pass
+
+
+NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
+
+
+@contextmanager
+def compose_proxy(folder: Path, upstreams: list[str]) -> Iterator[str]:
+    """deploy/nginx.conf (the compose `scale-out` proxy) run by this machine's nginx, its two
+    upstreams pointed at `upstreams` (host:port) and its port at a free loopback one."""
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if Path(p).is_file()), None
+    )
+    if nginx is None:
+        pytest.skip("nginx not installed: apt-get install nginx (the CI installs it)")
+    port = free_port()
+    conf = NGINX_CONF.read_text()
+    for name, upstream in zip(("api-1:8000", "api-2:8000"), upstreams, strict=True):
+        assert f"server {name} " in conf
+        conf = conf.replace(f"server {name} ", f"server {upstream} ")
+    assert "listen 8000;" in conf
+    conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("/tmp/", f"{folder}/")
+    (folder / "nginx.conf").write_text(conf)
+    argv = [nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                if httpx.get(f"{url}/proxy-healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def searches(url: str) -> float:
+    """How many searches (text or image) the replica at url answered with 200 (its /metrics)."""
+    lines = httpx.get(f"{url}/metrics", timeout=60).text.splitlines()
+    wanted = ('route="/v1/search/', 'status="200"')
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("cmh_requests_total{") and all(w in line for w in wanted)
+    )
+
+
+def test_two_replicas_on_one_volume_behind_the_compose_proxy(
+    demo_artifacts: Path, milvus_lite: MilvusLite, tmp_path: Path
+) -> None:
+    """The compose `scale-out` profile without Docker: two replicas on ONE artifacts folder (the
+    shared volume) over one Milvus, behind deploy/nginx.conf. A build posted through the proxy
+    is polled on either replica (the job file is shared), every replica sees the items, and when
+    one replica dies the proxy keeps answering, searches included."""
+    env = {
+        "CMH_INDEX_BACKEND": "milvus",
+        "CMH_MILVUS_URI": milvus_lite.uri,
+        "CMH_MILVUS_COLLECTION": "cmh_proxy",
+        "CMH_MILVUS_TIMEOUT_S": str(TIMEOUT_S),
+    }
+    proxy_dir = tmp_path / "nginx"
+    proxy_dir.mkdir()
+    with (
+        service_process(demo_artifacts, **env) as (proc_a, url_a),
+        serving(demo_artifacts, **env) as url_b,
+    ):
+        upstreams = [url.removeprefix("http://") for url in (url_a, url_b)]
+        with compose_proxy(proxy_dir, upstreams) as url, httpx.Client(base_url=url) as proxy:
+            accepted = proxy.post("/v1/index/build", json={"items": items()})
+            assert accepted.status_code == 202, accepted.text
+            status_url = accepted.json()["status_url"]
+            assert status_url.startswith(url)  # the proxy's address (nginx passes Host on)
+            job_url = httpx.URL(status_url).path
+            for _ in range(600):  # polled on each replica directly: the job file is shared
+                seen = [httpx.get(f"{u}{job_url}", timeout=60).json() for u in (url_a, url_b)]
+                if all(s["status"] in ("succeeded", "failed") for s in seen):
+                    break
+                time.sleep(0.1)
+            assert [s["status"] for s in seen] == ["succeeded", "succeeded"], seen
+            everything = {"red-1", "yellow-1", "blue-1", 10, 11, 12}
+            for _ in range(4):  # least_conn spreads sequential requests over both replicas
+                assert set(text_hits(proxy, text="a red car")) == everything
+                assert set(image_hits(proxy, "blue")) == everything
+            for u in (url_a, url_b):
+                assert httpx.get(f"{u}/v1/index/stats", timeout=60).json()["items"] == 6
+                assert searches(u) > 0  # each replica answered some of the proxy's
+            proc_a.send_signal(signal.SIGKILL)
+            proc_a.wait()
+            for _ in range(6):  # A refuses connections: nginx passes every request to B
+                assert set(text_hits(proxy, text="a blue sun")) == everything
+                assert proxy.get("/readyz").status_code == 200
