@@ -20,7 +20,7 @@ from cli.service_bench import bench_service, require_wrk
 from common.errors import InputError
 from indexes.benchmark import bench_index, bench_mih, make_data
 from indexes.hamming import HammingIndex
-from store.benchmark import bench_writes
+from store.benchmark import bench_writes, check_sizes
 from store.layout import CHECKPOINT_NAME
 
 logger = logging.getLogger(__name__)
@@ -60,16 +60,28 @@ def register(subparsers: Any) -> None:
         description="Build an N-item store of synthetic items (seeded random codes, demo-like "
         "captions) in a temporary folder, time its writes, startup (fresh processes), memory, "
         "disk and searches idle and during ingest, and print and write the JSON result "
-        "(keys documented in store/benchmark.py).",
+        "(keys documented in store/benchmark.py). With --backend milvus: MilvusStore's writes, "
+        "searches and cross-replica visibility against a Milvus server (--uri, or a milvus-lite "
+        "server it starts; keys documented in store/milvus_benchmark.py).",
     )
     writes.add_argument("--n", type=int, default=1_000_000, help="store size (default 1M)")
+    writes.add_argument(
+        "--backend", choices=("memory", "milvus"), default="memory", help="store backend"
+    )
+    writes.add_argument(
+        "--uri", help="--backend milvus: a Milvus server (default: start milvus-lite)"
+    )
     writes.add_argument("--bits", type=int, default=64, help="code length in bits (default 64)")
     writes.add_argument("--repeats", type=int, default=5, help="timed repetitions (default 5)")
     writes.add_argument(
-        "--batch", type=int, default=100_000, help="items per store.add in the build (100,000)"
+        "--batch",
+        type=int,
+        help="items per add in the build (default 100,000; 10,000 with --backend milvus)",
     )
     writes.add_argument(
-        "--queries", type=int, default=2000, help="searches per latency figure (default 2000)"
+        "--queries",
+        type=int,
+        help="searches per latency figure (default 2000; 200 with --backend milvus)",
     )
     writes.add_argument("--json", type=Path, required=True, help="where to write the result")
     writes.add_argument(
@@ -182,16 +194,37 @@ def run_mih(args: argparse.Namespace) -> int:
 
 def run_writes(args: argparse.Namespace) -> int:
     """Run `cmh bench writes`."""
+    milvus = args.backend == "milvus"
+    if args.uri is not None and not milvus:
+        raise InputError(f"expected --uri with --backend milvus only, got --backend {args.backend}")
+    batch = args.batch or (10_000 if milvus else 100_000)
+    queries = args.queries or (200 if milvus else 2000)
+    check_sizes(n=args.n, n_bits=args.bits, repeats=args.repeats, batch=batch, queries=queries)
     with _scratch(args, "cmh-bench-writes-") as root:
         logger.info("building the benchmark store in %s", root)
-        result = bench_writes(
-            root=root,
-            n=args.n,
-            n_bits=args.bits,
-            repeats=args.repeats,
-            batch=args.batch,
-            queries=args.queries,
-        )
+        if milvus:
+            # Here, not at the top: pymilvus takes a second to import, which every other `cmh`
+            # command would pay.
+            from store.milvus_benchmark import bench_milvus_writes  # noqa: PLC0415
+
+            result = bench_milvus_writes(
+                root=root,
+                n=args.n,
+                n_bits=args.bits,
+                repeats=args.repeats,
+                batch=batch,
+                queries=queries,
+                uri=args.uri,
+            )
+        else:
+            result = bench_writes(
+                root=root,
+                n=args.n,
+                n_bits=args.bits,
+                repeats=args.repeats,
+                batch=batch,
+                queries=queries,
+            )
     _emit(result, args.json)
     return 0
 

@@ -3,13 +3,7 @@ a real milvus-lite gRPC server process (one a test can kill -9 and start again).
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +14,7 @@ from cli.demo_artifacts import build_demo
 from models.data.dataset import PairDataset
 from models.data.demo import generate_demo
 from models.features.pipeline import prepare
+from store.milvus_lite import MilvusLite
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -93,58 +88,6 @@ def demo_artifacts(demo_artifacts_master: Path, tmp_path: Path) -> Path:
 def rng() -> np.random.Generator:
     """A seeded generator."""
     return np.random.default_rng(0)
-
-
-class MilvusLite:
-    """A milvus-lite server (milvus_lite.server.Server's binary) on a loopback port, in a child
-    process this test owns: started, killed with SIGKILL, started again on the same file."""
-
-    def __init__(self, db_file: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # milvus-lite 2.5.1 imports pkg_resources
-            from milvus_lite.server import Server  # noqa: PLC0415 (its import warns)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        server = Server(str(db_file), address=f"127.0.0.1:{self.port}")
-        self.args = server.args
-        self.cwd = db_file.parent
-        self.env = {**os.environ, "LD_LIBRARY_PATH": str(Path(server.milvus_bin).parent)}
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start the server and wait until its port accepts connections."""
-        self.proc = subprocess.Popen(
-            self.args, env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"milvus-lite exited with {self.proc.returncode}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError("milvus-lite did not listen within 30 s")
-
-    def pause(self) -> None:
-        """SIGSTOP the server: it holds its connections and answers nothing (a hung server)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT a paused server."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        """SIGKILL the server (no clean shutdown) and reap it."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture

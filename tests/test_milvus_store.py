@@ -19,10 +19,10 @@ import pytest
 from cli.main import main
 from common.errors import InputError, NotReadyError
 from store.filters import Filter
+from store.milvus_lite import MilvusLite
 from store.milvus_store import MilvusStore, expression, id_of, key_of
 from store.rows import NewItems
 from store.store import Store
-from tests.conftest import MilvusLite
 from tests.helpers import random_packed, store_manifest
 
 N_BITS = 64

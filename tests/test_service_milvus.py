@@ -31,7 +31,7 @@ from common.errors import InputError
 from service.app import create_app
 from service.local import free_port, service_process, serving
 from service.settings import Settings
-from tests.conftest import MilvusLite
+from store.milvus_lite import MilvusLite
 
 TIMEOUT_S = 3  # CMH_MILVUS_TIMEOUT_S of the replicas: how long a call waits for a dead server
 COLORS = {"red": (220, 30, 30), "yellow": (240, 200, 40), "blue": (30, 60, 220)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,43 @@ def test_bench_writes_refuses_a_store_too_small_for_its_deletes(
 ) -> None:
     assert main(["bench", "writes", "--n", "100", "--repeats", "2", "--json", "unused.json"]) == 2
     assert "expected n >= 2004 for 2 repeats, got 100" in capsys.readouterr().err
+
+
+MILVUS_TIMINGS = (
+    "ingest_items_per_s",
+    "add_1_ms",
+    "add_1000_ms",
+    "delete_1_ms",
+    "delete_1000_ms",
+    "search_p50_ms",
+    "search_p99_ms",
+    "visible_ms_p50",
+    "visible_ms_max",
+)
+
+
+def test_bench_writes_on_milvus_reports_its_keys_and_cleans_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cmh bench writes --backend milvus` against a milvus-lite server it starts: the keys of
+    store/milvus_benchmark.py, with figures that agree with each other."""
+    out = tmp_path / "milvus.json"
+    args = ["bench", "writes", "--backend", "milvus", "--n", "2500", "--repeats", "2"]
+    args += ["--batch", "500", "--queries", "10", "--dir", str(tmp_path), "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "milvus" and result["n"] == 2500 and result["bits"] == 64
+    assert result["uri"].startswith("http://127.0.0.1:") and result["milvus_lite"] == "2.5.1"
+    for key in MILVUS_TIMINGS:
+        assert result[key] > 0, key
+    assert set(result["add_1_ms_at"]) == {"250", "2500"}
+    assert result["add_1_ms"] == result["add_1_ms_at"]["2500"]
+    assert result["search_p50_ms"] <= result["search_p99_ms"]
+    assert result["visible_ms_p50"] <= result["visible_ms_max"]
+    assert 0 <= result["visible_first_get"] <= 1
+    assert result["peers"]["local_add_1_ms"] > 0
+    assert "Strong consistency" in result["notes"]
+    assert list(tmp_path.glob("cmh-bench-writes-*")) == []  # the folder and server are gone
+    memory = ["bench", "writes", "--backend", "memory", "--uri", "http://x:1"]
+    assert main([*memory, "--json", str(out)]) == 2
+    assert "expected --uri with --backend milvus only" in capsys.readouterr().err
