@@ -200,6 +200,8 @@ def run_writes(args: argparse.Namespace) -> int:
     batch = args.batch or (10_000 if milvus else 100_000)
     queries = args.queries or (200 if milvus else 2000)
     check_sizes(n=args.n, n_bits=args.bits, repeats=args.repeats, batch=batch, queries=queries)
+    sizes = {"n": args.n, "n_bits": args.bits, "repeats": args.repeats}
+    sizes |= {"batch": batch, "queries": queries}
     with _scratch(args, "cmh-bench-writes-") as root:
         logger.info("building the benchmark store in %s", root)
         if milvus:
@@ -207,24 +209,9 @@ def run_writes(args: argparse.Namespace) -> int:
             # command would pay.
             from store.milvus_benchmark import bench_milvus_writes  # noqa: PLC0415
 
-            result = bench_milvus_writes(
-                root=root,
-                n=args.n,
-                n_bits=args.bits,
-                repeats=args.repeats,
-                batch=batch,
-                queries=queries,
-                uri=args.uri,
-            )
+            result = bench_milvus_writes(root=root, uri=args.uri, **sizes)
         else:
-            result = bench_writes(
-                root=root,
-                n=args.n,
-                n_bits=args.bits,
-                repeats=args.repeats,
-                batch=batch,
-                queries=queries,
-            )
+            result = bench_writes(root=root, **sizes)
     _emit(result, args.json)
     return 0
 
