@@ -18,7 +18,10 @@ JSON keys (wall-clock time on this machine; "median" means over `repeats` calls,
                                  timed; Strong consistency: the first get should find it)
   visible_first_get              fraction of those adds that the other store's first get found
   peers     local_add_1_ms: the same add_1 on the local Store (store/store.py) in a folder
-            beside, timed in turn with Milvus's, as the floor a single node gives
+            beside, timed in turn with Milvus's, as the floor a single node gives;
+            pk_query_ms_at: {"<size>": median bare pymilvus query of one existing id by primary
+            key (`id in ["k"]`), timed in turn with add_1}: the lookup that an add's conflict
+            check, an upsert and a delete each make inside Milvus
   notes     how the figures were made
 """
 
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pymilvus import MilvusClient
 
 from store.benchmark import K, _median_ms, _medians_ms, random_codes, synthetic_items
 from store.manifest import Manifest
@@ -57,6 +61,12 @@ def _fill(store: MilvusStore, rng: np.random.Generator, first: int, n: int, batc
         spent += time.perf_counter() - begin
         logger.info("ingested %d / %d items", start + len(items), n)
     return spent
+
+
+def _lookup(client: MilvusClient, collection: str, item_id: int) -> None:
+    """The primary-key query both an add's conflict check and a delete make, bare pymilvus."""
+    if not client.query(collection, filter=f'id in ["{item_id}"]', output_fields=["id"]):
+        raise RuntimeError(f"item {item_id} missing from {collection}")
 
 
 def _visibility(
@@ -101,6 +111,7 @@ def bench_milvus_writes(
     store = MilvusStore.open(root, uri=uri, collection=collection, expected=manifest, timeout_s=60)
     other = MilvusStore.open(root, uri=uri, collection=collection, expected=manifest, timeout_s=60)
     local = Store.create(root / "local", manifest)
+    bare = MilvusClient(uri=uri, alias=f"bench-{collection}")
     try:
         result: dict[str, Any] = {"backend": "milvus", "uri": uri, "n": n, "bits": n_bits}
         result |= {"batch": batch, "repeats": repeats, "queries": queries}
@@ -109,18 +120,20 @@ def bench_milvus_writes(
             result["milvus_lite"] = version("milvus-lite") if server is not None else None
         except PackageNotFoundError:
             result["milvus_lite"] = None
-        next_id, ingest_s, filled, at = n, 0.0, 0, {}
+        next_id, ingest_s, filled, at, lookup_at = n, 0.0, 0, {}, {}
         local_adds = []
         for size in sorted({max(1, n // 10), n}):
             ingest_s += _fill(store, rng, filled, size, batch)
             filled = size
             adds = [synthetic_items(rng, next_id + r, 1, n_bits) for r in range(repeats + 1)]
             store.add(adds[0])  # warm-up: not timed
-            ours, floor = _medians_ms(
+            keys = rng.integers(0, size, repeats).tolist()
+            ours, floor, lookup = _medians_ms(
                 [partial(store.add, a) for a in adds[1:]],
                 [partial(local.add, a) for a in adds[1:]],
+                [partial(_lookup, bare, collection, key) for key in keys],
             )
-            at[str(size)] = ours
+            at[str(size)], lookup_at[str(size)] = ours, lookup
             local_adds.append(floor)
             next_id += repeats + 1
         result |= {"ingest_items_per_s": n / ingest_s, "ingest_s": ingest_s}
@@ -148,7 +161,10 @@ def bench_milvus_writes(
         result["visible_ms_p50"] = float(np.median(delays))
         result["visible_ms_max"] = float(np.max(delays))
         result["visible_first_get"] = first_get / len(delays)
-        result["peers"] = {"local_add_1_ms": float(np.median(local_adds))}
+        result["peers"] = {
+            "local_add_1_ms": float(np.median(local_adds)),
+            "pk_query_ms_at": lookup_at,
+        }
         result["notes"] = (
             f"one collection on {'milvus-lite ' if server else ''}{uri}, Strong consistency; "
             f"filled by MilvusStore.add in batches of {batch} (ids 0..n-1, each batch checked "
@@ -160,6 +176,7 @@ def bench_milvus_writes(
         )
         return result
     finally:
+        bare.close()
         local.close()
         other.close()
         store.drop()

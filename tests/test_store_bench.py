@@ -134,6 +134,7 @@ def test_bench_writes_on_milvus_reports_its_keys_and_cleans_up(
     assert result["visible_ms_p50"] <= result["visible_ms_max"]
     assert 0 <= result["visible_first_get"] <= 1
     assert result["peers"]["local_add_1_ms"] > 0
+    assert set(result["peers"]["pk_query_ms_at"]) == {"250", "2500"}
     assert "Strong consistency" in result["notes"]
     assert list(tmp_path.glob("cmh-bench-writes-*")) == []  # the folder and server are gone
     memory = ["bench", "writes", "--backend", "memory", "--uri", "http://x:1"]
