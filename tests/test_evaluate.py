@@ -172,6 +172,14 @@ def test_cli_rejects_an_unknown_method_with_exit_2(capsys: pytest.CaptureFixture
     assert "expected methods from" in capsys.readouterr().err
 
 
+def test_cli_rejects_fewer_than_one_train_process_with_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["evaluate", "--dataset", "wikipedia", "--root", ".", "--train-processes", "0"]
+    assert main(args) == 2
+    assert "expected --train-processes >= 1, got 0" in capsys.readouterr().err
+
+
 def test_cli_on_the_wikipedia_development_split(
     wikipedia_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

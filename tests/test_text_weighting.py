@@ -133,8 +133,10 @@ def test_a_weighted_method_is_fitted_and_scored_on_its_weighting(rng: np.random.
         def encode_text(self, x: np.ndarray) -> np.ndarray:
             return np.where(x[:, :8] > x[:, :8].mean(), 1.0, -1.0)
 
-    def fit(d: PairDataset, n_bits: int, seed: int, /, cache: object = None) -> Project:
-        del n_bits, seed, cache
+    def fit(
+        d: PairDataset, n_bits: int, seed: int, /, cache: object = None, processes: int = 1
+    ) -> Project:
+        del n_bits, seed, cache, processes
         assert d.text_features is not None
         seen.append(d.text_features)
         return Project()

@@ -224,6 +224,26 @@ def test_selection_keeps_the_candidate_with_the_best_validation_map(data, traine
     assert with_k_grid(no_graph) == [no_graph]  # k only shapes the graph: one model is enough
 
 
+def test_selection_in_processes_trains_the_same_models_bit_for_bit(data) -> None:
+    """Two spawned workers (one per k) against train() here: the same kept model, weights and
+    history (timings aside), so `--train-processes` changes the wall time only."""
+    candidates = with_k_grid(SMALL, (5, 1))
+    here = train_selecting(candidates=candidates, data=data)
+    apart = train_selecting(candidates=candidates, data=data, processes=2)
+    assert apart[2] == here[2]
+
+    def untimed(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert untimed(apart[1]) == untimed(here[1])
+    mine, theirs = here[0].state_dict(), apart[0].state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[key], theirs[key]) for key in mine)
+    assert not apart[0].training  # returned ready to encode, as train() returns it
+    with pytest.raises(InputError, match="expected processes >= 1, got 0"):
+        train_selecting(candidates=candidates, data=data, processes=0)
+
+
 def test_selection_refuses_no_candidates_and_mixed_seeds(data) -> None:
     with pytest.raises(InputError, match="at least one candidate"):
         train_selecting(candidates=[], data=data)

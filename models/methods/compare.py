@@ -44,10 +44,17 @@ MAX_GRID_EXTENSIONS = 4
 
 
 class Fit(Protocol):
-    """Fit a method on a dataset's training part at (n_bits, seed); a cache may share work."""
+    """Fit a method on a dataset's training part at (n_bits, seed); a cache may share work, and
+    a method that trains several candidates may train up to `processes` of them at once."""
 
     def __call__(
-        self, data: PairDataset, n_bits: int, seed: int, /, cache: FitCache | None = None
+        self,
+        data: PairDataset,
+        n_bits: int,
+        seed: int,
+        /,
+        cache: FitCache | None = None,
+        processes: int = 1,
     ) -> Encoder: ...
 
 
@@ -150,7 +157,15 @@ def _tuned(fit_one: FitOne, grid: Sequence[float], *, real_valued: bool = False)
     queries are never looked at. A choice on the grid's edge widens the grid (choose_widening).
     """
 
-    def fit(data: PairDataset, n_bits: int, seed: int, /, cache: FitCache | None = None) -> Encoder:
+    def fit(
+        data: PairDataset,
+        n_bits: int,
+        seed: int,
+        /,
+        cache: FitCache | None = None,
+        processes: int = 1,
+    ) -> Encoder:
+        del processes  # closed-form fits, cheap next to AUCMH's training: run here
         image, text = features(data)
         fit_idx, val_idx = validation_split(data.train_idx, fraction=VALIDATION_FRACTION, seed=seed)
 
@@ -183,10 +198,19 @@ def _aucmh(**fields: Any) -> Fit:
     """
     TrainConfig(**fields)  # a bad field fails when the table is built, not in the middle of a run
 
-    def fit(data: PairDataset, n_bits: int, seed: int, /, cache: FitCache | None = None) -> Encoder:
+    def fit(
+        data: PairDataset,
+        n_bits: int,
+        seed: int,
+        /,
+        cache: FitCache | None = None,
+        processes: int = 1,
+    ) -> Encoder:
         del cache  # gradient training: no closed-form step repeats between fits
         cfg = replace(TrainConfig(), n_bits=n_bits, seed=seed, **fields)
-        model, _history, _chosen = train_selecting(candidates=with_k_grid(cfg), data=data)
+        model, _history, _chosen = train_selecting(
+            candidates=with_k_grid(cfg), data=data, processes=processes
+        )
         return model
 
     return fit
@@ -224,9 +248,15 @@ def parse_methods(text: str) -> list[Method]:
 
 
 def evaluate_methods(
-    data: PairDataset, *, methods: Sequence[Method], bits: Sequence[int], seeds: Sequence[int]
+    data: PairDataset,
+    *,
+    methods: Sequence[Method],
+    bits: Sequence[int],
+    seeds: Sequence[int],
+    train_processes: int = 1,
 ) -> list[RunResult]:
-    """Fit, encode and score every method at every code length and seed (one result each)."""
+    """Fit, encode and score every method at every code length and seed (one result each);
+    AUCMH trains up to `train_processes` of its k candidates at once (the same models)."""
     if data.query_idx.size == 0:
         raise InputError('expected query pairs (split "query") to evaluate, got none')
     q, db = data.query_idx, data.database_idx
@@ -243,7 +273,7 @@ def evaluate_methods(
             lengths = bits[:1] if method.real_valued else bits
             for n_bits in lengths:
                 start = time.perf_counter()
-                model = method.fit(mdata, n_bits, seed, cache=cache)
+                model = method.fit(mdata, n_bits, seed, cache=cache, processes=train_processes)
                 run = score_run(
                     method=method.name,
                     bits=n_bits,
