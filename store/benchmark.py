@@ -57,6 +57,7 @@ from common.errors import InputError
 from indexes.codes import n_words, padding_mask
 from indexes.hamming import HammingIndex
 from store import metadata as md
+from store.backend import ItemStore
 from store.compaction import Compactor, compact_once
 from store.manifest import Manifest
 from store.rows import NewItems
@@ -151,8 +152,9 @@ def _build(store: Store, rng: np.random.Generator, *, n: int, batch: int) -> flo
     return spent
 
 
-def _search_ms(store: Store, queries: np.ndarray) -> np.ndarray:
-    """(m,) milliseconds of one-query text->image searches, one per row of queries."""
+def _search_ms(store: ItemStore, queries: np.ndarray) -> np.ndarray:
+    """(m,) milliseconds of one-query text->image searches, one per row of queries (either
+    backend: store/milvus_benchmark.py times MilvusStore with it too)."""
     out = np.empty(len(queries))
     for i in range(len(queries)):
         start = time.perf_counter()

@@ -39,7 +39,14 @@ from typing import Any
 import numpy as np
 from pymilvus import MilvusClient
 
-from store.benchmark import K, _median_ms, _medians_ms, random_codes, synthetic_items
+from store.benchmark import (
+    K,
+    _median_ms,
+    _medians_ms,
+    _search_ms,
+    random_codes,
+    synthetic_items,
+)
 from store.manifest import Manifest
 from store.milvus_lite import MilvusLite
 from store.milvus_store import MilvusStore
@@ -148,14 +155,8 @@ def bench_milvus_writes(
         groups = [rest[r * 1000 : (r + 1) * 1000] for r in range(repeats)]
         result["delete_1000_ms"] = _median_ms([partial(store.delete, g) for g in groups])
         qs = random_codes(rng, queries + 5, n_bits)
-        for q in qs[:5]:  # warm-up
-            store.search("image", q[None], K)
-        ms = []
-        for q in qs[5:]:
-            begin = time.perf_counter()
-            store.search("image", q[None], K)
-            ms.append((time.perf_counter() - begin) * 1e3)
-        p50, p99 = np.percentile(ms, [50, 99])
+        _search_ms(store, qs[:5])  # warm-up
+        p50, p99 = np.percentile(_search_ms(store, qs[5:]), [50, 99])
         result |= {"search_p50_ms": float(p50), "search_p99_ms": float(p99)}
         delays, first_get = _visibility(store, other, rng, next_id, max(20, repeats))
         result["visible_ms_p50"] = float(np.median(delays))

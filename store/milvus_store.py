@@ -92,6 +92,10 @@ from store.view import Target
 logger = logging.getLogger(__name__)
 
 FORMAT = "cmh-store-1"  # the description's format tag
+# What a call to Milvus raises when Milvus fails (503, never 500): pymilvus turns most failures
+# into MilvusException but re-raises a gRPC deadline (a hung server: connections open, no
+# answer) as the grpc.RpcError itself.
+MILVUS_FAILURES = (MilvusException, grpc.RpcError)
 WRITE_BATCH = 1_000  # rows per upsert call
 ID_BATCH = 1_000  # keys per `id in [...]` expression
 MAX_KEY_BYTES = 2_049  # "s" + hex of a 256-character id (at most 4 bytes each)
@@ -199,9 +203,7 @@ class MilvusStore:
                 timeout=max(1, math.ceil(timeout_s)),
                 alias=f"cmh-{uuid.uuid4().hex}",
             )
-        except (MilvusException, grpc.RpcError) as err:
-            # pymilvus turns most failures into MilvusException but re-raises a gRPC deadline
-            # (a hung server: connections open, no answer) as the grpc.RpcError itself.
+        except MILVUS_FAILURES as err:
             raise NotReadyError(f"expected Milvus at {uri} to answer, got: {_short(err)}") from None
         store = cls(
             artifacts,
@@ -275,9 +277,7 @@ class MilvusStore:
         """fn(*args, **kwargs) with Milvus failures as NotReadyError (503)."""
         try:
             return fn(*args, **kwargs)
-        except (MilvusException, grpc.RpcError) as err:
-            # pymilvus turns most failures into MilvusException but re-raises a gRPC deadline
-            # (a hung server: connections open, no answer) as the grpc.RpcError itself.
+        except MILVUS_FAILURES as err:
             raise NotReadyError(
                 f"expected Milvus at {self.uri} to answer within {self.timeout_s:g} s, got: "
                 f"{_short(err)}; retry when it is back"
