@@ -8,7 +8,7 @@ from pathlib import Path
 from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.data.loaders import DATASETS
-from models.features.image import BACKBONES
+from models.features.image import BACKBONES, DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
 
 
@@ -16,9 +16,7 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     """--dataset, --root, --backbone, --weights, --cache-dir and --vocab-size."""
     p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset name")
     p.add_argument("--root", required=True, type=Path, help="the dataset's folder")
-    p.add_argument(
-        "--backbone", default="efficientnet-lite0", choices=BACKBONES, help="image backbone"
-    )
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES, help="image backbone")
     p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BoW vocabulary size")

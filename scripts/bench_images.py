@@ -63,11 +63,11 @@ from models.features.image import (
     draft_jpeg,
     encode_images,
     load_backbone,
-    load_efficientnet_lite0,
+    load_efficientnet_lite,
     pixels_to_input,
     to_rgb,
 )
-from models.features.lite_fused import fuse_lite0, pack_for_cpu
+from models.features.lite_fused import fuse_lite, pack_for_cpu
 from service.encoder import MicroBatcher
 
 PATHS = ("reference", "fast")
@@ -133,7 +133,7 @@ def tolerance(feats: dict[str, np.ndarray]) -> dict[str, float]:
     """Cosines of fast against reference features, and their ImageNet top-1 agreement."""
     ref, fast = feats["reference"], feats["fast"]
     cos = (ref * fast).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(fast, axis=1)
-    classifier = load_efficientnet_lite0().get_submodule("net._fc")
+    classifier = load_efficientnet_lite().get_submodule("net._fc")
     with torch.inference_mode():
         top1 = [classifier(torch.from_numpy(f)).argmax(dim=1).numpy() for f in (ref, fast)]
     return {
@@ -203,9 +203,9 @@ def breakdown(backbones: dict[str, Backbone], blobs: list[bytes]) -> dict[str, f
     builders: list[tuple[str, Callable[[], torch.nn.Module], int]] = [
         ("net_reference_t1", lambda: ref.net, 1),
         ("net_reference_t2", lambda: ref.net, 2),
-        ("net_fused_t1", lambda: fuse_lite0(package), 1),
-        ("net_packed_t1", lambda: pack_for_cpu(fuse_lite0(package)), 1),
-        ("net_packed_t2", lambda: pack_for_cpu(fuse_lite0(package)), 2),
+        ("net_fused_t1", lambda: fuse_lite(package), 1),
+        ("net_packed_t1", lambda: pack_for_cpu(fuse_lite(package)), 1),
+        ("net_packed_t2", lambda: pack_for_cpu(fuse_lite(package)), 2),
     ]
     threads = torch.get_num_threads()
     with torch.inference_mode():

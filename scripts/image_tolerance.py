@@ -39,7 +39,7 @@ from models.features.image import (
     draft_jpeg,
     encode_images,
     load_backbone,
-    load_efficientnet_lite0,
+    load_efficientnet_lite,
     to_rgb,
 )
 from models.features.pipeline import DEFAULT_VOCAB_SIZE, fit_text_features
@@ -49,7 +49,7 @@ from models.training.train import TrainConfig, train
 def compare(ref: np.ndarray, other: np.ndarray) -> dict[str, float]:
     """Cosines and ImageNet top-1 agreement of two (n, 1280) feature sets."""
     cos = (ref * other).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(other, axis=1)
-    classifier = load_efficientnet_lite0().get_submodule("net._fc")
+    classifier = load_efficientnet_lite().get_submodule("net._fc")
     with torch.inference_mode():
         top1 = [classifier(torch.from_numpy(f)).argmax(dim=1).numpy() for f in (ref, other)]
     return {

@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ import torch
 from common.errors import InputError
 from common.fsio import atomic_write
 from models.data.dataset import PairDataset
+from models.features.image import DEFAULT_BACKBONE
 from models.features.pipeline import prepare, reweight
 from models.features.text import TextVectorizer
 from models.training.train import (
@@ -53,48 +54,80 @@ from models.training.train import (
 )
 from scripts.tune_aucmh import outer_split, score
 
-# name -> (TrainConfig fields over the defaults, text weighting). "aucmh" is the reference row.
+
+class Variant(NamedTuple):
+    """One row: TrainConfig fields over the defaults, text weighting, image backbone."""
+
+    fields: dict[str, Any]
+    weighting: str
+    backbone: str = DEFAULT_BACKBONE  # what `cmh evaluate` and `cmh train` use by default
+
+
+# name -> Variant. "aucmh" is the reference row.
 # A weighting is one of models/features/text.py's WEIGHTINGS: the binary bag of words, log(1 +
 # counts), or tf-idf rows of unit length (idf from the fitting texts), as `cmh train
 # --text-weighting` trains and the service encodes them.
-VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
-    "aucmh": ({}, "binary"),
-    "epochs-200": ({"epochs": 200}, "binary"),
-    "epochs-200-patience-40": ({"epochs": 200, "patience": 40}, "binary"),
-    "patience-10": ({"patience": 10}, "binary"),
-    "cosine": ({"lr_schedule": "cosine"}, "binary"),
-    "cosine-200": ({"lr_schedule": "cosine", "epochs": 200}, "binary"),
-    "lr-1e-3": ({"lr": 1e-3}, "binary"),
-    "batch-128": ({"batch_size": 128}, "binary"),
-    "batch-512": ({"batch_size": 512}, "binary"),
-    "softmax-t-0.5": ({"temperature": 0.5}, "binary"),
-    "softmax-t-2": ({"temperature": 2.0}, "binary"),
-    "hash-t-0.5": ({"hash_temperature": 0.5}, "binary"),
-    "hash-t-2": ({"hash_temperature": 2.0}, "binary"),
-    "hash-t-4": ({"hash_temperature": 4.0}, "binary"),
-    "contrastive-0.5": ({"contrastive_weight": 0.5}, "binary"),
-    "contrastive-1": ({"contrastive_weight": 1.0}, "binary"),
-    "contrastive-0.5-t-0.5": (
+VARIANTS: dict[str, Variant] = {
+    "aucmh": Variant({}, "binary"),
+    "epochs-200": Variant({"epochs": 200}, "binary"),
+    "epochs-200-patience-40": Variant({"epochs": 200, "patience": 40}, "binary"),
+    "patience-10": Variant({"patience": 10}, "binary"),
+    "cosine": Variant({"lr_schedule": "cosine"}, "binary"),
+    "cosine-200": Variant({"lr_schedule": "cosine", "epochs": 200}, "binary"),
+    "lr-1e-3": Variant({"lr": 1e-3}, "binary"),
+    "batch-128": Variant({"batch_size": 128}, "binary"),
+    "batch-512": Variant({"batch_size": 512}, "binary"),
+    "softmax-t-0.5": Variant({"temperature": 0.5}, "binary"),
+    "softmax-t-2": Variant({"temperature": 2.0}, "binary"),
+    "hash-t-0.5": Variant({"hash_temperature": 0.5}, "binary"),
+    "hash-t-2": Variant({"hash_temperature": 2.0}, "binary"),
+    "hash-t-4": Variant({"hash_temperature": 4.0}, "binary"),
+    "contrastive-0.5": Variant({"contrastive_weight": 0.5}, "binary"),
+    "contrastive-1": Variant({"contrastive_weight": 1.0}, "binary"),
+    "contrastive-0.5-t-0.5": Variant(
         {"contrastive_weight": 0.5, "contrastive_temperature": 0.5},
         "binary",
     ),
-    "contrastive-0.5-t-1": ({"contrastive_weight": 0.5, "contrastive_temperature": 1.0}, "binary"),
-    "contrastive-0.2-t-0.3": (
+    "contrastive-0.5-t-1": Variant(
+        {"contrastive_weight": 0.5, "contrastive_temperature": 1.0}, "binary"
+    ),
+    "contrastive-0.2-t-0.3": Variant(
         {"contrastive_weight": 0.2, "contrastive_temperature": 0.3},
         "binary",
     ),
-    "text-log": ({}, "log"),
-    "text-tfidf": ({}, "tfidf"),
-    "text-tfidf-200": ({"epochs": 200}, "tfidf"),
-    "tfidf-contrastive-0.5-t-0.5": (
+    "text-log": Variant({}, "log"),
+    "text-tfidf": Variant({}, "tfidf"),
+    "text-tfidf-200": Variant({"epochs": 200}, "tfidf"),
+    "tfidf-contrastive-0.5-t-0.5": Variant(
         {"contrastive_weight": 0.5, "contrastive_temperature": 0.5},
         "tfidf",
     ),
-    "tfidf-contrastive-0.2-t-0.3": (
+    "tfidf-contrastive-0.2-t-0.3": Variant(
         {"contrastive_weight": 0.2, "contrastive_temperature": 0.3},
         "tfidf",
     ),
+    # Inputs beyond the paper's features: EfficientNet-Lite1 / Lite2 image features (Web News;
+    # Wikipedia ships its own features), alone and with tf-idf text (Web News's best weighting).
+    "lite1": Variant({}, "binary", "efficientnet-lite1"),
+    "lite2": Variant({}, "binary", "efficientnet-lite2"),
+    "tfidf-lite1": Variant({}, "tfidf", "efficientnet-lite1"),
+    "tfidf-lite2": Variant({}, "tfidf", "efficientnet-lite2"),
+    # m, the anchor count: min(4096, N) makes every fitting point an anchor on both datasets here;
+    # fewer anchors give a smoother, lower-rank graph (the anchor graph's original purpose).
+    "anchors-256": Variant({"n_anchors": 256}, "binary"),
+    "anchors-512": Variant({"n_anchors": 512}, "binary"),
+    "anchors-1024": Variant({"n_anchors": 1024}, "binary"),
+    "tfidf-anchors-512": Variant({"n_anchors": 512}, "tfidf"),
 }
+
+
+def options_of(variant: Variant) -> dict[str, Any]:
+    """What a JSON entry records as its options (the backbone only when it is not the default,
+    so entries written before backbones were a variant's still merge)."""
+    options = {**variant.fields, "text_weighting": variant.weighting}
+    if variant.backbone != DEFAULT_BACKBONE:
+        options["image_backbone"] = variant.backbone
+    return options
 
 
 def count_matrix(texts: list[str], vocabulary: list[str]) -> np.ndarray:
@@ -139,11 +172,10 @@ def summary(
     *, dataset: str, variant: str, n_bits: int, k: int | None, runs: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """One JSON entry: mean and spread over seeds of the held-out MAPs, and every run."""
-    fields, weighting = VARIANTS[variant]
     entry: dict[str, Any] = {
         "dataset": dataset,
         "variant": variant,
-        "options": {**fields, "text_weighting": weighting},
+        "options": options_of(VARIANTS[variant]),
         "bits": n_bits,
         "k": "grid" if k is None else k,
         "seeds": [r["seed"] for r in runs],
@@ -232,18 +264,20 @@ def main() -> None:
     bits = [int(b) for b in args.bits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     defaults = dataclasses.asdict(TrainConfig())
-    base = prepare(args.dataset, args.root)
+    bases: dict[str, PairDataset] = {}  # backbone -> the dataset with its features
     command = (
         f"python -m scripts.quality_study --dataset {args.dataset} --root {args.root} "
         f"--bits {args.bits} --seeds {args.seeds} --k {args.k} --variants {args.variants}"
     )
     done = []
     for name in names:
-        fields, weighting = VARIANTS[name]
+        fields, weighting, backbone = VARIANTS[name]
+        if backbone not in bases:
+            bases[backbone] = prepare(args.dataset, args.root, backbone=backbone)
         for n_bits in bits:
             runs = []
             for seed in seeds:
-                data = weighted_text(outer_split(base, seed), weighting)
+                data = weighted_text(outer_split(bases[backbone], seed), weighting)
                 run = run_one(data, fields={**defaults, **fields}, n_bits=n_bits, seed=seed, k=k)
                 runs.append(run)
                 row = {"dataset": args.dataset, "variant": name, "bits": n_bits, **run}

@@ -127,6 +127,15 @@ class Indexer:
         self.max_pixels = max_pixels
         self.budget = budget  # decodes in progress; also caps the pixels of one group
 
+    def _decode(self, data: bytes) -> tuple[Image.Image, str]:
+        """decode_image with this indexer's pixel limit and budget, drafted for its backbone."""
+        return decode_image(
+            data,
+            max_pixels=self.max_pixels,
+            budget=self.budget,
+            min_side=self.encoder.backbone.draft_min_side,
+        )
+
     def validate_items(
         self,
         items: list[BuildItem],
@@ -151,7 +160,7 @@ class Indexer:
                 check_text(item.text)
                 check_fields(item.fields)
                 data = _image_bytes(item, data_dir, max_image_bytes)
-                _, extension = decode_image(data, max_pixels=self.max_pixels, budget=self.budget)
+                _, extension = self._decode(data)
                 pending.append(Pending(item.id, item.text, data, extension, dict(item.fields)))
             except InputError as err:
                 errors.append(ErrorItem(index=index, id=item.id, reason=str(err)))
@@ -166,7 +175,7 @@ class Indexer:
         image_codes: list[np.ndarray] = []
         group: list[Image.Image] = []
         for done, p in enumerate(pending, start=1):
-            group.append(decode_image(p.data, max_pixels=self.max_pixels, budget=self.budget)[0])
+            group.append(self._decode(p.data)[0])
             if self._full(group) or done == len(pending):
                 image_codes.append(self._image_codes(group))
                 group = []
@@ -241,9 +250,7 @@ class Indexer:
                     check_fields(fields)
                     path = paths[i] if within is None else inside(within, str(paths[i]))
                     raw = path.read_bytes()
-                    image, extension = decode_image(
-                        raw, max_pixels=self.max_pixels, budget=self.budget
-                    )
+                    image, extension = self._decode(raw)
                 except (InputError, OSError) as err:
                     why = err.strerror if isinstance(err, OSError) and err.strerror else err
                     skipped.append(f"{ids[i]}: {printable_id(paths[i].name)}: {why}")

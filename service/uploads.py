@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import InputError
-from models.features.image import draft_jpeg, to_rgb
+from models.features.image import DRAFT_MIN_SIDE, draft_jpeg, to_rgb
 
 EXTENSIONS = {
     "JPEG": "jpg",
@@ -129,12 +129,17 @@ DECODES = PixelBudget(DEFAULT_DECODE_PIXELS)  # memory is the process's: one bud
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int, budget: PixelBudget = DECODES
+    data: bytes,
+    *,
+    max_pixels: int,
+    budget: PixelBudget = DECODES,
+    min_side: int = DRAFT_MIN_SIDE,
 ) -> tuple[Image.Image, str]:
     """(RGB image, file extension) from image file bytes; InputError saying why it cannot be.
 
-    A large JPEG decodes at reduced DCT scale (draft_jpeg: the short side stays >= 4x the
-    backbone's resize, within the fast path's tolerance), as `cmh features` reads files, so a
+    A large JPEG decodes at reduced DCT scale (draft_jpeg: the short side stays >= min_side, the
+    backbone's draft_min_side, 4x its resize, within the fast path's tolerance), as `cmh features`
+    reads files, so a
     search and a build see the image an offline build sees. The decode takes its width * height
     (after the draft) from `budget` while it runs.
     """
@@ -148,7 +153,7 @@ def decode_image(
                 )
             if fmt not in EXTENSIONS:
                 raise InputError(f"expected one of {', '.join(EXTENSIONS)} images, got {fmt!r}")
-            draft_jpeg(im)
+            draft_jpeg(im, min_side)
             with budget.taking(im.size[0] * im.size[1]):
                 im.load()
                 image = to_rgb(im)

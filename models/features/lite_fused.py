@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 rebuilt for inference: batch norm folded, channels-last, fused ReLU6.
+"""EfficientNet-Lite0/1/2 rebuilt for inference: batch norm folded, channels-last, fused ReLU6.
 
 The efficientnet-lite package's network runs every convolution, then a separate batch norm, then a
 separate ReLU6, pads every "SAME" convolution with an explicit ZeroPad2d copy, and sends its 1x1
@@ -131,8 +131,9 @@ class _Block(nn.Module):
         return self.project.plus(y, x) if self.skip else self.project(y)
 
 
-class FusedLite0(nn.Module):
-    """EfficientNet-Lite0 up to its global average pool, (N, 3, 224, 224) -> (N, 1280)."""
+class FusedLite(nn.Module):
+    """EfficientNet-Lite up to its global average pool, (N, 3, S, S) -> (N, 1280), S its input side
+    (224 for Lite0, 240 for Lite1, 260 for Lite2)."""
 
     def __init__(self, net: EfficientNet) -> None:
         super().__init__()
@@ -153,13 +154,13 @@ class FusedLite0(nn.Module):
         return y.mean(dim=(2, 3))
 
 
-def fuse_lite0(net: EfficientNet) -> FusedLite0:
-    """The fused inference network of an EfficientNet-Lite0 (its weights copied, in eval mode)."""
-    return FusedLite0(net.eval()).eval()
+def fuse_lite(net: EfficientNet) -> FusedLite:
+    """The fused inference network of an EfficientNet-Lite (its weights copied, in eval mode)."""
+    return FusedLite(net.eval()).eval()
 
 
-def pack_for_cpu(net: FusedLite0) -> FusedLite0:
-    """Switch a float32 CPU FusedLite0 to oneDNN convolutions with reordered weights (in place).
+def pack_for_cpu(net: FusedLite) -> FusedLite:
+    """Switch a float32 CPU FusedLite to oneDNN convolutions with reordered weights (in place).
 
     Pack in a thread with the torch thread count the network will run with: oneDNN lays the
     weights out for it (load_backbone packs on one of its workers). Move it no more after this.

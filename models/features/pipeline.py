@@ -23,7 +23,7 @@ from common.errors import InputError
 from common.fsio import atomic_write
 from models.data.dataset import PairDataset
 from models.data.loaders import load_dataset
-from models.features.image import encode_images, load_backbone
+from models.features.image import DEFAULT_BACKBONE, encode_images, load_backbone
 from models.features.text import WEIGHTINGS, TextVectorizer
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def prepare(
     name: str,
     root: Path,
     *,
-    backbone: str = "efficientnet-lite0",
+    backbone: str = DEFAULT_BACKBONE,
     weights: Path | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     text_weighting: str = "binary",

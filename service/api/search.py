@@ -137,7 +137,11 @@ def _search_image(
     data = file.file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"expected an image of at most {settings.max_upload_bytes} bytes")
-    image, _ = decode_image(data, max_pixels=settings.max_image_pixels)
+    image, _ = decode_image(
+        data,
+        max_pixels=settings.max_image_pixels,
+        min_side=loaded.encoder.backbone.draft_min_side,
+    )
     start = time.perf_counter()
     code = loaded.encoder.encode_image(image)
     metrics.encode.labels("image").observe(time.perf_counter() - start)
