@@ -43,7 +43,7 @@ from common.errors import InputError
 from common.fsio import atomic_write
 from models.data.dataset import PairDataset
 from models.features.image import DEFAULT_BACKBONE
-from models.features.pipeline import prepare, reweight
+from models.features.pipeline import DEFAULT_VOCAB_SIZE, prepare, reweight
 from models.features.text import TextVectorizer
 from models.training.train import (
     TrainConfig,
@@ -56,11 +56,15 @@ from scripts.tune_aucmh import outer_split, score
 
 
 class Variant(NamedTuple):
-    """One row: TrainConfig fields over the defaults, text weighting, image backbone."""
+    """One row: TrainConfig fields over the defaults, text weighting, image backbone, vocabulary.
+
+    A "k" in fields fixes k for the row, whatever --k says.
+    """
 
     fields: dict[str, Any]
     weighting: str
     backbone: str = DEFAULT_BACKBONE  # what `cmh evaluate` and `cmh train` use by default
+    vocab_size: int = DEFAULT_VOCAB_SIZE  # the bag of words' vocabulary (`--vocab-size`)
 
 
 # name -> Variant. "aucmh" is the reference row.
@@ -118,6 +122,18 @@ VARIANTS: dict[str, Variant] = {
     "anchors-512": Variant({"n_anchors": 512}, "binary"),
     "anchors-1024": Variant({"n_anchors": 1024}, "binary"),
     "tfidf-anchors-512": Variant({"n_anchors": 512}, "tfidf"),
+    # Web News keeps the smallest k of (20, 100) and k 30 was worse than 20: below 20.
+    "tfidf-k-10": Variant({"k": 10}, "tfidf"),
+    "tfidf-k-5": Variant({"k": 5}, "tfidf"),
+    # A larger vocabulary (words in >= 2 training texts; Web News has more than 2,000 of them).
+    "tfidf-vocab-4000": Variant({}, "tfidf", vocab_size=4000),
+    "tfidf-vocab-8000": Variant({}, "tfidf", vocab_size=8000),
+    "tfidf-lite2-200": Variant({"epochs": 200}, "tfidf", "efficientnet-lite2"),
+    # Q's softmax over code cosines in [-1, 1] at temperature 1 (Eq. 5) is nearly flat over a
+    # batch of 256, so it cannot follow a peaked P: lower temperatures let it.
+    "tfidf-softmax-t-0.5": Variant({"temperature": 0.5}, "tfidf"),
+    "tfidf-softmax-t-0.25": Variant({"temperature": 0.25}, "tfidf"),
+    "tfidf-softmax-t-0.1": Variant({"temperature": 0.1}, "tfidf"),
 }
 
 
@@ -127,6 +143,8 @@ def options_of(variant: Variant) -> dict[str, Any]:
     options = {**variant.fields, "text_weighting": variant.weighting}
     if variant.backbone != DEFAULT_BACKBONE:
         options["image_backbone"] = variant.backbone
+    if variant.vocab_size != DEFAULT_VOCAB_SIZE:
+        options["vocab_size"] = variant.vocab_size
     return options
 
 
@@ -264,25 +282,31 @@ def main() -> None:
     bits = [int(b) for b in args.bits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     defaults = dataclasses.asdict(TrainConfig())
-    bases: dict[str, PairDataset] = {}  # backbone -> the dataset with its features
+    bases: dict[tuple[str, int], PairDataset] = {}  # (backbone, vocabulary) -> features
     command = (
         f"python -m scripts.quality_study --dataset {args.dataset} --root {args.root} "
         f"--bits {args.bits} --seeds {args.seeds} --k {args.k} --variants {args.variants}"
     )
     done = []
     for name in names:
-        fields, weighting, backbone = VARIANTS[name]
-        if backbone not in bases:
-            bases[backbone] = prepare(args.dataset, args.root, backbone=backbone)
+        fields, weighting, backbone, vocab_size = VARIANTS[name]
+        inputs = (backbone, vocab_size)
+        if inputs not in bases:
+            bases[inputs] = prepare(
+                args.dataset, args.root, backbone=backbone, vocab_size=vocab_size
+            )
+        row_k = fields.get("k", k)
         for n_bits in bits:
             runs = []
             for seed in seeds:
-                data = weighted_text(outer_split(bases[backbone], seed), weighting)
-                run = run_one(data, fields={**defaults, **fields}, n_bits=n_bits, seed=seed, k=k)
+                data = weighted_text(outer_split(bases[inputs], seed), weighting)
+                run = run_one(
+                    data, fields={**defaults, **fields}, n_bits=n_bits, seed=seed, k=row_k
+                )
                 runs.append(run)
                 row = {"dataset": args.dataset, "variant": name, "bits": n_bits, **run}
                 print(json.dumps(row), flush=True)
-            entry = summary(dataset=args.dataset, variant=name, n_bits=n_bits, k=k, runs=runs)
+            entry = summary(dataset=args.dataset, variant=name, n_bits=n_bits, k=row_k, runs=runs)
             # Each cell is written as soon as it is done; the table shows every seed stored.
             done.append(merge_into(args.json, entry, command=command))
     print_table(done)

@@ -84,3 +84,34 @@ def test_own_photos_from_pairs_jsonl_to_search(
         assert hits[0]["fields"] == {"place": "desk"}
         image = client.get(hits[0]["image_url"])
         assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+
+
+@pytest.mark.slow
+def test_own_photos_with_the_lite1_backbone_are_served_with_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--backbone efficientnet-lite1` from features to the served app: the checkpoint records
+    it, the service loads it, and a photo searched by upload finds its own stored code."""
+    root, artifacts = tmp_path / "mine", tmp_path / "artifacts"
+    write_photos(root, n=24)
+    data = ["--dataset", "pairs", "--root", str(root), "--backbone", "efficientnet-lite1"]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    checkpoint = artifacts / "model.pt"
+    argv = ["train", *data, *cache, "--out", str(checkpoint), "--bits", "16", "--epochs", "3"]
+    assert main([*argv, "--k", "5", "--n-val", "6", "--anchors", "12"]) == 0
+    assert torch.load(checkpoint, weights_only=True)["image_backbone"] == "efficientnet-lite1"
+    index = ["index", "build", "--artifacts", str(artifacts), "--dataset", "pairs"]
+    assert main([*index, "--root", str(root)]) == 0
+    assert "indexed 24 of 24 pairs" in capsys.readouterr().out
+    with TestClient(create_app(Settings(artifacts_dir=artifacts))) as client:
+        stats = client.get("/v1/index/stats").json()
+        assert stats["image_backbone"] == "efficientnet-lite1" and stats["items"] == 24
+        photo = (root / "photos" / "IMG_0005.jpg").read_bytes()
+        found = client.post(
+            "/v1/search/image",
+            files={"file": ("q.jpg", photo, "image/jpeg")},
+            data={"k": "24", "target": "image"},
+        )
+        assert found.status_code == 200, found.text
+        hits = {h["id"]: h["distance"] for h in found.json()["hits"]}
+        assert hits["IMG_0005.jpg"] == 0
