@@ -13,6 +13,7 @@ from models.features.pipeline import reweight, text_vectorizer
 from models.features.text import WEIGHTINGS
 from models.network.aucmh import BITS, INPUT_NORMS
 from models.network.checkpoint import save_checkpoint
+from models.training.losses import GRAPH_FUSIONS
 from models.training.train import (
     K_GRID,
     LR_SCHEDULES,
@@ -88,6 +89,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--beta", type=float, default=d.beta, help=f"weight of L_g ({d.beta})")
     p.add_argument("--margin", type=float, default=d.margin, help=f"gamma of L_r ({d.margin})")
     p.add_argument("--temperature", type=float, default=d.temperature, help="of Q (1 = paper)")
+    p.add_argument(
+        "--graph-fusion",
+        default=d.graph_fusion,
+        choices=GRAPH_FUSIONS,
+        help=f"how P joins the two graphs ({d.graph_fusion} = paper; product: beyond it)",
+    )
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
     p.add_argument(
         "--lr-schedule",
@@ -127,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         beta=args.beta,
         margin=args.margin,
         temperature=args.temperature,
+        graph_fusion=args.graph_fusion,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         hash_temperature=args.hash_temperature,

@@ -134,6 +134,9 @@ VARIANTS: dict[str, Variant] = {
     "tfidf-softmax-t-0.5": Variant({"temperature": 0.5}, "tfidf"),
     "tfidf-softmax-t-0.25": Variant({"temperature": 0.25}, "tfidf"),
     "tfidf-softmax-t-0.1": Variant({"temperature": 0.1}, "tfidf"),
+    # P as the product of the two graphs (near only where both agree) instead of their mean.
+    "graph-product": Variant({"graph_fusion": "product"}, "binary"),
+    "tfidf-graph-product": Variant({"graph_fusion": "product"}, "tfidf"),
 }
 
 

@@ -139,3 +139,6 @@ def test_train_flags_set_the_options_beyond_the_paper() -> None:
     flags = ["--lr-schedule", "cosine", "--hash-temperature", "2"]
     chosen = config_from_args(build_parser().parse_args(base + flags))
     assert (chosen.lr_schedule, chosen.hash_temperature) == ("cosine", 2.0)
+    assert default.graph_fusion == "mean"
+    fused = config_from_args(build_parser().parse_args([*base, "--graph-fusion", "product"]))
+    assert fused.graph_fusion == "product"

@@ -11,6 +11,7 @@ from models.training.losses import (
     anchor_graph,
     anchor_graph_loss,
     cosine_matrix,
+    fuse_graphs,
     graph_from_nearest,
     nearest_anchors,
     pair_affinity,
@@ -41,6 +42,25 @@ def test_graph_rows_sum_to_one_and_w_is_symmetric(batch) -> None:
     p = pair_affinity(image, text, image_anchors, text_anchors, k=3)
     assert torch.allclose(p.sum(dim=1), torch.ones(20), atol=1e-6)
     assert not p.requires_grad
+
+
+def test_graph_fusions_mean_is_eq_4_and_product_keeps_what_both_graphs_link(batch) -> None:
+    image, text, image_anchors, text_anchors = batch
+    gi, gt = anchor_graph(image, image_anchors, k=3), anchor_graph(text, text_anchors, k=3)
+    assert torch.equal(fuse_graphs(gi, gt), 0.5 * (gi + gt))
+    assert torch.equal(
+        pair_affinity(image, text, image_anchors, text_anchors, k=3), 0.5 * (gi + gt)
+    )
+    product = fuse_graphs(gi, gt, fusion="product")
+    assert torch.allclose(product.sum(dim=1), torch.ones(20), atol=1e-6)
+    assert torch.equal(product > 0, (gi > 0) & (gt > 0))  # linked only where both link
+    expected = (gi * gt)[0] / (gi * gt)[0].sum()
+    assert torch.allclose(product[0], expected)
+    # Two points linked in one modality only: the mean links them, the product does not.
+    one = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    assert fuse_graphs(one, torch.eye(2), fusion="product").tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="expected a graph fusion in"):
+        fuse_graphs(gi, gt, fusion="max")
 
 
 def test_graph_links_points_that_share_anchors() -> None:

@@ -123,6 +123,7 @@ def test_validation_split_is_inside_train_and_disjoint() -> None:
         ("weight_decay", -1e-4),
         ("dropout", 1.0),
         ("input_norm", "minmax"),
+        ("graph_fusion", "max"),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: float) -> None:

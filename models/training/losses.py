@@ -40,6 +40,24 @@ def graph_from_nearest(values: Tensor, idx: Tensor, *, m: int) -> Tensor:
     return w / w.sum(dim=1, keepdim=True)
 
 
+GRAPH_FUSIONS = ("mean", "product")  # how fuse_graphs joins the two modalities' graphs
+
+
+def fuse_graphs(g_image: Tensor, g_text: Tensor, *, fusion: str = "mean") -> Tensor:
+    """P (n, n) from the two row-normalised graphs; every row sums to 1.
+
+    "mean": (G_image + G_text) / 2, the paper's Eq. 4: a pair is near when either modality says
+    so. "product" (beyond the paper): G_image * G_text elementwise, rows renormalised: near only
+    when both say so (the diagonal of each is positive, so no row is empty).
+    """
+    if fusion == "mean":
+        return 0.5 * (g_image + g_text)
+    if fusion == "product":
+        both = g_image * g_text
+        return both / both.sum(dim=1, keepdim=True)
+    raise ValueError(f"expected a graph fusion in {GRAPH_FUSIONS}, got {fusion!r}")
+
+
 def anchor_graph(x: Tensor, anchors: Tensor, *, k: int) -> Tensor:
     """Row-normalised batch graph G (n, n) of one modality: batch x (n, d), anchors (m, d)."""
     values, idx = nearest_anchors(x, anchors, k=k)
@@ -47,12 +65,20 @@ def anchor_graph(x: Tensor, anchors: Tensor, *, k: int) -> Tensor:
 
 
 def pair_affinity(
-    image: Tensor, text: Tensor, image_anchors: Tensor, text_anchors: Tensor, *, k: int
+    image: Tensor,
+    text: Tensor,
+    image_anchors: Tensor,
+    text_anchors: Tensor,
+    *,
+    k: int,
+    fusion: str = "mean",
 ) -> Tensor:
-    """P = (G_image + G_text) / 2 (Eq. 4): (n, n), rows sum to 1; no gradient flows through it."""
+    """P (n, n) (Eq. 4 with the default fusion), rows sum to 1; no gradient flows through it."""
     with torch.no_grad():
-        return 0.5 * (
-            anchor_graph(image, image_anchors, k=k) + anchor_graph(text, text_anchors, k=k)
+        return fuse_graphs(
+            anchor_graph(image, image_anchors, k=k),
+            anchor_graph(text, text_anchors, k=k),
+            fusion=fusion,
         )
 
 

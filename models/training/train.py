@@ -26,8 +26,10 @@ from models.data.dataset import PairDataset
 from models.devices import DEVICES, resolve_device
 from models.network.aucmh import HashingModel, ModelConfig, build_model
 from models.training.losses import (
+    GRAPH_FUSIONS,
     anchor_graph_loss,
     contrastive_loss,
+    fuse_graphs,
     graph_from_nearest,
     nearest_anchors,
     ranking_loss,
@@ -75,6 +77,9 @@ class TrainConfig:
     beta: float = 0.8  # L = beta * L_g + (1 - beta) * L_r (Eq. 8); chosen on validation
     margin: float = 0.8  # gamma, the triplet margin of L_r (Eq. 7), 0 < gamma < 1; validation
     temperature: float = 1.0  # divides code cosines in Q (Eq. 5); 1 is the paper's form
+    # How P joins the two modalities' graphs (losses.fuse_graphs): "mean" is the paper's Eq. 4;
+    # "product" (near only where both graphs agree) is beyond the paper.
+    graph_fusion: str = "mean"
     # Divides the hash layer's input during training, tanh(z / T) (1: the paper's form). The codes
     # are sign(z) whatever T, so only the straight-through gradient changes: a training setting,
     # and a checkpoint (or the serving text path) has nothing to store or reproduce for it.
@@ -107,6 +112,11 @@ class TrainConfig:
             (0.0 < self.beta < 1.0, "0 < beta < 1", self.beta),
             (0.0 < self.margin < 1.0, "0 < margin < 1", self.margin),
             (self.temperature > 0.0, "temperature > 0", self.temperature),
+            (
+                self.graph_fusion in GRAPH_FUSIONS,
+                f"graph_fusion in {GRAPH_FUSIONS}",
+                self.graph_fusion,
+            ),
             (self.hash_temperature > 0.0, "hash_temperature > 0", self.hash_temperature),
             (self.lr > 0.0, "lr > 0", self.lr),
             (self.lr_schedule in LR_SCHEDULES, f"lr_schedule in {LR_SCHEDULES}", self.lr_schedule),
@@ -358,9 +368,10 @@ def train(
             loss_g, loss_r = zero, zero
             if cfg.use_graph_loss:
                 rows = torch.as_tensor(position[batch], device=device)
-                p = 0.5 * (
-                    graph_from_nearest(near_image[0][rows], near_image[1][rows], m=m)
-                    + graph_from_nearest(near_text[0][rows], near_text[1][rows], m=m)
+                p = fuse_graphs(
+                    graph_from_nearest(near_image[0][rows], near_image[1][rows], m=m),
+                    graph_from_nearest(near_text[0][rows], near_text[1][rows], m=m),
+                    fusion=cfg.graph_fusion,
                 )  # (n, n), Eq. 4
                 loss_g = anchor_graph_loss(hi, ht, p, temperature=cfg.temperature)
             if cfg.use_ranking_loss:
