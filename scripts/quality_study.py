@@ -137,6 +137,9 @@ VARIANTS: dict[str, Variant] = {
     # P as the product of the two graphs (near only where both agree) instead of their mean.
     "graph-product": Variant({"graph_fusion": "product"}, "binary"),
     "tfidf-graph-product": Variant({"graph_fusion": "product"}, "tfidf"),
+    # The network: two hidden layers per modality instead of one; more dropout.
+    "tfidf-deep": Variant({"image_hidden": (2048, 2048), "text_hidden": (2048, 2048)}, "tfidf"),
+    "tfidf-dropout-0.5": Variant({"dropout": 0.5}, "tfidf"),
 }
 
 

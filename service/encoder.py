@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from common.errors import InputError
@@ -34,8 +35,8 @@ from indexes.codes import pack_codes
 from models.devices import resolve_device
 from models.features.image import (
     Backbone,
-    all_cores_torch_threads,
     encode_images,
+    fastest_lone_image_threads,
     load_backbone,
 )
 from models.features.text import TextVectorizer
@@ -64,6 +65,7 @@ class MicroBatcher:
         max_batch: int,
         on_batch: Callable[[int], None] | None = None,
         former: bool = False,
+        lone_threads: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.on_batch = on_batch
@@ -72,6 +74,9 @@ class MicroBatcher:
         # The former rule, for benchmarks: every request waits the window, and its batch is
         # handed to a backbone worker however small.
         self.former = former
+        # torch threads of the batcher's thread, which runs a lone image inline: None times 1
+        # against every core once when the thread starts and keeps the faster.
+        self.lone_threads = lone_threads
         self.batch_sizes: list[int] = []  # recent batch sizes, for metrics and tests
         self._shared = False  # the previous batch had company: clients are arriving together
         self._queue: queue.Queue[_Request | None] = queue.Queue()
@@ -90,8 +95,11 @@ class MicroBatcher:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        if not self.former:
-            all_cores_torch_threads()  # a batch of one runs here, on every core
+        if not self.former:  # a batch of one runs here, on the thread count that is faster
+            if self.lone_threads is None:
+                self.lone_threads = fastest_lone_image_threads(self.backbone)
+            else:
+                torch.set_num_threads(self.lone_threads)
         while True:
             batch, stop = self._next_batch()
             if batch:

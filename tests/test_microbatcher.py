@@ -15,7 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from models.features.image import Backbone, encode_images, load_backbone
+from models.features.image import (
+    Backbone,
+    cpu_cores,
+    encode_images,
+    fastest_lone_image_threads,
+    load_backbone,
+)
 from service.encoder import MicroBatcher
 
 
@@ -149,3 +155,33 @@ def test_company_waits_the_window_and_shares_a_batch(backbone: Backbone) -> None
     finally:
         gate.set()
         mb.close()
+
+
+def test_the_batcher_thread_runs_a_lone_image_on_the_faster_thread_count(
+    backbone: Backbone,
+) -> None:
+    """1 thread or every core, timed on the thread that will run it; a given count is kept; the
+    caller's threads are left alone, and the features do not depend on the choice."""
+    cores = cpu_cores()
+    before = torch.get_num_threads()
+    seen: dict[str, int] = {}
+
+    def timed_here() -> None:
+        seen["chosen"] = fastest_lone_image_threads(backbone, runs=2)
+        seen["set"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=timed_here)
+    thread.start()
+    thread.join()
+    assert seen["chosen"] in {1, cores} and seen["set"] == seen["chosen"]
+    assert torch.get_num_threads() == before
+    picture = images(1)[0]
+    got = {}
+    for threads in (None, 1):
+        mb = MicroBatcher(backbone, window_ms=0.0, max_batch=8, lone_threads=threads)
+        try:
+            got[threads] = mb.submit(picture).result(timeout=120)
+            assert mb.lone_threads in {1, cores} and (threads is None or mb.lone_threads == 1)
+        finally:
+            mb.close()
+    np.testing.assert_allclose(got[None], got[1], rtol=1e-5, atol=1e-5)

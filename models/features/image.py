@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,10 +86,36 @@ def one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-def all_cores_torch_threads() -> None:
-    """Run torch on one intra-op thread per core from this thread on (the micro-batcher's: a
-    lone image, which runs inline, then uses every core; see encode_images)."""
-    torch.set_num_threads(cpu_cores())
+def fastest_lone_image_threads(backbone: Backbone, *, runs: int = 5) -> int:
+    """Time one image inline on this thread at 1 and at every core's intra-op threads, set the
+    faster for this thread and return it (the micro-batcher's thread, which runs a lone image
+    inline: encode_images).
+
+    Which wins is the machine's: on one 2-core machine a Web News photo took 12.0-14.2 ms on 2
+    threads against 15.3-21.4 ms on 1 (2026-12-02); on another (AMD EPYC, KVM, 2026-12-03) 23.2
+    ms against 17.0, on the main thread and on a worker alike, the second thread spinning. The
+    two counts alternate, after one warm-up each, and the medians decide (ties: 1 thread).
+    """
+    cores = cpu_cores()
+    if cores == 1 or backbone.device.type != "cpu" or not backbone.fast:
+        torch.set_num_threads(cores)
+        return cores
+    image = Image.new("RGB", (backbone.resize, backbone.resize), (127, 64, 200))
+    times: dict[int, list[float]] = {1: [], cores: []}
+    for run in range(runs + 1):
+        for threads in times:
+            torch.set_num_threads(threads)
+            start = time.perf_counter()
+            encode_images(backbone, [image])
+            if run:  # the first of each is the warm-up (oneDNN primitives per thread count)
+                times[threads].append(time.perf_counter() - start)
+    best = min(times, key=lambda n: (statistics.median(times[n]), n))
+    torch.set_num_threads(best)
+    logger.info(
+        "a lone image runs on %d torch thread(s): median %.1f ms on 1, %.1f ms on %d",
+        best, 1e3 * statistics.median(times[1]), 1e3 * statistics.median(times[cores]), cores,
+    )  # fmt: skip
+    return best
 
 
 def cpu_cores() -> int:
