@@ -140,6 +140,10 @@ VARIANTS: dict[str, Variant] = {
     # The network: two hidden layers per modality instead of one; more dropout.
     "tfidf-deep": Variant({"image_hidden": (2048, 2048), "text_hidden": (2048, 2048)}, "tfidf"),
     "tfidf-dropout-0.5": Variant({"dropout": 0.5}, "tfidf"),
+    # Do Wikipedia's two small gains (512 anchors, a weak contrastive term) add up?
+    "anchors-512-contrastive-0.2-t-0.3": Variant(
+        {"n_anchors": 512, "contrastive_weight": 0.2, "contrastive_temperature": 0.3}, "binary"
+    ),
 }
 
 
