@@ -175,6 +175,13 @@ def test_the_batcher_thread_runs_a_lone_image_on_the_faster_thread_count(
     thread.join()
     assert seen["chosen"] in {1, cores} and seen["set"] == seen["chosen"]
     assert torch.get_num_threads() == before
+    reference = load_backbone("efficientnet-lite0", device=torch.device("cpu"), fast=False)
+    untimed = threading.Thread(
+        target=lambda: seen.update(ref=fastest_lone_image_threads(reference))
+    )
+    untimed.start()
+    untimed.join()
+    assert seen["ref"] == cores  # not the fused network: every core, as before, untimed
     picture = images(1)[0]
     got = {}
     for threads in (None, 1):

@@ -94,10 +94,13 @@ def fastest_lone_image_threads(backbone: Backbone, *, runs: int = 5) -> int:
     Which wins is the machine's: on one 2-core machine a Web News photo took 12.0-14.2 ms on 2
     threads against 15.3-21.4 ms on 1 (2026-12-02); on another (AMD EPYC, KVM, 2026-12-03) 23.2
     ms against 17.0, on the main thread and on a worker alike, the second thread spinning. The
-    two counts alternate, after one warm-up each, and the medians decide (ties: 1 thread).
+    two counts alternate, after one warm-up each, and the medians decide (ties: 1 thread). Other
+    networks and devices get every core, untimed.
     """
     cores = cpu_cores()
-    if cores == 1 or backbone.device.type != "cpu" or not backbone.fast:
+    # Timed for the fused Lite networks only (milliseconds a run): VGG19 on a CPU takes about a
+    # second an image, so 12 timed runs would hold the first request for as long.
+    if cores == 1 or backbone.device.type != "cpu" or not isinstance(backbone.net, FusedLite):
         torch.set_num_threads(cores)
         return cores
     image = Image.new("RGB", (backbone.resize, backbone.resize), (127, 64, 200))
