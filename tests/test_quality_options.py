@@ -16,11 +16,21 @@ import torch
 
 from common.errors import InputError
 from models.data.dataset import PairDataset
+from models.features.image import BACKBONES, DEFAULT_BACKBONE
+from models.features.pipeline import DEFAULT_VOCAB_SIZE
+from models.features.text import WEIGHTINGS
 from models.methods.compare import METHODS, RIDGE_GRID, choose_widening, parse_methods
 from models.network.aucmh import HashingModel, hash_layer
 from models.training.losses import contrastive_loss
 from models.training.train import TrainConfig, config_from_dict, train
-from scripts.quality_study import VARIANTS, count_matrix, merge_into, summary, weighted_text
+from scripts.quality_study import (
+    VARIANTS,
+    Variant,
+    count_matrix,
+    merge_into,
+    summary,
+    weighted_text,
+)
 from tests.helpers import separable_pairs
 
 # A short seeded run: the same settings as test_train's SMALL, over 4 epochs.
@@ -74,11 +84,11 @@ def test_defaults_reproduce_the_training_from_before_the_options(default_run: Ru
     model, history = default_run
     assert SHORT.lr_schedule == "constant" and SHORT.hash_temperature == 1.0
     _assert_weights_close(model)
-    if torch.__version__ != BEFORE_TORCH:
-        # Another torch may round differently: then the figures must still agree closely.
-        assert _rows(history) == [pytest.approx(row, rel=1e-5) for row in BEFORE_HISTORY]
-        return
-    assert _rows(history) == BEFORE_HISTORY  # bit for bit, as recorded
+    # Recorded bit for bit on one CPU; other CPUs' kernels round otherwise (an AMD EPYC with AVX2
+    # only: 1.2e-8 relative in epoch 4's loss, the same torch), another torch more: within 1e-7
+    # relative with torch BEFORE_TORCH, 1e-5 with another.
+    rel = 1e-7 if torch.__version__ == BEFORE_TORCH else 1e-5
+    assert _rows(history) == [pytest.approx(row, rel=rel) for row in BEFORE_HISTORY]
 
 
 def test_cosine_schedule_changes_training_from_the_second_epoch(
@@ -159,9 +169,11 @@ def test_train_configs_saved_before_the_options_rebuild_with_todays_behaviour() 
 
 
 def test_every_study_variant_is_a_valid_config() -> None:
-    assert VARIANTS["aucmh"] == ({}, "binary")  # the reference row is the defaults, untouched
-    for fields, _ in VARIANTS.values():
-        config_from_dict(fields)
+    # The reference row is the defaults, untouched: no fields, binary text, Lite0, 2,000 words.
+    assert VARIANTS["aucmh"] == Variant({}, "binary", DEFAULT_BACKBONE, DEFAULT_VOCAB_SIZE)
+    for variant in VARIANTS.values():
+        config_from_dict(variant.fields)
+        assert variant.backbone in BACKBONES and variant.weighting in WEIGHTINGS
 
 
 def _texts_dataset() -> PairDataset:
