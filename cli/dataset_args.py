@@ -28,8 +28,8 @@ def check_weights(args: argparse.Namespace) -> None:
         raise InputError("expected --weights FILE (a torchvision VGG19 state dict), got none")
 
 
-def prepare_from_args(args: argparse.Namespace) -> PairDataset:
-    """The dataset the flags name, with image and text features."""
+def prepare_from_args(args: argparse.Namespace, *, text_tokens: str = "words") -> PairDataset:
+    """The dataset the flags name, with image and text features (text cut as text_tokens)."""
     check_weights(args)
     return prepare(
         args.dataset,
@@ -37,6 +37,7 @@ def prepare_from_args(args: argparse.Namespace) -> PairDataset:
         backbone=args.backbone,
         weights=args.weights,
         vocab_size=args.vocab_size,
+        text_tokens=text_tokens,
         cache_dir=args.cache_dir,
         progress=True,
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 from cli.dataset_args import add_dataset_args, prepare_from_args
 from models.devices import DEVICES
 from models.features.pipeline import reweight, text_vectorizer
-from models.features.text import WEIGHTINGS
+from models.features.text import TOKENIZATIONS, WEIGHTINGS
 from models.network.aucmh import BITS, INPUT_NORMS
 from models.network.checkpoint import save_checkpoint
 from models.training.losses import GRAPH_FUSIONS
@@ -68,6 +68,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a word's value in a text: binary (the paper's), log(1 + count), or tf-idf with idf "
         "from the training texts; saved in the checkpoint, which the service encodes texts with "
         "(binary)",
+    )
+    p.add_argument(
+        "--text-tokens",
+        default="words",
+        choices=TOKENIZATIONS,
+        help="how Chinese text is cut into words: jieba's accurate mode (words) or its search "
+        "mode, which adds the shorter words inside long ones (search: beyond the paper); saved "
+        "in the checkpoint, which the service cuts queries with (words)",
     )
     p.add_argument("--bits", type=int, default=d.n_bits, choices=BITS, help="n_bits")
     p.add_argument("--image-hidden", type=_widths, default=d.image_hidden, help="e.g. 1024,1024")
@@ -154,7 +162,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
     candidates = with_k_grid(config_from_args(args), args.k)
-    data = prepare_from_args(args)  # binary text, the vocabulary from the training texts
+    # Binary text, the vocabulary from the training texts, cut as --text-tokens says.
+    data = prepare_from_args(args, text_tokens=args.text_tokens)
     weighting = args.text_weighting
     vectorizer = None
     if weighting != "binary":  # the same vocabulary, weighted; idf from the training texts
@@ -173,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=data.name,
         text_weighting=weighting,
         idf=None if vectorizer is None else vectorizer.idf,
+        text_tokens=data.text_tokens,
     )
     best = best_epoch(history)
     summary = {

@@ -56,7 +56,8 @@ from scripts.tune_aucmh import outer_split, score
 
 
 class Variant(NamedTuple):
-    """One row: TrainConfig fields over the defaults, text weighting, image backbone, vocabulary.
+    """One row: TrainConfig fields over the defaults, text weighting, image backbone, vocabulary,
+    Chinese tokens.
 
     A "k" in fields fixes k for the row, whatever --k says.
     """
@@ -65,6 +66,7 @@ class Variant(NamedTuple):
     weighting: str
     backbone: str = DEFAULT_BACKBONE  # what `cmh evaluate` and `cmh train` use by default
     vocab_size: int = DEFAULT_VOCAB_SIZE  # the bag of words' vocabulary (`--vocab-size`)
+    tokens: str = "words"  # how Chinese text is cut (`cmh train --text-tokens`)
 
 
 # name -> Variant. "aucmh" is the reference row.
@@ -128,6 +130,9 @@ VARIANTS: dict[str, Variant] = {
     # A larger vocabulary (words in >= 2 training texts; Web News has more than 2,000 of them).
     "tfidf-vocab-4000": Variant({}, "tfidf", vocab_size=4000),
     "tfidf-vocab-8000": Variant({}, "tfidf", vocab_size=8000),
+    # jieba's search-engine mode: long words also give the shorter words inside them.
+    "search": Variant({}, "binary", tokens="search"),
+    "tfidf-search": Variant({}, "tfidf", tokens="search"),
     "tfidf-lite2-200": Variant({"epochs": 200}, "tfidf", "efficientnet-lite2"),
     # Q's softmax over code cosines in [-1, 1] at temperature 1 (Eq. 5) is nearly flat over a
     # batch of 256, so it cannot follow a peaked P: lower temperatures let it.
@@ -155,6 +160,8 @@ def options_of(variant: Variant) -> dict[str, Any]:
         options["image_backbone"] = variant.backbone
     if variant.vocab_size != DEFAULT_VOCAB_SIZE:
         options["vocab_size"] = variant.vocab_size
+    if variant.tokens != "words":
+        options["text_tokens"] = variant.tokens
     return options
 
 
@@ -292,18 +299,22 @@ def main() -> None:
     bits = [int(b) for b in args.bits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     defaults = dataclasses.asdict(TrainConfig())
-    bases: dict[tuple[str, int], PairDataset] = {}  # (backbone, vocabulary) -> features
+    bases: dict[tuple[str, int, str], PairDataset] = {}  # (backbone, vocabulary, tokens) -> data
     command = (
         f"python -m scripts.quality_study --dataset {args.dataset} --root {args.root} "
         f"--bits {args.bits} --seeds {args.seeds} --k {args.k} --variants {args.variants}"
     )
     done = []
     for name in names:
-        fields, weighting, backbone, vocab_size = VARIANTS[name]
-        inputs = (backbone, vocab_size)
+        fields, weighting, backbone, vocab_size, tokens = VARIANTS[name]
+        inputs = (backbone, vocab_size, tokens)
         if inputs not in bases:
             bases[inputs] = prepare(
-                args.dataset, args.root, backbone=backbone, vocab_size=vocab_size
+                args.dataset,
+                args.root,
+                backbone=backbone,
+                vocab_size=vocab_size,
+                text_tokens=tokens,
             )
         row_k = fields.get("k", k)
         for n_bits in bits:

@@ -185,7 +185,10 @@ class Encoder:
         self.n_bits = checkpoint.n_bits
         self.backbone = backbone
         self.vectorizer = TextVectorizer(
-            checkpoint.vocabulary, weighting=checkpoint.text_weighting, idf=checkpoint.idf
+            checkpoint.vocabulary,
+            weighting=checkpoint.text_weighting,
+            idf=checkpoint.idf,
+            tokens=checkpoint.text_tokens,
         )
         self.binary_text = checkpoint.text_weighting == "binary"  # columns alone: values are 1
         # None: the model is not one the fast path reproduces exactly (logged once): torch.

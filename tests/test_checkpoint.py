@@ -89,7 +89,7 @@ def test_the_file_keeps_the_network_apart_from_the_training_record(tmp_path: Pat
         vocabulary=None, image_backbone="synthetic", dataset=data.name,
     )  # fmt: skip
     payload = torch.load(path, weights_only=True)
-    assert payload["version"] == 3 and "config" not in payload
+    assert payload["version"] == 4 and "config" not in payload
     # nanoGPT's pattern: the model module alone rebuilds the network from "model_args".
     assert ModelConfig(**payload["model_args"]) == model.config
     assert payload["train_config"] == dataclasses.asdict(CFG)
@@ -152,10 +152,10 @@ def test_version_2_checkpoints_load_as_binary_text() -> None:
 
 def test_unknown_version_is_refused(tmp_path: Path) -> None:
     payload = torch.load(DATA / "checkpoint-v1.pt", weights_only=True)
-    payload["version"] = 4
-    path = tmp_path / "v4.pt"
+    payload["version"] = 5
+    path = tmp_path / "v5.pt"
     torch.save(payload, path)
-    with pytest.raises(InputError, match=r"expected checkpoint version in \(1, 2, 3\) .*got 4"):
+    with pytest.raises(InputError, match=r"expected checkpoint version in \(1, 2, 3, 4\) .*got 5"):
         load_checkpoint(path)
 
 

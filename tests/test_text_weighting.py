@@ -225,7 +225,7 @@ def test_the_checkpoint_keeps_the_weighting(tmp_path: Path, rng: np.random.Gener
     assert ckpt.text_weighting == "tfidf" and ckpt.idf is not None and ckpt.idf.dtype == np.float64
     assert np.array_equal(ckpt.idf, TextVectorizer(WORDS).with_weighting("tfidf", texts).idf)
     payload = torch.load(path, weights_only=True)
-    assert payload["version"] == 3 and payload["text_weighting"] == "tfidf"
+    assert payload["version"] == 4 and payload["text_weighting"] == "tfidf"
     payload["idf"] = None
     torch.save(payload, tmp_path / "no-idf.pt")
     with pytest.raises(InputError, match=r"expected an idf vector .*\(in .*no-idf.pt\)"):
@@ -299,5 +299,8 @@ def test_cmh_train_records_the_weighting_the_service_encodes_with(
 
 
 def test_a_dataset_of_text_features_is_binary_only(wikipedia_root: Path) -> None:
-    with pytest.raises(InputError, match="wikipedia.* to weight text 'tfidf', got text features"):
+    with pytest.raises(
+        InputError,
+        match="wikipedia.* to weight text .tfidf. with .words. tokens, got text features",
+    ):
         prepare("wikipedia", wikipedia_root, text_weighting="tfidf")

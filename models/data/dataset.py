@@ -47,6 +47,7 @@ class PairDataset:
     protocol: str = ""  # one line: how queries and database were chosen
     image_backbone: str = ""  # what made image_features (e.g. "efficientnet-lite0", "sift-bovw")
     vocabulary: list[str] | None = None  # BoW terms in text_features column order, when BoW
+    text_tokens: str = "words"  # how the vocabulary's Chinese words were cut (features/text.py)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -71,6 +72,7 @@ class PairDataset:
         text: np.ndarray,
         image_backbone: str,
         vocabulary: list[str] | None,
+        text_tokens: str = "words",
     ) -> PairDataset:
         """A copy with image and text feature matrices set (rows aligned with `ids`)."""
         return replace(
@@ -79,6 +81,7 @@ class PairDataset:
             text_features=np.ascontiguousarray(text, dtype=np.float32),
             image_backbone=image_backbone,
             vocabulary=vocabulary,
+            text_tokens=text_tokens,
         )
 
     def split_sizes(self) -> dict[str, int]:

@@ -80,12 +80,15 @@ def _texts(data: PairDataset, weighting: str) -> list[str]:
 
 
 def fit_text_features(
-    data: PairDataset, *, vocab_size: int, weighting: str = "binary"
+    data: PairDataset, *, vocab_size: int, weighting: str = "binary", tokens: str = "words"
 ) -> tuple[np.ndarray, TextVectorizer]:
     """BoW features for every text, the vocabulary (and idf) fitted on the training texts only."""
     texts = _texts(data, weighting)
     vectorizer = TextVectorizer.fit(
-        [texts[i] for i in data.train_idx], vocab_size=vocab_size, weighting=weighting
+        [texts[i] for i in data.train_idx],
+        vocab_size=vocab_size,
+        weighting=weighting,
+        tokens=tokens,
     )
     features, unknown = vectorizer.transform(texts)
     if unknown.any():
@@ -106,7 +109,7 @@ def text_vectorizer(data: PairDataset, weighting: str) -> TextVectorizer:
         )
     if weighting not in WEIGHTINGS:
         raise InputError(f"expected a text weighting in {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    return TextVectorizer(data.vocabulary).with_weighting(
+    return TextVectorizer(data.vocabulary, tokens=data.text_tokens).with_weighting(
         weighting, [texts[i] for i in data.train_idx]
     )
 
@@ -127,6 +130,7 @@ def prepare(
     weights: Path | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     text_weighting: str = "binary",
+    text_tokens: str = "words",
     cache_dir: Path = DEFAULT_CACHE,
     progress: bool = False,
     seed: int = 0,
@@ -139,16 +143,22 @@ def prepare(
         )
     data = load_dataset(name, root, seed=seed)
     if data.image_features is not None and data.text_features is not None:
-        if text_weighting != "binary":  # the features are the dataset's own
+        if text_weighting != "binary" or text_tokens != "words":  # the dataset's own features
             raise InputError(
-                f"expected raw texts in dataset {name!r} to weight text {text_weighting!r}, "
-                "got text features only"
+                f"expected raw texts in dataset {name!r} to weight text {text_weighting!r} "
+                f"with {text_tokens!r} tokens, got text features only"
             )
         return data
     image, _, _ = cached_image_features(
         data, backbone=backbone, weights=weights, cache_dir=cache_dir, progress=progress
     )
-    text, vectorizer = fit_text_features(data, vocab_size=vocab_size, weighting=text_weighting)
+    text, vectorizer = fit_text_features(
+        data, vocab_size=vocab_size, weighting=text_weighting, tokens=text_tokens
+    )
     return data.with_features(
-        image=image, text=text, image_backbone=backbone, vocabulary=vectorizer.vocabulary
+        image=image,
+        text=text,
+        image_backbone=backbone,
+        vocabulary=vectorizer.vocabulary,
+        text_tokens=text_tokens,
     )

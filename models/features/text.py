@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 jieba.setLogLevel(logging.WARNING)
 
 LANGUAGES = ("auto", "en", "zh")
+# How a Chinese run becomes words (English is the same in both): "words" is jieba's accurate
+# mode, one segmentation (the default); "search" is jieba's search-engine mode, which adds the
+# shorter words inside each long one (新闻发布会 -> 新闻, 发布, 发布会, 新闻发布会), so texts that
+# name the same thing in longer and shorter words share terms (an option beyond the paper).
+TOKENIZATIONS = ("words", "search")
 WEIGHTINGS = ("binary", "log", "tfidf")  # a word's value in a text: see the module docstring
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -55,12 +60,14 @@ ZH_STOP_WORDS = frozenset(
 )
 
 
-def tokenize(text: str, language: str = "auto") -> list[str]:
-    """Lower-cased word tokens; Chinese runs are segmented with jieba ("auto" picks per text)."""
+def tokenize(text: str, language: str = "auto", tokens_mode: str = "words") -> list[str]:
+    """Lower-cased word tokens; Chinese runs are segmented with jieba ("auto" picks per text),
+    in accurate mode or, for tokens_mode "search", its search-engine mode (TOKENIZATIONS)."""
     text = text.lower()
     if language == "zh" or (language == "auto" and CJK.search(text)):
         tokens = []
-        for tok in jieba.lcut(text):
+        cut = jieba.lcut_for_search if tokens_mode == "search" else jieba.lcut
+        for tok in cut(text):
             tok = tok.strip()
             if tok and tok not in ZH_STOP_WORDS and (CJK.search(tok) or WORD.fullmatch(tok)):
                 tokens.append(tok)
@@ -73,6 +80,12 @@ def smoothed_idf(document_frequency: np.ndarray, n_texts: int) -> np.ndarray:
     df = np.asarray(document_frequency, dtype=np.float64)
     out: np.ndarray = np.log((1.0 + n_texts) / (1.0 + df)) + 1.0
     return out
+
+
+def check_tokens(tokens: str) -> None:
+    """Raises InputError unless tokens is one of TOKENIZATIONS."""
+    if tokens not in TOKENIZATIONS:
+        raise InputError(f"expected text tokens in {', '.join(TOKENIZATIONS)}, got {tokens!r}")
 
 
 def check_weighting(weighting: str, idf: Sequence[float] | np.ndarray | None, dim: int) -> None:
@@ -104,14 +117,17 @@ class TextVectorizer:
         language: str = "auto",
         weighting: str = "binary",
         idf: Sequence[float] | np.ndarray | None = None,
+        tokens: str = "words",
     ) -> None:
         if language not in LANGUAGES:
             raise InputError(f"expected a language in {', '.join(LANGUAGES)}, got {language!r}")
+        check_tokens(tokens)
         if not vocabulary:
             raise InputError("expected a non-empty vocabulary, got none")
         check_weighting(weighting, idf, len(vocabulary))
         self.vocabulary = list(vocabulary)
         self.language = language
+        self.tokens = tokens  # TOKENIZATIONS: how Chinese runs are segmented
         self.weighting = weighting
         # (dim,) float64 for "tfidf", else None
         self.idf = None if idf is None else np.array(idf, dtype=np.float64)
@@ -130,6 +146,7 @@ class TextVectorizer:
         min_df: int = 2,
         language: str = "auto",
         weighting: str = "binary",
+        tokens: str = "words",
     ) -> TextVectorizer:
         """Choose the vocabulary (and for "tfidf" the idf) from training texts; raises
         InputError when no word is left."""
@@ -139,8 +156,9 @@ class TextVectorizer:
             raise InputError(
                 f"expected a text weighting in {', '.join(WEIGHTINGS)}, got {weighting!r}"
             )
+        check_tokens(tokens)
         counter = CountVectorizer(
-            analyzer=lambda t: tokenize(t, language),
+            analyzer=lambda t: tokenize(t, language, tokens),
             binary=True,
             min_df=min(min_df, max(1, len(texts))),
             max_features=vocab_size,
@@ -151,7 +169,7 @@ class TextVectorizer:
             raise InputError(f"expected training texts with words, got: {err}") from err
         vocabulary = sorted(counter.vocabulary_, key=counter.vocabulary_.__getitem__)
         logger.info("fitted a %d-word vocabulary on %d texts", len(vocabulary), len(texts))
-        return cls(vocabulary, language=language).with_weighting(weighting, texts)
+        return cls(vocabulary, language=language, tokens=tokens).with_weighting(weighting, texts)
 
     def with_weighting(self, weighting: str, texts: Sequence[str]) -> TextVectorizer:
         """The same vocabulary weighted as `weighting`; "tfidf" counts its idf on `texts` (the
@@ -162,7 +180,13 @@ class TextVectorizer:
             for cols in self.columns(texts):
                 df[cols] += 1
             idf = smoothed_idf(df, len(texts))
-        return TextVectorizer(self.vocabulary, language=self.language, weighting=weighting, idf=idf)
+        return TextVectorizer(
+            self.vocabulary,
+            language=self.language,
+            weighting=weighting,
+            idf=idf,
+            tokens=self.tokens,
+        )
 
     @property
     def dim(self) -> int:
@@ -171,20 +195,20 @@ class TextVectorizer:
 
     def columns(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Per text, the sorted distinct columns (intp) of its known words (its nonzeros)."""
-        column, language = self._column, self.language
+        column, language, mode = self._column, self.language, self.tokens
         out = []
         for text in texts:
-            found = {column[t] for t in tokenize(text, language) if t in column}
+            found = {column[t] for t in tokenize(text, language, mode) if t in column}
             out.append(np.array(sorted(found), dtype=np.intp))
         return out
 
     def counts(self, texts: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per text, its sorted distinct columns (intp) and each one's count (int64)."""
-        column, language = self._column, self.language
+        column, language, mode = self._column, self.language, self.tokens
         cols_out, counts_out = [], []
         for text in texts:
             found = sorted(
-                Counter(column[t] for t in tokenize(text, language) if t in column).items()
+                Counter(column[t] for t in tokenize(text, language, mode) if t in column).items()
             )
             cols_out.append(np.fromiter((j for j, _ in found), np.intp, len(found)))
             counts_out.append(np.fromiter((c for _, c in found), np.int64, len(found)))
@@ -228,10 +252,11 @@ class TextVectorizer:
         return self.dense(columns, values), np.array([len(c) == 0 for c in columns], dtype=bool)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able form: vocabulary, language, weighting and ("tfidf") the idf."""
+        """The JSON-able form: vocabulary, language, tokens, weighting and ("tfidf") the idf."""
         out: dict[str, Any] = {
             "vocabulary": self.vocabulary,
             "language": self.language,
+            "tokens": self.tokens,
             "weighting": self.weighting,
         }
         if self.idf is not None:
@@ -241,10 +266,11 @@ class TextVectorizer:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextVectorizer:
         """The vectorizer `to_dict` (or `to_json`) wrote; without "weighting" (files written
-        before weighting existed) it is binary. Raises InputError on anything else."""
+        before weighting existed) it is binary, without "tokens" accurate-mode words. Raises
+        InputError on anything else."""
         if not isinstance(data, dict) or not isinstance(data.get("vocabulary"), list):
             raise InputError(f"expected a vectorizer object with a vocabulary, got {type(data)}")
-        known = {"vocabulary", "language", "weighting", "idf"}
+        known = {"vocabulary", "language", "tokens", "weighting", "idf"}
         if set(data) - known:
             raise InputError(f"expected vectorizer keys in {sorted(known)}, got {sorted(data)}")
         return cls(
@@ -252,6 +278,7 @@ class TextVectorizer:
             language=data.get("language", "auto"),
             weighting=data.get("weighting", "binary"),
             idf=data.get("idf"),
+            tokens=data.get("tokens", "words"),
         )
 
     def to_json(self) -> str:

@@ -4,10 +4,13 @@ The file is a plain dict of tensors, strings and numbers, so `torch.load(weights
 reads it, and the network is rebuilt from its "model_args" with models/network/aucmh.py alone
 (nanoGPT's `GPTConfig(**checkpoint["model_args"])`): serving never imports training.
 
-Version 3 (written): "model_args" (ModelConfig fields), "model" (state dict), "train_config"
+Version 4 (written): "model_args" (ModelConfig fields), "model" (state dict), "train_config"
 (the TrainConfig fields it was trained with, for the record), "history", "vocabulary",
 "text_weighting" ("binary", "log" or "tfidf": models/features/text.py), "idf" (a (text_dim,)
-float64 tensor for "tfidf", else None), "image_backbone", "dataset". Version 2 (read): the same
+float64 tensor for "tfidf", else None), "text_tokens" ("words" or "search": how Chinese text was
+cut into the vocabulary's words), "image_backbone", "dataset". Version 3 (read): the same without
+"text_tokens" (accurate-mode words, the only kind then; the number changed so that version-3
+code refuses a search-mode checkpoint instead of cutting its queries otherwise). Version 2: the same
 without "text_weighting" and "idf": binary text, the only kind then. Its number changed so that
 code reading version 2 refuses a tf-idf checkpoint instead of serving it binary inputs. Version 1
 (read): one "config" dict of TrainConfig fields, network and training mixed, with "n_bits",
@@ -27,12 +30,12 @@ import torch
 
 from common.errors import InputError
 from common.fsio import atomic_write
-from models.features.text import check_weighting
+from models.features.text import check_tokens, check_weighting
 from models.network.aucmh import HashingModel, ModelConfig, build_model
 
 FORMAT = "cmh-aucmh-checkpoint"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 # The ModelConfig fields a version-1 "config" holds (the feature widths sit beside it).
 V1_NETWORK_FIELDS = ("n_bits", "image_hidden", "text_hidden", "input_norm", "dropout")
@@ -52,6 +55,7 @@ class Checkpoint:
     vocabulary: list[str] | None  # BoW terms in text feature column order, when the text is BoW
     text_weighting: str  # a word's value in a text: "binary", "log" or "tfidf" (features/text.py)
     idf: np.ndarray | None  # (text_dim,) float64 for "tfidf" (from the training texts), else None
+    text_tokens: str  # how Chinese text is cut into words: "words" or "search" (features/text.py)
     image_backbone: str  # what made the image features the model expects
     dataset: str  # the dataset it was trained on
 
@@ -72,14 +76,17 @@ def save_checkpoint(
     dataset: str,
     text_weighting: str = "binary",
     idf: np.ndarray | None = None,
+    text_tokens: str = "words",
 ) -> None:
     """Write the checkpoint atomically and durably (common.fsio.atomic_write).
 
     `train_config` is `dataclasses.asdict` of the TrainConfig, kept for the record only;
     `text_weighting` and `idf` are the vectorizer's (TextVectorizer.weighting, .idf) that made
-    the text features. Raises InputError when they do not fit the vocabulary.
+    the text features, `text_tokens` its tokens. Raises InputError when they do not fit the
+    vocabulary.
     """
     _check_text(text_weighting, idf, vocabulary, model.config.text_dim, "the checkpoint to save")
+    check_tokens(text_tokens)
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -90,6 +97,7 @@ def save_checkpoint(
         "vocabulary": list(vocabulary) if vocabulary is not None else None,
         "text_weighting": text_weighting,
         "idf": None if idf is None else torch.tensor(np.asarray(idf, dtype=np.float64)),
+        "text_tokens": text_tokens,
         "image_backbone": image_backbone,
         "dataset": dataset,
     }
@@ -117,7 +125,7 @@ def _check_text(
 
 
 def _text_entries(payload: dict[str, Any], path: Path) -> tuple[str, np.ndarray | None]:
-    """(text weighting, idf) of a version-3 checkpoint."""
+    """(text weighting, idf) of a version-3 or 4 checkpoint."""
     weighting = _field(payload, "text_weighting", str, path)
     idf = payload.get("idf")
     if idf is None:
@@ -158,7 +166,7 @@ def _v1_configs(payload: dict[str, Any], path: Path) -> tuple[ModelConfig, dict[
 
 
 def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
-    """Read a checkpoint (version 1, 2 or 3) onto `device`; the model is in eval mode.
+    """Read a checkpoint (version 1, 2, 3 or 4) onto `device`; the model is in eval mode.
 
     Raises InputError when the file is missing, is not such a checkpoint, or is inconsistent.
     """
@@ -189,8 +197,14 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
     ):
         raise InputError(f"expected a list of strings as vocabulary in {path}, got {vocabulary!r}")
     # Versions 1 and 2 predate text weighting: their text features were binary.
-    weighting, idf = _text_entries(payload, path) if version == 3 else ("binary", None)
+    weighting, idf = _text_entries(payload, path) if version >= 3 else ("binary", None)
     _check_text(weighting, idf, vocabulary, model_config.text_dim, str(path))
+    # Versions 1-3 predate search-mode tokens: their vocabularies are accurate-mode words.
+    tokens = _field(payload, "text_tokens", str, path) if version >= 4 else "words"
+    try:
+        check_tokens(tokens)
+    except InputError as err:
+        raise InputError(f"{err} (in {path})") from None
     model = build_model(model_config)
     try:
         model.load_state_dict(_field(payload, "model", dict, path))
@@ -206,6 +220,7 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
         vocabulary=vocabulary,
         text_weighting=weighting,
         idf=idf,
+        text_tokens=tokens,
         image_backbone=_field(payload, "image_backbone", str, path),
         dataset=_field(payload, "dataset", str, path),
     )
