@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
 from common.errors import InputError
 from indexes.codes import pack_codes
 from models.data.dataset import PairDataset
@@ -130,15 +129,3 @@ def test_the_served_encoder_cuts_queries_as_the_checkpoint_was_trained(tmp_path:
     finally:
         encoder.close()
     assert np.array_equal(served, offline) and not unknown.any()
-
-
-def test_cmh_train_records_the_text_tokens(
-    demo_root: Path, feature_cache: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "model.pt"
-    args = ["train", "--dataset", "demo", "--root", str(demo_root), "--cache-dir",
-            str(feature_cache), "--out", str(out), "--text-tokens", "search", "--bits", "16",
-            "--k", "5", "--anchors", "20", "--epochs", "1", "--n-val", "10", "--batch-size", "16",
-            "--device", "cpu"]  # fmt: skip
-    assert main(args) == 0
-    assert load_checkpoint(out).text_tokens == "search"

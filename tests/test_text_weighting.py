@@ -275,17 +275,20 @@ def test_a_served_tfidf_model_searches_with_the_offline_code(
             assert got == want
 
 
-def test_cmh_train_records_the_weighting_the_service_encodes_with(
+def test_cmh_train_records_the_weighting_and_tokens_the_service_encodes_with(
     demo_root: Path, feature_cache: Path, demo_data: PairDataset, tmp_path: Path
 ) -> None:
     out = tmp_path / "model.pt"
     args = ["train", "--dataset", "demo", "--root", str(demo_root), "--cache-dir",
             str(feature_cache), "--out", str(out), "--text-weighting", "log", "--bits", "16",
+            "--text-tokens", "search",
             "--k", "5", "--anchors", "20", "--epochs", "2", "--n-val", "10", "--batch-size", "16",
             "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
     ckpt = load_checkpoint(out)
+    # English text: search-mode tokens (recorded) cut it as the default does.
     assert ckpt.text_weighting == "log" and ckpt.vocabulary == demo_data.vocabulary
+    assert ckpt.text_tokens == "search"
     # The features `prepare` trains on with that weighting are the ones the service encodes.
     weighted = prepare("demo", demo_root, cache_dir=feature_cache, text_weighting="log")
     assert weighted.text_features is not None and weighted.texts is not None
