@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"{data.name}: {data.protocol}")
     print(f"queries {sizes['query']}, database {sizes['database']}, train {sizes['train']}")
     results = evaluate_methods(
-        data, methods=methods, bits=bits, seeds=seeds, train_processes=args.train_processes
+        data,
+        methods=methods,
+        bits=bits,
+        seeds=seeds,
+        train_processes=args.train_processes,
+        vocab_size=args.vocab_size,
     )
     print(format_table(results, dataset=data.name))
     print()

@@ -15,6 +15,7 @@ from models.data.dataset import PairDataset
 from models.features.image import load_backbone
 from models.features.pipeline import fit_text_features, text_vectorizer
 from models.features.text import TextVectorizer, tokenize
+from models.methods.compare import METHODS, Method, evaluate_methods
 from models.network.aucmh import HashingModel
 from models.network.checkpoint import load_checkpoint, save_checkpoint
 from service.encoder import Encoder
@@ -129,3 +130,40 @@ def test_the_served_encoder_cuts_queries_as_the_checkpoint_was_trained(tmp_path:
     finally:
         encoder.close()
     assert np.array_equal(served, offline) and not unknown.any()
+
+
+def test_a_method_on_search_tokens_is_fitted_on_a_vocabulary_refitted_so() -> None:
+    data = _dataset()
+    features, vectorizer = fit_text_features(data, vocab_size=100)
+    prepared = data.with_features(
+        image=np.random.default_rng(0).standard_normal((len(TEXTS), 8)), text=features,
+        image_backbone="x", vocabulary=vectorizer.vocabulary,
+    )  # fmt: skip
+    seen: list[PairDataset] = []
+
+    class Signs:
+        def encode_image(self, x: np.ndarray) -> np.ndarray:
+            return np.where(x[:, :8] > 0, 1.0, -1.0)
+
+        def encode_text(self, x: np.ndarray) -> np.ndarray:  # any vocabulary's width
+            return np.where(x.sum(axis=1, keepdims=True) > 0, 1.0, -1.0).repeat(8, axis=1)
+
+    def fit(
+        d: PairDataset, n_bits: int, seed: int, /, cache: object = None, processes: int = 1
+    ) -> Signs:
+        del n_bits, seed, cache, processes
+        seen.append(d)
+        return Signs()
+
+    methods = [
+        Method("words", fit),
+        Method("search", fit, text_weighting="tfidf", text_tokens="search"),
+    ]
+    evaluate_methods(prepared, methods=methods, bits=[8], seeds=[0], vocab_size=100)
+    words, search = seen
+    assert words is prepared and search.text_tokens == "search"
+    expected, refitted = fit_text_features(data, vocab_size=100, weighting="tfidf", tokens="search")
+    assert search.vocabulary == refitted.vocabulary != prepared.vocabulary
+    assert np.array_equal(search.text_features, expected)  # type: ignore[arg-type]
+    assert np.array_equal(search.image_features, prepared.image_features)  # type: ignore[arg-type]
+    assert METHODS["aucmh-tfidf-search"].text_tokens == "search"

@@ -114,6 +114,20 @@ def text_vectorizer(data: PairDataset, weighting: str) -> TextVectorizer:
     )
 
 
+def retokenize(data: PairDataset, tokens: str, *, vocab_size: int) -> PairDataset:
+    """data with its vocabulary refitted on the training texts cut as `tokens` (binary features;
+    reweight after it for another weighting); the image features are kept."""
+    assert data.image_features is not None
+    text, vectorizer = fit_text_features(data, vocab_size=vocab_size, tokens=tokens)
+    return data.with_features(
+        image=data.image_features,
+        text=text,
+        image_backbone=data.image_backbone,
+        vocabulary=vectorizer.vocabulary,
+        text_tokens=tokens,
+    )
+
+
 def reweight(data: PairDataset, weighting: str) -> PairDataset:
     """data with every text's features weighted as `weighting`, over its vocabulary, the idf
     counted on data.train_idx only (a split's training part: its queries never count)."""

@@ -28,7 +28,7 @@ import numpy as np
 from common.errors import InputError
 from evaluation.protocol import Encoder, RunResult, score_run, validation_map, validation_split
 from models.data.dataset import PairDataset
-from models.features.pipeline import reweight
+from models.features.pipeline import DEFAULT_VOCAB_SIZE, retokenize, reweight
 from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH, FitCache
 from models.training.train import TrainConfig, train_selecting, with_k_grid
 
@@ -66,6 +66,7 @@ class Method:
     fit: Fit
     real_valued: bool = False  # cosine ranking; one fit per seed serves every n_bits
     text_weighting: str = "binary"  # the text features it is fitted and scored on
+    text_tokens: str = "words"  # how their Chinese words are cut (features/text.py TOKENIZATIONS)
 
 
 class _CCAEncoder:
@@ -229,6 +230,8 @@ METHODS: dict[str, Method] = {
         Method("aucmh-cosine", _aucmh(lr_schedule="cosine")),
         Method("aucmh-hash-t2", _aucmh(hash_temperature=2.0)),
         Method("aucmh-tfidf", _aucmh(), text_weighting="tfidf"),  # needs raw texts (Web News)
+        # tf-idf over jieba's search-mode words (vocabulary refitted on the training texts).
+        Method("aucmh-tfidf-search", _aucmh(), text_weighting="tfidf", text_tokens="search"),
         Method("cvh", _tuned(_binary(lambda ridge: CVH(ridge=ridge)), RIDGE_GRID)),
         Method("cmfh", _tuned(_binary(lambda gamma: CMFH(gamma=gamma)), GAMMA_GRID)),
         Method("cca-itq", _tuned(_binary(lambda ridge: CCAITQ(ridge=ridge)), RIDGE_GRID)),
@@ -254,19 +257,27 @@ def evaluate_methods(
     bits: Sequence[int],
     seeds: Sequence[int],
     train_processes: int = 1,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> list[RunResult]:
     """Fit, encode and score every method at every code length and seed (one result each);
-    AUCMH trains up to `train_processes` of its k candidates at once (the same models)."""
+    AUCMH trains up to `train_processes` of its k candidates at once (the same models). A
+    method cutting text otherwise than data refits a vocabulary of at most `vocab_size` words."""
     if data.query_idx.size == 0:
         raise InputError('expected query pairs (split "query") to evaluate, got none')
     q, db = data.query_idx, data.database_idx
     cache = FitCache()  # content-keyed, so sharing it across methods and seeds is safe
-    weighted: dict[str, PairDataset] = {"binary": data}  # idf from the training part only
+    # (weighting, tokens) -> the text features; vocabulary and idf from the training part only.
+    weighted: dict[tuple[str, str], PairDataset] = {("binary", data.text_tokens): data}
     results: list[RunResult] = []
     for method in methods:
-        if method.text_weighting not in weighted:
-            weighted[method.text_weighting] = reweight(data, method.text_weighting)
-        mdata = weighted[method.text_weighting]
+        inputs = (method.text_weighting, method.text_tokens)
+        if inputs not in weighted:
+            cut = weighted.get(("binary", method.text_tokens))
+            if cut is None:
+                cut = retokenize(data, method.text_tokens, vocab_size=vocab_size)
+                weighted["binary", method.text_tokens] = cut
+            weighted[inputs] = reweight(cut, method.text_weighting)
+        mdata = weighted[inputs]
         image, text = features(mdata)
         for seed in seeds:
             # A real-valued method ignores n_bits: fit and score it once, repeat for each length.
