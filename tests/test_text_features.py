@@ -42,7 +42,12 @@ def test_the_exported_vocabulary_rebuilds_the_same_vectorizer(tmp_path: Path) ->
     vec = TextVectorizer.fit(["体育 比赛 新闻", "体育 新闻", "比赛 结果"], min_df=1)
     vec.save(tmp_path / "vocab.json")
     data = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
-    assert data == {"vocabulary": vec.vocabulary, "language": vec.language, "weighting": "binary"}
+    assert data == {
+        "vocabulary": vec.vocabulary,
+        "language": vec.language,
+        "tokens": "words",
+        "weighting": "binary",
+    }
     again = TextVectorizer.from_json((tmp_path / "vocab.json").read_text(encoding="utf-8"))
     texts = ["体育比赛", "新闻结果"]
     assert np.array_equal(again.transform(texts)[0], vec.transform(texts)[0])
