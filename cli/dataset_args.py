@@ -10,6 +10,7 @@ from models.data.dataset import PairDataset
 from models.data.loaders import DATASETS
 from models.features.image import BACKBONES, DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
+from models.features.text import DEFAULT_TOKENS
 
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,9 @@ def check_weights(args: argparse.Namespace) -> None:
         raise InputError("expected --weights FILE (a torchvision VGG19 state dict), got none")
 
 
-def prepare_from_args(args: argparse.Namespace, *, text_tokens: str = "words") -> PairDataset:
+def prepare_from_args(
+    args: argparse.Namespace, *, text_tokens: str = DEFAULT_TOKENS
+) -> PairDataset:
     """The dataset the flags name, with image and text features (text cut as text_tokens)."""
     check_weights(args)
     return prepare(

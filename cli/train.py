@@ -10,7 +10,7 @@ from pathlib import Path
 from cli.dataset_args import add_dataset_args, prepare_from_args
 from models.devices import DEVICES
 from models.features.pipeline import reweight, text_vectorizer
-from models.features.text import TOKENIZATIONS, WEIGHTINGS
+from models.features.text import DEFAULT_TOKENS, TOKENIZATIONS, WEIGHTINGS
 from models.network.aucmh import BITS, INPUT_NORMS
 from models.network.checkpoint import save_checkpoint
 from models.training.losses import GRAPH_FUSIONS
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--text-tokens",
-        default="words",
+        default=DEFAULT_TOKENS,
         choices=TOKENIZATIONS,
         help="how Chinese text is cut into words: jieba's accurate mode (words) or its search "
         "mode, which adds the shorter words inside long ones (search: beyond the paper); saved "

@@ -44,7 +44,7 @@ from common.fsio import atomic_write
 from models.data.dataset import PairDataset
 from models.features.image import DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_VOCAB_SIZE, prepare, reweight
-from models.features.text import TextVectorizer
+from models.features.text import DEFAULT_TOKENS, TextVectorizer
 from models.training.train import (
     TrainConfig,
     best_epoch,
@@ -66,7 +66,7 @@ class Variant(NamedTuple):
     weighting: str
     backbone: str = DEFAULT_BACKBONE  # what `cmh evaluate` and `cmh train` use by default
     vocab_size: int = DEFAULT_VOCAB_SIZE  # the bag of words' vocabulary (`--vocab-size`)
-    tokens: str = "words"  # how Chinese text is cut (`cmh train --text-tokens`)
+    tokens: str = DEFAULT_TOKENS  # how Chinese text is cut (`cmh train --text-tokens`)
 
 
 # name -> Variant. "aucmh" is the reference row.
@@ -160,7 +160,7 @@ def options_of(variant: Variant) -> dict[str, Any]:
         options["image_backbone"] = variant.backbone
     if variant.vocab_size != DEFAULT_VOCAB_SIZE:
         options["vocab_size"] = variant.vocab_size
-    if variant.tokens != "words":
+    if variant.tokens != DEFAULT_TOKENS:
         options["text_tokens"] = variant.tokens
     return options
 

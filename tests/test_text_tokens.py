@@ -14,7 +14,7 @@ from indexes.codes import pack_codes
 from models.data.dataset import PairDataset
 from models.features.image import load_backbone
 from models.features.pipeline import fit_text_features, text_vectorizer
-from models.features.text import TextVectorizer, tokenize
+from models.features.text import DEFAULT_TOKENS, TOKENIZATIONS, TextVectorizer, tokenize
 from models.methods.compare import METHODS, Method, evaluate_methods
 from models.network.aucmh import HashingModel
 from models.network.checkpoint import load_checkpoint, save_checkpoint
@@ -43,6 +43,12 @@ def test_search_mode_adds_the_shorter_words_inside_long_ones() -> None:
     )
 
 
+def test_the_data_layer_defaults_to_the_features_default_tokens() -> None:
+    # models/data cannot import models/features, so PairDataset spells the default out.
+    field = PairDataset.__dataclass_fields__["text_tokens"]
+    assert field.default == DEFAULT_TOKENS == TOKENIZATIONS[0]
+
+
 def test_the_vectorizer_fits_counts_and_keeps_its_tokens() -> None:
     words = TextVectorizer.fit(TEXTS, min_df=1)
     search = TextVectorizer.fit(TEXTS, min_df=1, tokens="search", weighting="tfidf")
@@ -55,7 +61,7 @@ def test_the_vectorizer_fits_counts_and_keeps_its_tokens() -> None:
     cut_as_words = TextVectorizer(search.vocabulary)
     assert len(cut_as_words.columns([NEWS])[0]) < len(search.columns([NEWS])[0])
     old = {"vocabulary": ["新闻"], "language": "auto", "weighting": "binary"}  # before tokens
-    assert TextVectorizer.from_dict(old).tokens == "words"
+    assert TextVectorizer.from_dict(old).tokens == "words" == DEFAULT_TOKENS
     with pytest.raises(InputError, match="expected text tokens in words, search, got 'chars'"):
         TextVectorizer(["新闻"], tokens="chars")
     with pytest.raises(InputError, match="expected text tokens in words, search, got 'chars'"):

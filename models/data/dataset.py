@@ -47,7 +47,8 @@ class PairDataset:
     protocol: str = ""  # one line: how queries and database were chosen
     image_backbone: str = ""  # what made image_features (e.g. "efficientnet-lite0", "sift-bovw")
     vocabulary: list[str] | None = None  # BoW terms in text_features column order, when BoW
-    text_tokens: str = "words"  # how the vocabulary's Chinese words were cut (features/text.py)
+    # How its Chinese words were cut: features/text.py DEFAULT_TOKENS (data sits below features).
+    text_tokens: str = "words"
 
     def __post_init__(self) -> None:
         n = len(self.ids)

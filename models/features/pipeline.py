@@ -24,7 +24,7 @@ from common.fsio import atomic_write
 from models.data.dataset import PairDataset
 from models.data.loaders import load_dataset
 from models.features.image import DEFAULT_BACKBONE, encode_images, load_backbone
-from models.features.text import WEIGHTINGS, TextVectorizer
+from models.features.text import DEFAULT_TOKENS, WEIGHTINGS, TextVectorizer
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _texts(data: PairDataset, weighting: str) -> list[str]:
 
 
 def fit_text_features(
-    data: PairDataset, *, vocab_size: int, weighting: str = "binary", tokens: str = "words"
+    data: PairDataset, *, vocab_size: int, weighting: str = "binary", tokens: str = DEFAULT_TOKENS
 ) -> tuple[np.ndarray, TextVectorizer]:
     """BoW features for every text, the vocabulary (and idf) fitted on the training texts only."""
     texts = _texts(data, weighting)
@@ -144,7 +144,7 @@ def prepare(
     weights: Path | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     text_weighting: str = "binary",
-    text_tokens: str = "words",
+    text_tokens: str = DEFAULT_TOKENS,
     cache_dir: Path = DEFAULT_CACHE,
     progress: bool = False,
     seed: int = 0,
@@ -157,7 +157,9 @@ def prepare(
         )
     data = load_dataset(name, root, seed=seed)
     if data.image_features is not None and data.text_features is not None:
-        if text_weighting != "binary" or text_tokens != "words":  # the dataset's own features
+        if (
+            text_weighting != "binary" or text_tokens != DEFAULT_TOKENS
+        ):  # the dataset's own features
             raise InputError(
                 f"expected raw texts in dataset {name!r} to weight text {text_weighting!r} "
                 f"with {text_tokens!r} tokens, got text features only"

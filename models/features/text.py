@@ -50,6 +50,7 @@ LANGUAGES = ("auto", "en", "zh")
 # shorter words inside each long one (新闻发布会 -> 新闻, 发布, 发布会, 新闻发布会), so texts that
 # name the same thing in longer and shorter words share terms (an option beyond the paper).
 TOKENIZATIONS = ("words", "search")
+DEFAULT_TOKENS = "words"  # the paper's segmentation, and what files that name none were cut with
 WEIGHTINGS = ("binary", "log", "tfidf")  # a word's value in a text: see the module docstring
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -60,7 +61,7 @@ ZH_STOP_WORDS = frozenset(
 )
 
 
-def tokenize(text: str, language: str = "auto", tokens_mode: str = "words") -> list[str]:
+def tokenize(text: str, language: str = "auto", tokens_mode: str = DEFAULT_TOKENS) -> list[str]:
     """Lower-cased word tokens; Chinese runs are segmented with jieba ("auto" picks per text),
     in accurate mode or, for tokens_mode "search", its search-engine mode (TOKENIZATIONS)."""
     text = text.lower()
@@ -117,7 +118,7 @@ class TextVectorizer:
         language: str = "auto",
         weighting: str = "binary",
         idf: Sequence[float] | np.ndarray | None = None,
-        tokens: str = "words",
+        tokens: str = DEFAULT_TOKENS,
     ) -> None:
         if language not in LANGUAGES:
             raise InputError(f"expected a language in {', '.join(LANGUAGES)}, got {language!r}")
@@ -146,7 +147,7 @@ class TextVectorizer:
         min_df: int = 2,
         language: str = "auto",
         weighting: str = "binary",
-        tokens: str = "words",
+        tokens: str = DEFAULT_TOKENS,
     ) -> TextVectorizer:
         """Choose the vocabulary (and for "tfidf" the idf) from training texts; raises
         InputError when no word is left."""
@@ -278,7 +279,7 @@ class TextVectorizer:
             language=data.get("language", "auto"),
             weighting=data.get("weighting", "binary"),
             idf=data.get("idf"),
-            tokens=data.get("tokens", "words"),
+            tokens=data.get("tokens", DEFAULT_TOKENS),
         )
 
     def to_json(self) -> str:

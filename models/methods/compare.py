@@ -29,6 +29,7 @@ from common.errors import InputError
 from evaluation.protocol import Encoder, RunResult, score_run, validation_map, validation_split
 from models.data.dataset import PairDataset
 from models.features.pipeline import DEFAULT_VOCAB_SIZE, retokenize, reweight
+from models.features.text import DEFAULT_TOKENS
 from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH, FitCache
 from models.training.train import TrainConfig, train_selecting, with_k_grid
 
@@ -66,7 +67,9 @@ class Method:
     fit: Fit
     real_valued: bool = False  # cosine ranking; one fit per seed serves every n_bits
     text_weighting: str = "binary"  # the text features it is fitted and scored on
-    text_tokens: str = "words"  # how their Chinese words are cut (features/text.py TOKENIZATIONS)
+    text_tokens: str = (
+        DEFAULT_TOKENS  # how their Chinese words are cut (features/text.py TOKENIZATIONS)
+    )
 
 
 class _CCAEncoder:

@@ -30,7 +30,7 @@ import torch
 
 from common.errors import InputError
 from common.fsio import atomic_write
-from models.features.text import check_tokens, check_weighting
+from models.features.text import DEFAULT_TOKENS, check_tokens, check_weighting
 from models.network.aucmh import HashingModel, ModelConfig, build_model
 
 FORMAT = "cmh-aucmh-checkpoint"
@@ -76,7 +76,7 @@ def save_checkpoint(
     dataset: str,
     text_weighting: str = "binary",
     idf: np.ndarray | None = None,
-    text_tokens: str = "words",
+    text_tokens: str = DEFAULT_TOKENS,
 ) -> None:
     """Write the checkpoint atomically and durably (common.fsio.atomic_write).
 
@@ -200,7 +200,7 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> Checkpoint:
     weighting, idf = _text_entries(payload, path) if version >= 3 else ("binary", None)
     _check_text(weighting, idf, vocabulary, model_config.text_dim, str(path))
     # Versions 1-3 predate search-mode tokens: their vocabularies are accurate-mode words.
-    tokens = _field(payload, "text_tokens", str, path) if version >= 4 else "words"
+    tokens = _field(payload, "text_tokens", str, path) if version >= 4 else DEFAULT_TOKENS
     try:
         check_tokens(tokens)
     except InputError as err:
