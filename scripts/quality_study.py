@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -38,12 +39,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 
 from common.errors import InputError
 from common.fsio import atomic_write
 from models.data.dataset import PairDataset
-from models.features.image import DEFAULT_BACKBONE
-from models.features.pipeline import DEFAULT_VOCAB_SIZE, prepare, reweight
+from models.features.image import DEFAULT_BACKBONE, load_backbone, open_image, pixels_to_input
+from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, reweight
 from models.features.text import DEFAULT_TOKENS, TextVectorizer
 from models.training.train import (
     TrainConfig,
@@ -57,7 +59,7 @@ from scripts.tune_aucmh import outer_split, score
 
 class Variant(NamedTuple):
     """One row: TrainConfig fields over the defaults, text weighting, image backbone, vocabulary,
-    Chinese tokens.
+    Chinese tokens, image crops.
 
     A "k" in fields fixes k for the row, whatever --k says.
     """
@@ -67,6 +69,14 @@ class Variant(NamedTuple):
     backbone: str = DEFAULT_BACKBONE  # what `cmh evaluate` and `cmh train` use by default
     vocab_size: int = DEFAULT_VOCAB_SIZE  # the bag of words' vocabulary (`--vocab-size`)
     tokens: str = DEFAULT_TOKENS  # how Chinese text is cut (`cmh train --text-tokens`)
+    crops: str = "centre"  # which crops' features are averaged: one of CROPS (study only)
+
+
+# An image's feature as the mean over crops of the backbone's resized image (the resize and crop
+# sides of the backbone): the centre crop alone (what the pipeline and the service compute),
+# with its mirror image, or torchvision's ten crops (four corners and the centre, and their
+# mirrors). Only this study computes the pooled ones: they did not help (README).
+CROPS = {"centre": [4], "flip": [4, 9], "ten": list(range(10))}  # indices into ten_crop's order
 
 
 # name -> Variant. "aucmh" is the reference row.
@@ -133,6 +143,8 @@ VARIANTS: dict[str, Variant] = {
     # jieba's search-engine mode: long words also give the shorter words inside them.
     "search": Variant({}, "binary", tokens="search"),
     "tfidf-search": Variant({}, "tfidf", tokens="search"),
+    "tfidf-search-flip": Variant({}, "tfidf", tokens="search", crops="flip"),
+    "tfidf-search-ten-crops": Variant({}, "tfidf", tokens="search", crops="ten"),
     "tfidf-lite2-200": Variant({"epochs": 200}, "tfidf", "efficientnet-lite2"),
     # Q's softmax over code cosines in [-1, 1] at temperature 1 (Eq. 5) is nearly flat over a
     # batch of 256, so it cannot follow a peaked P: lower temperatures let it.
@@ -145,6 +157,10 @@ VARIANTS: dict[str, Variant] = {
     # The network: two hidden layers per modality instead of one; more dropout.
     "tfidf-deep": Variant({"image_hidden": (2048, 2048), "text_hidden": (2048, 2048)}, "tfidf"),
     "tfidf-dropout-0.5": Variant({"dropout": 0.5}, "tfidf"),
+    # Wikipedia keeps k 100, the top of K_GRID (20, 100), in 8 of 9 runs: past the grid's edge.
+    "k-200": Variant({"k": 200}, "binary"),
+    "k-400": Variant({"k": 400}, "binary"),
+    "deep": Variant({"image_hidden": (2048, 2048), "text_hidden": (2048, 2048)}, "binary"),
     # Do Wikipedia's two small gains (512 anchors, a weak contrastive term) add up?
     "anchors-512-contrastive-0.2-t-0.3": Variant(
         {"n_anchors": 512, "contrastive_weight": 0.2, "contrastive_temperature": 0.3}, "binary"
@@ -162,7 +178,44 @@ def options_of(variant: Variant) -> dict[str, Any]:
         options["vocab_size"] = variant.vocab_size
     if variant.tokens != DEFAULT_TOKENS:
         options["text_tokens"] = variant.tokens
+    if variant.crops != "centre":
+        options["image_crops"] = variant.crops
     return options
+
+
+def ten_crop_features(data: PairDataset, backbone_name: str, cache: Path) -> np.ndarray:
+    """(N, 10, d) float32 backbone features of each image's ten crops (torchvision's order),
+    cached in `cache` by the image files' names and sizes."""
+    paths = data.image_paths or []
+    if not paths:
+        raise InputError(f"expected image files to crop in dataset {data.name!r}, got features")
+    key = hashlib.sha256(
+        "\n".join([backbone_name, *(f"{p}:{Path(p).stat().st_size}" for p in paths)]).encode()
+    ).hexdigest()[:16]
+    path = cache / f"{data.name}-{backbone_name}-ten-crops-{key}.npy"
+    if path.is_file():
+        return np.load(path)  # type: ignore[no-any-return]
+    backbone = load_backbone(backbone_name)
+    out = np.empty((len(paths), 10, backbone.dim), dtype=np.float32)
+    for i, image_path in enumerate(paths):
+        image = open_image(Path(image_path), draft=True, min_side=backbone.draft_min_side)
+        resized = TF.resize(image, backbone.resize, interpolation=TF.InterpolationMode.BICUBIC)
+        pixels = np.stack([np.asarray(c) for c in TF.ten_crop(resized, backbone.crop)])
+        with torch.inference_mode():
+            out[i] = backbone.net(pixels_to_input(backbone, pixels)).float().cpu().numpy()
+    cache.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: np.save(f, out))
+    return out
+
+
+def with_crops(
+    data: PairDataset, crops: str, backbone_name: str, cache: Path = DEFAULT_CACHE
+) -> PairDataset:
+    """The dataset with each image's feature the mean over `crops` (CROPS) of its crops."""
+    if crops == "centre":
+        return data  # prepare's features
+    pooled = ten_crop_features(data, backbone_name, cache)[:, CROPS[crops]].mean(axis=1)
+    return dataclasses.replace(data, image_features=pooled.astype(np.float32))
 
 
 def count_matrix(texts: list[str], vocabulary: list[str]) -> np.ndarray:
@@ -299,23 +352,25 @@ def main() -> None:
     bits = [int(b) for b in args.bits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     defaults = dataclasses.asdict(TrainConfig())
-    bases: dict[tuple[str, int, str], PairDataset] = {}  # (backbone, vocabulary, tokens) -> data
+    # (backbone, vocabulary, tokens, crops) -> data
+    bases: dict[tuple[str, int, str, str], PairDataset] = {}
     command = (
         f"python -m scripts.quality_study --dataset {args.dataset} --root {args.root} "
         f"--bits {args.bits} --seeds {args.seeds} --k {args.k} --variants {args.variants}"
     )
     done = []
     for name in names:
-        fields, weighting, backbone, vocab_size, tokens = VARIANTS[name]
-        inputs = (backbone, vocab_size, tokens)
+        fields, weighting, backbone, vocab_size, tokens, crops = VARIANTS[name]
+        inputs = (backbone, vocab_size, tokens, crops)
         if inputs not in bases:
-            bases[inputs] = prepare(
+            data = prepare(
                 args.dataset,
                 args.root,
                 backbone=backbone,
                 vocab_size=vocab_size,
                 text_tokens=tokens,
             )
+            bases[inputs] = with_crops(data, crops, backbone)
         row_k = fields.get("k", k)
         for n_bits in bits:
             runs = []

@@ -16,7 +16,8 @@ import torch
 
 from common.errors import InputError
 from models.data.dataset import PairDataset
-from models.features.image import BACKBONES, DEFAULT_BACKBONE
+from models.data.loaders import load_dataset
+from models.features.image import BACKBONES, DEFAULT_BACKBONE, encode_images, load_backbone
 from models.features.pipeline import DEFAULT_VOCAB_SIZE
 from models.features.text import WEIGHTINGS
 from models.methods.compare import METHODS, RIDGE_GRID, choose_widening, parse_methods
@@ -24,12 +25,15 @@ from models.network.aucmh import HashingModel, hash_layer
 from models.training.losses import contrastive_loss
 from models.training.train import TrainConfig, config_from_dict, train
 from scripts.quality_study import (
+    CROPS,
     VARIANTS,
     Variant,
     count_matrix,
     merge_into,
     summary,
+    ten_crop_features,
     weighted_text,
+    with_crops,
 )
 from tests.helpers import separable_pairs
 
@@ -174,6 +178,31 @@ def test_every_study_variant_is_a_valid_config() -> None:
     for variant in VARIANTS.values():
         config_from_dict(variant.fields)
         assert variant.backbone in BACKBONES and variant.weighting in WEIGHTINGS
+        assert variant.crops in CROPS
+
+
+def test_pooled_crops_average_the_backbone_features_of_each_images_crops(
+    tiny_demo_root: Path, tmp_path: Path
+) -> None:
+    data = load_dataset("demo", tiny_demo_root)
+    assert data.image_paths is not None
+    crops = ten_crop_features(data, DEFAULT_BACKBONE, tmp_path)
+    backbone = load_backbone(DEFAULT_BACKBONE)
+    assert crops.shape == (len(data.image_paths), 10, backbone.dim)
+    # The centre crop is what the pipeline computes; the corners and mirrors are other views.
+    centre = encode_images(backbone, data.image_paths)
+    cosine = (crops[:, 4] * centre).sum(1) / np.linalg.norm(crops[:, 4], axis=1)
+    assert (cosine / np.linalg.norm(centre, axis=1)).min() > 0.99999
+    assert not np.allclose(crops[:, 0], crops[:, 4]) and not np.allclose(crops[:, 9], crops[:, 4])
+    (cached,) = tmp_path.glob("demo-*-ten-crops-*.npy")
+    assert np.array_equal(np.load(cached), crops)
+    assert np.array_equal(ten_crop_features(data, DEFAULT_BACKBONE, tmp_path), crops)
+    featured = dataclasses.replace(data, image_features=centre)
+    assert with_crops(featured, "centre", DEFAULT_BACKBONE, tmp_path) is featured
+    flip = with_crops(featured, "flip", DEFAULT_BACKBONE, tmp_path).image_features
+    assert flip is not None and np.allclose(flip, (crops[:, 4] + crops[:, 9]) / 2)
+    with pytest.raises(InputError, match="expected image files to crop"):
+        ten_crop_features(separable_pairs(), DEFAULT_BACKBONE, tmp_path)
 
 
 def _texts_dataset() -> PairDataset:
