@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,13 @@ from common.errors import InputError
 from common.fsio import atomic_write
 from models.data.dataset import PairDataset
 from models.features.image import DEFAULT_BACKBONE, load_backbone, open_image, pixels_to_input
-from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, reweight
+from models.features.pipeline import (
+    DEFAULT_CACHE,
+    DEFAULT_VOCAB_SIZE,
+    content_key,
+    prepare,
+    reweight,
+)
 from models.features.text import DEFAULT_TOKENS, TextVectorizer
 from models.training.train import (
     TrainConfig,
@@ -185,13 +190,11 @@ def options_of(variant: Variant) -> dict[str, Any]:
 
 def ten_crop_features(data: PairDataset, backbone_name: str, cache: Path) -> np.ndarray:
     """(N, 10, d) float32 backbone features of each image's ten crops (torchvision's order),
-    cached in `cache` by the image files' names and sizes."""
+    cached in `cache` under the pipeline's content key of the images."""
     paths = data.image_paths or []
     if not paths:
         raise InputError(f"expected image files to crop in dataset {data.name!r}, got features")
-    key = hashlib.sha256(
-        "\n".join([backbone_name, *(f"{p}:{Path(p).stat().st_size}" for p in paths)]).encode()
-    ).hexdigest()[:16]
+    key = content_key(data, backbone_name, None)
     path = cache / f"{data.name}-{backbone_name}-ten-crops-{key}.npy"
     if path.is_file():
         return np.load(path)  # type: ignore[no-any-return]

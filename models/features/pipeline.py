@@ -157,9 +157,8 @@ def prepare(
         )
     data = load_dataset(name, root, seed=seed)
     if data.image_features is not None and data.text_features is not None:
-        if (
-            text_weighting != "binary" or text_tokens != DEFAULT_TOKENS
-        ):  # the dataset's own features
+        # The dataset ships its own features (Wikipedia): they cannot be reweighted or recut.
+        if text_weighting != "binary" or text_tokens != DEFAULT_TOKENS:
             raise InputError(
                 f"expected raw texts in dataset {name!r} to weight text {text_weighting!r} "
                 f"with {text_tokens!r} tokens, got text features only"

@@ -67,9 +67,7 @@ class Method:
     fit: Fit
     real_valued: bool = False  # cosine ranking; one fit per seed serves every n_bits
     text_weighting: str = "binary"  # the text features it is fitted and scored on
-    text_tokens: str = (
-        DEFAULT_TOKENS  # how their Chinese words are cut (features/text.py TOKENIZATIONS)
-    )
+    text_tokens: str = DEFAULT_TOKENS  # how their Chinese words are cut (TOKENIZATIONS)
 
 
 class _CCAEncoder:
