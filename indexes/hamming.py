@@ -461,19 +461,26 @@ def _drain_all(pool: ThreadPoolExecutor | None, threads: int, jobs: list[_Job]) 
 
 
 def search_parts(
-    parts: Sequence[tuple[HammingIndex, LiveMask | None]], queries: np.ndarray, k: int
+    parts: Sequence[tuple[HammingIndex, LiveMask | None]],
+    queries: np.ndarray,
+    k: int,
+    *,
+    one_thread: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over several indexes at once, ties by id: (dists (m, k), ids (m, k)).
 
     The scan pieces of every part go to the threads in one round (not one round per part), so
     many small parts cost about what one index of their total size costs. With ids that grow
     with insertion across the parts (a store's seqs), ties come out in insertion order.
+    `one_thread`: this thread scans every piece itself and never waits for the pool (the same
+    answer), for a caller that must not wait on another thread.
     """
     if not parts:
         raise InputError("expected at least one index to search")
     plans = [index._plan(queries, k, live) for index, live in parts]
     first = parts[0][0]
-    _drain_all(first._pool, first.threads, [job for plan in plans for job in plan.jobs])
+    threads = 1 if one_thread else first.threads
+    _drain_all(first._pool, threads, [job for plan in plans for job in plan.jobs])
     answers = [plan.finish() for plan in plans]
     if len(answers) == 1:
         return answers[0]

@@ -33,8 +33,9 @@ class Settings(BaseSettings):
     search_threads: int = Field(
         default_factory=lambda: os.cpu_count() or 1,
         ge=1,
-        description="threads that run text searches at once (default: one per core); more "
-        "requests wait in the event loop rather than contend for the cores and the GIL",
+        description="threads that run filtered text searches, and those that would wait, at "
+        "once (default: one per core); more requests wait in the event loop rather than "
+        "contend for the cores and the GIL",
     )
     batch_window_ms: float = Field(5.0, ge=0, description="how long image requests wait to batch")
     max_image_batch: int = Field(32, ge=1, description="largest backbone batch of image requests")

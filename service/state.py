@@ -24,7 +24,8 @@ class Loaded:
     store: ItemStore  # what is indexed: the local Store, or MilvusStore (CMH_INDEX_BACKEND)
     indexer: Indexer  # build items into the store
     jobs: JobManager  # background builds
-    text_searches: CapacityLimiter  # the threads text searches run on (settings.search_threads)
+    # The threads filtered text searches, and those that would wait, run on (search_threads).
+    text_searches: CapacityLimiter
 
     def close(self) -> None:
         """Stop what runs in the background (the job worker after its job, the batcher), then

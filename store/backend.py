@@ -75,6 +75,11 @@ class ItemStore(Protocol):
         """Exact top-k of each query among stored items (that pass `where`)."""
         ...
 
+    def search_now(self, target: Target, queries: np.ndarray, k: int) -> Hits | None:
+        """search() without a filter if it can be answered without waiting (for a lock, another
+        thread or the network), else None: the caller then calls search() where it may wait."""
+        ...
+
     def add(self, batch: NewItems, *, on_conflict: OnConflict = "error") -> int:
         """Commit a batch; the commit number (or seq) it made."""
         ...

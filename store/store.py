@@ -331,9 +331,20 @@ class Store:
     def view(self) -> View:
         """The current immutable view (one assignment read; never blocks, except that in a
         shared store it first catches up when another process has committed)."""
+        view = self._current_view(wait=True)
+        assert view is not None  # a wait for the lock always gets it
+        return view
+
+    def _current_view(self, *, wait: bool) -> View | None:
+        """view(); with wait=False None instead of waiting for the writer lock to catch up."""
         if self.shared and self._others_committed():
-            with self._lock:
+            if not self._lock.acquire(blocking=wait):
+                self._seen.version = None  # still behind: this thread's next search catches up
+                return None
+            try:
                 self._reload()
+            finally:
+                self._lock.release()
         return self._view
 
     def _others_committed(self) -> bool:
@@ -370,15 +381,35 @@ class Store:
         if where is not None and where.keeps_all:
             where = None
         for _ in range(SEARCH_ATTEMPTS):
-            found = self._search_once(target, queries, k, where, locked=False)
+            found = self._search_once(target, queries, k, where, self.view())
             if found is not None:
                 return found
         # Deletes keep outrunning this search: answer once more with writes held off.
         with self._writing():
-            found = self._search_once(target, queries, k, where, locked=True)
+            found = self._search_once(target, queries, k, where, self._view)
         if found is None:
             raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
         return found
+
+    def search_now(self, target: Target, queries: np.ndarray, k: int) -> Hits | None:
+        """search() without a filter, answered on this thread alone and without waiting for a
+        lock, or None where that would wait: the view is behind another process's commit while
+        this process's writer holds the lock, or deletes keep outrunning the search. A filtered
+        search has no such form: its cost grows with the rows that pass the filter.
+
+        For the event loop (service/api/search.py): a search that waits there stalls every
+        connection, and the caller runs search() on a worker thread instead.
+        """
+        check_packed(queries, self.n_bits, name="queries")
+        check_k(k)
+        for _ in range(SEARCH_ATTEMPTS):
+            view = self._current_view(wait=False)
+            if view is None:
+                return None
+            found = self._search_once(target, queries, k, None, view, one_thread=True)
+            if found is not None:
+                return found
+        return None
 
     def _search_once(
         self,
@@ -386,13 +417,13 @@ class Store:
         queries: np.ndarray,
         k: int,
         where: Filter | None,
+        view: View,
         *,
-        locked: bool,
+        one_thread: bool = False,
     ) -> Hits | None:
-        """One search of the current view with its hits' rows, or None if a hit's row is gone."""
-        view = self._view if locked else self.view()
+        """One search of `view` with its hits' rows, or None if a hit's row is gone."""
         if where is None:
-            dists, seqs = view.search(target, queries, k)
+            dists, seqs = view.search(target, queries, k, one_thread=one_thread)
         else:
             dists, seqs = self._filters.search(view, target, queries, k, where, self._reader())
         wanted = np.unique(seqs[seqs >= 0]).tolist()

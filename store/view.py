@@ -56,10 +56,13 @@ class View:
         """How many items are live."""
         return sum(p.n_live for p in self.parts)
 
-    def search(self, target: Target, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(dists int32 (m, k), seqs int64 (m, k)) over every part; FAISS padding (-1)."""
+    def search(
+        self, target: Target, queries: np.ndarray, k: int, *, one_thread: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(dists int32 (m, k), seqs int64 (m, k)) over every part; FAISS padding (-1).
+        `one_thread`: scanned on this thread alone (indexes.hamming.search_parts)."""
         searched = [(p.index_for(target), p.live) for p in self.parts if p.n_live]
         if not searched:
             m = queries.shape[0]
             return padded(m, k)
-        return search_parts(searched, queries, k)
+        return search_parts(searched, queries, k, one_thread=one_thread)

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from store.manifest import CHECKED_FIELDS, Manifest
 from store.parts import Merge
 from store.rows import IMAGES_DIR, NewItems
 from store.segment import HEADER, HEADER_SIZE
-from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, Store
+from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, Hits, Store
 from store.view import Target
 from tests.helpers import store_manifest
 
@@ -146,16 +146,25 @@ class Oracle:
 
 def found(store: Store, target: Target, queries: np.ndarray, k: int) -> list[list[Any]]:
     """The store's answer as (id, distance) lists."""
-    return [[(item.id, d) for item, d in row] for row in store.search(target, queries, k).hits]
+    return as_lists(store.search(target, queries, k))
+
+
+def as_lists(hits: Hits) -> list[list[Any]]:
+    """A search's answer as (id, distance) lists."""
+    return [[(item.id, d) for item, d in row] for row in hits.hits]
 
 
 def check(store: Store, oracle: Oracle) -> None:
-    """Both targets at several k (one past the count) equal the oracle, ids, types and ties."""
-    assert len(store) == len(oracle)
+    """Both targets at several k (one past the count) equal the oracle, ids, types and ties,
+    through search_now (first: in a shared store it catches up itself) and search alike."""
     for target in TARGETS:
         for k in (1, 7, 33, len(oracle) + 5):
             want = oracle.search(target, QUERIES[target], k)
+            now = store.search_now(target, QUERIES[target], k)
+            assert now is not None, "no writer holds the lock: nothing to wait for"
+            assert as_lists(now) == want, (target, k)
             assert found(store, target, QUERIES[target], k) == want, (target, k)
+    assert len(store) == len(oracle)
 
 
 def make(
@@ -886,6 +895,50 @@ def test_stores_shared_by_processes_see_each_others_writes(folder: Folder) -> No
     check(alone, oracle)
     with pytest.raises(InputError, match="another process has it open"):
         Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+
+
+@contextmanager
+def writer_lock_held(store: Store) -> Iterator[None]:
+    """This process's writer lock held by another thread (as during a write) for the block."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store._lock:
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_search_now_declines_rather_than_wait_for_the_writer_lock(folder: Folder) -> None:
+    """search_now never waits: a shared store behind another process's commit while its own
+    writer holds the lock answers None (and stays behind, not forgetting it), then catches up
+    once the lock is free; an exclusive store needs no lock to answer at all."""
+    first = Store.create(folder.artifacts, MANIFEST, shared=True)
+    folder.opened.append(first)
+    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+    folder.opened.append(second)
+    oracle, rng = Oracle(), np.random.default_rng(5)
+    add(first, oracle, make(list(range(20)), rng))
+    check(second, oracle)
+    add(first, oracle, make(list(range(20, 40)), rng))  # second is now one commit behind
+    with writer_lock_held(second):
+        assert second.search_now("image", QUERIES["image"], 5) is None
+        assert second.search_now("image", QUERIES["image"], 5) is None
+    check(second, oracle)
+    first.close()
+    second.close()
+    alone = folder.open()
+    with writer_lock_held(alone):
+        now = alone.search_now("text", QUERIES["text"], 7)
+    assert now is not None and as_lists(now) == oracle.search("text", QUERIES["text"], 7)
 
 
 def test_a_store_that_crashed_before_sealing_reopens_with_more_growing_rows(

@@ -1,20 +1,31 @@
 """Search by text and by image.
 
-Both endpoints are `async def`, read the app's state with the deps functions called directly and
-do their blocking work in ONE threadpool call: FastAPI runs every plain `def` dependency, a `def`
-endpoint and that endpoint's response validation each in its threadpool, five thread hand-offs
-per request, which cost more CPU than a text search's own work. The search itself stays off the
-event loop: run there, any wait inside it (the store's locks, the scan's second thread on a busy
-machine) stalls every connection, and `cmh bench service` measured a p99 of 1.6-3 s at 32
-connections that way, against 0.3-0.5 s with the one hand-off.
+Both endpoints are `async def` and read the app's state with the deps functions called directly:
+FastAPI runs every plain `def` dependency, a `def` endpoint and that endpoint's response
+validation each in its threadpool, five thread hand-offs per request, which cost more CPU than a
+text search's own work.
 
-A filter (service/schemas.py's SearchFilter) rides in the same hand-off: a JSON body field of a
-text search, a JSON form field of an image search; without one nothing changes on either path.
+A text search without a filter runs in the event loop, with no hand-off at all: the encoding is
+NumPy over a few weight columns and the store's `search_now` scans on this thread alone and
+never waits for a lock (about 0.3 ms at 1M items). A thread hand-off costs more than that on
+these machines: a round trip to a worker thread and back wakes two threads, and in `cmh bench
+service` at 1M items the hand-off cost 20-30% of the throughput at 1, 8 and 32 connections
+(README, "Service figures"). What can wait goes to a worker thread, one of the few of
+`Loaded.text_searches`: a search `search_now` declines (the view must catch up with another
+process's commit while this process's writer holds the lock, or the Milvus backend, which waits
+on its server) and a filtered search, whose cost grows with the rows that pass its filter. A
+wait in the event loop stalls every connection (before the scan of one query ran on one thread,
+its wait for the second thread gave a p99 of 1.6-3 s at 32 connections there). An image search
+does its blocking work (read, decode, the batcher, the search) in ONE threadpool call.
+
+A filter (service/schemas.py's SearchFilter) is a JSON body field of a text search and a JSON
+form field of an image search; without one nothing changes on either path.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Annotated
 from urllib.parse import quote
 
@@ -33,7 +44,6 @@ from service.uploads import decode_image
 from store.filters import Filter
 from store.ids import ItemId
 from store.metadata import Item
-from store.store import Hits
 
 router = APIRouter(tags=["search"])
 
@@ -68,20 +78,18 @@ async def search_text(body: TextSearch, request: Request) -> SearchResponse:
     """Search the image (or text) index with a text."""
     loaded, settings, metrics = get_loaded(request), get_settings(request), get_metrics(request)
     check_k(body.k, settings)
-    # Its own few threads (one per core by default), not the shared pool of 40: at 32
-    # connections 32 threads contending for 2 cores and the GIL made each search slower.
-    return await to_thread.run_sync(
-        _search_text, loaded, metrics, body, limiter=loaded.text_searches
-    )
-
-
-def _search_text(loaded: Loaded, metrics: Metrics, body: TextSearch) -> SearchResponse:
-    """The blocking part of a text search: encode (NumPy, or torch for a rare text), search."""
     start = time.perf_counter()
-    code, unknown = loaded.encoder.encode_texts([body.text])
+    code, unknown = loaded.encoder.encode_texts([body.text])  # NumPy (torch for a rare text)
     metrics.encode.labels("text").observe(time.perf_counter() - start)
     where = None if body.filter is None else body.filter.value
-    found: Hits = loaded.store.search(body.target, code, body.k, where=where)
+    found = loaded.store.search_now(body.target, code, body.k) if where is None else None
+    if found is None:
+        # Its own few threads (one per core by default), not the shared pool of 40: at 32
+        # connections 32 threads contending for 2 cores and the GIL made each search slower.
+        found = await to_thread.run_sync(
+            partial(loaded.store.search, body.target, code, body.k, where=where),
+            limiter=loaded.text_searches,
+        )
     return SearchResponse(
         target=body.target,
         k=body.k,
