@@ -389,17 +389,21 @@ def test_build_while_searching_gives_no_errors_and_no_torn_results(demo_artifact
 
 
 def test_text_searches_beyond_the_search_threads_wait_and_all_answer(demo_artifacts: Path) -> None:
-    # One search thread: the other concurrent requests wait in the event loop for it, and each
-    # gets its own answer, the same as alone.
+    # One search thread: the filtered searches beyond it wait in the event loop for it, the
+    # unfiltered ones run in the event loop between them, and each request gets its own
+    # answer, the same as alone.
     texts = ["a red car", "a small green tree", "a yellow sun", "two balloons", "pink flower"] * 4
+    some = {"ids": list(range(0, 3000, 7))}
+    bodies = [
+        {"text": t, "k": 5} | ({"filter": some} if i % 2 else {}) for i, t in enumerate(texts)
+    ]
     with client_for(demo_artifacts, search_threads=1) as client:
         assert client.app.state.loaded.text_searches.total_tokens == 1
-        alone = [client.post("/v1/search/text", json={"text": t, "k": 5}).json() for t in texts]
+        alone = [client.post("/v1/search/text", json=body).json() for body in bodies]
         with ThreadPoolExecutor(8) as pool:
             together = list(
-                pool.map(
-                    lambda t: client.post("/v1/search/text", json={"text": t, "k": 5}).json(),
-                    texts,
-                )
+                pool.map(lambda body: client.post("/v1/search/text", json=body).json(), bodies)
             )
     assert together == alone
+    assert all(hit["id"] % 7 == 0 for answer in alone[1::2] for hit in answer["hits"])
+    assert any(hit["id"] % 7 for answer in alone[::2] for hit in answer["hits"])
