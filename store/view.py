@@ -56,6 +56,10 @@ class View:
         """How many items are live."""
         return sum(p.n_live for p in self.parts)
 
+    def scan_words(self, target: Target) -> int:
+        """How many uint64 words of codes one query's scan of `target` reads (dead rows too)."""
+        return sum(len(p.index_for(target)) * p.index_for(target).n_words for p in self.parts)
+
     def search(
         self, target: Target, queries: np.ndarray, k: int, *, one_thread: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ import pytest
 
 import store.store as store_module
 from common.errors import InputError, IntegrityError
-from indexes.codes import pack_codes
+from indexes.codes import n_words, pack_codes
 from indexes.results import PAD_DIST
 from store import compaction
 from store import metadata as md
@@ -939,6 +939,22 @@ def test_search_now_declines_rather_than_wait_for_the_writer_lock(folder: Folder
     with writer_lock_held(alone):
         now = alone.search_now("text", QUERIES["text"], 7)
     assert now is not None and as_lists(now) == oracle.search("text", QUERIES["text"], 7)
+
+
+def test_search_now_declines_a_scan_past_its_size_bound(
+    folder: Folder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past INLINE_MAX_WORDS of codes search_now declines (the caller's thread would be held
+    for milliseconds), and search still answers; the bound counts every part's rows."""
+    store, oracle = folder.create(), Oracle()
+    add(store, oracle, make(list(range(40)), np.random.default_rng(8)))
+    words = store.view().scan_words("image")
+    assert words == 40 * n_words(N_BITS)  # 72-bit codes: two words each
+    monkeypatch.setattr(store_module, "INLINE_MAX_WORDS", words + 1)
+    assert store.search_now("image", QUERIES["image"], 3) is not None
+    monkeypatch.setattr(store_module, "INLINE_MAX_WORDS", words)
+    assert store.search_now("image", QUERIES["image"], 3) is None
+    assert found(store, "image", QUERIES["image"], 3) == oracle.search("image", QUERIES["image"], 3)
 
 
 def test_a_store_that_crashed_before_sealing_reopens_with_more_growing_rows(
