@@ -8,17 +8,17 @@ text search's own work.
 A text search without a filter runs in the event loop, with no hand-off at all: the encoding is
 NumPy over a few weight columns and the store's `search_now` scans on this thread alone and
 never waits for a lock (about 0.3 ms at 1M items; it declines a scan of 16 MiB of codes or more,
-which would hold the loop for milliseconds). A thread hand-off costs more than that on
-these machines: a round trip to a worker thread and back wakes two threads, and in `cmh bench
-service` at 1M items the hand-off cost 20-30% of the throughput at 1, 8 and 32 connections
-(README, "Service figures"). What can wait goes to a worker thread, one of the few of
+which would hold the loop for milliseconds). A thread hand-off costs more than that on these
+machines: a round trip to a worker thread and back wakes two threads, and in `cmh bench service`
+at 1M items the hand-off cost 20-30% of the throughput at 1, 8 and 32 connections (README,
+"Service figures"). What can wait goes to a worker thread, one of the few of
 `Loaded.text_searches`: a search `search_now` declines (the view must catch up with another
 process's commit while this process's writer holds the lock, the scan is that large, or the
 Milvus backend, which waits on its server) and a filtered search, whose cost grows with the rows
 that pass its filter. A wait or a long scan in the event loop stalls every connection (before
 the scan of one query ran on one thread, its wait for the second thread gave a p99 of 1.6-3 s
-at 32 connections there; at 10M items scans of 5 ms each in the loop gave 0.9-1.2 s). An image search
-does its blocking work (read, decode, the batcher, the search) in ONE threadpool call.
+at 32 connections there; at 10M items scans of 5 ms each in the loop gave 0.9-1.2 s). An image
+search does its blocking work (read, decode, the batcher, the search) in ONE threadpool call.
 
 A filter (service/schemas.py's SearchFilter) is a JSON body field of a text search and a JSON
 form field of an image search; without one nothing changes on either path.
