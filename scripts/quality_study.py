@@ -159,6 +159,11 @@ VARIANTS: dict[str, Variant] = {
     # P as the product of the two graphs (near only where both agree) instead of their mean.
     "graph-product": Variant({"graph_fusion": "product"}, "binary"),
     "tfidf-graph-product": Variant({"graph_fusion": "product"}, "tfidf"),
+    # P as a weighted mean, (1 - w) G_image + w G_text, instead of the paper's equal halves.
+    "graph-text-0.3": Variant({"graph_text_weight": 0.3}, "binary"),
+    "graph-text-0.7": Variant({"graph_text_weight": 0.7}, "binary"),
+    "graph-text-0.9": Variant({"graph_text_weight": 0.9}, "binary"),
+    "tfidf-search-graph-text-0.7": Variant({"graph_text_weight": 0.7}, "tfidf", tokens="search"),
     # The network: two hidden layers per modality instead of one; more dropout.
     "tfidf-deep": Variant({"image_hidden": (2048, 2048), "text_hidden": (2048, 2048)}, "tfidf"),
     "tfidf-dropout-0.5": Variant({"dropout": 0.5}, "tfidf"),

@@ -51,6 +51,13 @@ def test_graph_fusions_mean_is_eq_4_and_product_keeps_what_both_graphs_link(batc
     assert torch.equal(
         pair_affinity(image, text, image_anchors, text_anchors, k=3), 0.5 * (gi + gt)
     )
+    weighted = fuse_graphs(gi, gt, text_weight=0.7)  # beyond the paper: the text graph weighs more
+    assert torch.allclose(weighted, 0.3 * gi + 0.7 * gt)
+    assert torch.allclose(weighted.sum(dim=1), torch.ones(20), atol=1e-6)
+    assert torch.equal(fuse_graphs(gi, gt, text_weight=1.0), gt)
+    for fusion, bad in (("mean", 1.5), ("mean", -0.1), ("product", 0.7)):
+        with pytest.raises(ValueError, match="text_weight"):
+            fuse_graphs(gi, gt, fusion=fusion, text_weight=bad)
     product = fuse_graphs(gi, gt, fusion="product")
     assert torch.allclose(product.sum(dim=1), torch.ones(20), atol=1e-6)
     assert torch.equal(product > 0, (gi > 0) & (gt > 0))  # linked only where both link

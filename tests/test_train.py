@@ -124,6 +124,7 @@ def test_validation_split_is_inside_train_and_disjoint() -> None:
         ("dropout", 1.0),
         ("input_norm", "minmax"),
         ("graph_fusion", "max"),
+        ("graph_text_weight", 1.5),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: float) -> None:
@@ -134,6 +135,8 @@ def test_config_rejects_bad_values(field: str, value: float) -> None:
 def test_config_rejects_no_loss_and_round_trips() -> None:
     with pytest.raises(InputError, match="at least one loss"):
         TrainConfig(use_graph_loss=False, use_ranking_loss=False)
+    with pytest.raises(InputError, match="0.5 unless graph_fusion is mean"):
+        TrainConfig(graph_fusion="product", graph_text_weight=0.7)
     assert config_from_dict(dataclasses.asdict(SMALL)) == SMALL
     with pytest.raises(InputError, match="unknown"):
         config_from_dict({"n_bitz": 16})

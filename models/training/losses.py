@@ -43,15 +43,22 @@ def graph_from_nearest(values: Tensor, idx: Tensor, *, m: int) -> Tensor:
 GRAPH_FUSIONS = ("mean", "product")  # how fuse_graphs joins the two modalities' graphs
 
 
-def fuse_graphs(g_image: Tensor, g_text: Tensor, *, fusion: str = "mean") -> Tensor:
+def fuse_graphs(
+    g_image: Tensor, g_text: Tensor, *, fusion: str = "mean", text_weight: float = 0.5
+) -> Tensor:
     """P (n, n) from the two row-normalised graphs; every row sums to 1.
 
     "mean": (G_image + G_text) / 2, the paper's Eq. 4: a pair is near when either modality says
-    so. "product" (beyond the paper): G_image * G_text elementwise, rows renormalised: near only
-    when both say so (the diagonal of each is positive, so no row is empty).
+    so; with text_weight w other than 1/2 (beyond the paper) (1 - w) G_image + w G_text.
+    "product" (beyond the paper): G_image * G_text elementwise, rows renormalised: near only
+    when both say so (the diagonal of each is positive, so no row is empty); w must be 1/2.
     """
+    if not 0.0 <= text_weight <= 1.0 or (fusion != "mean" and text_weight != 0.5):
+        raise ValueError(f"expected text_weight in [0, 1], 0.5 unless mean, got {text_weight!r}")
+    if fusion == "mean" and text_weight != 0.5:
+        return (1.0 - text_weight) * g_image + text_weight * g_text
     if fusion == "mean":
-        return 0.5 * (g_image + g_text)
+        return 0.5 * (g_image + g_text)  # the paper's Eq. 4 in its own arithmetic
     if fusion == "product":
         both = g_image * g_text
         return both / both.sum(dim=1, keepdim=True)
@@ -72,6 +79,7 @@ def pair_affinity(
     *,
     k: int,
     fusion: str = "mean",
+    text_weight: float = 0.5,
 ) -> Tensor:
     """P (n, n) (Eq. 4 with the default fusion), rows sum to 1; no gradient flows through it."""
     with torch.no_grad():
@@ -79,6 +87,7 @@ def pair_affinity(
             anchor_graph(image, image_anchors, k=k),
             anchor_graph(text, text_anchors, k=k),
             fusion=fusion,
+            text_weight=text_weight,
         )
 
 

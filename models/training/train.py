@@ -80,6 +80,9 @@ class TrainConfig:
     # How P joins the two modalities' graphs (losses.fuse_graphs): "mean" is the paper's Eq. 4;
     # "product" (near only where both graphs agree) is beyond the paper.
     graph_fusion: str = "mean"
+    # The text graph's share of a "mean" P, (1 - w) G_image + w G_text: 0.5 is the paper's Eq. 4;
+    # any other w is beyond it (a training setting, like graph_fusion).
+    graph_text_weight: float = 0.5
     # Divides the hash layer's input during training, tanh(z / T) (1: the paper's form). The codes
     # are sign(z) whatever T, so only the straight-through gradient changes: a training setting,
     # and a checkpoint (or the serving text path) has nothing to store or reproduce for it.
@@ -116,6 +119,12 @@ class TrainConfig:
                 self.graph_fusion in GRAPH_FUSIONS,
                 f"graph_fusion in {GRAPH_FUSIONS}",
                 self.graph_fusion,
+            ),
+            (
+                0.0 <= self.graph_text_weight <= 1.0
+                and (self.graph_fusion == "mean" or self.graph_text_weight == 0.5),
+                "0 <= graph_text_weight <= 1, and 0.5 unless graph_fusion is mean",
+                self.graph_text_weight,
             ),
             (self.hash_temperature > 0.0, "hash_temperature > 0", self.hash_temperature),
             (self.lr > 0.0, "lr > 0", self.lr),
@@ -372,6 +381,7 @@ def train(
                     graph_from_nearest(near_image[0][rows], near_image[1][rows], m=m),
                     graph_from_nearest(near_text[0][rows], near_text[1][rows], m=m),
                     fusion=cfg.graph_fusion,
+                    text_weight=cfg.graph_text_weight,
                 )  # (n, n), Eq. 4
                 loss_g = anchor_graph_loss(hi, ht, p, temperature=cfg.temperature)
             if cfg.use_ranking_loss:
