@@ -957,6 +957,34 @@ def test_search_now_declines_a_scan_past_its_size_bound(
     assert found(store, "image", QUERIES["image"], 3) == oracle.search("image", QUERIES["image"], 3)
 
 
+def test_a_segment_merged_away_while_another_process_reads_it_is_read_again(
+    folder: Folder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other process's merge removes a segment file between this store's snapshot of the
+    segment list and its read of the file: the open reads a new snapshot, not an error."""
+    first = Store.create(folder.artifacts, MANIFEST, shared=True)
+    folder.opened.append(first)
+    oracle, rng = Oracle(), np.random.default_rng(9)
+    for start in range(0, 3 * SEAL, 10):
+        add(first, oracle, make(range(start, start + 10), rng))
+    assert len(recorded(first)) >= 2
+    real_read = store_module.read_segment
+    merges: list[bool] = []
+
+    def read_after_a_merge(path: Path, **kwargs: Any) -> Any:
+        if not merges:  # the first read: the other process merges just before it
+            merges.append(False)  # (the merge's own reads pass straight through)
+            merges[0] = compact_once(first, force=True)
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(store_module, "read_segment", read_after_a_merge)
+    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+    folder.opened.append(second)
+    assert merges == [True]
+    check(second, oracle)
+    assert recorded(second) == recorded(first)
+
+
 def test_a_store_that_crashed_before_sealing_reopens_with_more_growing_rows(
     folder: Folder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
