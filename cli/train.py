@@ -103,6 +103,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=GRAPH_FUSIONS,
         help=f"how P joins the two graphs ({d.graph_fusion} = paper; product: beyond it)",
     )
+    p.add_argument(
+        "--graph-text-weight",
+        type=float,
+        default=d.graph_text_weight,
+        help=f"the text graph's share w of P = (1 - w) G_image + w G_text ({d.graph_text_weight}"
+        " = paper)",
+    )
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
     p.add_argument(
         "--lr-schedule",
@@ -143,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         margin=args.margin,
         temperature=args.temperature,
         graph_fusion=args.graph_fusion,
+        graph_text_weight=args.graph_text_weight,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         hash_temperature=args.hash_temperature,

@@ -163,7 +163,10 @@ VARIANTS: dict[str, Variant] = {
     "graph-text-0.3": Variant({"graph_text_weight": 0.3}, "binary"),
     "graph-text-0.7": Variant({"graph_text_weight": 0.7}, "binary"),
     "graph-text-0.9": Variant({"graph_text_weight": 0.9}, "binary"),
+    "tfidf-search-graph-text-0.3": Variant({"graph_text_weight": 0.3}, "tfidf", tokens="search"),
     "tfidf-search-graph-text-0.7": Variant({"graph_text_weight": 0.7}, "tfidf", tokens="search"),
+    "tfidf-search-graph-text-0.8": Variant({"graph_text_weight": 0.8}, "tfidf", tokens="search"),
+    "tfidf-search-graph-text-0.9": Variant({"graph_text_weight": 0.9}, "tfidf", tokens="search"),
     # The network: two hidden layers per modality instead of one; more dropout.
     "tfidf-deep": Variant({"image_hidden": (2048, 2048), "text_hidden": (2048, 2048)}, "tfidf"),
     "tfidf-dropout-0.5": Variant({"dropout": 0.5}, "tfidf"),

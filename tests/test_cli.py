@@ -142,3 +142,6 @@ def test_train_flags_set_the_options_beyond_the_paper() -> None:
     assert default.graph_fusion == "mean"
     fused = config_from_args(build_parser().parse_args([*base, "--graph-fusion", "product"]))
     assert fused.graph_fusion == "product"
+    assert default.graph_text_weight == 0.5
+    leaning = config_from_args(build_parser().parse_args([*base, "--graph-text-weight", "0.7"]))
+    assert leaning.graph_text_weight == 0.7
