@@ -58,7 +58,8 @@ class View:
 
     def scan_words(self, target: Target) -> int:
         """How many uint64 words of codes one query's scan of `target` reads (dead rows too)."""
-        return sum(len(p.index_for(target)) * p.index_for(target).n_words for p in self.parts)
+        indexes = [p.index_for(target) for p in self.parts]
+        return sum(len(index) * index.n_words for index in indexes)
 
     def search(
         self, target: Target, queries: np.ndarray, k: int, *, one_thread: bool = False

@@ -55,10 +55,10 @@ def fuse_graphs(
     """
     if not 0.0 <= text_weight <= 1.0 or (fusion != "mean" and text_weight != 0.5):
         raise ValueError(f"expected text_weight in [0, 1], 0.5 unless mean, got {text_weight!r}")
-    if fusion == "mean" and text_weight != 0.5:
-        return (1.0 - text_weight) * g_image + text_weight * g_text
     if fusion == "mean":
-        return 0.5 * (g_image + g_text)  # the paper's Eq. 4 in its own arithmetic
+        if text_weight == 0.5:
+            return 0.5 * (g_image + g_text)  # the paper's Eq. 4 in its own arithmetic
+        return (1.0 - text_weight) * g_image + text_weight * g_text
     if fusion == "product":
         both = g_image * g_text
         return both / both.sum(dim=1, keepdim=True)
@@ -79,7 +79,6 @@ def pair_affinity(
     *,
     k: int,
     fusion: str = "mean",
-    text_weight: float = 0.5,
 ) -> Tensor:
     """P (n, n) (Eq. 4 with the default fusion), rows sum to 1; no gradient flows through it."""
     with torch.no_grad():
@@ -87,7 +86,6 @@ def pair_affinity(
             anchor_graph(image, image_anchors, k=k),
             anchor_graph(text, text_anchors, k=k),
             fusion=fusion,
-            text_weight=text_weight,
         )
 
 
