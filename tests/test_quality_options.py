@@ -300,7 +300,9 @@ def reference_codes() -> np.ndarray:
     return METHODS["aucmh"].fit(hard, 16, 0).encode_image(hard.image_features)
 
 
-@pytest.mark.parametrize("name", ["aucmh-cosine", "aucmh-hash-t2"])
+@pytest.mark.parametrize(
+    "name", ["aucmh-cosine", "aucmh-hash-t2", "aucmh-tfidf-search-graph-text-0.8"]
+)
 def test_each_option_is_a_method_row_that_trains_another_model(
     name: str, reference_codes: np.ndarray
 ) -> None:

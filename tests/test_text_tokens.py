@@ -172,4 +172,5 @@ def test_a_method_on_search_tokens_is_fitted_on_a_vocabulary_refitted_so() -> No
     assert search.vocabulary == refitted.vocabulary != prepared.vocabulary
     assert np.array_equal(search.text_features, expected)  # type: ignore[arg-type]
     assert np.array_equal(search.image_features, prepared.image_features)  # type: ignore[arg-type]
-    assert METHODS["aucmh-tfidf-search"].text_tokens == "search"
+    for name in ("aucmh-tfidf-search", "aucmh-tfidf-search-graph-text-0.8"):
+        assert (METHODS[name].text_weighting, METHODS[name].text_tokens) == ("tfidf", "search")
