@@ -167,6 +167,25 @@ VARIANTS: dict[str, Variant] = {
     "tfidf-search-graph-text-0.7": Variant({"graph_text_weight": 0.7}, "tfidf", tokens="search"),
     "tfidf-search-graph-text-0.8": Variant({"graph_text_weight": 0.8}, "tfidf", tokens="search"),
     "tfidf-search-graph-text-0.9": Variant({"graph_text_weight": 0.9}, "tfidf", tokens="search"),
+    # Around Web News' best row (search-mode tf-idf, w 0.8): does anything else move it now?
+    "gt-0.8-beta-0.9": Variant({"graph_text_weight": 0.8, "beta": 0.9}, "tfidf", tokens="search"),
+    "gt-0.8-beta-0.6": Variant({"graph_text_weight": 0.8, "beta": 0.6}, "tfidf", tokens="search"),
+    "gt-0.8-margin-0.6": Variant(
+        {"graph_text_weight": 0.8, "margin": 0.6}, "tfidf", tokens="search"
+    ),
+    "gt-0.8-softmax-t-0.5": Variant(
+        {"graph_text_weight": 0.8, "temperature": 0.5}, "tfidf", tokens="search"
+    ),
+    "gt-0.8-lr-1e-4-200": Variant(
+        {"graph_text_weight": 0.8, "lr": 1e-4, "epochs": 200}, "tfidf", tokens="search"
+    ),
+    "gt-0.8-k-40": Variant({"graph_text_weight": 0.8, "k": 40}, "tfidf", tokens="search"),
+    "gt-0.8-k-10": Variant({"graph_text_weight": 0.8, "k": 10}, "tfidf", tokens="search"),
+    "gt-0.8-contrastive-0.2-t-0.3": Variant(
+        {"graph_text_weight": 0.8, "contrastive_weight": 0.2, "contrastive_temperature": 0.3},
+        "tfidf",
+        tokens="search",
+    ),
     # The network: two hidden layers per modality instead of one; more dropout.
     "tfidf-deep": Variant({"image_hidden": (2048, 2048), "text_hidden": (2048, 2048)}, "tfidf"),
     "tfidf-dropout-0.5": Variant({"dropout": 0.5}, "tfidf"),
