@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.errors import InputError, IntegrityError, NotReadyError
 from service.api import router
 from service.encoder import Encoder, load_served_model
-from service.errors import error_response, validation_body
+from service.errors import error_response, http_detail, validation_body
 from service.indexing import Indexer
 from service.jobs import JOBS_NAME, JobManager, QueueFull
 from service.metrics import Metrics
@@ -200,7 +200,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), headers=err.headers)
+        detail = http_detail(err, str(err.detail))
+        return error_response(err.status_code, detail, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:

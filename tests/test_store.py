@@ -11,6 +11,7 @@ the store's direct tests, sharing one oracle, one fixture and one set of builder
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sqlite3
 import threading
@@ -460,6 +461,9 @@ def test_fields_texts_and_images_round_trip(folder: Folder) -> None:
         ({"images": ["lone \ud800.jpg"]}, "expected images of valid Unicode"),
         ({"ids": ["id \ud800"]}, "expected a string id of valid Unicode"),
         ({"ids": [-1]}, "expected an integer id in"),
+        ({"ids": [".."]}, "expected a string id other than '.' and '..'"),
+        ({"ids": ["."]}, "expected a string id other than '.' and '..'"),
+        ({"fields": [json.loads('{"a": ' * 33 + "1" + "}" * 33)]}, "nested at most 32 levels"),
     ],
 )
 def test_bad_item_values_are_input_errors_and_change_nothing(
