@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -265,3 +266,26 @@ def test_ids_no_url_can_name_are_refused(served: tuple[int, httpx.Client], item_
     )
     assert answer.status_code == 422
     assert "other than '.' and '..'" in answer.json()["detail"][0]["msg"]
+
+
+def test_each_delete_reports_the_commit_that_made_it(demo_artifacts: Path) -> None:
+    # Issue 35: DELETE answered with the commit its process saw after it, so with two workers
+    # two deletes could report the same one (7 of 912 operations; 152 distinct of 200 here).
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    ids = list(range(96_200, 96_400))
+    with (
+        service_process(demo_artifacts, args=["--workers", "2"], CMH_API_KEY=KEY) as (_, url),
+        httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=120) as client,
+    ):
+        items = [{"id": i, "text": "to be deleted", "image_base64": png} for i in ids]
+        accepted = client.post("/v1/index/build", json={"items": items})
+        assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+
+        def delete(item_id: int) -> int:
+            answer = client.delete(f"/v1/items/{item_id}")
+            assert answer.status_code == 200, answer.text[:200]
+            return int(answer.json()["generation"])
+
+        with ThreadPoolExecutor(16) as pool:
+            commits = list(pool.map(delete, ids))
+    assert len(set(commits)) == len(ids), f"{len(set(commits))} distinct of {len(ids)}"
