@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARTIFACTS ?= artifacts
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: serve test lint demo clean
 
@@ -16,13 +18,13 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	$(PY) -m cli demo build --artifacts $(ARTIFACTS)
-	$(PY) -m cli serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
+	$(PY) -m cli serve --artifacts $(ARTIFACTS) --host $(HOST) --port $(PORT)
 
 demo: $(STAMP)
 	$(PY) -m cli demo build --artifacts $(ARTIFACTS)
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
