@@ -40,6 +40,7 @@ COPY evaluation ./evaluation
 COPY models ./models
 COPY service ./service
 COPY store ./store
+COPY bench ./bench
 # Every other dependency at the version CI tested (constraints.txt); the torch installed above
 # satisfies its pins (a +cpu build included).
 RUN pip install --no-cache-dir -c constraints.txt . \

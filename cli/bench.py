@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from cli.service_bench import bench_service, require_wrk
+from bench.index import bench_index, bench_mih, make_data
+from bench.milvus_writes import bench_milvus_writes
+from bench.service import bench_service, require_wrk
+from bench.writes import bench_writes, check_sizes
 from common.errors import InputError
-from indexes.benchmark import bench_index, bench_mih, make_data
 from indexes.hamming import HammingIndex
-from store.benchmark import bench_writes, check_sizes
 from store.layout import CHECKPOINT_NAME
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ def register(subparsers: Any) -> None:
         description="Build an N-item store of synthetic items (seeded random codes, demo-like "
         "captions) in a temporary folder, time its writes, startup (fresh processes), memory, "
         "disk and searches idle and during ingest, and print and write the JSON result "
-        "(keys documented in store/benchmark.py). With --backend milvus: MilvusStore's writes, "
+        "(keys documented in bench/writes.py). With --backend milvus: MilvusStore's writes, "
         "searches and cross-replica visibility against a Milvus server (--uri, or a milvus-lite "
-        "server it starts; keys documented in store/milvus_benchmark.py).",
+        "server it starts; keys documented in bench/milvus_writes.py).",
     )
     writes.add_argument("--n", type=int, default=1_000_000, help="store size (default 1M)")
     writes.add_argument(
@@ -99,7 +100,7 @@ def register(subparsers: Any) -> None:
         "checkpoint, serve it with `cmh serve` and a floor app (same FastAPI, uvicorn and "
         "response shape, no work), drive both in turn with wrk at 1, 8 and 32 connections "
         "(text search) and image search at 1 and 8 with micro-batching on and off, and print "
-        "and write the medians (keys documented in cli/service_bench.py). Needs wrk.",
+        "and write the medians (keys documented in bench/service.py). Needs wrk.",
     )
     service.add_argument("--n", type=int, default=1_000_000, help="store size (default 1M)")
     service.add_argument("--runs", type=int, default=3, help="alternated runs (default 3)")
@@ -205,10 +206,6 @@ def run_writes(args: argparse.Namespace) -> int:
     with _scratch(args, "cmh-bench-writes-") as root:
         logger.info("building the benchmark store in %s", root)
         if milvus:
-            # Here, not at the top: pymilvus takes a second to import, which every other `cmh`
-            # command would pay.
-            from store.milvus_benchmark import bench_milvus_writes  # noqa: PLC0415
-
             result = bench_milvus_writes(root=root, uri=args.uri, **sizes)
         else:
             result = bench_writes(root=root, **sizes)

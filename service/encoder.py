@@ -12,7 +12,7 @@ thread, which waits up to `window_ms` for more (at most `max_batch`) and runs th
 for all of them. The window is waited only when there is company: another request already queued,
 or a previous batch that was shared. A lone client's request runs at once, on the batcher's own
 thread (no hand-off to a backbone worker): p50 45 -> 39 ms, while 8 clients still share batches
-(scripts/bench_image_latency.py, docs/results/bench-image-latency.json).
+(bench/image_latency.py, docs/results/bench-image-latency.json).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.index import make_data, recall
 from cli.main import main
-from indexes.benchmark import make_data, recall
 from indexes.hamming import HammingIndex
 
 

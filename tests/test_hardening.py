@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.local import serving
+from bench.local import serving
 
 KEY = "k3y"
 MAX_BODY = 100_000

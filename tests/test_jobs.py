@@ -19,9 +19,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from bench.local import service_process
 from common.errors import IntegrityError
 from service.jobs import INTERRUPTED, OWNERS_NAME, JobManager, QueueFull
-from service.local import service_process
 from service.schemas import ErrorItem, JobStatus
 
 Progress = Callable[[int, int], None]

@@ -14,7 +14,7 @@ turned into a tensor from its uint8 array in one pass (bit-identical to ToTensor
 batches split over one worker thread per core, each running torch with one intra-op thread (on two
 cores this is faster than one batch over two threads and degrades far less when other processes
 share the cores). `fast=False` is the reference path, kept for the tests and
-scripts/bench_images.py.
+bench/images.py.
 
 Over 300 lines because both paths (the reference and the fast one) and the one preprocessing
 they must agree on live side by side, so a reader can check that they do.

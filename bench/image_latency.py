@@ -1,6 +1,6 @@
 """One image search's encoding, end to end: where the time goes, and the batcher old against new.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.bench_image_latency --runs 5 \
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.image_latency --runs 5 \
         --json docs/results/bench-image-latency.json
 
 What a search runs between the upload's bytes and the index: service.uploads.decode_image, then
@@ -16,7 +16,7 @@ and the index search come after (well under a millisecond each; not measured her
 - `lone`: 1 client, sequential: bytes -> decode_image -> MicroBatcher -> features, p50 / p90 ms,
   `old` (former=True: every request waits the window and its batch goes to a backbone worker),
   `all-cores` (the window only with company; a batch of one on the batcher's own thread with
-  one torch thread per core, the code of 2026-12-02) and `new` (the same, on the thread count
+  one torch thread per core, the code before that timing) and `new` (the same, on the thread count
   the batcher timed faster when it started: fastest_lone_image_threads), alternating blocks of
   --block images so all meet the same load.
 - `clients8`: 8 client threads, each decoding and submitting --per-client images one after the
