@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from common.errors import InputError
+from common.fields import MAX_FIELDS_BYTES, MAX_FIELDS_DEPTH
 from store import filters
 from store.filters import Filter
 from store.ids import MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
@@ -187,7 +188,14 @@ class BuildItem(BaseModel):
     text: str = Field(min_length=1, max_length=10_000)
     image_base64: str | None = Field(None, description="the image file's bytes, base64")
     image_path: str | None = Field(None, description="a path inside the server's data folder")
-    fields: dict[str, Any] = Field({}, description="the user's own fields, returned with hits")
+    fields: dict[str, Any] = Field(
+        {},
+        description=(
+            "the user's own fields, returned with hits: a JSON object of at most "
+            f"{MAX_FIELDS_BYTES} bytes, nested at most {MAX_FIELDS_DEPTH} levels (the object "
+            "itself is level 1)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> BuildItem:

@@ -144,6 +144,16 @@ DEFECTS = [
     ("unknown-split", {"id": "x", "image": "good.png", "text": "t", "split": "test"}, "split"),
     ("labels-string", {"id": "x", "image": "good.png", "text": "t", "labels": "cat"}, "labels"),
     ("labels-numbers", {"id": "x", "image": "good.png", "text": "t", "labels": [1]}, "labels"),
+    (
+        "deep-fields",  # issue 35: 255 levels failed every search that returned the item
+        {"id": "x", "image": "good.png", "text": "t", "f": json.loads("[" * 255 + "]" * 255)},
+        "invalid fields: expected the item's fields nested at most 32 levels deep",
+    ),
+    (
+        "large-fields",
+        {"id": "x", "image": "good.png", "text": "t", "f": "y" * 17_000},
+        "invalid fields: expected the item's fields to take at most 16384 bytes",
+    ),
 ]
 
 

@@ -16,7 +16,8 @@ Fields (names are case-sensitive):
 - labels (optional, evaluation only): a list of label names; label_names = their sorted union.
 - split (optional): "train" (training only), "database" (the database, also trained on; the
   default) or "query" (queries only, never trained on).
-- any other field: kept per pair in PairDataset.extra.
+- any other field: kept per pair in PairDataset.extra, the item's fields once indexed (the
+  limits of common/fields.py: at most 16 KB as JSON, nested at most 32 levels).
 Protocol: queries = the "query" pairs; database = the "database" pairs; train = the "train" and
 "database" pairs. With no split on any loaded line, database = train = every pair, no queries.
 Blank lines are skipped; every other line is loaded or rejected with its line number (CSV: the file
@@ -39,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
 from common.errors import InputError
+from common.fields import fields_json
 from models.data.dataset import PairDataset, Rejection
 
 logger = logging.getLogger(__name__)
@@ -236,13 +238,18 @@ def _check(
     labels = record.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(n, str) and n.strip() for n in labels):
         raise _Rejected(f"invalid labels: expected a list of label names, got {_show(labels)}")
+    extra = {k: v for k, v in record.items() if k not in FIELDS}
+    try:
+        fields_json(extra)  # what the store will be asked to hold: refused here, with the line
+    except InputError as err:
+        raise _Rejected(f"invalid fields: {err}") from None
     return _Pair(
         pair_id=pair_id,
         path=_image_path(record, root),
         text=text.strip(),
         labels=[n.strip() for n in labels],
         split=str(split) if split is not None else None,
-        extra={k: v for k, v in record.items() if k not in FIELDS},
+        extra=extra,
     )
 
 

@@ -26,9 +26,10 @@ form field of an image search; without one nothing changes on either path.
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from anyio import to_thread
@@ -37,6 +38,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from common.errors import InputError
+from common.fields import MAX_FIELDS_DEPTH, depth
 from service.api.deps import ERRORS, get_loaded, get_metrics, get_settings
 from service.metrics import Metrics
 from service.schemas import Hit, SearchFilter, SearchResponse, Target, TextSearch
@@ -47,6 +49,7 @@ from store.filters import Filter
 from store.ids import ItemId
 from store.metadata import Item
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["search"])
 
 
@@ -69,10 +72,25 @@ def ranked(found: list[tuple[Item, int]]) -> list[Hit]:
             distance=dist,
             text=item.text,
             image_url=image_url(item.id),
-            fields=item.fields,
+            fields=servable_fields(item),
         )
         for item, dist in found
     ]
+
+
+def servable_fields(item: Item) -> dict[str, Any]:
+    """The item's fields, or {} (logged) where they nest past MAX_FIELDS_DEPTH.
+
+    Builds refuse such fields, but a store written before that limit, or a Milvus collection
+    written by another client, may hold them, and one would fail every response it is in.
+    """
+    if depth(item.fields, stop=MAX_FIELDS_DEPTH) <= MAX_FIELDS_DEPTH:
+        return item.fields
+    logger.warning(
+        "item %r: fields nested deeper than %d levels are left out of its hits",
+        item.id, MAX_FIELDS_DEPTH,
+    )  # fmt: skip
+    return {}
 
 
 @router.post("/v1/search/text", responses=ERRORS)
