@@ -62,4 +62,4 @@ COPY tests ./tests
 # The dev extras (milvus-lite among them) at the versions CI tested.
 RUN pip install --no-cache-dir -c constraints.txt "./[dev]"
 USER 10001:10001
-CMD ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_hamming.py", "tests/test_milvus.py"]
+CMD ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_hamming.py", "tests/test_milvus.py", "tests/test_milvus_store.py"]

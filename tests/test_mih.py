@@ -12,7 +12,6 @@ from common.errors import InputError
 from indexes.codes import pack_codes
 from indexes.hamming import HammingIndex
 from indexes.mih import MultiIndexHamming, default_tables
-from indexes.results import SearchIndex
 
 
 def clustered(rng: np.random.Generator, n: int, n_bits: int, flip: float) -> np.ndarray:
@@ -99,10 +98,6 @@ def test_default_tables_follow_log2_n() -> None:
     assert default_tables(64, 1_000_000) == 3
     assert default_tables(128, 10_000_000) == 6
     assert default_tables(64, 0) == 64 and default_tables(256, 10**6) == 13
-
-
-def test_mih_is_a_search_index() -> None:
-    assert isinstance(MultiIndexHamming(64), SearchIndex)
 
 
 def test_range_search_matches_flat() -> None:
