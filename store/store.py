@@ -35,7 +35,6 @@ import bisect
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -44,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Protocol
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -93,16 +92,6 @@ INLINE_MAX_WORDS = SPLIT_MIN_WORDS
 OnConflict = Literal["error", "replace"]
 
 
-class Listener(Protocol):
-    """Told of every committed change, under the writer lock (a mirror kept in step)."""
-
-    def added(self, seqs: np.ndarray, image_codes: np.ndarray, text_codes: np.ndarray) -> None:
-        """Rows (seqs ascending) were committed."""
-
-    def deleted(self, seqs: np.ndarray) -> None:
-        """Rows were deleted."""
-
-
 @dataclass(frozen=True)
 class Hits:
     """A search's answer: per query, (item, distance) nearest first, and the view's commit."""
@@ -148,7 +137,6 @@ class Store:
         self._opened = time.time()
         self.compactor: Any = None  # set by store.compaction.Compactor when started
         self._filters = FilterIndex()  # answers filtered searches (caches behind its own locks)
-        self.listener: Listener | None = None
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -538,10 +526,6 @@ class Store:
                 self._collect_images(list(to_write))  # written for this batch alone
                 raise
             self._forget([r[0] for r in replaced])
-            if self.listener is not None:
-                if replaced:
-                    self.listener.deleted(np.asarray([r[0] for r in replaced], np.int64))
-                self.listener.added(seqs, batch.image_codes, batch.text_codes)
             if segment is not None:
                 self._segments.append(segment)
             else:
@@ -567,8 +551,6 @@ class Store:
                 self._roll_back()
                 raise
             self._forget([g[0] for g in gone])
-            if self.listener is not None and gone:
-                self.listener.deleted(np.asarray([g[0] for g in gone], np.int64))
             self._publish()
             self._collect_images([g[1] for g in gone])
             self._wake_compactor()
@@ -758,7 +740,3 @@ class Store:
         for f in (self._write_lock_file, self._compact_lock_file, self._lock_file):
             if f is not None:
                 f.close()  # releases its flock
-
-    def remove_files(self) -> None:
-        """Delete the store's folder (after close); the images stay."""
-        shutil.rmtree(self.root, ignore_errors=True)
