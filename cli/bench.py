@@ -21,8 +21,8 @@ from bench.milvus_writes import bench_milvus_writes
 from bench.service import bench_service, require_wrk
 from bench.writes import bench_writes, check_sizes
 from common.errors import InputError
-from indexes.hamming import HammingIndex
 from store.layout import CHECKPOINT_NAME
+from store.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,18 @@ def register(subparsers: Any) -> None:
         help="multi-index hashing vs flat search and faiss.IndexBinaryMultiHash",
         description="Time MultiIndexHamming, HammingIndex, faiss.IndexBinaryFlat and "
         "faiss.IndexBinaryMultiHash on the same codes: generated (uniform or --clustered) or "
-        "learned (--codes, an index file; --queries of its codes are held out as queries).",
+        "learned (--store: the image codes of an artifacts folder's store; --queries of them "
+        "are held out as queries).",
     )
     _add_common(mih)
     source = mih.add_mutually_exclusive_group()
     source.add_argument("--clustered", action="store_true", help="codes from n/1000 centres")
-    source.add_argument("--codes", type=Path, help="index file of learned codes to use instead")
+    source.add_argument(
+        "--store",
+        type=Path,
+        metavar="ARTIFACTS",
+        help="an artifacts folder whose store's image codes (learned codes) to use instead",
+    )
     mih.set_defaults(run=run_mih)
     writes = kinds.add_parser(
         "writes",
@@ -166,15 +172,18 @@ def run_index(args: argparse.Namespace) -> int:
 def run_mih(args: argparse.Namespace) -> int:
     """Run `cmh bench mih`."""
     rng = np.random.default_rng(0)
-    if args.codes is not None:
-        learned = HammingIndex.load(args.codes, mmap=False)
-        if len(learned) <= args.queries:
-            raise InputError(f"expected more than {args.queries} codes, got {len(learned)}")
-        held_out = rng.permutation(len(learned))
-        codes = np.asarray(learned.codes)
+    if args.store is not None:
+        store = Store.open(args.store)
+        try:
+            _, codes, _ = store.live_rows()
+            n_bits = store.manifest.n_bits
+        finally:
+            store.close()
+        if len(codes) <= args.queries:
+            raise InputError(f"expected more than {args.queries} codes, got {len(codes)}")
+        held_out = rng.permutation(len(codes))
         qs, db = codes[held_out[: args.queries]], codes[held_out[args.queries :]]
-        n_bits = learned.n_bits
-        source = str(args.codes)
+        source = f"image codes of {args.store}"
     else:
         n_bits = args.bits
         db, qs = make_data(

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cli.main import main
-from indexes.hamming import HammingIndex
 from service.app import create_app
 from service.settings import Settings
 from store.store import Store
+from tests.helpers import write_legacy_index
 
 
 def png_b64(colour: tuple[int, int, int]) -> str:
@@ -79,9 +79,7 @@ def test_a_generation_folder_is_migrated_at_startup(demo_artifacts: Path) -> Non
     gen.mkdir(parents=True)
     ids = np.asarray([item.id for item in items if item is not None], np.int64)
     for name, codes in (("image", image), ("text", text)):
-        index = HammingIndex(64)
-        index.add(codes, ids)
-        index.save(gen / f"{name}.hidx")
+        write_legacy_index(gen / f"{name}.hidx", n_bits=64, ids=ids, codes=codes)
     lines = [json.dumps({"id": it.id, "text": it.text, "image": it.image}) for it in items if it]
     (gen / "items.jsonl").write_text("\n".join(lines) + "\n")
     (gen / "manifest.json").write_text(json.dumps(manifest.__dict__))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,17 +80,6 @@ def test_bad_settings_are_rejected() -> None:
         MultiIndexHamming(64, work_budget=0)
     with pytest.raises(InputError, match="expected k as an int >= 1"):
         MultiIndexHamming(64).search(np.zeros((1, 1), dtype=np.uint64), 0)
-
-
-def test_save_load_round_trip(tmp_path: Path) -> None:
-    rng = np.random.default_rng(8)
-    codes = clustered(rng, 500, 128, 0.1)
-    mih = MultiIndexHamming(128)
-    mih.add(codes, np.arange(500, dtype=np.int64))
-    mih.save(tmp_path / "mih.cmh")
-    loaded = MultiIndexHamming.load(tmp_path / "mih.cmh")
-    for got, want in zip(loaded.search(codes[:5], 7), mih.search(codes[:5], 7), strict=True):
-        np.testing.assert_array_equal(got, want)
 
 
 def test_default_tables_follow_log2_n() -> None:

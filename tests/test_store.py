@@ -35,7 +35,7 @@ from store.ids import ItemId, parse_id
 from store.manifest import CHECKED_FIELDS, Manifest
 from store.parts import Merge
 from store.rows import IMAGES_DIR, NewItems
-from store.segment import HEADER, HEADER_SIZE
+from store.segment import LAYOUT
 from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, Hits, Store
 from store.view import Target
 from tests.helpers import store_manifest
@@ -545,7 +545,7 @@ def flip(path: Path, offset: int) -> None:
 
 def section(path: Path, name: str) -> int:
     """The offset of a section of a segment file, read from its header."""
-    fields = HEADER.unpack(path.read_bytes()[:HEADER_SIZE])
+    fields = LAYOUT.header.unpack(path.read_bytes()[: LAYOUT.header_size])
     return int(fields[{"seqs": 5, "image": 6, "text": 7}[name]])
 
 
