@@ -20,6 +20,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from anyio import CapacityLimiter
@@ -32,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.errors import InputError, IntegrityError, NotReadyError
 from service.api import router
 from service.encoder import Encoder, load_served_model
-from service.errors import error_response, validation_body
-from service.indexing import Indexer
+from service.errors import error_response, http_detail, validation_body
+from service.indexing import Indexer, held_as_given
 from service.jobs import JOBS_NAME, JobManager, QueueFull
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
@@ -96,7 +97,11 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
         opened.callback(encoder.close)
         DECODES.resize(settings.max_decode_pixels)
         indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
-        jobs = JobManager(artifacts / JOBS_NAME, max_queued=settings.max_queued_jobs)
+        jobs = JobManager(
+            artifacts / JOBS_NAME,
+            max_queued=settings.max_queued_jobs,
+            reconcile=partial(held_as_given, store),
+        )
         opened.pop_all()
     return Loaded(
         settings=settings,
@@ -200,7 +205,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), headers=err.headers)
+        detail = http_detail(err, str(err.detail))
+        return error_response(err.status_code, detail, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:

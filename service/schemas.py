@@ -9,11 +9,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
     StringConstraints,
     WithJsonSchema,
     model_validator,
@@ -23,7 +20,7 @@ from common.errors import InputError
 from common.fields import MAX_FIELDS_BYTES, MAX_FIELDS_DEPTH
 from store import filters
 from store.filters import Filter
-from store.ids import MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
+from store.ids import DOT_SEGMENTS, MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
 
 Target = Literal["image", "text"]
 OnConflict = Literal["error", "replace"]
@@ -38,7 +35,21 @@ def _item_id(value: object) -> ItemId:
         raise ValueError(str(err)) from None
 
 
-# An integer (0..2**63-1) or a string of 1..256 characters; "5" and 5 are the same id.
+def _json_int(value: object) -> object:
+    """A JSON Schema integer: 5 or 5.0, never true or "5" (pydantic's lax mode takes both)."""
+    if isinstance(value, bool | str):
+        kind = "a boolean" if isinstance(value, bool) else "a string"
+        raise ValueError(f"expected an integer, got {kind}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_int)]
+
+
+# An integer (0..2**63-1) or a string of 1..256 characters (not "." or ".."); "5" and 5 are the
+# same id.
 UserId = Annotated[
     int | str,
     BeforeValidator(_item_id),
@@ -51,9 +62,11 @@ UserId = Annotated[
                     "minLength": 1,
                     "maxLength": MAX_ID_CHARS,
                     "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                    "not": {"enum": list(DOT_SEGMENTS)},
                 },
             ],
-            "description": "an integer or a string without control characters",
+            "description": "an integer, or a string without control characters other than '.' "
+            "and '..'",
         }
     ),
 ]
@@ -75,13 +88,32 @@ class ErrorBody(BaseModel):
 
 
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=filters.MAX_FIELD_CHARS)]
-# Strict: "5" stays a string and true a boolean (a filter compares JSON values by type).
+
+
+def _filter_value(value: object) -> bool | int | float | str:
+    """A filter value as given: "5" stays a string and true a boolean (a filter compares JSON
+    values by type); the store checks lengths and finiteness (store.filters), naming the field."""
+    if isinstance(value, bool | int | float | str):
+        return value
+    kind = "null" if value is None else "an object" if isinstance(value, dict) else "a list"
+    raise ValueError(f"expected a string, number or boolean, got {kind}")
+
+
+# One validator, not a union of strict types: a union's error named its last member ("equals.a.
+# bool: Input should be a valid boolean" for a string too long or a NaN).
 FilterValue = Annotated[
-    StrictBool
-    | StrictInt
-    | Annotated[StrictFloat, Field(allow_inf_nan=False)]
-    | Annotated[StrictStr, StringConstraints(max_length=filters.MAX_VALUE_CHARS)],
-    Field(description="a string, number or boolean"),
+    bool | int | float | str,
+    PlainValidator(_filter_value),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": filters.MAX_VALUE_CHARS},
+                {"type": "number"},
+                {"type": "boolean"},
+            ],
+            "description": "a string, number or boolean",
+        }
+    ),
 ]
 
 
@@ -138,7 +170,7 @@ class TextSearch(BaseModel):
     """Search with a text."""
 
     text: str = Field(min_length=1, max_length=10_000, description="the query text")
-    k: int = Field(10, ge=1, description="how many hits (at most the server's max_k)")
+    k: JsonInt = Field(10, ge=1, description="how many hits (at most the server's max_k)")
     target: Target = Field("image", description="search the image index or the text index")
     filter: SearchFilter | None = Field(
         None, description="search only among the items that pass (the exact top-k of those)"
@@ -257,6 +289,11 @@ class JobStatus(BaseModel):
         "indexed), with reasons",
     )
     generation: str | None = Field(None, description="the store commit that made the job's items")
+    committed: list[int | str] = Field(
+        [],
+        description="a failed job's partial outcome: the ids of its last batch that the store "
+        "holds as given (found when the job stopped between writing them and recording it)",
+    )
 
 
 class DeleteResponse(BaseModel):

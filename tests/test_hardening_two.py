@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -198,3 +199,93 @@ def test_a_strip_image_resizes_in_bounded_memory_in_a_fresh_process() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert float(out.stdout) < MAX_GROWTH_MB, out.stdout
+
+
+@pytest.mark.parametrize(
+    ("form_filter", "expected"),
+    [
+        ('{"equals": {"a": "' + "x" * 1001 + '"}}', "of at most 1000 characters, got 1001"),
+        ('{"equals": {"a": NaN}}', "expected the value of 'a' as a finite number, got nan"),
+        ('{"equals": {"a": null}}', "equals.a: expected a string, number or boolean, got null"),
+        ('{"in": {"a": ["x", [1]]}}', "in.a.1: expected a string, number or boolean, got a list"),
+    ],
+)
+def test_an_image_search_filter_error_names_the_field_and_the_limit(
+    served: tuple[int, httpx.Client], form_filter: str, expected: str
+) -> None:
+    # Issue 35: each of these said "equals.a.bool: Input should be a valid boolean".
+    _, client = served
+    answer = search_image(client, strip_png(40, 30), filter=form_filter)
+    assert answer.status_code == 400
+    detail = answer.json()["detail"]
+    assert detail.startswith("expected the filter as JSON of a SearchFilter, got: ")
+    assert expected in detail and "valid boolean" not in detail
+
+
+def test_a_text_search_takes_k_as_an_integer_only(served: tuple[int, httpx.Client]) -> None:
+    _, client = served
+    for k, kind in (
+        (True, "expected an integer, got a boolean"),
+        ("2", "expected an integer, got a string"),
+        (2.5, "valid integer"),
+    ):
+        answer = client.post("/v1/search/text", json={"text": "car", "k": k})
+        assert answer.status_code == 422, (k, answer.text[:200])
+        (error,) = answer.json()["detail"]
+        assert error["loc"] == ["body", "k"] and kind in error["msg"]
+    for k in (2, 2.0):  # JSON Schema: 2.0 is the integer 2
+        answer = client.post("/v1/search/text", json={"text": "car", "k": k})
+        assert answer.status_code == 200 and len(answer.json()["hits"]) == 2
+
+
+def test_a_long_upload_file_name_is_refused_saying_the_limit(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    answer = client.post(
+        "/v1/search/image", files={"file": ("a" * 5000 + ".png", strip_png(40, 30), "image/png")}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["detail"] == (
+        "invalid multipart data: expected each part's header lines (the file name is in one) to "
+        "take at most 4224 bytes, got a longer one"
+    )
+    named = client.post(
+        "/v1/search/image", files={"file": ("a" * 3000 + ".png", strip_png(40, 30), "image/png")}
+    )
+    assert named.status_code == 200
+
+
+@pytest.mark.parametrize("item_id", [".", ".."])
+def test_ids_no_url_can_name_are_refused(served: tuple[int, httpx.Client], item_id: str) -> None:
+    # Issue 35: accepted, but every HTTP client removes "." and ".." from the item's URLs.
+    _, client = served
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    answer = client.post(
+        "/v1/index/build", json={"items": [{"id": item_id, "text": "x", "image_base64": png}]}
+    )
+    assert answer.status_code == 422
+    assert "other than '.' and '..'" in answer.json()["detail"][0]["msg"]
+
+
+def test_each_delete_reports_the_commit_that_made_it(demo_artifacts: Path) -> None:
+    # Issue 35: DELETE answered with the commit its process saw after it, so with two workers
+    # two deletes could report the same one (7 of 912 operations; 152 distinct of 200 here).
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    ids = list(range(96_200, 96_400))
+    with (
+        service_process(demo_artifacts, args=["--workers", "2"], CMH_API_KEY=KEY) as (_, url),
+        httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=120) as client,
+    ):
+        items = [{"id": i, "text": "to be deleted", "image_base64": png} for i in ids]
+        accepted = client.post("/v1/index/build", json={"items": items})
+        assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+
+        def delete(item_id: int) -> int:
+            answer = client.delete(f"/v1/items/{item_id}")
+            assert answer.status_code == 200, answer.text[:200]
+            return int(answer.json()["generation"])
+
+        with ThreadPoolExecutor(16) as pool:
+            commits = list(pool.map(delete, ids))
+    assert len(set(commits)) == len(ids), f"{len(set(commits))} distinct of {len(ids)}"

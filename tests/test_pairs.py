@@ -128,6 +128,8 @@ DEFECTS = [
     ("empty-id", {"id": "", "image": "good.png", "text": "t"}, "invalid id"),
     ("long-id", {"id": "x" * 257, "image": "good.png", "text": "t"}, "1..256 characters"),
     ("control-id", {"id": "a\u0007b", "image": "good.png", "text": "t"}, "control characters"),
+    ("dot-id", {"id": ".", "image": "good.png", "text": "t"}, "other than '.' and '..'"),
+    ("dotdot-id", {"id": "..", "image": "good.png", "text": "t"}, "other than '.' and '..'"),
     ("missing-text", {"id": "x", "image": "good.png"}, "missing text"),
     ("empty-text", {"id": "x", "image": "good.png", "text": " \n\t "}, "empty text"),
     ("number-text", {"id": "x", "image": "good.png", "text": 3}, "invalid text"),

@@ -7,9 +7,9 @@ Format (exactly one of the two files; both, or neither, is an InputError):
   comma are ignored). `labels` is a `;`-separated list of names; an empty `labels` or `split`
   cell means none given. Every other column is kept as a string.
 Fields (names are case-sensitive):
-- id (required): a string of 1..256 characters without control characters, or a non-negative
-  integer (JSON); kept as str(id), so 7 and "7" are the same id. A line repeating the id of an
-  earlier line (loaded or not) is rejected.
+- id (required): a string of 1..256 characters without control characters, other than "." and
+  "..", or a non-negative integer (JSON); kept as str(id), so 7 and "7" are the same id. A line
+  repeating the id of an earlier line (loaded or not) is rejected.
 - image (required): the image file's path relative to DIR. Absolute paths, `..` and symlinks
   resolving outside DIR are rejected; the file must open as an image (PIL).
 - text (required): the caption, non-empty after stripping whitespace.
@@ -181,6 +181,8 @@ def _pair_id(record: dict[str, object]) -> str:
         )
     if not 1 <= len(text) <= MAX_ID_CHARS:
         raise _Rejected(f"invalid id: expected 1..{MAX_ID_CHARS} characters, got {len(text)}")
+    if text in (".", ".."):  # store.ids.DOT_SEGMENTS: no URL can name such an item
+        raise _Rejected(f"invalid id: expected an id other than '.' and '..', got {_show(text)}")
     if any(unicodedata.category(c) == "Cc" for c in text):
         raise _Rejected(f"invalid id: expected no control characters, got {_show(text)}")
     return text

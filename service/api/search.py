@@ -146,9 +146,10 @@ def form_filter(text: str) -> Filter | None:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our checks
         raise InputError(
             f"expected the filter as JSON of a SearchFilter, got: {where + ': ' if where else ''}"
-            f"{first['msg']}"
+            f"{message}"
         ) from None
 
 
