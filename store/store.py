@@ -7,9 +7,10 @@ Layout under the artifacts folder:
 
 Writes (one at a time, under the writer lock; searches never take it):
 - add: new rows are committed in one SQLite transaction and appended to the in-memory growing
-  part; when it reaches SEAL_ROWS it is written as a segment file (fsynced) and then recorded in
-  a second transaction. A batch of BULK_ROWS or more is written straight as its own segment,
-  before the transaction that commits its rows, so it is never held in the growing part.
+  part; when it reaches config.seal_rows it is written as a segment file (fsynced) and then
+  recorded in a second transaction. A batch of config.bulk_rows or more is written straight as
+  its own segment, before the transaction that commits its rows, so it is never held in the
+  growing part (the knobs: store/config.py).
 - delete: the rows go in one transaction, with a tombstone for each row that sits in a segment.
 - the user's fields of each row are also terms rows (store/filters.py), added and deleted in the
   transaction of their row, which filtered searches read.
@@ -36,7 +37,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -45,15 +45,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, ParamSpec, Protocol, TypeVar
+from typing import Any, BinaryIO, Literal, ParamSpec, TypeVar
 
 import numpy as np
 
 from common.errors import InputError, IntegrityError, NoSpaceError, is_no_space
 from common.fsio import atomic_write_bytes, fsync_dir
 from indexes.codes import check_packed, n_words
-from indexes.hamming import SPLIT_MIN_WORDS, HammingIndex, LiveMask, check_k
+from indexes.hamming import HammingIndex, LiveMask, check_k
 from store import metadata as md
+from store.config import DEFAULT_CONFIG, StoreConfig
 from store.filters import Filter, FilterIndex, terms_of_json
 from store.ids import ItemId, parse_id
 from store.locks import (
@@ -83,25 +84,8 @@ STORE_DIR = "store"
 DB_NAME = "items.sqlite"
 SYNC_ATTEMPTS = 5  # a merge elsewhere removed a segment file a snapshot named: read again
 SEGMENTS_DIR = "segments"
-SEAL_ROWS = 65_536  # the growing part becomes a segment at this many rows
-BULK_ROWS = 16_384  # a batch at least this large is written as its own segment
 SEARCH_ATTEMPTS = 3  # a hit deleted between the view and its metadata read: search again
-# search_now declines a scan of this many uint64 words of codes or more (16 MiB, where the index
-# starts to split one query over threads): the caller's thread would be held for milliseconds.
-# At 10M 64-bit items (80 MB, about 5 ms a scan) searches run in the event loop gave a p99 of
-# 0.9-1.2 s at 32 connections against 0.16-0.2 s on worker threads, and no more req/s.
-INLINE_MAX_WORDS = SPLIT_MIN_WORDS
 OnConflict = Literal["error", "replace"]
-
-
-class Listener(Protocol):
-    """Told of every committed change, under the writer lock (a mirror kept in step)."""
-
-    def added(self, seqs: np.ndarray, image_codes: np.ndarray, text_codes: np.ndarray) -> None:
-        """Rows (seqs ascending) were committed."""
-
-    def deleted(self, seqs: np.ndarray) -> None:
-        """Rows were deleted."""
 
 
 @dataclass(frozen=True)
@@ -157,9 +141,16 @@ class Store:
     """One artifacts folder's indexed items. Open with Store.open or Store.create."""
 
     def __init__(
-        self, artifacts: Path, conn: sqlite3.Connection, manifest: Manifest, *, shared: bool
+        self,
+        artifacts: Path,
+        conn: sqlite3.Connection,
+        manifest: Manifest,
+        *,
+        shared: bool,
+        config: StoreConfig,
     ) -> None:
         self.artifacts = artifacts
+        self.config = config
         self.root = artifacts / STORE_DIR
         # Shared: several processes (`cmh serve --workers N`) have the store open; each write
         # takes WRITE_LOCK and first catches up with the others' commits (_reload), each search
@@ -183,14 +174,13 @@ class Store:
         self._lock = threading.Lock()  # serialises writes and the swap of a merge
         self.merge_lock = threading.Lock()  # one merge at a time (store/compaction.py)
         self._segments: list[LoadedSegment] = []  # in seq order, ranges disjoint
-        self._growing = Growing(self._words, SEAL_ROWS)
+        self._growing = Growing(self._words, config.seal_rows)
         self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
         self._commit = int(md.get_meta(conn, "commit") or 0)
         self._view = View(self._commit, ())
         self._opened = time.time()
         self.compactor: Any = None  # set by store.compaction.Compactor when started
-        self._filters = FilterIndex()  # answers filtered searches (caches behind its own locks)
-        self.listener: Listener | None = None
+        self._filters = FilterIndex(config)  # answers filtered searches (caches behind locks)
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -200,7 +190,14 @@ class Store:
         return (artifacts / STORE_DIR / DB_NAME).is_file()
 
     @classmethod
-    def create(cls, artifacts: Path, manifest: Manifest, *, shared: bool = False) -> Store:
+    def create(
+        cls,
+        artifacts: Path,
+        manifest: Manifest,
+        *,
+        shared: bool = False,
+        config: StoreConfig = DEFAULT_CONFIG,
+    ) -> Store:
         """A new, empty store for codes made as the manifest says."""
         root = artifacts / STORE_DIR
         if (root / DB_NAME).exists():
@@ -225,13 +222,18 @@ class Store:
         fsync_dir(root)
         conn = md.connect(root / DB_NAME)
         logger.info("created an empty %d-bit store in %s", manifest.n_bits, root)
-        store = cls(artifacts, conn, manifest, shared=shared)
+        store = cls(artifacts, conn, manifest, shared=shared, config=config)
         store.take_compaction()
         return store
 
     @classmethod
     def open(
-        cls, artifacts: Path, *, expected: Manifest | None = None, shared: bool = False
+        cls,
+        artifacts: Path,
+        *,
+        expected: Manifest | None = None,
+        shared: bool = False,
+        config: StoreConfig = DEFAULT_CONFIG,
     ) -> Store:
         """Open and check the store; with `expected`, refuse codes made by another model.
 
@@ -242,7 +244,7 @@ class Store:
         if not path.is_file():
             raise InputError(f"expected a store at {path}, found none")
         try:
-            return cls._open(artifacts, path, expected=expected, shared=shared)
+            return cls._open(artifacts, path, expected=expected, shared=shared, config=config)
         except sqlite3.DatabaseError as err:  # "file is not a database", "disk image is malformed"
             raise IntegrityError(
                 f"expected a readable store database at {path}, got: {err}; restore it from a "
@@ -251,18 +253,24 @@ class Store:
 
     @classmethod
     def _open(
-        cls, artifacts: Path, path: Path, *, expected: Manifest | None, shared: bool
+        cls,
+        artifacts: Path,
+        path: Path,
+        *,
+        expected: Manifest | None,
+        shared: bool,
+        config: StoreConfig,
     ) -> Store:
         conn = md.connect(path)
         try:
-            md.check_schema(conn, path, terms_of=terms_of_json)
+            md.check_schema(conn, path, terms_of=terms_of_json, upgrade_rows=config.upgrade_rows)
             try:
                 manifest = Manifest(**json.loads(md.get_meta(conn, "manifest") or ""))
             except (ValueError, TypeError) as err:
                 raise InputError(f"expected a manifest in {path}, got: {err}") from err
             if expected is not None:
                 check_manifest(manifest, expected)
-            store = cls(artifacts, conn, manifest, shared=shared)
+            store = cls(artifacts, conn, manifest, shared=shared, config=config)
         except BaseException:
             conn.close()
             raise
@@ -340,7 +348,11 @@ class Store:
             segments = [self._loaded_segment(name, n_rows, crc) for name, n_rows, crc in rows]
             after = int(segments[-1].seqs[-1]) if segments else -1
             growing = reloaded_growing(
-                self._growing, conn, after=after, where=self.root / DB_NAME, seal_rows=SEAL_ROWS
+                self._growing,
+                conn,
+                after=after,
+                where=self.root / DB_NAME,
+                seal_rows=self.config.seal_rows,
             )
             next_seq = int(md.get_meta(conn, "next_seq") or 0)
         finally:
@@ -450,8 +462,8 @@ class Store:
         """search() without a filter, answered on this thread alone and without waiting for a
         lock, or None where that would wait or take long: the view is behind another process's
         commit while this process's writer holds the lock, deletes keep outrunning the search,
-        or the scan reads INLINE_MAX_WORDS of codes or more. A filtered search has no such form:
-        its cost grows with the rows that pass the filter.
+        or the scan reads config.inline_max_words of codes or more. A filtered search has no
+        such form: its cost grows with the rows that pass the filter.
 
         For the event loop (service/api/search.py): a search that waits there stalls every
         connection, and the caller runs search() on a worker thread instead.
@@ -460,7 +472,7 @@ class Store:
         check_k(k)
         for _ in range(SEARCH_ATTEMPTS):
             view = self._current_view(wait=False)
-            if view is None or view.scan_words(target) >= INLINE_MAX_WORDS:
+            if view is None or view.scan_words(target) >= self.config.inline_max_words:
                 return None
             found = self._search_once(target, queries, k, None, view, one_thread=True)
             if found is not None:
@@ -511,7 +523,7 @@ class Store:
     def drop_filter_caches(self) -> None:
         """Forget cached posting lists and selections: the next filtered search is a cold one,
         as after a start."""
-        self._filters = FilterIndex()
+        self._filters = FilterIndex(self.config)
 
     @_classified
     def get(self, item_id: ItemId) -> md.Item | None:
@@ -563,7 +575,7 @@ class Store:
                         written.append(relative)
                         atomic_write_bytes(self.artifacts / relative, data)
                 seqs = np.arange(self._next_seq, self._next_seq + b, dtype=np.int64)
-                bulk = b >= BULK_ROWS
+                bulk = b >= self.config.bulk_rows
                 if bulk and self._growing.n:
                     self._seal()
                 if bulk:  # the codes go to disk before the rows that name them are committed
@@ -594,16 +606,12 @@ class Store:
                 self._collect_images(list(to_write))  # those no row refers to: this batch's
                 raise
             self._forget([r[0] for r in replaced])
-            if self.listener is not None:
-                if replaced:
-                    self.listener.deleted(np.asarray([r[0] for r in replaced], np.int64))
-                self.listener.added(seqs, batch.image_codes, batch.text_codes)
             if segment is not None:
                 self._segments.append(segment)
             else:
                 self._append_growing(seqs, batch.image_codes, batch.text_codes)
             self._publish()
-            if self._growing.n >= SEAL_ROWS:
+            if self._growing.n >= self.config.seal_rows:
                 self._seal()
             self._collect_images([r[1] for r in replaced])
             self._wake_compactor()
@@ -625,8 +633,6 @@ class Store:
                 self._roll_back()
                 raise
             self._forget([g[0] for g in gone])
-            if self.listener is not None and gone:
-                self.listener.deleted(np.asarray([g[0] for g in gone], np.int64))
             self._publish()
             self._collect_images([g[1] for g in gone])
             self._wake_compactor()
@@ -662,10 +668,12 @@ class Store:
         """Copy committed rows into the growing part, sealing it each time it fills."""
         start = 0
         while start < len(seqs):
-            if self._growing.n >= SEAL_ROWS:
+            if self._growing.n >= self.config.seal_rows:
                 self._seal(publish=False)  # the caller publishes the whole batch
             rest = slice(start, None)
-            start += self._growing.append(seqs[rest], image[rest], text[rest], up_to=SEAL_ROWS)
+            start += self._growing.append(
+                seqs[rest], image[rest], text[rest], up_to=self.config.seal_rows
+            )
 
     def _seal(self, *, publish: bool = True) -> None:
         """Write the growing part's live rows as a segment and record it (writer lock held)."""
@@ -681,7 +689,7 @@ class Store:
                 self._roll_back()
                 raise
             self._segments.append(segment)
-        self._growing = Growing(self._words, SEAL_ROWS)
+        self._growing = Growing(self._words, self.config.seal_rows)
         if publish:
             self._publish()
         logger.info("sealed %d growing rows into a segment", len(data))
@@ -817,7 +825,3 @@ class Store:
         for f in (self._write_lock_file, self._compact_lock_file, self._lock_file):
             if f is not None:
                 f.close()  # releases its flock
-
-    def remove_files(self) -> None:
-        """Delete the store's folder (after close); the images stay."""
-        shutil.rmtree(self.root, ignore_errors=True)

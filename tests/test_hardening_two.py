@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.local import service_process
 from common.fields import MAX_FIELDS_DEPTH
-from service.local import service_process
 from store.rows import NewItems
 from store.store import Store
 from tests.helpers import wait_for_job
