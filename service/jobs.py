@@ -43,7 +43,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.errors import InputError, IntegrityError, NoSpaceError, is_no_space
+from common.errors import BackendError, InputError, IntegrityError, NoSpaceError, is_no_space
 from service.errors import printable
 from service.schemas import ErrorItem, JobStatus
 from store.ids import ItemId
@@ -337,7 +337,7 @@ class JobManager:
         try:
             self._change(job_id, status="running")
             final = work(JobProgress(self, job_id))
-        except (InputError, NoSpaceError, IntegrityError) as err:  # messages meant for a client
+        except (InputError, NoSpaceError, IntegrityError, BackendError) as err:  # said to clients
             logger.info("job %s failed: %s", job_id, err)
             self._failed(job_id, str(err), list(getattr(err, "errors", [])))
             return
