@@ -32,7 +32,7 @@ from common.fields import fields_json
 from indexes.codes import n_words
 from models.data.dataset import PairDataset
 from service.encoder import Encoder
-from service.jobs import Entry
+from service.jobs import Entry, JobInterrupted
 from service.schemas import BuildItem, ErrorItem, JobStatus
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
 from store.backend import ItemStore
@@ -75,6 +75,10 @@ class Journal(Protocol):
 
     def committed(self, added: int, commit: int) -> None:
         """After a commit: the items added so far, and the commit."""
+
+    def stopping(self) -> bool:
+        """Whether to stop at the end of the current batch (JobInterrupted)."""
+        return False
 
 
 def succeeded(added: int, skipped: list[str], commit: int | None) -> JobStatus:
@@ -220,6 +224,8 @@ class Indexer:
                 image_codes.append(self._image_codes(group))
                 group = []
                 progress(done, len(pending))
+                if journal is not None and journal.stopping():  # all or nothing: nothing yet
+                    raise JobInterrupted("stopped before its batch was committed")
         final = succeeded(len(pending), [], None)
         return self._commit(
             pending, image_codes, on_conflict=on_conflict, journal=journal, added=0, final=final
@@ -310,6 +316,7 @@ class Indexer:
             todo = [i for i in todo if ids[i] not in present]
         added, commit = 0, self.store.view().commit
         progress(0, len(todo))
+        stopped = False
         for start in range(0, len(todo), CHUNK):
             pending: list[Pending] = []
             image_codes: list[np.ndarray] = []
@@ -334,8 +341,11 @@ class Indexer:
                     group = []
                 if n % FEATURE_BATCH == 0 or n == len(chunk):
                     progress(start + n, len(todo))
+                if not group and journal is not None and journal.stopping():
+                    stopped = True  # what is encoded is committed, then the build stops
+                    break
             if pending:
-                last = start + CHUNK >= len(todo)
+                last = not stopped and start + CHUNK >= len(todo)
                 final = succeeded(added + len(pending), list(skipped), None) if last else None
                 commit = self._commit(
                     pending,
@@ -346,6 +356,8 @@ class Indexer:
                     final=final,
                 )
                 added += len(pending)
+            if stopped:
+                raise JobInterrupted(f"stopped after adding {added} of {len(todo)} items")
         logger.info("dataset %s: %d added, %d skipped", data.name, added, len(skipped))
         return DatasetOutcome(added, skipped, commit)
 
