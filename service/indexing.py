@@ -36,6 +36,7 @@ from service.jobs import Entry, JobInterrupted
 from service.schemas import BuildItem, ErrorItem, JobStatus
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
 from store.backend import ItemStore
+from store.filters import checked_terms
 from store.ids import ItemId, parse_id
 from store.rows import IMAGES_DIR, NewItems
 from store.store import OnConflict
@@ -140,6 +141,13 @@ def dataset_id(name: str, raw: str) -> ItemId:
     return parse_id(raw)
 
 
+def check_fields(fields: dict[str, Any]) -> None:
+    """User fields the store can hold: the limits of common/fields.py and of their filter terms
+    (store.filters.MAX_TERMS_BYTES), checked before a job is accepted or a pair is read."""
+    fields_json(fields)
+    checked_terms(fields)
+
+
 def check_text(text: str) -> None:
     """A caption the store can hold: valid Unicode (no lone surrogate), no NUL; else InputError."""
     if "\0" in text:
@@ -194,7 +202,7 @@ class Indexer:
                 if item.id in present:
                     raise InputError(f"expected a new id, got {item.id!r}: already indexed")
                 check_text(item.text)
-                fields_json(item.fields)
+                check_fields(item.fields)
                 data = _image_bytes(item, data_dir, max_image_bytes)
                 _, extension = self._decode(data)
                 pending.append(Pending(item.id, item.text, data, extension, dict(item.fields)))
@@ -326,7 +334,7 @@ class Indexer:
                 fields = dict(extra[i]) if extra is not None else {}
                 try:
                     check_text(texts[i])
-                    fields_json(fields)
+                    check_fields(fields)
                     path = paths[i] if within is None else inside(within, str(paths[i]))
                     raw = path.read_bytes()
                     image, extension = self._decode(raw)

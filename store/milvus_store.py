@@ -21,12 +21,13 @@ digests) and a store id, as JSON; `open` checks it with check_manifest and refus
 with one line.
 
 Filters: a clause is json_contains(terms["t"], "hex term") ORed over its terms, and an ids list
-is `id in [keys]`, ANDed. Every literal in an expression is hex or a key made above, never a
-user's text, so no value can change the expression (milvus-lite 2.5.1 refuses pymilvus's
-filter_params templates, which is why values are not passed that way). The terms are those of
-the local store, so the same filter keeps the same items on both backends (5 and 5.0 alike, true
-is not 1). A stored term longer than any filter can name (MAX_TERM_HEX) is left out: no filter
-could match it.
+is `id in [keys]`, ANDed, each as a balanced tree (Milvus refuses a chain past 50 operands).
+Every literal in an expression is hex or a key made above, never a user's text, so no value can
+change the expression (milvus-lite 2.5.1 refuses pymilvus's filter_params templates, which is
+why values are not passed that way). The terms are those of the local store, so the same filter
+keeps the same items on both backends (5 and 5.0 alike, true is not 1), every one of them
+stored: an item whose terms would pass the JSON field's 64 KiB is refused at build time on both
+backends (store.filters.MAX_TERMS_BYTES).
 
 Sequence: seq = (max(now in units of 1.024 us, last + 1) << 10) | tag, tag a random 10-bit number
 per opened store. It increases within a process, and across processes it follows the writes'
@@ -102,7 +103,6 @@ _UNREACHABLE = re.compile(r"connect|unavailable|deadline|timeout|timed out|retry
 WRITE_BATCH = 1_000  # rows per upsert call
 ID_BATCH = 1_000  # keys per `id in [...]` expression
 MAX_KEY_BYTES = 2_049  # "s" + hex of a 256-character id (at most 4 bytes each)
-MAX_TERM_HEX = 10_200  # longest stored term (hex): a filter's terms are at most ~10,100
 MAX_TEXT_BYTES = 65_535  # Milvus's largest VARCHAR
 MAX_IMAGE_BYTES = 4_096  # of an image reference
 TAG_BITS = 10  # of a seq, the process tag
@@ -125,9 +125,9 @@ def id_of(key: str) -> ItemId:
 
 
 def _hex_terms(fields: dict[str, Any]) -> list[str]:
-    """The item's filter terms as stored: hex of UTF-8, those a filter could name."""
-    terms = [t.encode("utf-8", "surrogatepass").hex() for t in terms_of(fields)]
-    return [t for t in terms if len(t) <= MAX_TERM_HEX]
+    """The item's filter terms as stored: hex of UTF-8, every one (checked_rows has refused
+    fields whose terms pass MAX_TERMS_BYTES, the size of this list as JSON)."""
+    return [t.encode("utf-8", "surrogatepass").hex() for t in terms_of(fields)]
 
 
 def is_refusal(err: Exception) -> bool:

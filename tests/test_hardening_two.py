@@ -450,6 +450,7 @@ def test_milvus_filters_of_many_values_and_rows_naming_other_files(
             )
             assert answer.status_code == 200, answer.text[:300]
             assert len(answer.json()["hits"]) == min(60, len(values))
+        check_long_terms_and_their_limit(client, png)
         milvus = MilvusClient(uri=milvus_lite.uri)
         (row,) = milvus.query(collection, filter='id == "96500"', output_fields=["*"])
         for name in ("image_code", "text_code"):  # a query gives a vector as [its bytes]
@@ -471,3 +472,29 @@ def test_the_local_store_serves_no_file_a_row_names_outside_the_rules(
         answer = client.get(f"/v1/items/{FORGED_ID + n}/image")
         assert answer.status_code == 404, (image, answer.text[:200])
         assert "is not served: expected" in answer.json()["detail"]
+
+
+def check_long_terms_and_their_limit(client: httpx.Client, png: str) -> None:
+    """The longest term a filter can name is found; fields whose terms pass the limit are a 400.
+
+    Issue 35: the local store found a 256 x "\x01" field equal to 1,000 x "\x01", Milvus did not
+    (it dropped the stored term as too long)."""
+    field, value = "\x01" * 256, "\x01" * 1000
+    item = {"id": 96_900, "text": "control", "image_base64": png, "fields": {field: value}}
+    accepted = client.post("/v1/index/build", json={"items": [item]})
+    assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+    body = {"text": "control", "k": 5, "filter": {"equals": {field: value}}}
+    answer = client.post("/v1/search/text", json=body)
+    assert answer.status_code == 200 and [h["id"] for h in answer.json()["hits"]] == [96_900]
+    many = {"id": 96_901, "text": "x", "image_base64": png, "fields": {"f" * 256: list(range(300))}}
+    refused = client.post("/v1/index/build", json={"items": [many]})
+    assert refused.status_code == 400, refused.text[:300]
+    reason = refused.json()["errors"][0]["reason"]
+    assert reason.startswith("expected the item's fields to make at most 65536 bytes of filter")
+
+
+def test_the_local_store_finds_the_longest_terms_and_refuses_past_the_limit(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    check_long_terms_and_their_limit(client, base64.b64encode(strip_png(40, 30)).decode())
