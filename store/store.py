@@ -297,7 +297,7 @@ class Store:
         start = time.perf_counter()
         (self.root / SEGMENTS_DIR).mkdir(exist_ok=True)
         with self._lock:
-            self._reload(force=True)
+            self._reload(force=True, check=True)
         logger.info(
             "opened store %s: %d items in %d segments and %d growing rows (%.2f s)",
             self.root,
@@ -324,18 +324,19 @@ class Store:
                     logger.warning("removing %s: no committed write refers to it", orphan)
                     orphan.unlink()
 
-    def _reload(self, *, force: bool = False) -> None:
+    def _reload(self, *, force: bool = False, check: bool = False) -> None:
         """Make the in-memory parts what the database says (self._lock held): at open, and in a
-        shared store when another process committed. Reads one snapshot of the database."""
+        shared store when another process committed. Reads one snapshot of the database; with
+        `check` (at open), checks its tombstones in it (_check_tombstones)."""
         for _ in range(SYNC_ATTEMPTS):
             try:
-                self._reload_once(force=force)
+                self._reload_once(force=force, check=check)
                 return
             except FileNotFoundError as err:  # merged away after our snapshot: read a new one
                 missing = str(err)
         raise IntegrityError(f"expected the segment files the store names, missing: {missing}")
 
-    def _reload_once(self, *, force: bool) -> None:
+    def _reload_once(self, *, force: bool, check: bool) -> None:
         conn = self._conn
         conn.execute("BEGIN")  # one read snapshot (WAL: writers are not blocked)
         try:
@@ -353,6 +354,8 @@ class Store:
             )
             segments = [self._loaded_segment(name, n_rows, crc) for name, n_rows, crc in rows]
             after = int(segments[-1].seqs[-1]) if segments else -1
+            if check:
+                self._check_tombstones(sum(n for _, n, _ in rows) - dead.size, after)
             growing = reloaded_growing(
                 self._growing,
                 conn,
@@ -367,6 +370,28 @@ class Store:
         self._segments, self._growing = segments, growing
         self._commit, self._layout, self._next_seq = commit, layout, next_seq
         self._publish()
+
+    def _check_tombstones(self, live: int, sealed_up_to: int) -> None:
+        """In the open read snapshot: tombstones mark only rows that are gone, and every live
+        segment row (`live` of them, seq <= sealed_up_to) has its metadata row. A tombstone
+        inserted by hand hid a live item; one removed by hand brought a deleted item's codes
+        back and counted it. A join over the tombstones and one count."""
+        conn, where = self._conn, self.root / DB_NAME
+        hidden = conn.execute(
+            "SELECT i.id, t.seq FROM tombstones t JOIN items i ON i.seq = t.seq LIMIT 1"
+        ).fetchone()
+        if hidden is not None:
+            raise IntegrityError(
+                f"expected tombstones of deleted rows only in {where}, got one for the live "
+                f"item {hidden[0]!r} (seq {hidden[1]})"
+            )
+        sql = "SELECT count(*) FROM items WHERE seq <= ?"
+        (rows,) = conn.execute(sql, (sealed_up_to,)).fetchone()
+        if rows != live:
+            raise IntegrityError(
+                f"expected the {live} live rows of the segments to have metadata rows in "
+                f"{where}, got {rows}: a tombstone is missing or a row was removed by hand"
+            )
 
     def _loaded_segment(self, name: str, n_rows: int, crc: int) -> LoadedSegment:
         """The segment `name`: the one already loaded, or read (and checked) from its file."""

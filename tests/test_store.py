@@ -630,6 +630,30 @@ def test_a_hand_edited_id_and_a_growing_row_are_refused(folder: Folder) -> None:
         Store.open(folder.artifacts, expected=MANIFEST, config=CONFIG)
 
 
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        (  # Issue 35: made the live item 7 silently unsearchable
+            "INSERT INTO tombstones VALUES (7)",
+            r"expected tombstones of deleted rows only in .*, got one for the live item 7 "
+            r"\(seq 7\)",
+        ),
+        (  # Issue 35: brought a deleted item's codes back and counted it in the stats
+            "DELETE FROM tombstones WHERE seq = 9",
+            r"expected the 128 live rows of the segments to have metadata rows in .*, got 127",
+        ),
+    ],
+)
+def test_hand_edited_tombstones_are_refused_at_open(folder: Folder, sql: str, message: str) -> None:
+    built(folder)
+    store = folder.open()
+    store.delete([9])  # seq 9 sits in the first segment: it has a tombstone
+    store.close()
+    edit(folder, sql)
+    with pytest.raises(IntegrityError, match=message):
+        Store.open(folder.artifacts, expected=MANIFEST, config=CONFIG)
+
+
 def test_orphan_segment_and_temp_files_are_removed_at_open(folder: Folder) -> None:
     oracle = built(folder)
     kept = {p.name for p in folder.segment_files()}
