@@ -248,7 +248,7 @@ class MilvusHammingIndex:
         it.close()
         rows.sort(key=lambda row: int(row["seq"]))
         ids = np.fromiter((int(row["id"]) for row in rows), dtype=np.int64, count=len(rows))
-        vectors = np.frombuffer(b"".join(_vector_bytes(row["code"]) for row in rows), np.uint8)
+        vectors = np.frombuffer(b"".join(vector_bytes(row["code"]) for row in rows), np.uint8)
         codes = from_milvus_bytes(
             vectors.reshape(len(rows), milvus_dim(self.n_bits) // 8), self.n_bits
         )
@@ -395,7 +395,7 @@ class MilvusHammingIndex:
         self._client.close()
 
 
-def _vector_bytes(value: Any) -> bytes:
+def vector_bytes(value: Any) -> bytes:
     """A BINARY_VECTOR as bytes: pymilvus returns it as bytes or as a one-element list of bytes."""
     if isinstance(value, list):
         value = value[0]

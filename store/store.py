@@ -44,12 +44,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Protocol
+from typing import Any, BinaryIO, Literal, NamedTuple, Protocol
 
 import numpy as np
 
 from common.errors import InputError, IntegrityError
 from common.fsio import atomic_write_bytes, fsync_dir
+from indexes.asymmetric import Asymmetric, hamming_scores
 from indexes.codes import check_packed, n_words
 from indexes.hamming import SPLIT_MIN_WORDS, HammingIndex, LiveMask, check_k
 from store import metadata as md
@@ -93,6 +94,13 @@ INLINE_MAX_WORDS = SPLIT_MIN_WORDS
 OnConflict = Literal["error", "replace"]
 
 
+class _Ranking(NamedTuple):
+    """How a search ranks: by `asymmetric`'s weighted distance (else Hamming), within `radius`."""
+
+    asymmetric: Asymmetric | None
+    radius: int | None
+
+
 class Listener(Protocol):
     """Told of every committed change, under the writer lock (a mirror kept in step)."""
 
@@ -105,10 +113,12 @@ class Listener(Protocol):
 
 @dataclass(frozen=True)
 class Hits:
-    """A search's answer: per query, (item, distance) nearest first, and the view's commit."""
+    """A search's answer: per query, (item, Hamming distance) best first, the score each hit
+    was ranked by (indexes/asymmetric.py: a cosine, higher is closer), and the view's commit."""
 
     hits: list[list[tuple[md.Item, int]]]
     commit: int
+    scores: list[list[float]]
 
 
 class Store:
@@ -384,25 +394,38 @@ class Store:
         k: int,
         *,
         where: Filter | None = None,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
     ) -> Hits:
         """Exact top-k of each (m, n_words) query among live items (that pass `where`), with
-        their metadata: the codes of the current view, filtered by store/filters.py."""
+        their metadata: the codes of the current view, filtered by store/filters.py. Ranked
+        by Hamming distance, or by `asymmetric`'s weighted distance (its signs are `queries`);
+        with `radius`, only items within that Hamming distance of the query."""
         check_packed(queries, self.n_bits, name="queries")  # also when no part is searched
         check_k(k)
         if where is not None and where.keeps_all:
             where = None
+        ranking = _Ranking(asymmetric, radius)
         for _ in range(SEARCH_ATTEMPTS):
-            found = self._search_once(target, queries, k, where, self.view())
+            found = self._search_once(target, queries, k, where, self.view(), ranking)
             if found is not None:
                 return found
         # Deletes keep outrunning this search: answer once more with writes held off.
         with self._writing():
-            found = self._search_once(target, queries, k, where, self._view)
+            found = self._search_once(target, queries, k, where, self._view, ranking)
         if found is None:
             raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
         return found
 
-    def search_now(self, target: Target, queries: np.ndarray, k: int) -> Hits | None:
+    def search_now(
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        *,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
+    ) -> Hits | None:
         """search() without a filter, answered on this thread alone and without waiting for a
         lock, or None where that would wait or take long: the view is behind another process's
         commit while this process's writer holds the lock, deletes keep outrunning the search,
@@ -414,11 +437,12 @@ class Store:
         """
         check_packed(queries, self.n_bits, name="queries")
         check_k(k)
+        ranking = _Ranking(asymmetric, radius)
         for _ in range(SEARCH_ATTEMPTS):
             view = self._current_view(wait=False)
             if view is None or view.scan_words(target) >= INLINE_MAX_WORDS:
                 return None
-            found = self._search_once(target, queries, k, None, view, one_thread=True)
+            found = self._search_once(target, queries, k, None, view, ranking, one_thread=True)
             if found is not None:
                 return found
         return None
@@ -430,14 +454,20 @@ class Store:
         k: int,
         where: Filter | None,
         view: View,
+        ranking: _Ranking,
         *,
         one_thread: bool = False,
     ) -> Hits | None:
         """One search of `view` with its hits' rows, or None if a hit's row is gone."""
+        asym, radius = ranking
         if where is None:
-            dists, seqs = view.search(target, queries, k, one_thread=one_thread)
+            dists, seqs = view.search(
+                target, queries, k, one_thread=one_thread, asymmetric=asym, radius=radius
+            )
         else:
-            dists, seqs = self._filters.search(view, target, queries, k, where, self._reader())
+            dists, seqs = self._filters.search(
+                view, target, queries, k, where, self._reader(), asymmetric=asym, radius=radius
+            )
         wanted = np.unique(seqs[seqs >= 0]).tolist()
         items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
         if len(items) != len(wanted):
@@ -450,11 +480,22 @@ class Store:
                         f"terms table in {self.root / DB_NAME} says it passes: the table was "
                         "changed outside the service; restore the store from a backup or rebuild it"
                     )
-        hits = [
-            [(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0]
-            for row_s, row_d in zip(seqs.tolist(), dists.tolist(), strict=True)
-        ]
-        return Hits(hits, view.commit)
+        if asym is None:
+            scores = hamming_scores(dists, self.n_bits)
+        else:  # dists are weighted distances: the Hamming ones from the hits' codes
+            scores = asym.scores(dists)
+            found = seqs >= 0
+            codes = view.codes_of(target, seqs[found])
+            rows = np.nonzero(found)[0]
+            dists = np.zeros_like(dists)
+            dists[found] = np.bitwise_count(codes ^ queries[rows]).sum(axis=1)
+        hits, kept_scores = [], []
+        for row_s, row_d, row_score in zip(
+            seqs.tolist(), dists.tolist(), scores.tolist(), strict=True
+        ):
+            hits.append([(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0])
+            kept_scores.append([v for s, v in zip(row_s, row_score, strict=True) if s >= 0])
+        return Hits(hits, view.commit, kept_scores)
 
     def scan_plan(
         self, target: Target, where: Filter
