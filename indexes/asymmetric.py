@@ -26,10 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numba
 import numpy as np
 
 from common.errors import InputError
-from indexes.codes import check_packed, n_words, pack_codes, unpack_codes
+from indexes.codes import check_packed, n_words
 from indexes.kernels import POS_BITS
 
 WEIGHT_TOTAL = 1 << 22  # sum of a query's integer weights (before rounding)
@@ -68,30 +69,19 @@ class Asymmetric:
             raise InputError(f"expected {m} query codes, got {signs.shape[0]}")
         if not np.isfinite(q).all():
             raise InputError("expected finite real queries, got NaN or infinity")
-        positive = unpack_codes(signs, n_bits) > 0  # (m, n_bits) h_j = +1
-        agree = np.where(positive, q > 0, q <= 0)
-        magnitude = np.where(agree, np.abs(q), 0.0)
-        total = magnitude.sum(axis=1)  # (m,) S
-        scale = WEIGHT_TOTAL / np.where(total > 0, total, 1.0)
-        weights = np.rint(magnitude * scale[:, None]).astype(np.int64)
+        words = signs.shape[1]
         n_bytes = -(-n_bits // 8)
-        per_byte = np.zeros((m, n_bytes * 8), dtype=np.int64)
-        per_byte[:, :n_bits] = weights
-        # tables[i, B, v] = sum of the weights of the bits set in byte value v of byte B.
-        tables = np.einsum("vt,mbt->mbv", _BYTE_BITS.astype(np.int64), per_byte.reshape(m, -1, 8))
-        order = np.argsort(weights, axis=1, kind="stable")  # (m, n_bits) lightest first
-        is_heavy = np.zeros((m, n_bits), dtype=bool)
-        np.put_along_axis(is_heavy, order[:, n_bits // 2 :], True, axis=1)
-        light_w, heavy_w = np.where(is_heavy, 0, weights), np.where(is_heavy, weights, 0)
+        weights = np.zeros((m, n_bits), dtype=np.int64)
+        scale = np.zeros(m, dtype=np.float64)
+        tables = np.zeros((m, n_bytes, 256), dtype=np.int32)
+        lower, low_light, low_heavy = (np.zeros((m, n_bits + 1), dtype=np.int64) for _ in "abc")
+        heavy = np.zeros((m, words), dtype=np.uint64)
+        _prepare(
+            np.ascontiguousarray(signs), q, weights, scale, tables, lower, heavy,
+            low_light, low_heavy,
+        )  # fmt: skip
         return cls(
-            np.ascontiguousarray(signs),
-            weights,
-            scale,
-            np.ascontiguousarray(tables.astype(np.int32)),
-            _smallest_sums(weights, np.ones_like(is_heavy)),
-            pack_codes(is_heavy),
-            _smallest_sums(light_w, ~is_heavy),
-            _smallest_sums(heavy_w, is_heavy),
+            np.ascontiguousarray(signs), weights, scale, tables, lower, heavy, low_light, low_heavy
         )
 
     def rows(self, start: int, stop: int) -> Asymmetric:
@@ -118,15 +108,62 @@ class Asymmetric:
         return out
 
 
-def _smallest_sums(weights: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """(m, n_bits + 1) int64: per row, the sum of the d smallest weights where `among` is
-    True, for each d (past their count: all of them)."""
-    m, n_bits = weights.shape
-    ranked = np.sort(np.where(among, weights, np.iinfo(np.int64).max), axis=1)
-    ranked[ranked == np.iinfo(np.int64).max] = 0
-    out = np.zeros((m, n_bits + 1), dtype=np.int64)
-    np.cumsum(ranked, axis=1, out=out[:, 1:])
-    return out
+@numba.njit(nogil=True, cache=True)
+def _prepare(
+    signs: np.ndarray,
+    q: np.ndarray,
+    weights: np.ndarray,
+    scale: np.ndarray,
+    tables: np.ndarray,
+    lower: np.ndarray,
+    heavy: np.ndarray,
+    low_light: np.ndarray,
+    low_heavy: np.ndarray,
+) -> None:  # pragma: no cover (compiled)
+    """Fill the arrays of Asymmetric.of for each query (one compiled call: a query costs
+    microseconds on the hot path, not a hundred NumPy calls)."""
+    m, n_bits = q.shape
+    for i in range(m):
+        total = 0.0
+        for j in range(n_bits):
+            positive = (signs[i, j >> 6] >> np.uint64(j & 63)) & np.uint64(1)
+            if (q[i, j] > 0.0) == (positive == 1):  # the weight of a bit that agrees with h
+                total += abs(q[i, j])
+        scale[i] = WEIGHT_TOTAL / total if total > 0.0 else float(WEIGHT_TOTAL)
+        for j in range(n_bits):
+            positive = (signs[i, j >> 6] >> np.uint64(j & 63)) & np.uint64(1)
+            if (q[i, j] > 0.0) == (positive == 1):
+                weights[i, j] = np.int64(np.rint(abs(q[i, j]) * scale[i]))
+        # tables[i, B, v]: the weight of the bits set in byte value v of byte B, built from v
+        # without its lowest set bit.
+        for byte in range(tables.shape[1]):
+            for v in range(1, 256):
+                bit = 8 * byte + _lowest_bit(v)
+                tables[i, byte, v] = tables[i, byte, v & (v - 1)] + (
+                    weights[i, bit] if bit < n_bits else 0
+                )
+        order = np.argsort(weights[i], kind="mergesort")  # lightest first, stable
+        half = n_bits // 2
+        for rank in range(n_bits):
+            j = order[rank]
+            lower[i, rank + 1] = lower[i, rank] + weights[i, j]
+            if rank >= half:
+                heavy[i, j >> 6] |= np.uint64(1) << np.uint64(j & 63)
+        n_light = half
+        for rank in range(n_bits):  # past its count, a part's sum stays at its total
+            add_light = weights[i, order[rank]] if rank < n_light else 0
+            add_heavy = weights[i, order[half + rank]] if rank < n_bits - half else 0
+            low_light[i, rank + 1] = low_light[i, rank] + add_light
+            low_heavy[i, rank + 1] = low_heavy[i, rank] + add_heavy
+
+
+@numba.njit(inline="always")
+def _lowest_bit(v: int) -> int:  # pragma: no cover (compiled)
+    """The index of the lowest set bit of v > 0."""
+    index = 0
+    while not (v >> index) & 1:
+        index += 1
+    return index
 
 
 def hamming_scores(dists: np.ndarray, n_bits: int) -> np.ndarray:

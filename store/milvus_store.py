@@ -368,7 +368,27 @@ class MilvusStore:
         rows = self._rows([item_id], ITEM_FIELDS)
         return _item(rows[0]) if rows else None
 
-    def search_now(self, target: Target, queries: np.ndarray, k: int) -> Hits | None:  # noqa: ARG002
+    def sample_texts(self, n: int) -> list[str]:
+        """The texts of at most n stored items (the first Milvus returns)."""
+        rows = self._call(
+            self._client.query,
+            self.collection,
+            filter="",
+            output_fields=["text"],
+            limit=n,
+            timeout=self._timeout,
+        )
+        return [str(row["text"]) for row in rows]
+
+    def search_now(  # the ItemStore interface: every argument unused
+        self,
+        target: Target,  # noqa: ARG002
+        queries: np.ndarray,  # noqa: ARG002
+        k: int,  # noqa: ARG002
+        *,
+        asymmetric: Asymmetric | None = None,  # noqa: ARG002
+        radius: int | None = None,  # noqa: ARG002
+    ) -> Hits | None:
         """Always None: every search here waits on the Milvus server (see search)."""
         return None
 

@@ -497,6 +497,17 @@ class Store:
             kept_scores.append([v for s, v in zip(row_s, row_score, strict=True) if s >= 0])
         return Hits(hits, view.commit, kept_scores)
 
+    def sample_texts(self, n: int) -> list[str]:
+        """The texts of at most n live items spread evenly over insertion order."""
+        view = self.view()
+        live = [p.seqs if p.live is None else p.seqs[p.live.to_bool()] for p in view.parts]
+        seqs = np.concatenate(live) if live else np.empty(0, dtype=np.int64)
+        if not seqs.size:
+            return []
+        picked = seqs[np.unique(np.linspace(0, seqs.size - 1, min(n, seqs.size)).astype(np.int64))]
+        rows = md.rows_by_seq(self._reader(), picked.tolist(), self.root / DB_NAME)
+        return [item.text for item in rows.values()]
+
     def scan_plan(
         self, target: Target, where: Filter
     ) -> list[tuple[HammingIndex, LiveMask | None]]:
