@@ -19,7 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
 from anyio import CapacityLimiter
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.errors import InputError, IntegrityError, NotReadyError
 from service.api import router
 from service.encoder import Encoder, load_served_model
-from service.errors import error_response, validation_body
+from service.errors import error_response, http_detail, validation_body
 from service.indexing import Indexer
 from service.jobs import JOBS_NAME, JobManager, QueueFull
 from service.metrics import Metrics
@@ -82,17 +82,24 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
     artifacts = settings.artifacts_dir
     model = load_served_model(artifacts, device=settings.device)
     checkpoint, backbone, expected = model.checkpoint, model.backbone, model.manifest
-    store = open_item_store(settings, expected, shared=shared)
-    encoder = Encoder(
-        checkpoint,
-        backbone,
-        window_ms=settings.batch_window_ms,
-        max_batch=settings.max_image_batch,
-        on_batch=metrics.image_batch.observe,
-    )
-    DECODES.resize(settings.max_decode_pixels)
-    indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
-    jobs = JobManager(artifacts / JOBS_NAME, max_queued=settings.max_queued_jobs)
+    # A refusal after the store or the batcher is open closes them: the batcher's thread runs
+    # torch, and one left running while the interpreter exits aborts it (SIGABRT, exit 134,
+    # "terminate called without an active exception") after the one-line refusal.
+    with ExitStack() as opened:
+        store = open_item_store(settings, expected, shared=shared)
+        opened.callback(store.close)
+        encoder = Encoder(
+            checkpoint,
+            backbone,
+            window_ms=settings.batch_window_ms,
+            max_batch=settings.max_image_batch,
+            on_batch=metrics.image_batch.observe,
+        )
+        opened.callback(encoder.close)
+        DECODES.resize(settings.max_decode_pixels)
+        indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
+        jobs = JobManager(artifacts / JOBS_NAME, max_queued=settings.max_queued_jobs)
+        opened.pop_all()
     return Loaded(
         settings=settings,
         metrics=metrics,
@@ -197,7 +204,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), headers=err.headers)
+        detail = http_detail(err, str(err.detail))
+        return error_response(err.status_code, detail, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:

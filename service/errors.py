@@ -31,6 +31,28 @@ def printable(text: str) -> str:
     return text
 
 
+# What python-multipart's parse errors mean for a client (Starlette says only "Invalid multipart
+# data."); its default limits, which Starlette does not change.
+MULTIPART_HEADER_BYTES = 4096 + 128  # python_multipart.multipart.DEFAULT_MAX_HEADER_SIZE
+_MULTIPART_REASONS = {
+    "Maximum header size exceeded": (
+        f"expected each part's header lines (the file name is in one) to take at most "
+        f"{MULTIPART_HEADER_BYTES} bytes, got a longer one"
+    ),
+    "Maximum header count exceeded": "expected at most 8 header lines per part, got more",
+}
+
+
+def http_detail(err: Exception, detail: str) -> str:
+    """An HTTPException's detail, with the reason of a multipart parse error spelled out."""
+    context = err.__context__
+    cause = context.__cause__ if context is not None else None
+    if detail != "Invalid multipart data." or cause is None:
+        return detail
+    reason = str(cause.args[0]) if cause.args else type(cause).__name__
+    return f"invalid multipart data: {_MULTIPART_REASONS.get(reason, reason)}"
+
+
 def error_response(
     status: int,
     detail: str,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import InputError
+from common.fields import fields_json
 from indexes.codes import n_words
 from models.data.dataset import PairDataset
 from service.encoder import Encoder
@@ -35,7 +35,7 @@ from service.schemas import BuildItem, ErrorItem
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
 from store.backend import ItemStore
 from store.ids import ItemId, parse_id
-from store.rows import MAX_FIELDS_BYTES, NewItems
+from store.rows import NewItems
 from store.store import OnConflict
 
 logger = logging.getLogger(__name__)
@@ -101,21 +101,6 @@ def check_text(text: str) -> None:
         ) from None
 
 
-def check_fields(fields: dict[str, Any]) -> None:
-    """User fields the store can hold: JSON of valid Unicode, at most MAX_FIELDS_BYTES."""
-    try:
-        text = json.dumps(fields, ensure_ascii=False, allow_nan=False)
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as err:
-        raise InputError(
-            f"expected fields of valid Unicode, got a lone surrogate at {err.start}"
-        ) from None
-    except (ValueError, TypeError) as err:  # NaN or Infinity: json.loads reads them, JSON cannot
-        raise InputError(f"expected fields that are JSON, got: {err}") from None
-    if size > MAX_FIELDS_BYTES:
-        raise InputError(f"expected fields of at most {MAX_FIELDS_BYTES} bytes as JSON, got {size}")
-
-
 class Indexer:
     """Validates, encodes and commits build items to the store."""
 
@@ -158,7 +143,7 @@ class Indexer:
                 if item.id in present:
                     raise InputError(f"expected a new id, got {item.id!r}: already indexed")
                 check_text(item.text)
-                check_fields(item.fields)
+                fields_json(item.fields)
                 data = _image_bytes(item, data_dir, max_image_bytes)
                 _, extension = self._decode(data)
                 pending.append(Pending(item.id, item.text, data, extension, dict(item.fields)))
@@ -247,7 +232,7 @@ class Indexer:
                 fields = dict(extra[i]) if extra is not None else {}
                 try:
                     check_text(texts[i])
-                    check_fields(fields)
+                    fields_json(fields)
                     path = paths[i] if within is None else inside(within, str(paths[i]))
                     raw = path.read_bytes()
                     image, extension = self._decode(raw)

@@ -9,11 +9,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
     StringConstraints,
     WithJsonSchema,
     field_validator,
@@ -21,10 +18,11 @@ from pydantic import (
 )
 
 from common.errors import InputError
+from common.fields import MAX_FIELDS_BYTES, MAX_FIELDS_DEPTH
 from indexes.codes import MAX_BITS
 from store import filters
 from store.filters import Filter
-from store.ids import MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
+from store.ids import DOT_SEGMENTS, MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
 
 Target = Literal["image", "text"]
 OnConflict = Literal["error", "replace"]
@@ -36,15 +34,6 @@ MAX_RANK = 10_000  # offset + k: the deepest rank a search may reach
 MAX_BATCH_QUERIES = 32  # queries in one batch text search
 
 
-def json_int(value: object) -> object:
-    """An integer as JSON Schema means it: 5 and 5.0, never true or "5" (the rest is int's)."""
-    if isinstance(value, bool | str):
-        raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 def _item_id(value: object) -> ItemId:
     if isinstance(value, float) and value.is_integer():  # JSON Schema: 5.0 is the integer 5
         value = int(value)
@@ -54,7 +43,21 @@ def _item_id(value: object) -> ItemId:
         raise ValueError(str(err)) from None
 
 
-# An integer (0..2**63-1) or a string of 1..256 characters; "5" and 5 are the same id.
+def _json_int(value: object) -> object:
+    """A JSON Schema integer: 5 or 5.0, never true or "5" (pydantic's lax mode takes both)."""
+    if isinstance(value, bool | str):
+        kind = "a boolean" if isinstance(value, bool) else "a string"
+        raise ValueError(f"expected an integer, got {kind}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_int)]
+
+
+# An integer (0..2**63-1) or a string of 1..256 characters (not "." or ".."); "5" and 5 are the
+# same id.
 UserId = Annotated[
     int | str,
     BeforeValidator(_item_id),
@@ -67,9 +70,11 @@ UserId = Annotated[
                     "minLength": 1,
                     "maxLength": MAX_ID_CHARS,
                     "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                    "not": {"enum": list(DOT_SEGMENTS)},
                 },
             ],
-            "description": "an integer or a string without control characters",
+            "description": "an integer, or a string without control characters other than '.' "
+            "and '..'",
         }
     ),
 ]
@@ -91,13 +96,32 @@ class ErrorBody(BaseModel):
 
 
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=filters.MAX_FIELD_CHARS)]
-# Strict: "5" stays a string and true a boolean (a filter compares JSON values by type).
+
+
+def _filter_value(value: object) -> bool | int | float | str:
+    """A filter value as given: "5" stays a string and true a boolean (a filter compares JSON
+    values by type); the store checks lengths and finiteness (store.filters), naming the field."""
+    if isinstance(value, bool | int | float | str):
+        return value
+    kind = "null" if value is None else "an object" if isinstance(value, dict) else "a list"
+    raise ValueError(f"expected a string, number or boolean, got {kind}")
+
+
+# One validator, not a union of strict types: a union's error named its last member ("equals.a.
+# bool: Input should be a valid boolean" for a string too long or a NaN).
 FilterValue = Annotated[
-    StrictBool
-    | StrictInt
-    | Annotated[StrictFloat, Field(allow_inf_nan=False)]
-    | Annotated[StrictStr, StringConstraints(max_length=filters.MAX_VALUE_CHARS)],
-    Field(description="a string, number or boolean"),
+    bool | int | float | str,
+    PlainValidator(_filter_value),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": filters.MAX_VALUE_CHARS},
+                {"type": "number"},
+                {"type": "boolean"},
+            ],
+            "description": "a string, number or boolean",
+        }
+    ),
 ]
 
 
@@ -169,18 +193,18 @@ class TextSearch(BaseModel):
     """Search with a text."""
 
     text: str = Field(min_length=1, max_length=10_000, description="the query text")
-    k: int = Field(10, ge=1, description="how many hits (at most the server's max_k)")
+    k: JsonInt = Field(10, ge=1, description="how many hits (at most the server's max_k)")
     target: Target = Field("image", description="search the image index or the text index")
     filter: SearchFilter | None = Field(
         None, description="search only among the items that pass (the exact top-k of those)"
     )
     scoring: Scoring = Field(DEFAULT_SCORING, description=SCORING_DESCRIPTION)
     # The service states its own bound, MAX_RANK - max_k (service/app.py stated_limits).
-    offset: int = Field(0, ge=0, le=MAX_RANK - 1, description=OFFSET_DESCRIPTION)
+    offset: JsonInt = Field(0, ge=0, le=MAX_RANK - 1, description=OFFSET_DESCRIPTION)
     max_distance: int | None = Field(None, ge=0, description=MAX_DISTANCE_DESCRIPTION)
 
-    # No boolean and no string: true is not 1 and "5" is not 5 (JSON says what it means).
-    _integers = field_validator("offset", "max_distance", mode="before")(json_int)
+    # JsonInt's check, as a validator: inside a union its schema loses the bound (pydantic).
+    _integer = field_validator("max_distance", mode="before")(_json_int)
 
 
 class TextBatch(BaseModel):
@@ -263,7 +287,14 @@ class BuildItem(BaseModel):
     text: str = Field(min_length=1, max_length=10_000)
     image_base64: str | None = Field(None, description="the image file's bytes, base64")
     image_path: str | None = Field(None, description="a path inside the server's data folder")
-    fields: dict[str, Any] = Field({}, description="the user's own fields, returned with hits")
+    fields: dict[str, Any] = Field(
+        {},
+        description=(
+            "the user's own fields, returned with hits: a JSON object of at most "
+            f"{MAX_FIELDS_BYTES} bytes, nested at most {MAX_FIELDS_DEPTH} levels (the object "
+            "itself is level 1)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> BuildItem:

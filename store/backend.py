@@ -18,7 +18,7 @@ from store.filters import Filter
 from store.ids import ItemId
 from store.metadata import Item
 from store.rows import NewItems
-from store.store import Hits, OnConflict
+from store.store import Deleted, Hits, OnConflict
 from store.view import Target
 
 
@@ -100,8 +100,8 @@ class ItemStore(Protocol):
         """Commit a batch; the commit number (or seq) it made."""
         ...
 
-    def delete(self, ids: Sequence[ItemId]) -> list[ItemId]:
-        """Remove these ids; those that were stored."""
+    def delete(self, ids: Sequence[ItemId]) -> Deleted:
+        """Remove these ids; those that were stored and the commit that removed them."""
         ...
 
     def close(self) -> None:

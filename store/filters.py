@@ -79,7 +79,9 @@ def _canonical(value: object, where: str) -> Scalar:
     """The value a term holds: 5.0 becomes 5 (one JSON number), other types are refused."""
     if isinstance(value, str):
         if len(value) > MAX_VALUE_CHARS:
-            raise InputError(f"expected {where} of at most {MAX_VALUE_CHARS} characters")
+            raise InputError(
+                f"expected {where} of at most {MAX_VALUE_CHARS} characters, got {len(value)}"
+            )
         _check_unicode(value, where)
         return value
     if isinstance(value, bool):

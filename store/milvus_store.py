@@ -97,7 +97,7 @@ from store.ids import ItemId, parse_id
 from store.manifest import Manifest, check_manifest
 from store.metadata import Item
 from store.rows import IMAGES_DIR, NewItems, checked_rows
-from store.store import Hits, OnConflict
+from store.store import Deleted, Hits, OnConflict
 from store.view import Target
 
 logger = logging.getLogger(__name__)
@@ -617,8 +617,9 @@ class MilvusStore:
         self._collect_images([row["image"] for row in old])
         return self._commit
 
-    def delete(self, ids: Sequence[ItemId]) -> list[ItemId]:
-        """Delete these ids (acknowledged by Milvus when this returns); the ids that were there."""
+    def delete(self, ids: Sequence[ItemId]) -> Deleted:
+        """Delete these ids (acknowledged by Milvus when this returns); the ids that were there
+        and the seq that stands for this delete's commit."""
         gone = self._rows(ids, ["image"])
         keys = [row["id"] for row in gone]
         for start in range(0, len(keys), ID_BATCH):
@@ -628,10 +629,11 @@ class MilvusStore:
                 ids=keys[start : start + ID_BATCH],
                 timeout=self._timeout,
             )
+        commit = self._commit
         if keys:
-            self._commit = self._seqs(1)[0]
+            commit = self._commit = self._seqs(1)[0]
         self._collect_images([row["image"] for row in gone])
-        return [id_of(k) for k in keys]
+        return Deleted([id_of(k) for k in keys], commit)
 
     def _collect_images(self, images: list[str]) -> None:
         """Remove store-owned image files no row refers to and no write may be about to."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 import sqlite3
 import zlib
@@ -22,13 +21,13 @@ from typing import Any, cast
 import numpy as np
 
 from common.errors import InputError
+from common.fields import fields_json
 from indexes.codes import check_packed
 from store import metadata as md
 from store.filters import terms_of, terms_of_json
 from store.ids import MAX_INT_ID, ItemId, parse_id
 
 IMAGES_DIR = "images"  # under the artifacts folder: images the store keeps, content-addressed
-MAX_FIELDS_BYTES = 16_384  # the user's fields of one item, as JSON
 _EXTENSION = re.compile(r"[a-z0-9]{1,5}")  # of stored image files
 
 
@@ -92,7 +91,7 @@ def checked_rows(batch: NewItems, n_bits: int) -> tuple[Rows, dict[str, bytes]]:
         ids=_checked_ids(batch.ids),
         texts=_checked_texts(batch.texts, "texts"),
         images=_checked_texts(images, "images"),
-        fields=["{}"] * b if batch.fields is None else [_fields_json(f) for f in fields],
+        fields=["{}"] * b if batch.fields is None else [fields_json(f) for f in fields],
         terms=[] if batch.fields is None else [(i, terms_of(f)) for i, f in enumerate(fields) if f],
         image_codes=batch.image_codes,
         text_codes=batch.text_codes,
@@ -164,21 +163,6 @@ def _code_bytes(codes: np.ndarray) -> list[bytes]:
     width = 8 * data.shape[1]
     blob = data.tobytes()
     return [blob[i : i + width] for i in range(0, len(blob), width)]
-
-
-def _fields_json(fields: dict[str, Any]) -> str:
-    if type(fields) is dict and not fields:  # the common case, without json.dumps
-        return "{}"
-    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
-        raise InputError(f"expected the item's fields as an object, got {type(fields).__name__}")
-    try:
-        text = json.dumps(fields, ensure_ascii=False, sort_keys=True, allow_nan=False)
-        text.encode("utf-8")
-    except (ValueError, TypeError, RecursionError) as err:  # NaN, a set, a lone surrogate
-        raise InputError(f"expected the item's fields as JSON, got: {err}") from None
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FIELDS_BYTES:
-        raise InputError(f"expected an item's fields to take at most {MAX_FIELDS_BYTES} bytes")
-    return text
 
 
 def _checked_ids(ids: Sequence[ItemId]) -> list[ItemId]:

@@ -121,6 +121,15 @@ class Hits:
     scores: list[list[float]]
 
 
+@dataclass(frozen=True)
+class Deleted:
+    """What a delete removed: the ids that were stored, and the commit that removed them (the
+    commit already current when none was)."""
+
+    ids: list[ItemId]
+    commit: int
+
+
 class Store:
     """One artifacts folder's indexed items. Open with Store.open or Store.create."""
 
@@ -605,8 +614,9 @@ class Store:
             self._wake_compactor()
             return self._commit
 
-    def delete(self, ids: Sequence[ItemId]) -> list[ItemId]:
-        """Delete these ids durably, then stop serving them; returns the ids that were there."""
+    def delete(self, ids: Sequence[ItemId]) -> Deleted:
+        """Delete these ids durably, then stop serving them; the ids that were there and the
+        commit that removed them (read under the writer lock: another write's commit never)."""
         with self._writing():
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
@@ -624,7 +634,7 @@ class Store:
             self._publish()
             self._collect_images([g[1] for g in gone])
             self._wake_compactor()
-            return [g[2] for g in gone]
+            return Deleted([g[2] for g in gone], self._commit)
 
     def _delete_rows(self, ids: list[ItemId]) -> list[tuple[int, str, ItemId]]:
         """(seq, image, id) of the rows of ids, deleted in the open transaction (store/rows.py)."""

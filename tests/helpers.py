@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import numpy as np
 
 from indexes.codes import pack_codes
@@ -52,3 +55,14 @@ def separable_pairs(n: int = 600, classes: int = 6, seed: int = 0) -> PairDatase
         train_idx=idx[100:], query_idx=idx[:100], database_idx=idx[100:],
         image_features=image.astype(np.float32), text_features=text.astype(np.float32),
     )  # fmt: skip
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, object]:
+    """The job's status once it has succeeded or failed (a TestClient is an httpx.Client too)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status: dict[str, object] = client.get(f"/v1/jobs/{job_id}").json()
+        if status["status"] in ("succeeded", "failed"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")

@@ -10,7 +10,6 @@ import io
 import json
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +19,7 @@ import pytest
 from PIL import Image
 
 from service.local import serving
+from tests.helpers import wait_for_job
 
 KEY = "k3y"
 MAX_BODY = 100_000
@@ -122,16 +122,6 @@ def stream_unfinished(
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered and closed while we were still sending
         return read_response(sock)
-
-
-def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status: dict[str, object] = client.get(f"/v1/jobs/{job_id}").json()
-        if status["status"] in ("succeeded", "failed"):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
 JSON = "Content-Type: application/json\r\n"
@@ -360,4 +350,6 @@ def test_the_batch_and_fields_limits_are_400s_saying_so(server: str) -> None:
     )
     assert status == 400, body[:300]
     reason = json.loads(body)["errors"][0]["reason"]
-    assert reason.startswith("expected fields of at most 16384 bytes as JSON, got 170")
+    assert reason.startswith(
+        "expected the item's fields to take at most 16384 bytes as JSON, got 170"
+    )

@@ -14,12 +14,15 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.models import vgg19
+from torchvision.transforms import functional as TF
 
 from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.data.loaders import load_dataset
 from models.features.image import (
     DRAFT_MIN_SIDE,
+    MAX_RESIZED_RATIO,
+    RESIZE,
     Backbone,
     crop_pixels,
     draft_jpeg,
@@ -197,6 +200,23 @@ def test_array_preprocessing_is_bit_identical_to_torchvision(name: str) -> None:
     expected = torch.stack([backbone.preprocess(im) for im in images])
     got = pixels_to_input(backbone, np.stack([crop_pixels(im) for im in images]))
     assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("size", [(4200, 12), (12, 4200), (400, 12), (4200, 200)])
+def test_strips_past_the_ratio_resample_only_the_crop_and_match_the_full_resize(
+    size: tuple[int, int],
+) -> None:
+    # Issue 35: a 65535 x 1 PNG resized whole to 16.7 M x 256 pixels took 17 GB. Past
+    # MAX_RESIZED_RATIO only the crop's region is resampled; the pixels match the full resize
+    # (affordable at these sizes) up to rounding (PIL rounds between its two passes).
+    width, height = size
+    assert max(width, height) * RESIZE // min(width, height) > MAX_RESIZED_RATIO * RESIZE
+    rng = np.random.default_rng(2)
+    coarse = rng.integers(0, 256, (max(2, height // 4), max(2, width // 4), 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+    full = TF.center_crop(TF.resize(image, RESIZE, interpolation=TF.InterpolationMode.BICUBIC), 224)
+    diff = np.abs(crop_pixels(image).astype(np.int16) - np.asarray(full))
+    assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
 
 
 def _jpeg(path: Path, size: tuple[int, int]) -> Path:

@@ -106,7 +106,7 @@ def test_same_answers_as_the_local_store_with_and_without_filters(
             local.add(batch)
             milvus.add(batch)
         gone = [4, "img-9", 50, 51]  # 51 is "img-51": absent
-        assert sorted(map(str, local.delete(gone))) == sorted(map(str, milvus.delete(gone)))
+        assert sorted(map(str, local.delete(gone).ids)) == sorted(map(str, milvus.delete(gone).ids))
         replaced = dataclasses.replace(items(rng, 10, 3), fields=[{"tags": ["news"]}] * 3)
         local.add(replaced, on_conflict="replace")
         milvus.add(replaced, on_conflict="replace")
@@ -146,7 +146,7 @@ def test_add_replace_delete_get_and_conflicts(tmp_path: Path, milvus_lite: Milvu
     item = store.get("1")
     assert item is not None and item.text == "new caption" and item.id == 1
     assert store.existing([0, "img-0", "img-3", 9]) == {"img-0", "img-3"}
-    assert store.delete([2, 2, 99]) == [2] and store.get(2) is None and len(store) == 4
+    assert store.delete([2, 2, 99]).ids == [2] and store.get(2) is None and len(store) == 4
     store.close()
 
 
@@ -253,7 +253,7 @@ def test_migrate_copies_the_local_store_resumably_and_verifies(
     try:
         # An interrupted copy (in seq order, all or nothing per batch) lacks a suffix: resumed.
         suffix: list[int | str] = [i if i % 3 else f"img-{i}" for i in range(110, 120)]
-        assert len(milvus.delete(suffix)) == 10
+        assert len(milvus.delete(suffix).ids) == 10
         assert main(args) == 0
         assert "10 items copied, 108 already there" in capsys.readouterr().out
         local = Store.open(tmp_path / "a")

@@ -128,6 +128,8 @@ DEFECTS = [
     ("empty-id", {"id": "", "image": "good.png", "text": "t"}, "invalid id"),
     ("long-id", {"id": "x" * 257, "image": "good.png", "text": "t"}, "1..256 characters"),
     ("control-id", {"id": "a\u0007b", "image": "good.png", "text": "t"}, "control characters"),
+    ("dot-id", {"id": ".", "image": "good.png", "text": "t"}, "other than '.' and '..'"),
+    ("dotdot-id", {"id": "..", "image": "good.png", "text": "t"}, "other than '.' and '..'"),
     ("missing-text", {"id": "x", "image": "good.png"}, "missing text"),
     ("empty-text", {"id": "x", "image": "good.png", "text": " \n\t "}, "empty text"),
     ("number-text", {"id": "x", "image": "good.png", "text": 3}, "invalid text"),
@@ -144,6 +146,16 @@ DEFECTS = [
     ("unknown-split", {"id": "x", "image": "good.png", "text": "t", "split": "test"}, "split"),
     ("labels-string", {"id": "x", "image": "good.png", "text": "t", "labels": "cat"}, "labels"),
     ("labels-numbers", {"id": "x", "image": "good.png", "text": "t", "labels": [1]}, "labels"),
+    (
+        "deep-fields",  # issue 35: 255 levels failed every search that returned the item
+        {"id": "x", "image": "good.png", "text": "t", "f": json.loads("[" * 255 + "]" * 255)},
+        "invalid fields: expected the item's fields nested at most 32 levels deep",
+    ),
+    (
+        "large-fields",
+        {"id": "x", "image": "good.png", "text": "t", "f": "y" * 17_000},
+        "invalid fields: expected the item's fields to take at most 16384 bytes",
+    ),
 ]
 
 

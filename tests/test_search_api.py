@@ -194,8 +194,8 @@ def test_bad_fields_are_refused_naming_the_field_and_the_limit(client: TestClien
     refused({"k": 10, "offset": MAX_RANK - 499}, 400, "expected offset in 0..9500", "got 9501")
     refused({"offset": MAX_RANK}, 422, "offset", str(MAX_RANK - 1))
     refused({"offset": -1}, 422, "offset", "greater than or equal to 0")
-    refused({"offset": True}, 422, "offset", "expected an integer, got bool")
-    refused({"max_distance": "3"}, 422, "max_distance", "expected an integer, got str")
+    refused({"offset": True}, 422, "offset", "expected an integer, got a boolean")
+    refused({"max_distance": "3"}, 422, "max_distance", "expected an integer, got a string")
     assert text_search(client, k=2, offset=1.0)["offset"] == 1  # JSON's 1.0 is the integer 1
     refused({"scoring": "cosine"}, 422, "scoring", "hamming", "asymmetric")
     refused({"max_distance": -3}, 422, "max_distance")

@@ -22,6 +22,7 @@ from PIL import Image
 from common.errors import InputError
 from service.app import create_app
 from service.settings import Settings
+from tests.helpers import wait_for_job
 
 
 def client_for(artifacts: Path, **overrides: object) -> TestClient:
@@ -43,16 +44,6 @@ def bomb_png(width: int, height: int) -> bytes:
     data[16:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     return bytes(data)
-
-
-def wait_for_job(client: TestClient, job_id: str, timeout: float = 120) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.get(f"/v1/jobs/{job_id}").json()
-        if status["status"] in ("succeeded", "failed"):
-            return status  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
 def test_health_ready_stats(demo_artifacts: Path) -> None:

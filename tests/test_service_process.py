@@ -114,6 +114,19 @@ def test_a_store_that_does_not_match_the_checkpoint_is_refused_in_one_line(
     assert "Traceback" not in output
 
 
+def test_unreadable_job_records_are_refused_in_one_line_and_exit_2(demo_artifacts: Path) -> None:
+    # Issue 35: the refusal printed, then the batcher's torch thread, left running, aborted the
+    # interpreter at exit ("terminate called without an active exception", exit 134).
+    (demo_artifacts / "jobs.sqlite").write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(RuntimeError) as raised, serving(demo_artifacts, ready_timeout_s=120):
+        pass
+    output = str(raised.value)
+    assert "got exit code 2; its output:" in output, output[-2000:]
+    assert "cmh serve: error: the job records in " in output
+    assert "move the file away to start without them" in output
+    assert "terminate called" not in output and "Traceback" not in output
+
+
 def worker_pids(artifacts: Path) -> list[int]:
     """The worker processes of the `cmh serve --workers N` over `artifacts` (uvicorn spawns them
     from its parent process, which alone names the folder on its command line)."""

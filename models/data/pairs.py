@@ -7,16 +7,17 @@ Format (exactly one of the two files; both, or neither, is an InputError):
   comma are ignored). `labels` is a `;`-separated list of names; an empty `labels` or `split`
   cell means none given. Every other column is kept as a string.
 Fields (names are case-sensitive):
-- id (required): a string of 1..256 characters without control characters, or a non-negative
-  integer (JSON); kept as str(id), so 7 and "7" are the same id. A line repeating the id of an
-  earlier line (loaded or not) is rejected.
+- id (required): a string of 1..256 characters without control characters, other than "." and
+  "..", or a non-negative integer (JSON); kept as str(id), so 7 and "7" are the same id. A line
+  repeating the id of an earlier line (loaded or not) is rejected.
 - image (required): the image file's path relative to DIR. Absolute paths, `..` and symlinks
   resolving outside DIR are rejected; the file must open as an image (PIL).
 - text (required): the caption, non-empty after stripping whitespace.
 - labels (optional, evaluation only): a list of label names; label_names = their sorted union.
 - split (optional): "train" (training only), "database" (the database, also trained on; the
   default) or "query" (queries only, never trained on).
-- any other field: kept per pair in PairDataset.extra.
+- any other field: kept per pair in PairDataset.extra, the item's fields once indexed (the
+  limits of common/fields.py: at most 16 KB as JSON, nested at most 32 levels).
 Protocol: queries = the "query" pairs; database = the "database" pairs; train = the "train" and
 "database" pairs. With no split on any loaded line, database = train = every pair, no queries.
 Blank lines are skipped; every other line is loaded or rejected with its line number (CSV: the file
@@ -39,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
 from common.errors import InputError
+from common.fields import fields_json
 from models.data.dataset import PairDataset, Rejection
 
 logger = logging.getLogger(__name__)
@@ -179,6 +181,8 @@ def _pair_id(record: dict[str, object]) -> str:
         )
     if not 1 <= len(text) <= MAX_ID_CHARS:
         raise _Rejected(f"invalid id: expected 1..{MAX_ID_CHARS} characters, got {len(text)}")
+    if text in (".", ".."):  # store.ids.DOT_SEGMENTS: no URL can name such an item
+        raise _Rejected(f"invalid id: expected an id other than '.' and '..', got {_show(text)}")
     if any(unicodedata.category(c) == "Cc" for c in text):
         raise _Rejected(f"invalid id: expected no control characters, got {_show(text)}")
     return text
@@ -236,13 +240,18 @@ def _check(
     labels = record.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(n, str) and n.strip() for n in labels):
         raise _Rejected(f"invalid labels: expected a list of label names, got {_show(labels)}")
+    extra = {k: v for k, v in record.items() if k not in FIELDS}
+    try:
+        fields_json(extra)  # what the store will be asked to hold: refused here, with the line
+    except InputError as err:
+        raise _Rejected(f"invalid fields: {err}") from None
     return _Pair(
         pair_id=pair_id,
         path=_image_path(record, root),
         text=text.strip(),
         labels=[n.strip() for n in labels],
         split=str(split) if split is not None else None,
-        extra={k: v for k, v in record.items() if k not in FIELDS},
+        extra=extra,
     )
 
 

@@ -76,6 +76,10 @@ DRAFT_MIN_SIDE = DRAFT_SCALE * RESIZE  # for Lite0 and VGG19; Backbone.draft_min
 # Largest batch a fast-path worker runs: per image, oneDNN at 1 thread on 2 cores took 28 ms CPU
 # at batches of 4 and 8, 32 ms at 1, 37 ms at 32 (activations of a big batch leave the caches).
 FAST_BATCH = 8
+# Past this long-to-short ratio after the resize, crop_pixels resamples only the crop's region: a
+# resized image then takes at most resize x (16 x resize) pixels (256 x 4096 x 3 bytes = 3 MiB),
+# whatever the upload's shape. The widest Web News photo is 5.3:1.
+MAX_RESIZED_RATIO = 16
 
 
 def one_torch_thread() -> None:
@@ -310,10 +314,34 @@ def open_image(path: Path, *, draft: bool = False, min_side: int = DRAFT_MIN_SID
         raise InputError(f"could not decode image {str(path)!r}: {err}") from err
 
 
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize(resize): the short side to `resize`, the long
+    side scaled and truncated, as TF.resize computes it."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
 def crop_pixels(image: Image.Image, *, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
-    """(crop, crop, 3) uint8: the reference resize and centre crop of an image, as an array."""
-    resized = TF.resize(to_rgb(image), resize, interpolation=TF.InterpolationMode.BICUBIC)
-    return np.asarray(TF.center_crop(resized, crop))
+    """(crop, crop, 3) uint8: the reference resize and centre crop of an image, as an array.
+
+    Memory stays bounded whatever the aspect ratio: a resize whose long side would pass
+    MAX_RESIZED_RATIO x resize (a 100-byte PNG of 65535 x 1 pixels would resize to 16.7 M x
+    256, 12.9 GB) resamples only the crop's own region of the source (PIL's `box`, the same
+    bicubic kernel over the same source pixels), never the whole resized image; within the
+    ratio the resize is the reference's, bit for bit.
+    """
+    rgb = to_rgb(image)
+    width, height = rgb.size
+    new_width, new_height = resized_size(width, height, resize)
+    if max(new_width, new_height) <= MAX_RESIZED_RATIO * resize:
+        resized = TF.resize(rgb, resize, interpolation=TF.InterpolationMode.BICUBIC)
+        return np.asarray(TF.center_crop(resized, crop))
+    left = int(round((new_width - crop) / 2.0))  # TF.center_crop's offsets in the resized image
+    top = int(round((new_height - crop) / 2.0))
+    scale_x, scale_y = width / new_width, height / new_height
+    box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
+    return np.asarray(rgb.resize((crop, crop), Image.Resampling.BICUBIC, box=box))
 
 
 def pixels_to_input(backbone: Backbone, pixels: np.ndarray) -> torch.Tensor:

@@ -53,10 +53,11 @@ def delete_item(item_id: str, loaded: LoadedDep, metrics: MetricsDep) -> DeleteR
     """Remove an item from both indexes (durable before it is acknowledged)."""
     wanted = path_id(item_id)
     removed = loaded.store.delete([wanted])
-    if not removed:
+    if not removed.ids:
         raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
     metrics.set_index_size(len(loaded.store), len(loaded.store))
-    return DeleteResponse(id=removed[0], removed=True, generation=str(loaded.store.view().commit))
+    # The commit that removed it: the view's, read after, could already be another write's.
+    return DeleteResponse(id=removed.ids[0], removed=True, generation=str(removed.commit))
 
 
 @router.get("/v1/index/stats", responses=ERRORS)

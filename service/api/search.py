@@ -29,9 +29,10 @@ A batch of text searches runs each as the single search does, one after another.
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import quote
 
 from anyio import to_thread
@@ -40,6 +41,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from common.errors import InputError
+from common.fields import MAX_FIELDS_DEPTH, depth
 from indexes.asymmetric import Asymmetric
 from indexes.codes import MAX_BITS
 from models.features.query_words import QueryText
@@ -68,8 +70,10 @@ from service.suggestions import MAX_SUGGESTIONS
 from service.uploads import decode_image
 from store.filters import Filter
 from store.ids import ItemId
+from store.metadata import Item
 from store.store import Hits
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["search"])
 
 
@@ -100,7 +104,7 @@ def ranked(found: Hits, offset: int) -> list[Hit]:
             score=score,
             text=item.text,
             image_url=image_url(item.id),
-            fields=item.fields,
+            fields=servable_fields(item),
         )
         for (item, dist), score in zip(
             found.hits[0][offset:], found.scores[0][offset:], strict=True
@@ -111,6 +115,21 @@ def ranked(found: Hits, offset: int) -> list[Hit]:
 def asymmetric_of(encoded: EncodedQuery) -> Asymmetric | None:
     """The asymmetric ranking of a query encoded with its real output, else None (Hamming)."""
     return None if encoded.real is None else Asymmetric.of(encoded.code, encoded.real)
+
+
+def servable_fields(item: Item) -> dict[str, Any]:
+    """The item's fields, or {} (logged) where they nest past MAX_FIELDS_DEPTH.
+
+    Builds refuse such fields, but a store written before that limit, or a Milvus collection
+    written by another client, may hold them, and one would fail every response it is in.
+    """
+    if depth(item.fields, stop=MAX_FIELDS_DEPTH) <= MAX_FIELDS_DEPTH:
+        return item.fields
+    logger.warning(
+        "item %r: fields nested deeper than %d levels are left out of its hits",
+        item.id, MAX_FIELDS_DEPTH,
+    )  # fmt: skip
+    return {}
 
 
 @router.post("/v1/search/text", responses=ERRORS)
@@ -252,9 +271,10 @@ def form_filter(text: str) -> Filter | None:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our checks
         raise InputError(
             f"expected the filter as JSON of a SearchFilter, got: {where + ': ' if where else ''}"
-            f"{first['msg']}"
+            f"{message}"
         ) from None
 
 

@@ -1,0 +1,291 @@
+"""The second hostile-client pass (issue 35) against a real `python -m cli serve` process: tiny
+images of extreme shapes that used to resize into gigabytes, and fields nested deep enough to
+fail every response that carried them."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from common.fields import MAX_FIELDS_DEPTH
+from service.local import service_process
+from store.rows import NewItems
+from store.store import Store
+from tests.helpers import wait_for_job
+
+KEY = "k3y"
+DEEP_ID = 97_000  # an item whose fields nest past the limit, stored as a store from before it
+# What one request with a 100-byte image may add to the server's peak RSS. Before the fix a
+# 65535 x 1 PNG resized to 16.7 M x 256 pixels: +17 GB and counting, 8192 x 1 +2.1 GB.
+MAX_GROWTH_MB = 64
+
+
+def strip_png(width: int, height: int) -> bytes:
+    """A grey PNG of width x height pixels: about 100 bytes for 8192 x 1 (the issue's file)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    rows = b"".join(b"\0" + b"\x7f" * 3 * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def nested(levels: int) -> dict[str, object]:
+    """A fields object `levels` deep: {"a": {"a": ... {"a": 1}}}."""
+    value: object = 1
+    for _ in range(levels):
+        value = {"a": value}
+    assert isinstance(value, dict)
+    return value
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def store_an_item_from_before_the_depth_limit(artifacts: Path) -> None:
+    """Add DEEP_ID with fields 300 levels deep, as a store written before the limit holds it."""
+    store = Store.open(artifacts)
+    try:
+        words = store.manifest.n_bits // 64
+        codes = np.zeros((1, words), dtype=np.uint64)
+        with pytest.MonkeyPatch.context() as patch:  # the limit lifted for this write only
+            patch.setattr("common.fields.MAX_FIELDS_DEPTH", 10_000)
+            store.add(
+                NewItems(
+                    ids=[DEEP_ID],
+                    texts=["a red car from an old store"],
+                    images=["none.png"],
+                    image_codes=codes,
+                    text_codes=codes,
+                    fields=[nested(300)],
+                )
+            )
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def served(
+    demo_artifacts_master: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[int, httpx.Client]]:
+    """(server pid, a client with the key) over a copy of the demo artifacts holding DEEP_ID."""
+    artifacts = Path(shutil.copytree(demo_artifacts_master, tmp_path_factory.mktemp("h2") / "a"))
+    store_an_item_from_before_the_depth_limit(artifacts)
+    with (
+        service_process(artifacts, CMH_API_KEY=KEY) as (proc, url),
+        httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=120) as client,
+    ):
+        yield proc.pid, client
+
+
+def search_image(client: httpx.Client, data: bytes, **form: str) -> httpx.Response:
+    return client.post("/v1/search/image", files={"file": ("a.png", data, "image/png")}, data=form)
+
+
+def test_a_100_byte_strip_image_costs_megabytes_not_gigabytes(
+    served: tuple[int, httpx.Client],
+) -> None:
+    pid, client = served
+    assert search_image(client, strip_png(40, 30)).status_code == 200  # warm: backbone, batcher
+    before = peak_rss_mb(pid)
+    for width, height in ((65535, 1), (1, 65535), (8192, 1)):
+        data = strip_png(width, height)
+        assert len(data) < 400
+        answer = search_image(client, data)
+        assert answer.status_code == 200, answer.text[:300]
+        assert len(answer.json()["hits"]) == 10
+    items = [
+        {"id": 96_000 + i, "text": "a grey strip", "image_base64": base64.b64encode(d).decode()}
+        for i, d in enumerate((strip_png(65535, 1), strip_png(1, 65535)))
+    ]
+    accepted = client.post("/v1/index/build", json={"items": items})
+    assert accepted.status_code == 202, accepted.text[:300]
+    assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+    growth = peak_rss_mb(pid) - before
+    assert growth < MAX_GROWTH_MB, f"peak RSS grew by {growth:.0f} MB"
+
+
+def test_fields_past_the_depth_limit_are_a_400_naming_it(served: tuple[int, httpx.Client]) -> None:
+    _, client = served
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    items = [
+        {"id": 96_100, "text": "deep but fine", "image_base64": png, "fields": nested(32)},
+        {"id": 96_101, "text": "too deep", "image_base64": png, "fields": nested(33)},
+        {"id": 96_102, "text": "far too deep", "image_base64": png, "fields": nested(255)},
+    ]
+    answer = client.post("/v1/index/build", json={"items": items})
+    assert answer.status_code == 400, answer.text[:300]
+    reasons = {e["index"]: e["reason"] for e in answer.json()["errors"]}
+    expected = f"expected the item's fields nested at most {MAX_FIELDS_DEPTH} levels deep"
+    assert set(reasons) == {1, 2} and all(r.startswith(expected) for r in reasons.values())
+    accepted = client.post("/v1/index/build", json={"items": items[:1]})
+    assert accepted.status_code == 202
+    assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+    found = client.post(
+        "/v1/search/text", json={"text": "car", "k": 100, "filter": {"ids": [96_100]}}
+    )
+    assert found.status_code == 200
+    (hit,) = found.json()["hits"]
+    assert hit["fields"] == nested(32)
+
+
+def test_an_item_stored_before_the_limit_never_fails_a_search(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    for _ in range(3):  # the connection survives: every answer is whole
+        answer = client.post(
+            "/v1/search/text", json={"text": "red car", "k": 100, "filter": {"ids": [DEEP_ID]}}
+        )
+        assert answer.status_code == 200, answer.text[:300]
+        (hit,) = answer.json()["hits"]
+        assert hit["id"] == DEEP_ID and hit["fields"] == {}
+    unfiltered = search_image(client, strip_png(40, 30), k="100")
+    assert unfiltered.status_code == 200
+    assert client.get("/healthz").status_code == 200
+
+
+def test_the_schema_states_the_fields_limits(served: tuple[int, httpx.Client]) -> None:
+    _, client = served
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    description = schema["BuildItem"]["properties"]["fields"]["description"]
+    assert "16384 bytes" in description and f"{MAX_FIELDS_DEPTH} levels" in description
+
+
+def test_a_strip_image_resizes_in_bounded_memory_in_a_fresh_process() -> None:
+    # In a process of its own, so its peak RSS is this resize's alone (8192 x 1: +2.1 GB before).
+    code = (
+        "import resource, sys\n"
+        "from tests.test_hardening_two import strip_png\n"
+        "from service.uploads import decode_image\n"
+        "from models.features.image import crop_pixels\n"
+        "image, _ = decode_image(strip_png(4, 4), max_pixels=10**8)\n"
+        "crop_pixels(image)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for shape in ((8192, 1), (1, 8192), (65535, 1)):\n"
+        "    image, _ = decode_image(strip_png(*shape), max_pixels=10**8)\n"
+        "    assert crop_pixels(image).shape == (224, 224, 3)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert float(out.stdout) < MAX_GROWTH_MB, out.stdout
+
+
+@pytest.mark.parametrize(
+    ("form_filter", "expected"),
+    [
+        ('{"equals": {"a": "' + "x" * 1001 + '"}}', "of at most 1000 characters, got 1001"),
+        ('{"equals": {"a": NaN}}', "expected the value of 'a' as a finite number, got nan"),
+        ('{"equals": {"a": null}}', "equals.a: expected a string, number or boolean, got null"),
+        ('{"in": {"a": ["x", [1]]}}', "in.a.1: expected a string, number or boolean, got a list"),
+    ],
+)
+def test_an_image_search_filter_error_names_the_field_and_the_limit(
+    served: tuple[int, httpx.Client], form_filter: str, expected: str
+) -> None:
+    # Issue 35: each of these said "equals.a.bool: Input should be a valid boolean".
+    _, client = served
+    answer = search_image(client, strip_png(40, 30), filter=form_filter)
+    assert answer.status_code == 400
+    detail = answer.json()["detail"]
+    assert detail.startswith("expected the filter as JSON of a SearchFilter, got: ")
+    assert expected in detail and "valid boolean" not in detail
+
+
+def test_a_text_search_takes_k_as_an_integer_only(served: tuple[int, httpx.Client]) -> None:
+    _, client = served
+    for k, kind in (
+        (True, "expected an integer, got a boolean"),
+        ("2", "expected an integer, got a string"),
+        (2.5, "valid integer"),
+    ):
+        answer = client.post("/v1/search/text", json={"text": "car", "k": k})
+        assert answer.status_code == 422, (k, answer.text[:200])
+        (error,) = answer.json()["detail"]
+        assert error["loc"] == ["body", "k"] and kind in error["msg"]
+    for k in (2, 2.0):  # JSON Schema: 2.0 is the integer 2
+        answer = client.post("/v1/search/text", json={"text": "car", "k": k})
+        assert answer.status_code == 200 and len(answer.json()["hits"]) == 2
+
+
+def test_a_long_upload_file_name_is_refused_saying_the_limit(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    answer = client.post(
+        "/v1/search/image", files={"file": ("a" * 5000 + ".png", strip_png(40, 30), "image/png")}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["detail"] == (
+        "invalid multipart data: expected each part's header lines (the file name is in one) to "
+        "take at most 4224 bytes, got a longer one"
+    )
+    named = client.post(
+        "/v1/search/image", files={"file": ("a" * 3000 + ".png", strip_png(40, 30), "image/png")}
+    )
+    assert named.status_code == 200
+
+
+@pytest.mark.parametrize("item_id", [".", ".."])
+def test_ids_no_url_can_name_are_refused(served: tuple[int, httpx.Client], item_id: str) -> None:
+    # Issue 35: accepted, but every HTTP client removes "." and ".." from the item's URLs.
+    _, client = served
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    answer = client.post(
+        "/v1/index/build", json={"items": [{"id": item_id, "text": "x", "image_base64": png}]}
+    )
+    assert answer.status_code == 422
+    assert "other than '.' and '..'" in answer.json()["detail"][0]["msg"]
+
+
+def test_each_delete_reports_the_commit_that_made_it(demo_artifacts: Path) -> None:
+    # Issue 35: DELETE answered with the commit its process saw after it, so with two workers
+    # two deletes could report the same one (7 of 912 operations; 152 distinct of 200 here).
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    ids = list(range(96_200, 96_400))
+    with (
+        service_process(demo_artifacts, args=["--workers", "2"], CMH_API_KEY=KEY) as (_, url),
+        httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=120) as client,
+    ):
+        items = [{"id": i, "text": "to be deleted", "image_base64": png} for i in ids]
+        accepted = client.post("/v1/index/build", json={"items": items})
+        assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+
+        def delete(item_id: int) -> int:
+            answer = client.delete(f"/v1/items/{item_id}")
+            assert answer.status_code == 200, answer.text[:200]
+            return int(answer.json()["generation"])
+
+        with ThreadPoolExecutor(16) as pool:
+            commits = list(pool.map(delete, ids))
+    assert len(set(commits)) == len(ids), f"{len(set(commits))} distinct of {len(ids)}"
