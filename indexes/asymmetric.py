@@ -7,9 +7,13 @@ distances for binary embeddings", TPAMI 2014). With h the query's signs and S = 
     <q, b> = S - 2 wd(b),    wd(b) = sum of |q_j| over the bits j where b differs from h,
 
 so ranking by the inner product (highest first) is ranking by the weighted Hamming distance wd
-(smallest first), and an item at Hamming distance d from h has wd between the sum of the d
-smallest |q_j| and the sum of the d largest: the scan (indexes/kernels.py, asym_scan) sums a
-code's wd only when the first bound can still beat its current k-th hit.
+(smallest first). The scan (indexes/kernels.py, asym_scan) sums a code's wd only when a lower
+bound of it can still beat its current k-th hit: the weights divided by a unit and rounded
+down to PLANES bits, summed over the differing bits with PLANES popcounts (vectorised), times
+the unit. (The issue's bound, wd >= the sum of the d smallest |q_j| for an item at Hamming
+distance d, is what the Milvus store proves its candidates with: `lower`. In the scan it left
+a median of 0.6% (up to 8%) of a million learned 64-bit codes to sum and 19% (up to 55%) of
+uniform ones, against 0.02% (up to 0.2%) of either with 3 planes.)
 
 The weights are integers: w_j = round(|q_j| * scale) with scale = WEIGHT_TOTAL / S, so every wd
 is an exact integer (at most WEIGHT_TOTAL + n_bits / 2 < 2**23, the distance field of a scan
@@ -31,7 +35,7 @@ import numpy as np
 
 from common.errors import InputError
 from indexes.codes import check_packed, n_words
-from indexes.kernels import POS_BITS
+from indexes.kernels import PLANES, POS_BITS
 
 WEIGHT_TOTAL = 1 << 22  # sum of a query's integer weights (before rounding)
 WD_SENTINEL = (1 << (63 - POS_BITS)) - 1  # the weighted distance of an empty heap slot
@@ -47,9 +51,8 @@ class Asymmetric:
     scale: np.ndarray  # (m,) float64: integer units per unit of q
     tables: np.ndarray  # (m, n_bytes, 256) int32: weight of each value of each byte of h ^ b
     lower: np.ndarray  # (m, n_bits + 1) int64: the d smallest weights summed, for each d
-    heavy: np.ndarray  # (m, n_words) uint64: the bits of the larger half of the weights
-    low_light: np.ndarray  # (m, n_bits + 1) int64: `lower` within the other bits (then flat)
-    low_heavy: np.ndarray  # (m, n_bits + 1) int64: `lower` within the heavy bits (then flat)
+    planes: np.ndarray  # (m, PLANES, n_words) uint64: bit p of each weight // unit
+    units: np.ndarray  # (m,) int64: the coarse weights' unit (they are below 2**PLANES)
 
     @property
     def n_bits(self) -> int:
@@ -74,15 +77,12 @@ class Asymmetric:
         weights = np.zeros((m, n_bits), dtype=np.int64)
         scale = np.zeros(m, dtype=np.float64)
         tables = np.zeros((m, n_bytes, 256), dtype=np.int32)
-        lower, low_light, low_heavy = (np.zeros((m, n_bits + 1), dtype=np.int64) for _ in "abc")
-        heavy = np.zeros((m, words), dtype=np.uint64)
-        _prepare(
-            np.ascontiguousarray(signs), q, weights, scale, tables, lower, heavy,
-            low_light, low_heavy,
-        )  # fmt: skip
-        return cls(
-            np.ascontiguousarray(signs), weights, scale, tables, lower, heavy, low_light, low_heavy
-        )
+        lower = np.zeros((m, n_bits + 1), dtype=np.int64)
+        planes = np.zeros((m, PLANES, words), dtype=np.uint64)
+        units = np.zeros(m, dtype=np.int64)
+        signs = np.ascontiguousarray(signs)
+        _prepare(signs, q, weights, scale, tables, lower, planes, units)
+        return cls(signs, weights, scale, tables, lower, planes, units)
 
     def rows(self, start: int, stop: int) -> Asymmetric:
         """The queries start..stop-1."""
@@ -90,7 +90,7 @@ class Asymmetric:
 
     def kernel_args(self) -> tuple[np.ndarray, ...]:
         """What asym_scan (indexes/kernels.py) takes after the live mask, but the radii."""
-        return (self.tables, self.lower, self.heavy, self.low_light, self.low_heavy)
+        return (self.tables, self.planes, self.units)
 
     def distances(self, row: int, codes: np.ndarray) -> np.ndarray:
         """(n,) int64 weighted distances of (n, n_words) packed codes to query `row`."""
@@ -116,9 +116,8 @@ def _prepare(
     scale: np.ndarray,
     tables: np.ndarray,
     lower: np.ndarray,
-    heavy: np.ndarray,
-    low_light: np.ndarray,
-    low_heavy: np.ndarray,
+    planes: np.ndarray,
+    units: np.ndarray,
 ) -> None:  # pragma: no cover (compiled)
     """Fill the arrays of Asymmetric.of for each query (one compiled call: a query costs
     microseconds on the hot path, not a hundred NumPy calls)."""
@@ -142,19 +141,17 @@ def _prepare(
                 tables[i, byte, v] = tables[i, byte, v & (v - 1)] + (
                     weights[i, bit] if bit < n_bits else 0
                 )
-        order = np.argsort(weights[i], kind="mergesort")  # lightest first, stable
-        half = n_bits // 2
-        for rank in range(n_bits):
-            j = order[rank]
-            lower[i, rank + 1] = lower[i, rank] + weights[i, j]
-            if rank >= half:
-                heavy[i, j >> 6] |= np.uint64(1) << np.uint64(j & 63)
-        n_light = half
-        for rank in range(n_bits):  # past its count, a part's sum stays at its total
-            add_light = weights[i, order[rank]] if rank < n_light else 0
-            add_heavy = weights[i, order[half + rank]] if rank < n_bits - half else 0
-            low_light[i, rank + 1] = low_light[i, rank] + add_light
-            low_heavy[i, rank + 1] = low_heavy[i, rank] + add_heavy
+        ranked = np.sort(weights[i])
+        for d in range(n_bits):
+            lower[i, d + 1] = lower[i, d] + ranked[d]
+        # Coarse weights below 2**PLANES: weight // unit <= weight / unit, so their sum times
+        # the unit never exceeds the weighted distance.
+        units[i] = ranked[-1] // ((1 << PLANES) - 1) + 1
+        for j in range(n_bits):
+            coarse = weights[i, j] // units[i]
+            for plane in range(PLANES):
+                if (coarse >> plane) & 1:
+                    planes[i, plane, j >> 6] |= np.uint64(1) << np.uint64(j & 63)
 
 
 @numba.njit(inline="always")

@@ -32,6 +32,7 @@ MAX_CODES = 1 << POS_BITS
 SUB = 256  # codes per vectorised distance+min pass; a block is rescanned only if it can win
 TILE_BYTES = 64 * 1024  # database tile that a block of queries reuses from L2
 QUERY_BLOCK = 64  # queries that share one pass over the database
+PLANES = 3  # bits of the coarse weights of an asymmetric scan's first pass
 
 
 def _ctpop_typer(typingctx: Any, x: Any) -> Any:  # noqa: ARG001 (numba passes the context)
@@ -65,19 +66,6 @@ def heap_replace_top(heap: np.ndarray, key: np.int64) -> None:
         heap[i] = heap[child]
         i = child
     heap[i] = key
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _first_at_least(low: np.ndarray, top: np.int64) -> np.int64:
-    """The first index of the nondecreasing `low` whose value is >= top (len(low) if none)."""
-    lo, hi = 0, low.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if low[mid] < top:
-            lo = mid + 1
-        else:
-            hi = mid
-    return np.int64(lo)
 
 
 @dataclass(frozen=True)
@@ -141,22 +129,16 @@ def _build(words: int) -> Kernels:
 
     @numba.njit(inline="always", nogil=True, cache=True, boundscheck=False, fastmath=True)
     def below_bit(
-        qvec: np.ndarray,
-        blk: np.ndarray,
-        heavy: np.ndarray,
-        j: int,
-        bound: np.int64,
-        bound_h: np.int64,
+        qvec: np.ndarray, blk: np.ndarray, planes: np.ndarray, j: int, limit: np.int64
     ) -> np.uint64:
-        """Bit j set when code j of the block is below both Hamming bounds of asym_scan."""
-        d = np.uint64(0)
-        dh = np.uint64(0)
+        """Bit j set when the coarse weighted distance of code j of the block (asym_scan) is
+        below `limit`."""
+        coarse = np.uint64(0)
         for w in range(w_count):
             x = qvec[w] ^ blk[j * w_count + w]
-            d += popcount64(x)
-            dh += popcount64(x & heavy[w])
-        below = (np.int64(d) < bound) & (np.int64(dh) < bound_h)
-        return np.uint64(below) << np.uint64(j)
+            for plane in range(PLANES):
+                coarse += popcount64(x & planes[plane, w]) << np.uint64(plane)
+        return np.uint64(np.int64(coarse) < limit) << np.uint64(j)
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
     def asym_scan(
@@ -167,27 +149,24 @@ def _build(words: int) -> Kernels:
         heaps: np.ndarray,
         live: np.ndarray,
         tables: np.ndarray,
-        lower: np.ndarray,
-        heavy: np.ndarray,
-        low_light: np.ndarray,
-        low_heavy: np.ndarray,
+        planes: np.ndarray,
+        units: np.ndarray,
         radius: np.ndarray,
     ) -> None:
         """knn_scan by weighted distance (indexes/asymmetric.py): keys (wd << POS_BITS) | pos.
 
         `queries` are the packed signs; tables (m, n_bytes, 256) int32 the weight of each byte
-        value of each byte of the XOR; lower (m, n_bits + 1) int64 the smallest weighted
-        distance of a code at each Hamming distance; heavy (m, n_words) uint64 the bits of the
-        larger half of the weights, low_light and low_heavy (m, n_bits + 1) int64 the same sums
-        within the other bits and within those; radius (m,) the largest Hamming distance a hit
-        may have. A code whose bound is not below the heap's top cannot enter it (a tie loses on
-        position), so its weighted distance is never summed. A code differing from the query in
-        dh of the heavy bits and dl of the others has a weighted distance of at least
-        low_light[dl] + low_heavy[dh]: tighter than low[d], it leaves 10 to 100 times fewer
-        codes to sum on learned codes and queries.
+        value of each byte of the XOR; planes (m, PLANES, n_words) uint64 the bits of each
+        weight divided by units (m,) and rounded down (a number below 2**PLANES), so that
+        `coarse`, the sum of those over the bits that differ, times the unit, is a lower bound
+        of the weighted distance that PLANES popcounts compute; radius (m,) the largest Hamming
+        distance a hit may have. A vectorised pass marks the codes of a block whose bound is
+        below the heap's top; only they are summed exactly (a code whose bound reaches the top
+        cannot enter: a tie loses on position, the scan goes in insertion order).
         """
         m = heaps.shape[0]
         n_bytes = tables.shape[1]
+        n_bits = n_bytes * 8
         masked = live.shape[0] > 0
         tile = max(SUB, (TILE_BYTES // (8 * w_count)) // SUB * SUB)
         qvec = np.empty(w_count, np.uint64)
@@ -200,41 +179,35 @@ def _build(words: int) -> Kernels:
                         qvec[w] = queries[qi * w_count + w]
                     heap = heaps[qi]
                     table = tables[qi]
-                    low, hv, ll, lh = lower[qi], heavy[qi], low_light[qi], low_heavy[qi]
+                    plane = planes[qi]
+                    unit = units[qi]
                     r = radius[qi]
                     top = heap[0] >> POS_BITS
-                    # A code at Hamming distance `bound` or more cannot enter the heap: the
-                    # smallest weighted distance it can have, low[d], is >= the heap's top.
-                    bound = min(_first_at_least(low, top), r + 1)
-                    bound_h = _first_at_least(lh, top)  # the same within the heavy bits
+                    limit = (top + unit - 1) // unit  # coarse >= limit: unit * coarse >= top
                     for s in range(t0, t1, 64):
                         e = min(s + 64, t1)
                         blk = db[s * w_count : e * w_count]
-                        # Vectorised: which of these codes are below both bounds (LLVM
-                        # vectorises the constant trip count of a whole block, hence two loops).
+                        # Vectorised (LLVM vectorises the constant trip count of a whole block,
+                        # hence two loops): which codes' bounds are below the top.
                         below = np.uint64(0)
                         if e - s == 64:
                             for j in range(64):
-                                below |= below_bit(qvec, blk, hv, j, bound, bound_h)
+                                below |= below_bit(qvec, blk, plane, j, limit)
                         else:
                             for j in range(e - s):
-                                below |= below_bit(qvec, blk, hv, j, bound, bound_h)
+                                below |= below_bit(qvec, blk, plane, j, limit)
                         while below:
                             j = popcount64((below & (~below + np.uint64(1))) - np.uint64(1))
                             below &= below - np.uint64(1)
                             p = s + np.int64(j)
                             if masked and ((live[p >> 6] >> np.uint64(p & 63)) & 1) == 0:
                                 continue
-                            d = np.uint64(0)
-                            dh = np.uint64(0)
-                            for w in range(w_count):
-                                x = qvec[w] ^ blk[j * w_count + w]
-                                d += popcount64(x)
-                                dh += popcount64(x & hv[w])
-                            # The bound may have fallen since the mask was made; the two-part
-                            # bound (docstring) is tighter than low[d] but costs a lookup each.
-                            if np.int64(d) >= bound or ll[d - dh] + lh[dh] >= top:
-                                continue
+                            if r < n_bits:
+                                d = np.uint64(0)
+                                for w in range(w_count):
+                                    d += popcount64(qvec[w] ^ blk[j * w_count + w])
+                                if np.int64(d) > r:
+                                    continue
                             wd = np.int64(0)
                             for byte in range(n_bytes):
                                 x = qvec[byte >> 3] ^ blk[j * w_count + (byte >> 3)]
@@ -243,8 +216,7 @@ def _build(words: int) -> Kernels:
                             if key < heap[0]:
                                 heap_replace_top(heap, key)
                                 top = heap[0] >> POS_BITS
-                                bound = min(_first_at_least(low, top), r + 1)
-                                bound_h = _first_at_least(lh, top)
+                                limit = (top + unit - 1) // unit
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
     def range_count(queries: np.ndarray, db: np.ndarray, radius: int, counts: np.ndarray) -> None:
