@@ -4,12 +4,14 @@ real milvus-lite server (its candidate rounds and its full read), exact ids and 
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cli.main import main
 from indexes.asymmetric import WEIGHT_TOTAL, Asymmetric
 from indexes.codes import pack_codes, unpack_codes
 from indexes.hamming import SPLIT_MIN_WORDS, HammingIndex, LiveMask
@@ -292,3 +294,26 @@ def test_milvus_store_asymmetric_and_radius_equal_brute_force(
     finally:
         store.drop()
         store.close()
+
+
+def test_bench_scoring_writes_the_documented_json(
+    demo_artifacts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cmh bench scoring` on the demo's checkpoint and photos, a small database."""
+    out = tmp_path / "scoring.json"
+    argv = [
+        "bench", "scoring", "--checkpoint", str(demo_artifacts / "model.pt"),
+        "--dataset", "demo", "--root", str(demo_artifacts / "demo"),
+        "--cache-dir", str(demo_artifacts / "features"),
+        "--n", "5000", "--queries", "6", "--runs", "2", "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert (result["n"], result["queries"], result["runs"], result["k"]) == (5000, 6, 2, 10)
+    assert result["dataset"] == "demo" and result["flip"] == 0.05
+    for scoring in ("hamming", "asymmetric"):
+        assert len(result["per_run"][scoring]) == 2 and result["p50_us"][scoring] > 0
+    ratio = result["p50_us"]["asymmetric"] / result["p50_us"]["hamming"]
+    assert result["ratio_p50"] == pytest.approx(ratio)
+    assert main([*argv[:-2], "--flip", "0.9", "--json", str(out)]) == 2

@@ -25,6 +25,8 @@ Stop words are ignored at training and at query time, and listed among the unkno
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from models.features.text import (
     tokenize,
 )
 
+FALLBACK_CACHE = 65_536  # unknown query words whose fallback is remembered
 # Full-width ASCII (U+FF01..U+FF5E) and the ideographic space, to their ASCII forms.
 FULL_WIDTH = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
 
@@ -62,7 +65,8 @@ class QueryReader:
     def __init__(self, vectorizer: TextVectorizer) -> None:
         self.vectorizer = vectorizer
         self._column = {word: j for j, word in enumerate(vectorizer.vocabulary)}
-        self._stemmer = snowballstemmer.stemmer("english")  # one per reader: not shared state
+        self._stemmer = snowballstemmer.stemmer("english")
+        self._stemming = threading.Lock()
         english = [w for w in vectorizer.vocabulary if WORD.fullmatch(w)]
         by_stem: dict[str, str] = {}
         for word, stem in zip(english, self._stemmer.stemWords(english), strict=True):
@@ -70,6 +74,9 @@ class QueryReader:
             if kept is None or (len(word), word) < (len(kept), kept):
                 by_stem[stem] = word
         self._by_stem = by_stem
+        # A word's fallback is a pure function of it; the Snowball stemmer is pure Python (about
+        # 80 us a word), so repeated query words are remembered (functools' cache has its lock).
+        self._cached = functools.lru_cache(maxsize=FALLBACK_CACHE)(self._fallback)
 
     def read(self, text: str) -> QueryText:
         """The words of `text` the vocabulary knows (after the fallbacks) and those it does not."""
@@ -84,7 +91,7 @@ class QueryReader:
             elif token in self._column:
                 used.append(token)
                 continue
-            found, missed = self._fallback(token)
+            found, missed = self._cached(token)
             used += found
             unknown += missed
         counts = Counter(self._column[w] for w in used)
@@ -92,17 +99,19 @@ class QueryReader:
         n = np.array([counts[j] for j in columns.tolist()], dtype=np.int64)
         return QueryText(columns, vec.values_of(columns, n), _distinct(used), _distinct(unknown))
 
-    def _fallback(self, token: str) -> tuple[list[str], list[str]]:
+    def _fallback(self, token: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(the known words an unknown token stands for, the parts of it left unknown)."""
         if CJK.search(token):
             parts, missed = self._known_parts(token)
             if self.vectorizer.tokens == "search":  # the cut itself already yields the parts
                 parts = []
-            return parts, missed
+            return tuple(parts), tuple(missed)
         if WORD.fullmatch(token):
-            word = self._by_stem.get(self._stemmer.stemWord(token))
-            return ([], [token]) if word is None else ([word], [])
-        return [], [token]
+            with self._stemming:  # a stemmer object keeps state while it stems
+                stem = self._stemmer.stemWord(token)
+            word = self._by_stem.get(stem)
+            return ((), (token,)) if word is None else ((word,), ())
+        return (), (token,)
 
     def _known_parts(self, token: str) -> tuple[list[str], list[str]]:
         """The known, non-overlapping words of jieba's search cut inside a compound, in order,
