@@ -128,17 +128,14 @@ def _build(words: int) -> Kernels:
                                 top = heap[0] >> POS_BITS
 
     @numba.njit(inline="always", nogil=True, cache=True, boundscheck=False, fastmath=True)
-    def below_bit(
-        qvec: np.ndarray, blk: np.ndarray, planes: np.ndarray, j: int, limit: np.int64
-    ) -> np.uint64:
-        """Bit j set when the coarse weighted distance of code j of the block (asym_scan) is
-        below `limit`."""
+    def coarse_of(qvec: np.ndarray, blk: np.ndarray, planes: np.ndarray, j: int) -> np.int64:
+        """The coarse weighted distance of code j of the block (see asym_scan)."""
         coarse = np.uint64(0)
         for w in range(w_count):
             x = qvec[w] ^ blk[j * w_count + w]
             for plane in range(PLANES):
                 coarse += popcount64(x & planes[plane, w]) << np.uint64(plane)
-        return np.uint64(np.int64(coarse) < limit) << np.uint64(j)
+        return np.int64(coarse)
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
     def asym_scan(
@@ -160,8 +157,8 @@ def _build(words: int) -> Kernels:
         weight divided by units (m,) and rounded down (a number below 2**PLANES), so that
         `coarse`, the sum of those over the bits that differ, times the unit, is a lower bound
         of the weighted distance that PLANES popcounts compute; radius (m,) the largest Hamming
-        distance a hit may have. A vectorised pass marks the codes of a block whose bound is
-        below the heap's top; only they are summed exactly (a code whose bound reaches the top
+        distance a hit may have. A vectorised pass finds the blocks of 64 codes with a bound
+        below the heap's top, then their codes whose bound is; only they are summed exactly (a code whose bound reaches the top
         cannot enter: a tie loses on position, the scan goes in insertion order).
         """
         m = heaps.shape[0]
@@ -187,15 +184,22 @@ def _build(words: int) -> Kernels:
                     for s in range(t0, t1, 64):
                         e = min(s + 64, t1)
                         blk = db[s * w_count : e * w_count]
-                        # Vectorised (LLVM vectorises the constant trip count of a whole block,
-                        # hence two loops): which codes' bounds are below the top.
-                        below = np.uint64(0)
+                        # Vectorised (LLVM vectorises only a constant trip count, hence the
+                        # two forms): the block's smallest bound, then, in the rare block where
+                        # it is below the top, which of its codes are.
+                        lowest = np.int64(1 << 62)
                         if e - s == 64:
                             for j in range(64):
-                                below |= below_bit(qvec, blk, plane, j, limit)
+                                lowest = min(lowest, coarse_of(qvec, blk, plane, j))
                         else:
                             for j in range(e - s):
-                                below |= below_bit(qvec, blk, plane, j, limit)
+                                lowest = min(lowest, coarse_of(qvec, blk, plane, j))
+                        if lowest >= limit:
+                            continue
+                        below = np.uint64(0)
+                        for j in range(e - s):
+                            passes = coarse_of(qvec, blk, plane, j) < limit
+                            below |= np.uint64(passes) << np.uint64(j)
                         while below:
                             j = popcount64((below & (~below + np.uint64(1))) - np.uint64(1))
                             below &= below - np.uint64(1)
