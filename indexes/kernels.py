@@ -158,8 +158,9 @@ def _build(words: int) -> Kernels:
         `coarse`, the sum of those over the bits that differ, times the unit, is a lower bound
         of the weighted distance that PLANES popcounts compute; radius (m,) the largest Hamming
         distance a hit may have. A vectorised pass finds the blocks of 64 codes with a bound
-        below the heap's top, then their codes whose bound is; only they are summed exactly (a code whose bound reaches the top
-        cannot enter: a tie loses on position, the scan goes in insertion order).
+        below the heap's top, then their codes whose bound is; only they are summed exactly (a
+        code whose bound reaches the top cannot enter: a tie loses on position, the scan goes
+        in insertion order).
         """
         m = heaps.shape[0]
         n_bytes = tables.shape[1]
