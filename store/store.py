@@ -438,7 +438,8 @@ class Store:
         """search() without a filter, answered on this thread alone and without waiting for a
         lock, or None where that would wait or take long: the view is behind another process's
         commit while this process's writer holds the lock, deletes keep outrunning the search,
-        or the scan reads INLINE_MAX_WORDS of codes or more. A filtered search has no such form:
+        or the scan reads INLINE_MAX_WORDS of codes or more (half that for an asymmetric one).
+        A filtered search has no such form:
         its cost grows with the rows that pass the filter.
 
         For the event loop (service/api/search.py): a search that waits there stalls every
@@ -449,7 +450,10 @@ class Store:
         ranking = _Ranking(asymmetric, radius)
         for _ in range(SEARCH_ATTEMPTS):
             view = self._current_view(wait=False)
-            if view is None or view.scan_words(target) >= INLINE_MAX_WORDS:
+            # An asymmetric scan costs about twice a Hamming one (docs/search-api.md): half
+            # the codes keep the caller's thread held as long.
+            most = INLINE_MAX_WORDS // (2 if asymmetric is not None else 1)
+            if view is None or view.scan_words(target) >= most:
                 return None
             found = self._search_once(target, queries, k, None, view, ranking, one_thread=True)
             if found is not None:

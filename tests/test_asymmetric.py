@@ -259,6 +259,29 @@ def test_local_store_asymmetric_and_radius_equal_brute_force(tmp_path: Path, low
         store.close()
 
 
+def test_search_now_declines_an_asymmetric_scan_past_half_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An asymmetric scan costs about twice a Hamming one: the event loop takes half the codes."""
+    rng = np.random.default_rng(13)
+    pool = pack_codes(rng.integers(0, 2, (30, N_BITS)))
+    signs, q = real_queries(rng, 1, N_BITS)
+    asym = Asymmetric.of(signs, q)
+    store = Store.create(tmp_path, MANIFEST)
+    try:
+        store.add(batch(rng, 0, 40, pool))
+        words = store.view().scan_words("image")
+        monkeypatch.setattr(store_module, "INLINE_MAX_WORDS", 2 * words)
+        assert store.search_now("image", signs, 3) is not None
+        assert store.search_now("image", signs, 3, asymmetric=asym) is None
+        monkeypatch.setattr(store_module, "INLINE_MAX_WORDS", 2 * words + 2)
+        now = store.search_now("image", signs, 3, asymmetric=asym)
+        assert now is not None
+        assert answers(now) == answers(store.search("image", signs, 3, asymmetric=asym))
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(
     "candidates",
     [Candidates(), Candidates(first=8, factor=1, most=32)],
