@@ -20,6 +20,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from anyio import CapacityLimiter
@@ -33,7 +34,7 @@ from common.errors import InputError, IntegrityError, NotReadyError
 from service.api import router
 from service.encoder import Encoder, load_served_model
 from service.errors import error_response, http_detail, validation_body
-from service.indexing import Indexer
+from service.indexing import Indexer, held_as_given
 from service.jobs import JOBS_NAME, JobManager, QueueFull
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
@@ -98,7 +99,11 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
         opened.callback(encoder.close)
         DECODES.resize(settings.max_decode_pixels)
         indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
-        jobs = JobManager(artifacts / JOBS_NAME, max_queued=settings.max_queued_jobs)
+        jobs = JobManager(
+            artifacts / JOBS_NAME,
+            max_queued=settings.max_queued_jobs,
+            reconcile=partial(held_as_given, store),
+        )
         opened.pop_all()
     return Loaded(
         settings=settings,

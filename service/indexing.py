@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -31,11 +32,12 @@ from common.fields import fields_json
 from indexes.codes import n_words
 from models.data.dataset import PairDataset
 from service.encoder import Encoder
-from service.schemas import BuildItem, ErrorItem
+from service.jobs import Entry
+from service.schemas import BuildItem, ErrorItem, JobStatus
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
 from store.backend import ItemStore
 from store.ids import ItemId, parse_id
-from store.rows import NewItems
+from store.rows import IMAGES_DIR, NewItems
 from store.store import OnConflict
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,51 @@ class Pending:
     data: bytes
     extension: str
     fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Journal(Protocol):
+    """Where a build notes each batch around its commit (service/jobs.py's JobProgress: the
+    job's record), so that its outcome can be settled from the store if it stops between."""
+
+    def committing(self, entries: list[Entry], *, final: JobStatus | None = None) -> None:
+        """Before a commit: the batch, and the job's outcome should it be the last batch."""
+
+    def committed(self, added: int, commit: int) -> None:
+        """After a commit: the items added so far, and the commit."""
+
+
+def succeeded(added: int, skipped: list[str], commit: int | None) -> JobStatus:
+    """What a build job reports when everything it set out to add is committed."""
+    generation = None if commit is None else str(commit)
+    return JobStatus(
+        job_id="",
+        status="succeeded",
+        done=added,
+        total=added,
+        added=added,
+        skipped=skipped,
+        generation=generation,
+    )
+
+
+def content_digest(text: str, fields: dict[str, Any], image_sha256: str) -> str:
+    """One item's content as the store keeps it (caption, fields JSON, image bytes' SHA-256)."""
+    joined = "\0".join((text, fields_json(fields), image_sha256))
+    return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def held_as_given(store: ItemStore, entries: list[Entry]) -> list[ItemId]:
+    """The ids of entries (id, content_digest) that the store holds with that content: how a
+    job that stopped between a commit and its record is settled (service/jobs.py)."""
+    found: list[ItemId] = []
+    for item_id, digest in entries:
+        item = store.get(item_id)
+        if item is None:
+            continue
+        image_sha256 = item.image.removeprefix(f"{IMAGES_DIR}/").split(".")[0]
+        if content_digest(item.text, item.fields, image_sha256) == digest:
+            found.append(item.id)
+    return found
 
 
 @dataclass(frozen=True)
@@ -154,9 +201,17 @@ class Indexer:
         return pending
 
     def add(
-        self, pending: Sequence[Pending], progress: Progress, *, on_conflict: OnConflict
+        self,
+        pending: Sequence[Pending],
+        progress: Progress,
+        *,
+        on_conflict: OnConflict,
+        journal: Journal | None = None,
     ) -> int:
-        """Encode pending items and commit them to the store in one write; the commit number."""
+        """Encode pending items and commit them to the store in one write; the commit number.
+
+        With a `journal`, the batch is noted there before the commit and after it.
+        """
         image_codes: list[np.ndarray] = []
         group: list[Image.Image] = []
         for done, p in enumerate(pending, start=1):
@@ -165,7 +220,10 @@ class Indexer:
                 image_codes.append(self._image_codes(group))
                 group = []
                 progress(done, len(pending))
-        return self._commit(pending, image_codes, on_conflict=on_conflict)
+        final = succeeded(len(pending), [], None)
+        return self._commit(
+            pending, image_codes, on_conflict=on_conflict, journal=journal, added=0, final=final
+        )
 
     def _full(self, group: list[Image.Image]) -> bool:
         """Whether a group of decoded images should go through the backbone now."""
@@ -177,8 +235,16 @@ class Indexer:
         return self.encoder.encode_image_features(self.encoder.image_features(images))
 
     def _commit(
-        self, pending: Sequence[Pending], image_codes: list[np.ndarray], *, on_conflict: OnConflict
+        self,
+        pending: Sequence[Pending],
+        image_codes: list[np.ndarray],
+        *,
+        on_conflict: OnConflict,
+        journal: Journal | None,
+        added: int,
+        final: JobStatus | None,
     ) -> int:
+        """Commit one batch (`added` items were committed before it), noted in the journal."""
         text_codes, _ = self.encoder.encode_texts([p.text for p in pending])
         empty = np.empty((0, n_words(self.encoder.n_bits)), np.uint64)
         batch = NewItems(
@@ -190,7 +256,16 @@ class Indexer:
             fields=[p.fields for p in pending],
             image_data=[(p.data, p.extension) for p in pending],
         )
-        return self.store.add(batch, on_conflict=on_conflict)
+        if journal is not None:
+            entries = [
+                (p.id, content_digest(p.text, p.fields, hashlib.sha256(p.data).hexdigest()))
+                for p in pending
+            ]
+            journal.committing(entries, final=final)
+        commit = self.store.add(batch, on_conflict=on_conflict)
+        if journal is not None:
+            journal.committed(added + len(pending), commit)
+        return commit
 
     def add_dataset(
         self,
@@ -199,6 +274,7 @@ class Indexer:
         *,
         on_conflict: OnConflict,
         within: Path | None = None,
+        journal: Journal | None = None,
     ) -> DatasetOutcome:
         """Stream a dataset of image files into the store, CHUNK pairs at a time.
 
@@ -248,7 +324,16 @@ class Indexer:
                 if n % FEATURE_BATCH == 0 or n == len(chunk):
                     progress(start + n, len(todo))
             if pending:
-                commit = self._commit(pending, image_codes, on_conflict=on_conflict)
+                last = start + CHUNK >= len(todo)
+                final = succeeded(added + len(pending), list(skipped), None) if last else None
+                commit = self._commit(
+                    pending,
+                    image_codes,
+                    on_conflict=on_conflict,
+                    journal=journal,
+                    added=added,
+                    final=final,
+                )
                 added += len(pending)
         logger.info("dataset %s: %d added, %d skipped", data.name, added, len(skipped))
         return DatasetOutcome(added, skipped, commit)

@@ -6,6 +6,13 @@ A 202 means the job will reach an outcome that GET /v1/jobs/{id} can read back:
 - a job whose process is gone reads as it was left: a finished one as it finished, one that was
   queued or running as failed, INTERRUPTED (a dataset build keeps the pairs it committed, so
   running it again resumes it);
+- what a job reports matches what the store holds: before each batch is committed to the store
+  the job durably notes the batch (its ids and a digest of each item's content) and the outcome
+  it will report if that batch is its last; after the commit it notes the items added. A job
+  that died, or whose store call failed, between the two (kill -9, a Milvus that stopped
+  answering after it took the batch) is settled by asking the store which of those items it
+  holds as given: all of a last batch reads as the job's success; otherwise it reads failed,
+  with `added` counting what was committed and `committed` naming that batch's committed ids;
 - at most `max_queued` jobs wait to run in one process: one more is refused (QueueFull, a 429)
   before it is accepted, so the queue's memory (each items job holds its decoded request) stays
   bounded.
@@ -21,6 +28,7 @@ Progress (done / total) is written at most once per PROGRESS_EVERY_S, for the ot
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
@@ -38,6 +46,7 @@ from pydantic import ValidationError
 from common.errors import InputError, IntegrityError
 from service.errors import printable
 from service.schemas import ErrorItem, JobStatus
+from store.ids import ItemId
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +55,36 @@ OWNERS_NAME = "jobs.owners"  # beside it: one flocked file per live process that
 INTERRUPTED = "interrupted by a restart"
 PROGRESS_EVERY_S = 1.0  # how often a running job's progress reaches the file (other processes)
 Progress = Callable[[int, int], None]
-Work = Callable[[Progress], JobStatus]
+Entry = tuple[ItemId, str]  # an item of a batch about to be committed: its id and content digest
+Reconcile = Callable[[list[Entry]], list[ItemId]]  # the entries the store holds as given
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, record TEXT)"
-_OWNER = re.compile(r"[0-9a-f]{32}")
+OWNER_NAME = re.compile(r"[0-9a-f]{32}")
 _STATUS = "json_extract(record, '$.status')"
+
+
+class JobProgress:
+    """What a job's work reports: progress (call it with done, total), and each batch it
+    commits to the store, before (`committing`) and after (`committed`)."""
+
+    def __init__(self, manager: JobManager, job_id: str) -> None:
+        self._manager = manager
+        self._job_id = job_id
+
+    def __call__(self, done: int, total: int) -> None:
+        self._manager._progress(self._job_id, done, total)
+
+    def committing(self, entries: list[Entry], *, final: JobStatus | None = None) -> None:
+        """Durably note a batch about to be committed, and `final`, the job's outcome should
+        this batch be its last and be found committed."""
+        self._manager._note(self._job_id, entries, final)
+
+    def committed(self, added: int, commit: int) -> None:
+        """Durably note that the noted batch is committed: `added` items so far, at `commit`."""
+        self._manager._committed(self._job_id, added, commit)
+
+
+Work = Callable[[JobProgress], JobStatus]
 
 
 class QueueFull(RuntimeError):
@@ -71,17 +105,26 @@ def _printable(status: JobStatus) -> JobStatus:
 class JobManager:
     """Runs this process's jobs one at a time in a worker thread; all records live in SQLite."""
 
-    def __init__(self, path: Path, *, keep: int = 1000, max_queued: int = 32) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        keep: int = 1000,
+        max_queued: int = 32,
+        reconcile: Reconcile | None = None,
+    ) -> None:
         self.path = path
         self.keep = keep
         self.max_queued = max_queued
+        self._reconcile = reconcile  # None: noted batches are not checked (the job just fails)
         self._lock = threading.Lock()
         self._mine: dict[str, JobStatus] = {}  # this process's queued and running jobs
         self._saved_at: dict[str, float] = {}  # when each one's progress was last written
+        self._noted: set[str] = set()  # this process's jobs with a batch noted, not committed
         self._owner = uuid.uuid4().hex
         owners = path.parent / OWNERS_NAME
         owners.mkdir(exist_ok=True)
-        self._owner_fd = _hold(owners / self._owner)
+        self._owner_fd = hold_owner_file(owners, self._owner)
         try:
             # One connection, used under self._lock from request threads and the worker;
             # transactions are explicit (BEGIN IMMEDIATE), so processes take turns to write.
@@ -95,6 +138,8 @@ class JobManager:
                 columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
                 if "owner" not in columns:  # a file from before jobs had owners
                     self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+                if "batch" not in columns:  # a file from before jobs noted their batches
+                    self._db.execute("ALTER TABLE jobs ADD COLUMN batch TEXT")
                 interrupted = self._interrupt_orphans(owners)
                 self._evict()
         except (sqlite3.DatabaseError, ValidationError) as err:
@@ -125,20 +170,45 @@ class JobManager:
         """
         dead: set[str | None] = {None}  # no owner: a record from before owners
         for file in owners.iterdir():
-            if file.name != self._owner and _is_dead(file):
+            if file.name != self._owner and owner_is_dead(file):
                 dead.add(file.name)
         rows = self._db.execute(
-            f"SELECT id, record, owner FROM jobs WHERE {_STATUS} IN ('queued', 'running')"
+            f"SELECT id, record, owner, batch FROM jobs WHERE {_STATUS} IN ('queued', 'running')"
         ).fetchall()
         count = 0
-        for _, record, owner in rows:
+        for _, record, owner, batch in rows:
             if owner in dead or not (owners / owner).exists():
                 status = JobStatus.model_validate_json(record)
-                self._save(status.model_copy(update={"status": "failed", "detail": INTERRUPTED}))
+                self._save(self._settled(status, batch, INTERRUPTED))
                 count += 1
         for name in dead - {None}:
             (owners / str(name)).unlink(missing_ok=True)
         return count
+
+    def _settled(self, status: JobStatus, batch: str | None, why: str) -> JobStatus:
+        """The outcome of a job that stopped (`why`) with `batch` noted and not known committed:
+        what the store holds of it decides (see the module docstring)."""
+        failed = status.model_copy(update={"status": "failed", "detail": why})
+        if batch is None or self._reconcile is None:
+            return failed
+        noted = json.loads(batch)
+        entries: list[Entry] = [(item_id, digest) for item_id, digest in noted["entries"]]
+        try:
+            committed = self._reconcile(entries)
+        except Exception as err:  # the store cannot answer either: say what is not known
+            logger.warning("job %s: its last batch could not be checked: %s", status.job_id, err)
+            return failed.model_copy(
+                update={
+                    "detail": f"{why}; whether its last batch of {len(entries)} items was "
+                    f"committed could not be checked ({type(err).__name__})"
+                }
+            )
+        if len(committed) == len(entries) and noted["final"] is not None:
+            final = JobStatus.model_validate(noted["final"])
+            return final.model_copy(update={"job_id": status.job_id})
+        return failed.model_copy(
+            update={"added": status.added + len(committed), "committed": committed}
+        )
 
     def submit(self, total: int, work: Work) -> str:
         """Queue `work(progress)`, which reports (done, total) and returns the final status.
@@ -211,23 +281,57 @@ class JobManager:
                 with self._write():
                     self._save(status)
 
+    def _note(self, job_id: str, entries: list[Entry], final: JobStatus | None) -> None:
+        noted = {
+            "entries": entries,
+            "final": None if final is None else _printable(final).model_dump(mode="json"),
+        }
+        with self._lock, self._write():
+            self._db.execute("UPDATE jobs SET batch = ? WHERE id = ?", (json.dumps(noted), job_id))
+            self._noted.add(job_id)
+
+    def _committed(self, job_id: str, added: int, commit: int) -> None:
+        with self._lock, self._write():
+            status = self._mine[job_id].model_copy(
+                update={"added": added, "generation": str(commit)}
+            )
+            self._save(status)
+            self._db.execute("UPDATE jobs SET batch = NULL WHERE id = ?", (job_id,))
+            self._noted.discard(job_id)
+
+    def _failed(self, job_id: str, detail: str, errors: list[ErrorItem]) -> None:
+        """Record a job's failure; a batch noted and not known committed is settled first."""
+        with self._lock:
+            row = self._db.execute("SELECT batch FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        batch = row[0] if row is not None and job_id in self._noted else None
+        status = self._mine[job_id].model_copy(update={"errors": errors})
+        settled = self._settled(status, batch, detail)
+        with self._lock, self._write():
+            self._save(settled)
+            self._db.execute("UPDATE jobs SET batch = NULL WHERE id = ?", (job_id,))
+            self._noted.discard(job_id)
+            self._evict()
+
     def _run(self, job_id: str, work: Work) -> None:
         self._change(job_id, status="running")
         try:
-            final = work(lambda done, total: self._progress(job_id, done, total))
+            final = work(JobProgress(self, job_id))
         except InputError as err:
-            errors: list[ErrorItem] = list(getattr(err, "errors", []))
-            self._change(job_id, status="failed", detail=str(err), errors=errors)
             logger.info("job %s failed: %s", job_id, err)
+            self._failed(job_id, str(err), list(getattr(err, "errors", [])))
             return
         except Exception as err:  # a bug: logged once here, reported to the client as failed
             logger.exception("job %s crashed", job_id)
-            self._change(job_id, status="failed", detail=f"internal error: {type(err).__name__}")
+            self._failed(job_id, f"internal error: {type(err).__name__}", [])
             return
-        self._change(
-            job_id,
-            **{name: getattr(final, name) for name in JobStatus.model_fields if name != "job_id"},
-        )
+        changes = {
+            name: getattr(final, name) for name in JobStatus.model_fields if name != "job_id"
+        }
+        with self._lock, self._write():
+            self._save(self._mine[job_id].model_copy(update=changes))
+            self._db.execute("UPDATE jobs SET batch = NULL WHERE id = ?", (job_id,))
+            self._evict()
+        self._noted.discard(job_id)
 
     def close(self) -> None:
         """Finish the running job and stop; the jobs still queued read as interrupted."""
@@ -244,17 +348,30 @@ class JobManager:
             os.close(self._owner_fd)
 
 
-def _hold(path: Path) -> int:
-    """Create `path` and hold an exclusive flock on it for as long as this process lives."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+def hold_owner_file(owners: Path, name: str) -> int:
+    """Create owners/name, locked (an exclusive flock held for as long as this process lives).
+
+    The file is created and locked under a temporary name, then renamed: a file with an owner's
+    name is never there unlocked, so a neighbour starting at that instant cannot take it for a
+    dead owner's, remove it, and later read this process's jobs as interrupted. A neighbour may
+    remove the temporary file before it is locked: the rename then fails and this tries again.
+    """
+    while True:
+        temporary = owners / f"{name}.{uuid.uuid4().hex[:8]}.new"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            os.rename(temporary, owners / name)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        return fd
 
 
-def _is_dead(path: Path) -> bool:
+def owner_is_dead(path: Path) -> bool:
     """Whether the process that owned `path` is gone (its lock can be taken); a name that is
     not an owner's is treated as dead, so it is cleaned up."""
-    if not _OWNER.fullmatch(path.name):
+    if not OWNER_NAME.fullmatch(path.name):
         return True
     try:
         fd = os.open(path, os.O_RDWR)

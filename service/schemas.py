@@ -356,6 +356,11 @@ class JobStatus(BaseModel):
         "indexed), with reasons",
     )
     generation: str | None = Field(None, description="the store commit that made the job's items")
+    committed: list[int | str] = Field(
+        [],
+        description="a failed job's partial outcome: the ids of its last batch that the store "
+        "holds as given (found when the job stopped between writing them and recording it)",
+    )
 
 
 class DeleteResponse(BaseModel):

@@ -4,8 +4,10 @@ server killed with SIGKILL in the middle of a build and started again."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -13,16 +15,31 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import IntegrityError
-from service.jobs import INTERRUPTED, OWNERS_NAME, JobManager, QueueFull
+from common.errors import IntegrityError, NotReadyError
+from service.indexing import content_digest, held_as_given, succeeded
+from service.jobs import (
+    INTERRUPTED,
+    OWNER_NAME,
+    OWNERS_NAME,
+    JobManager,
+    JobProgress,
+    QueueFull,
+    hold_owner_file,
+    owner_is_dead,
+)
 from service.local import service_process
 from service.schemas import ErrorItem, JobStatus
+from store.rows import NewItems
+from store.store import Store
+from tests.helpers import store_manifest
 
 Progress = Callable[[int, int], None]
 
@@ -293,3 +310,151 @@ def test_a_job_file_from_before_owners_is_upgraded_and_its_unfinished_jobs_inter
         assert wait_finished(jobs, jobs.submit(1, done(1))).added == 1  # and it takes new jobs
     finally:
         jobs.close()
+
+
+# ---- a job's outcome matches what the store holds (issue 35) ---------------------------------
+
+SETTLE_CHILD = """
+import hashlib, os, signal, sys
+from pathlib import Path
+import numpy as np
+from service.indexing import content_digest, succeeded
+from service.jobs import JobManager
+from store.rows import NewItems
+from store.store import Store
+from tests.helpers import store_manifest
+
+folder, commit_first = Path(sys.argv[1]), sys.argv[2] == "commit"
+store = Store.create(folder / "store", store_manifest(64)) if not (folder / "store").exists() \\
+    else Store.open(folder / "store")
+jobs = JobManager(folder / "jobs.sqlite")
+ids, data = [501, "x-502"], [b"\\x89PNG one", b"\\x89PNG two"]
+
+def work(progress):
+    entries = [
+        (i, content_digest(f"text {i}", {"n": 1}, hashlib.sha256(d).hexdigest()))
+        for i, d in zip(ids, data)
+    ]
+    progress.committing(entries, final=succeeded(2, [], None))
+    if commit_first:
+        codes = np.zeros((2, 1), np.uint64)
+        store.add(NewItems(ids=ids, texts=[f"text {i}" for i in ids], images=["", ""],
+                           image_codes=codes, text_codes=codes, fields=[{"n": 1}] * 2,
+                           image_data=[(d, "png") for d in data]))
+    print(job_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # between the store's commit and the job's record
+
+job_id = jobs.submit(2, work)
+signal.pause()
+"""
+
+
+def killed_mid_job(folder: Path, *, commit: bool) -> str:
+    """Run SETTLE_CHILD: a job that notes its batch, commits it (or not) and is killed; its id."""
+    child = subprocess.run(
+        [sys.executable, "-c", SETTLE_CHILD, str(folder), "commit" if commit else "no"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    return child.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("commit", "expected"),
+    [(True, ("succeeded", "", 2, [])), (False, ("failed", INTERRUPTED, 0, []))],
+)
+def test_a_job_killed_around_its_store_commit_reads_as_the_store_holds_it(
+    tmp_path: Path, commit: bool, expected: tuple[str, str, int, list[int]]
+) -> None:
+    # Issue 35: a job killed after its commit read "failed, interrupted by a restart" although
+    # its items were committed and served; a client that retried then heard "already indexed".
+    job_id = killed_mid_job(tmp_path, commit=commit)
+    store = Store.open(tmp_path / "store")
+    jobs = JobManager(tmp_path / "jobs.sqlite", reconcile=partial(held_as_given, store))
+    try:
+        status = jobs.get(job_id)
+        assert status is not None
+        assert (status.status, status.detail, status.added, status.committed) == expected
+    finally:
+        jobs.close()
+        store.close()
+
+
+def test_a_store_error_after_part_of_a_batch_landed_names_the_committed_ids(
+    tmp_path: Path,
+) -> None:
+    # As when Milvus took some rows and then stopped answering: the job names what is there.
+    store = Store.create(tmp_path / "store", store_manifest(64))
+    jobs = JobManager(tmp_path / "jobs.sqlite", reconcile=partial(held_as_given, store))
+    data = {7: b"seven", 8: b"eight"}
+
+    def work(landed: list[int]) -> Callable[[JobProgress], JobStatus]:
+        def run(progress: JobProgress) -> JobStatus:
+            entries = [
+                (i, content_digest(f"t{i}", {}, hashlib.sha256(d).hexdigest()))
+                for i, d in data.items()
+            ]
+            progress.committing(entries, final=succeeded(2, [], None))
+            codes = np.zeros((len(landed), 1), np.uint64)
+            if landed:
+                store.add(
+                    NewItems(
+                        ids=landed,
+                        texts=[f"t{i}" for i in landed],
+                        images=[""] * len(landed),
+                        image_codes=codes,
+                        text_codes=codes,
+                        image_data=[(data[i], "png") for i in landed],
+                    )
+                )
+            raise NotReadyError("expected Milvus to answer within 3 s, got no answer")
+
+        return run
+
+    try:
+        partial_job = wait_finished(jobs, jobs.submit(2, work([7])))
+        assert (partial_job.status, partial_job.added, partial_job.committed) == ("failed", 1, [7])
+        assert partial_job.detail == "internal error: NotReadyError"
+        store.delete([7])
+        whole = wait_finished(jobs, jobs.submit(2, work([7, 8])))
+        assert (whole.status, whole.added, whole.committed) == ("succeeded", 2, [])
+    finally:
+        jobs.close()
+        store.close()
+
+
+def test_an_owner_file_is_never_there_unlocked(tmp_path: Path) -> None:
+    # Issue 35: the owner's file was created before it was locked, so a neighbour starting at
+    # that instant could take it for a dead owner's, delete it, and later read the live
+    # process's jobs as interrupted. Now it appears under its name already locked.
+    owners = tmp_path / OWNERS_NAME
+    owners.mkdir()
+    held: list[int] = []
+    done_creating = threading.Event()
+    wrongly_dead: list[str] = []
+
+    def create() -> None:
+        for i in range(1500):
+            held.append(hold_owner_file(owners, f"{i:032x}"))
+        done_creating.set()
+
+    def scan() -> None:
+        while not done_creating.is_set():
+            for file in owners.iterdir():
+                if OWNER_NAME.fullmatch(file.name) and owner_is_dead(file):
+                    wrongly_dead.append(file.name)
+
+    threads = [threading.Thread(target=create), threading.Thread(target=scan)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert wrongly_dead == []
+        assert len(list(owners.iterdir())) == 1500  # no temporary file left behind
+    finally:
+        for fd in held:
+            os.close(fd)

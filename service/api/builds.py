@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -19,7 +18,8 @@ from service.api.deps import (
     require_key,
 )
 from service.errors import printable
-from service.indexing import Pending
+from service.indexing import Pending, succeeded
+from service.jobs import JobProgress
 from service.schemas import BuildRequest, ErrorBody, JobAccepted, JobStatus
 from service.uploads import folder_inside
 
@@ -71,24 +71,18 @@ def build_index(
             raise InputError("expected CMH_SERVER_DATA_DIR to be set for dataset builds")
         root = folder_inside(data_dir, dataset.root, what="dataset root")
 
-    def work(progress: Callable[[int, int], None]) -> JobStatus:
+    def work(progress: JobProgress) -> JobStatus:
         if dataset is not None and root is not None:
             data = load_dataset(dataset.name, root)
-            outcome = indexer.add_dataset(data, progress, on_conflict=on_conflict, within=data_dir)
+            outcome = indexer.add_dataset(
+                data, progress, on_conflict=on_conflict, within=data_dir, journal=progress
+            )
             added, skipped, commit = outcome.added, outcome.skipped, outcome.commit
         else:
-            commit = indexer.add(pending, progress, on_conflict=on_conflict)
+            commit = indexer.add(pending, progress, on_conflict=on_conflict, journal=progress)
             added, skipped = len(pending), []
         metrics.set_index_size(len(loaded.store), len(loaded.store))
-        return JobStatus(
-            job_id="",
-            status="succeeded",
-            done=added,
-            total=added,
-            added=added,
-            skipped=skipped,
-            generation=str(commit),
-        )
+        return succeeded(added, skipped, commit)
 
     job_id = jobs.submit(len(pending), work)
     return JobAccepted(job_id=job_id, status_url=str(request.url_for("job_status", job_id=job_id)))
