@@ -40,6 +40,9 @@ def test_english_inflections_case_and_full_width_map_to_known_words() -> None:
     ]  # full width, ideographic space
     stop = reader().read("the cars of zebras")
     assert stop.used == ["car"] and stop.unknown == ["the", "of", "zebras"]  # in query order
+    # A stop word has no fallback, even one whose stem is a known word's ("becoming": become).
+    becoming = QueryReader(TextVectorizer(["become", "car"])).read("becoming cars")
+    assert becoming.used == ["car"] and becoming.unknown == ["becoming"]
 
 
 def test_a_query_without_known_words_names_every_ignored_word() -> None:

@@ -60,7 +60,7 @@ class QueryText:
 
 
 class QueryReader:
-    """Reads queries for one vectorizer (thread-safe: read-only after construction)."""
+    """Reads queries for one vectorizer (thread-safe: its cache and its stemmer have locks)."""
 
     def __init__(self, vectorizer: TextVectorizer) -> None:
         self.vectorizer = vectorizer
@@ -86,9 +86,10 @@ class QueryReader:
         used: list[str] = []
         unknown: list[str] = []
         for token in tokenize(folded, vec.language, vec.tokens, keep_stop_words=True):
-            if token in stop:
+            if token in stop:  # ignored as training ignores it, with no fallback
                 unknown.append(token)
-            elif token in self._column:
+                continue
+            if token in self._column:
                 used.append(token)
                 continue
             found, missed = self._cached(token)
