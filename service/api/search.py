@@ -35,7 +35,7 @@ from functools import partial
 from typing import Annotated, Any, NamedTuple
 from urllib.parse import quote
 
-from anyio import to_thread
+from anyio import lowlevel, to_thread
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -149,7 +149,13 @@ async def search_text_batch(body: TextBatch, request: Request) -> BatchResponse:
             check_window(query.k, query.offset, settings)
         except InputError as err:
             raise InputError(f"queries[{i}]: {err}") from None
-    return BatchResponse(results=[await _text_search(loaded, metrics, q) for q in body.queries])
+    results = []
+    for query in body.queries:
+        results.append(await _text_search(loaded, metrics, query))
+        # Each search may run in the event loop: let other connections in between, so that a
+        # batch holds the loop no longer than one search does.
+        await lowlevel.checkpoint()
+    return BatchResponse(results=results)
 
 
 async def _text_search(loaded: Loaded, metrics: Metrics, body: TextSearch) -> SearchResponse:
