@@ -8,7 +8,7 @@
 # CPU-only image: a plain Ubuntu base and the CPU torch wheels from the PyTorch index.
 #   docker build --build-arg BASE_IMAGE=ubuntu:24.04 \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t cmh:cpu .
-# Test image (adds the tests and the dev and Milvus pins): docker build --target test -t cmh:test .
+# Test image (adds the tests and the dev extras): docker build --target test -t cmh:test .
 ARG BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 FROM ghcr.io/astral-sh/uv:0.13.8 AS uv
@@ -24,14 +24,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     CMH_ARTIFACTS_DIR=/app/artifacts \
     NUMBA_CACHE_DIR=/tmp/numba-cache
-# Ubuntu 24.04 has no Python 3.11 (pyproject requires 3.11): uv installs a standalone build.
+# Python 3.11, the version CI tests constraints.txt on (Ubuntu 24.04 ships 3.12): uv installs
+# a standalone build.
 RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
     uv python install 3.11.14 \
     && uv venv --seed --python 3.11.14 /opt/venv
 WORKDIR /app
-# torch first and from TORCH_INDEX_URL (CUDA or CPU wheels); pins as in pyproject.toml.
+# torch first and from TORCH_INDEX_URL (CUDA or CPU wheels), at constraints.txt's versions.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY cli ./cli
 COPY common ./common
 COPY indexes ./indexes
@@ -39,8 +40,10 @@ COPY evaluation ./evaluation
 COPY models ./models
 COPY service ./service
 COPY store ./store
-# Every other dependency at its pyproject.toml pin; the torch installed above satisfies its pins.
-RUN pip install --no-cache-dir . \
+COPY bench ./bench
+# Every other dependency at the version CI tested (constraints.txt); the torch installed above
+# satisfies its pins (a +cpu build included).
+RUN pip install --no-cache-dir -c constraints.txt . \
     && useradd --create-home --uid 10001 --user-group app \
     && mkdir -p /app/artifacts \
     && chown app:app /app/artifacts
@@ -56,7 +59,7 @@ CMD ["python", "-m", "cli", "serve", "--host", "0.0.0.0", "--port", "8000"]
 FROM runtime AS test
 USER 0
 COPY tests ./tests
-# Dev pins as in pyproject.toml; milvus-lite 2.5.1 imports pkg_resources, gone from setuptools 81.
-RUN pip install --no-cache-dir "./[dev]" pymilvus==2.5.18 milvus-lite==2.5.1 setuptools==80.9.0
+# The dev extras (milvus-lite among them) at the versions CI tested.
+RUN pip install --no-cache-dir -c constraints.txt "./[dev]"
 USER 10001:10001
-CMD ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_hamming.py", "tests/test_milvus.py"]
+CMD ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_hamming.py", "tests/test_milvus.py", "tests/test_milvus_store.py"]

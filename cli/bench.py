@@ -17,16 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from cli.service_bench import bench_service, require_wrk
+from bench.index import bench_index, bench_mih, bench_scoring, clustered_codes, make_data
+from bench.milvus_writes import bench_milvus_writes
+from bench.service import bench_service, require_wrk
+from bench.writes import bench_writes, check_sizes
 from common.errors import InputError
-from indexes.benchmark import bench_index, bench_mih, bench_scoring, clustered_codes, make_data
 from indexes.codes import pack_codes
-from indexes.hamming import HammingIndex
 from models.features.pipeline import prepare
 from models.features.text import TextVectorizer
 from models.network.checkpoint import load_checkpoint
-from store.benchmark import bench_writes, check_sizes
 from store.layout import CHECKPOINT_NAME
+from store.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +53,18 @@ def register(subparsers: Any) -> None:
         help="multi-index hashing vs flat search and faiss.IndexBinaryMultiHash",
         description="Time MultiIndexHamming, HammingIndex, faiss.IndexBinaryFlat and "
         "faiss.IndexBinaryMultiHash on the same codes: generated (uniform or --clustered) or "
-        "learned (--codes, an index file; --queries of its codes are held out as queries).",
+        "learned (--store: the image codes of an artifacts folder's store; --queries of them "
+        "are held out as queries).",
     )
     _add_common(mih)
     source = mih.add_mutually_exclusive_group()
     source.add_argument("--clustered", action="store_true", help="codes from n/1000 centres")
-    source.add_argument("--codes", type=Path, help="index file of learned codes to use instead")
+    source.add_argument(
+        "--store",
+        type=Path,
+        metavar="ARTIFACTS",
+        help="an artifacts folder whose store's image codes (learned codes) to use instead",
+    )
     mih.set_defaults(run=run_mih)
     scoring = kinds.add_parser(
         "scoring",
@@ -66,7 +73,7 @@ def register(subparsers: Any) -> None:
         "them to N codes (each a random one of them with bits flipped at --flip), and time "
         "one-query searches of its query captions by Hamming distance and by asymmetric "
         "scoring (the captions' real hash-layer outputs) side by side on the same index "
-        "(keys documented in indexes/benchmark.py bench_scoring).",
+        "(keys documented in bench/index.py bench_scoring).",
     )
     scoring.add_argument("--checkpoint", type=Path, required=True, help="a trained model.pt")
     scoring.add_argument("--dataset", required=True, help="the dataset it was trained on")
@@ -86,9 +93,9 @@ def register(subparsers: Any) -> None:
         description="Build an N-item store of synthetic items (seeded random codes, demo-like "
         "captions) in a temporary folder, time its writes, startup (fresh processes), memory, "
         "disk and searches idle and during ingest, and print and write the JSON result "
-        "(keys documented in store/benchmark.py). With --backend milvus: MilvusStore's writes, "
+        "(keys documented in bench/writes.py). With --backend milvus: MilvusStore's writes, "
         "searches and cross-replica visibility against a Milvus server (--uri, or a milvus-lite "
-        "server it starts; keys documented in store/milvus_benchmark.py).",
+        "server it starts; keys documented in bench/milvus_writes.py).",
     )
     writes.add_argument("--n", type=int, default=1_000_000, help="store size (default 1M)")
     writes.add_argument(
@@ -125,7 +132,7 @@ def register(subparsers: Any) -> None:
         "checkpoint, serve it with `cmh serve` and a floor app (same FastAPI, uvicorn and "
         "response shape, no work), drive both in turn with wrk at 1, 8 and 32 connections "
         "(text search) and image search at 1 and 8 with micro-batching on and off, and print "
-        "and write the medians (keys documented in cli/service_bench.py). Needs wrk.",
+        "and write the medians (keys documented in bench/service.py). Needs wrk.",
     )
     service.add_argument("--n", type=int, default=1_000_000, help="store size (default 1M)")
     service.add_argument("--runs", type=int, default=3, help="alternated runs (default 3)")
@@ -196,15 +203,18 @@ def run_index(args: argparse.Namespace) -> int:
 def run_mih(args: argparse.Namespace) -> int:
     """Run `cmh bench mih`."""
     rng = np.random.default_rng(0)
-    if args.codes is not None:
-        learned = HammingIndex.load(args.codes, mmap=False)
-        if len(learned) <= args.queries:
-            raise InputError(f"expected more than {args.queries} codes, got {len(learned)}")
-        held_out = rng.permutation(len(learned))
-        codes = np.asarray(learned.codes)
+    if args.store is not None:
+        store = Store.open(args.store)
+        try:
+            _, codes, _ = store.live_rows()
+            n_bits = store.manifest.n_bits
+        finally:
+            store.close()
+        if len(codes) <= args.queries:
+            raise InputError(f"expected more than {args.queries} codes, got {len(codes)}")
+        held_out = rng.permutation(len(codes))
         qs, db = codes[held_out[: args.queries]], codes[held_out[args.queries :]]
-        n_bits = learned.n_bits
-        source = str(args.codes)
+        source = f"image codes of {args.store}"
     else:
         n_bits = args.bits
         db, qs = make_data(
@@ -277,10 +287,6 @@ def run_writes(args: argparse.Namespace) -> int:
     with _scratch(args, "cmh-bench-writes-") as root:
         logger.info("building the benchmark store in %s", root)
         if milvus:
-            # Here, not at the top: pymilvus takes a second to import, which every other `cmh`
-            # command would pay.
-            from store.milvus_benchmark import bench_milvus_writes  # noqa: PLC0415
-
             result = bench_milvus_writes(root=root, uri=args.uri, **sizes)
         else:
             result = bench_writes(root=root, **sizes)

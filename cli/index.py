@@ -25,7 +25,7 @@ from service.encoder import Encoder, load_served_model
 from service.indexing import Indexer
 from store import legacy
 from store import metadata as md
-from store.layout import open_store
+from store.layout import check_store_free, open_store
 from store.milvus_store import MilvusStore
 from store.rows import NewItems
 from store.store import DB_NAME, Store
@@ -84,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_build(args: argparse.Namespace) -> int:
     """Stream the dataset into the store and report."""
+    check_store_free(args.artifacts)  # before the model and the dataset load, which take long
     model = load_served_model(args.artifacts, device=args.device)
     data = load_dataset(args.dataset, args.root)
     store = open_store(args.artifacts, expected=model.manifest)

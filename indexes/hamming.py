@@ -9,7 +9,7 @@ reproducible.
 A search may take a `LiveMask`: only codes whose mask byte is 1 can be returned (deleted rows of
 a store segment, or rows a filter keeps out), with the same order and padding rules.
 
-Thread safety: search, range_search, contains and save only read one immutable snapshot of the
+Thread safety: search, range_search and contains only read one immutable snapshot of the
 index, so any number of threads may call them at once. add and remove build a new snapshot and
 swap it in with one assignment: a concurrent search sees either the old or the new contents.
 Writers must not race each other (one thread adds and removes, or build a copy() and swap it).
@@ -27,12 +27,10 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from common.errors import InputError
-from indexes import storage
 from indexes.asymmetric import WD_SENTINEL, Asymmetric
 from indexes.codes import check_packed, n_words
 from indexes.kernels import MAX_CODES, kernels_for
@@ -416,33 +414,6 @@ class HammingIndex:
         return [
             (dist[offsets[i] : offsets[i + 1]], ids[offsets[i] : offsets[i + 1]]) for i in range(m)
         ]
-
-    def save(self, path: Path) -> None:
-        """Write the index to `path` atomically (see indexes/storage.py for the format)."""
-        snap = self._snap
-        storage.save(Path(path), n_bits=self.n_bits, ids=snap.ids, codes=snap.codes)
-        logger.info("saved %d codes of %d bits to %s", len(snap.ids), self.n_bits, path)
-
-    @classmethod
-    def load(cls, path: Path, *, mmap: bool = True, threads: int | None = None) -> HammingIndex:
-        """Read an index saved by `save`, checking everything; codes are memory-mapped if mmap.
-
-        Raises InputError saying what is wrong with a truncated, corrupted or foreign file.
-        """
-        n_bits, ids, codes = storage.load(Path(path), mmap=mmap)
-        index = cls(n_bits, threads=threads)
-        check_ids(ids)
-        order = np.argsort(ids)
-        sorted_ids = ids[order]
-        repeats = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-        if repeats.size:
-            raise InputError(
-                f"expected unique ids in {path}, got id {int(sorted_ids[repeats[0]])} repeated"
-            )
-        check_packed(codes, n_bits, name=f"codes in {path}")
-        index._snap = _Snapshot(codes=codes, ids=ids, sorted_ids=sorted_ids, sorted_pos=order)
-        logger.info("loaded %d codes of %d bits from %s", len(ids), n_bits, path)
-        return index
 
 
 # One piece of a scan: (kernel, queries, db, start, stop, heaps, live words, the asymmetric

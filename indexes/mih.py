@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -262,26 +261,6 @@ class MultiIndexHamming:
         the radius anyway, and the flat scan's order (distance, then insertion) is the contract.
         """
         return self._tables.flat.range_search(queries, radius)
-
-    def save(self, path: Path) -> None:
-        """Save codes and ids in the HammingIndex file format (tables are rebuilt on load)."""
-        self._tables.flat.save(path)
-
-    @classmethod
-    def load(
-        cls,
-        path: Path,
-        *,
-        mmap: bool = True,
-        n_tables: int | None = None,
-        work_budget: int | None = None,
-        threads: int | None = None,
-    ) -> MultiIndexHamming:
-        """Load a HammingIndex file and build the tables over it."""
-        flat = HammingIndex.load(path, mmap=mmap, threads=threads)
-        index = cls(flat.n_bits, n_tables=n_tables, work_budget=work_budget, threads=threads)
-        index._tables = index._build(flat)
-        return index
 
     def _build(self, flat: HammingIndex) -> _Tables:
         """Cut the codes into substrings and counting-sort each table."""

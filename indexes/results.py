@@ -1,16 +1,14 @@
-"""What every search backend returns, and the one interface they share.
+"""What every search backend returns: one padding and one order.
 
 Results follow FAISS: (dists int32 (m, k), ids int64 (m, k)) by distance, ties in insertion
 order, padded with distance int32 max and id -1 where fewer than k codes exist. The scan-based
 backends (HammingIndex, MultiIndexHamming) keep candidates as int64 keys
 `(distance << POS_BITS) | position` (indexes/kernels.py); `empty_keys` and `from_keys` are the
 start and the end of every such search, `padded` the start of one that fills rows itself
-(MilvusHammingIndex), so the padding and order rules are written once.
+(the store's views and filters), so the padding and order rules are written once.
 """
 
 from __future__ import annotations
-
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,26 +16,6 @@ from indexes.kernels import POS_BITS, POS_MASK
 
 PAD_DIST = np.iinfo(np.int32).max  # the distance of a padding slot
 PAD_ID = -1  # the id of a padding slot
-
-
-@runtime_checkable
-class SearchIndex(Protocol):
-    """An exact Hamming index over packed codes with int64 ids (HammingIndex, MultiIndexHamming,
-    MilvusHammingIndex): the same answers, bit for bit, whichever backend holds the codes."""
-
-    n_bits: int
-
-    def __len__(self) -> int: ...
-
-    def add(self, codes: np.ndarray, ids: np.ndarray) -> None: ...
-
-    def remove(self, ids: np.ndarray) -> int: ...
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def range_search(
-        self, queries: np.ndarray, radius: int
-    ) -> list[tuple[np.ndarray, np.ndarray]]: ...
 
 
 def padded(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,1 +1,1 @@
-"""Experiments and benchmarks, run as modules: `python -m scripts.NAME --help`."""
+"""Experiments, run as modules: `python -m scripts.NAME --help` (benchmarks live in bench/)."""

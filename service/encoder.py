@@ -12,7 +12,7 @@ thread, which waits up to `window_ms` for more (at most `max_batch`) and runs th
 for all of them. The window is waited only when there is company: another request already queued,
 or a previous batch that was shared. A lone client's request runs at once, on the batcher's own
 thread (no hand-off to a backbone worker): p50 45 -> 39 ms, while 8 clients still share batches
-(scripts/bench_image_latency.py, docs/results/bench-image-latency.json).
+(bench/image_latency.py, docs/results/bench-image-latency.json).
 """
 
 from __future__ import annotations
@@ -65,16 +65,12 @@ class MicroBatcher:
         window_ms: float,
         max_batch: int,
         on_batch: Callable[[int], None] | None = None,
-        former: bool = False,
         lone_threads: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.on_batch = on_batch
         self.window = window_ms / 1000.0
         self.max_batch = max_batch
-        # The former rule, for benchmarks: every request waits the window, and its batch is
-        # handed to a backbone worker however small.
-        self.former = former
         # torch threads of the batcher's thread, which runs a lone image inline: None times 1
         # against every core once when the thread starts and keeps the faster.
         self.lone_threads = lone_threads
@@ -96,11 +92,11 @@ class MicroBatcher:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        if not self.former:  # a batch of one runs here, on the thread count that is faster
-            if self.lone_threads is None:
-                self.lone_threads = fastest_lone_image_threads(self.backbone)
-            else:
-                torch.set_num_threads(self.lone_threads)
+        # A batch of one runs here, on the thread count that is faster.
+        if self.lone_threads is None:
+            self.lone_threads = fastest_lone_image_threads(self.backbone)
+        else:
+            torch.set_num_threads(self.lone_threads)
         while True:
             batch, stop = self._next_batch()
             if batch:
@@ -121,7 +117,7 @@ class MicroBatcher:
         if first is None:
             return [], True
         batch = [first]
-        company = self.former or self._shared or not self._queue.empty()
+        company = self._shared or not self._queue.empty()
         deadline = time.monotonic() + (self.window if company else 0.0)
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
@@ -144,12 +140,7 @@ class MicroBatcher:
         if self.on_batch is not None:
             self.on_batch(len(batch))
         try:
-            feats = encode_images(
-                self.backbone,
-                [r.image for r in batch],
-                batch_size=len(batch),
-                inline=not self.former,  # the former rule: every batch to a backbone worker
-            )
+            feats = encode_images(self.backbone, [r.image for r in batch], batch_size=len(batch))
         except Exception as err:  # handed to every waiting request, which re-raises it
             for r in batch:
                 r.future.set_exception(err)

@@ -278,7 +278,9 @@ class Indexer:
     ) -> DatasetOutcome:
         """Stream a dataset of image files into the store, CHUNK pairs at a time.
 
-        Each image file is read and decoded once: groups of decoded images (see `_full`) go
+        Only the pairs the source marks for search are indexed (`indexed_idx`): a pairs line of
+        split "query" (evaluation only) or "train" (training only) is skipped, saying so. Each
+        image file is read and decoded once: groups of decoded images (see `_full`) go
         through the backbone and are dropped; a chunk's raw bytes wait for its commit. With
         `within` (the server's data folder), a file that resolves outside it is skipped unread.
         """
@@ -287,7 +289,16 @@ class Indexer:
         paths, texts, extra = data.image_paths, data.texts, data.extra
         skipped = [f"{r.pair}: {r.reason}" for r in data.rejected]
         ids: dict[int, ItemId] = {}  # pair index -> store id, for the pairs that have a valid one
+        searched = np.ones(len(data.ids), dtype=bool)  # what searches may find
+        if data.indexed_idx is not None:
+            searched[:] = False
+            searched[data.indexed_idx] = True
+        queries = set(data.query_idx.tolist())
         for i, raw_id in enumerate(data.ids):
+            if not searched[i]:  # a pairs line of split "query" or "train"
+                said = "an evaluation query" if i in queries else "for training only"
+                skipped.append(f"{printable_id(raw_id)}: not indexed: its split says {said}")
+                continue
             try:
                 ids[i] = dataset_id(data.name, raw_id)
             except InputError as err:

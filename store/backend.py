@@ -1,7 +1,7 @@
 """ItemStore: what the service needs of a store, satisfied by the local Store and MilvusStore.
 
 The service reads and writes items only through these methods, so one `Loaded.store` serves
-either backend. What only one backend has (the local store's compaction, live rows, listener)
+either backend. What only one backend has (the local store's compaction, live rows)
 is not part of it: code that needs those takes a `Store`.
 """
 

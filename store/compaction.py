@@ -1,9 +1,10 @@
 """Background compaction: merge small segments, drop deleted rows, without blocking anyone.
 
-The merge policy is Lucene's LogMergePolicy at small scale: a segment's level is
-log_MERGE_FACTOR of its size in sealed-growing-part units; MERGE_FACTOR adjacent segments of one
-level merge into one of the next, so a store of N rows has O(log N) segments and each row is
-rewritten O(log N) times. A segment whose deleted rows pass DEAD_FRACTION is rewritten alone.
+The merge policy is Lucene's LogMergePolicy at small scale (its knobs are the store's
+StoreConfig): a segment's level is log_merge_factor of its size in sealed-growing-part units
+(seal_rows); merge_factor adjacent segments of one level merge into one of the next, so a store
+of N rows has O(log N) segments and each row is rewritten O(log N) times. A segment whose
+deleted rows pass dead_fraction is rewritten alone.
 
 A merge reads its segments (immutable) and their masks at the start and writes the merged file
 without any lock; searches and writes go on. Only the swap (Store.record_merge: the store's
@@ -24,32 +25,32 @@ from functools import partial
 
 import numpy as np
 
+from store.config import StoreConfig
 from store.parts import LoadedSegment, Merge
 from store.segment import SegmentData
-from store.store import SEAL_ROWS, Store
+from store.store import Store
 
 logger = logging.getLogger(__name__)
 
-MERGE_FACTOR = 8
-DEAD_FRACTION = 0.2
 IDLE_CHECK_S = 30.0  # the compactor also looks for work this often
 
 
-def level(rows: int) -> int:
+def level(rows: int, config: StoreConfig) -> int:
     """The merge level of a segment of `rows` live rows."""
-    return max(0, int(math.log(max(rows, 1) / SEAL_ROWS, MERGE_FACTOR) + 1e-9))
+    return max(0, int(math.log(max(rows, 1) / config.seal_rows, config.merge_factor) + 1e-9))
 
 
-def plan(segments: list[LoadedSegment]) -> list[LoadedSegment] | None:
+def plan(segments: list[LoadedSegment], config: StoreConfig) -> list[LoadedSegment] | None:
     """The next segments to merge, or None when the policy is satisfied."""
     for seg in segments:
-        if seg.rows and seg.dead / seg.rows > DEAD_FRACTION:
+        if seg.rows and seg.dead / seg.rows > config.dead_fraction:
             return [seg]
-    levels = [level(s.rows - s.dead) for s in segments]
-    for start in range(len(segments) - MERGE_FACTOR + 1):
-        window = levels[start : start + MERGE_FACTOR]
+    levels = [level(s.rows - s.dead, config) for s in segments]
+    factor = config.merge_factor
+    for start in range(len(segments) - factor + 1):
+        window = levels[start : start + factor]
         if all(x == window[0] for x in window):
-            return segments[start : start + MERGE_FACTOR]
+            return segments[start : start + factor]
     return None
 
 
@@ -64,15 +65,17 @@ def compact_once(store: Store, *, force: bool = False) -> bool:
         return _compact(store, force=force)
 
 
-def _chosen(segments: list[LoadedSegment], *, force: bool) -> list[LoadedSegment] | None:
+def _chosen(
+    segments: list[LoadedSegment], *, force: bool, config: StoreConfig
+) -> list[LoadedSegment] | None:
     """What plan picks, or with force every segment (unless one without deleted rows)."""
     if not force:
-        return plan(segments)
+        return plan(segments, config)
     return None if not segments or (len(segments) == 1 and segments[0].dead == 0) else segments
 
 
 def _compact(store: Store, *, force: bool) -> bool:
-    merge = store.plan_merge(partial(_chosen, force=force))
+    merge = store.plan_merge(partial(_chosen, force=force, config=store.config))
     if merge is None:
         return False
     start = time.perf_counter()

@@ -12,13 +12,13 @@ What a filter means (service/schemas.py's SearchFilter says the same to API user
 How: each of an item's field values is a row (term, seq) of the terms table, written in the
 same transaction as the item (store/store.py), so a term's rows in seq order are its posting
 list. A search ANDs each part's live mask with the filter's rows in that part:
-- a segment's rows of a filter are found once and kept in an LRU (SELECTION_CACHE_BYTES) under
+- a segment's rows of a filter are found once and kept in an LRU (selection_cache_bytes) under
   the segment's name: segments are immutable, and a row's fields and id never change (a replace
   is a delete and a new row). The growing part's are found for each search.
-- posting lists are kept in an LRU (POSTING_CACHE_BYTES) and caught up with the rows committed
+- posting lists are kept in an LRU (posting_cache_bytes) and caught up with the rows committed
   since (seqs only grow, so that is a read of the seqs past a watermark); a deleted row may stay
   in a kept list, because the part's live mask drops it.
-- when few rows of a part pass (at most 1 / GATHER_RATIO of it), their codes are gathered into a
+- when few rows of a part pass (at most 1 / gather_ratio of it), their codes are gathered into a
   small index and only they are scanned: a masked scan passes over the whole part, however few
   of its rows are live (its first pass bounds distances over every code).
 Every hit is checked against the filter with its own checksummed fields and id (Filter.matches),
@@ -48,6 +48,7 @@ from indexes.asymmetric import Asymmetric
 from indexes.hamming import HammingIndex, LiveMask, search_parts
 from indexes.results import padded
 from store import metadata as md
+from store.config import StoreConfig
 from store.ids import ItemId, parse_id
 from store.view import Part, Target, View
 
@@ -57,9 +58,6 @@ MAX_VALUES = 1_000  # values in one field's list
 MAX_IDS = 10_000  # ids in a filter's ids list
 MAX_FIELD_CHARS = 256  # of a field name
 MAX_VALUE_CHARS = 1_000  # of a string value in a filter
-GATHER_RATIO = 32  # at most n / GATHER_RATIO rows pass in a part: scan only them
-POSTING_CACHE_BYTES = 256 << 20  # posting lists kept in memory (LRU)
-SELECTION_CACHE_BYTES = 128 << 20  # segments' filter rows kept in memory (LRU)
 GROWING = "growing"  # the name of the growing part (store/store.py): never cached
 _INT_FLOAT_LIMIT = 2.0**63  # integral floats below this are written as integers (5.0 -> 5)
 _ENTRY_BYTES = 200  # what a cache entry costs besides its arrays (key, tuple, dict slot)
@@ -292,9 +290,10 @@ class _Lru:
 class FilterIndex:
     """Answers filtered searches of one store's views (thread-safe; caches behind locks)."""
 
-    def __init__(self) -> None:
-        self._postings = _Lru(POSTING_CACHE_BYTES)  # term -> (seqs, complete below this seq)
-        self._selections = _Lru(SELECTION_CACHE_BYTES)  # (segment, filter key) -> _Selection
+    def __init__(self, config: StoreConfig) -> None:
+        self._gather_ratio = config.gather_ratio
+        self._postings = _Lru(config.posting_cache_bytes)  # term -> (seqs, complete below a seq)
+        self._selections = _Lru(config.selection_cache_bytes)  # (segment, filter) -> _Selection
 
     def search(
         self,
@@ -374,7 +373,7 @@ class FilterIndex:
             kept = kept[_members(other, kept)]
         positions = _positions(seqs, kept)
         n = int(seqs.shape[0])
-        if positions.size * GATHER_RATIO <= n:
+        if positions.size * self._gather_ratio <= n:
             return _Selection(n, positions, None)
         chosen = np.zeros(n, bool)
         chosen[positions] = True

@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 from store import legacy
+from store.locks import LOCK_NAME, hold_flock
 from store.manifest import Manifest
-from store.store import Store
+from store.store import STORE_DIR, Store
 
 logger = logging.getLogger(__name__)
 
@@ -30,3 +31,12 @@ def open_store(artifacts: Path, *, expected: Manifest, shared: bool = False) -> 
         return Store.open(artifacts, expected=expected, shared=shared)
     logger.warning("no index in %s yet: starting an empty store", artifacts)
     return Store.create(artifacts, expected, shared=shared)
+
+
+def check_store_free(artifacts: Path) -> None:
+    """Refuse at once (InputError, one line) when another process has the artifacts' store open,
+    as a running server does: what an offline build asks before it loads a model or a dataset.
+    Only an early answer: open_store takes the lock itself."""
+    lock = artifacts / STORE_DIR / LOCK_NAME
+    if lock.is_file():
+        hold_flock(lock, shared=False).close()

@@ -32,7 +32,6 @@ SCHEMA_VERSION = 2
 UPGRADABLE = ("1",)  # older schema versions that check_schema upgrades in place
 WRITER_CACHE_KIB = 131_072  # the writer's page cache: big batches touch many index pages
 SQL_BATCH = 500  # values per `IN (...)` list (well under SQLite's parameter limit)
-UPGRADE_ROWS = 50_000  # rows read at a time while an upgrade fills the terms table
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
@@ -116,13 +115,17 @@ def _schema_version(conn: sqlite3.Connection, path: Path) -> str | None:
 
 
 def check_schema(
-    conn: sqlite3.Connection, path: Path, *, terms_of: Callable[[str], Iterable[str]]
+    conn: sqlite3.Connection,
+    path: Path,
+    *,
+    terms_of: Callable[[str], Iterable[str]],
+    upgrade_rows: int,
 ) -> None:
     """Refuse a database that is not a store of this version, upgrading an older one in place.
 
     The upgrade (version 1 had no terms table) is one transaction, re-checked inside it, so that
     workers opening the store at once upgrade it once; `terms_of` maps a row's fields JSON to
-    its terms (store.filters.terms_of_json).
+    its terms (store.filters.terms_of_json); the upgrade reads `upgrade_rows` rows at a time.
     """
     found = _schema_version(conn, path)
     if found in UPGRADABLE:
@@ -133,7 +136,7 @@ def check_schema(
                 conn.execute(TERMS_TABLE)
                 sql = "SELECT seq, fields FROM items WHERE seq > ? AND fields != '{}' ORDER BY seq"
                 after = -1
-                while rows := conn.execute(f"{sql} LIMIT {UPGRADE_ROWS}", (after,)).fetchall():
+                while rows := conn.execute(f"{sql} LIMIT {int(upgrade_rows)}", (after,)).fetchall():
                     conn.executemany(
                         "INSERT OR IGNORE INTO terms VALUES (?, ?)",
                         sorted((t, seq) for seq, fields in rows for t in terms_of(fields)),

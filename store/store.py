@@ -7,9 +7,10 @@ Layout under the artifacts folder:
 
 Writes (one at a time, under the writer lock; searches never take it):
 - add: new rows are committed in one SQLite transaction and appended to the in-memory growing
-  part; when it reaches SEAL_ROWS it is written as a segment file (fsynced) and then recorded in
-  a second transaction. A batch of BULK_ROWS or more is written straight as its own segment,
-  before the transaction that commits its rows, so it is never held in the growing part.
+  part; when it reaches config.seal_rows it is written as a segment file (fsynced) and then
+  recorded in a second transaction. A batch of config.bulk_rows or more is written straight as
+  its own segment, before the transaction that commits its rows, so it is never held in the
+  growing part (the knobs: store/config.py).
 - delete: the rows go in one transaction, with a tombstone for each row that sits in a segment.
 - the user's fields of each row are also terms rows (store/filters.py), added and deleted in the
   transaction of their row, which filtered searches read.
@@ -32,10 +33,10 @@ thread, which change the store only through plan_merge / write_segment / record_
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -44,16 +45,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, NamedTuple, Protocol
+from typing import Any, BinaryIO, Literal, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 
-from common.errors import InputError, IntegrityError
+from common.errors import InputError, IntegrityError, NoSpaceError, is_no_space
 from common.fsio import atomic_write_bytes, fsync_dir
 from indexes.asymmetric import Asymmetric, hamming_scores
 from indexes.codes import check_packed, n_words
-from indexes.hamming import SPLIT_MIN_WORDS, HammingIndex, LiveMask, check_k
+from indexes.hamming import HammingIndex, LiveMask, check_k
 from store import metadata as md
+from store.config import DEFAULT_CONFIG, StoreConfig
 from store.filters import Filter, FilterIndex, terms_of_json
 from store.ids import ItemId, parse_id
 from store.locks import (
@@ -83,14 +85,7 @@ STORE_DIR = "store"
 DB_NAME = "items.sqlite"
 SYNC_ATTEMPTS = 5  # a merge elsewhere removed a segment file a snapshot named: read again
 SEGMENTS_DIR = "segments"
-SEAL_ROWS = 65_536  # the growing part becomes a segment at this many rows
-BULK_ROWS = 16_384  # a batch at least this large is written as its own segment
 SEARCH_ATTEMPTS = 3  # a hit deleted between the view and its metadata read: search again
-# search_now declines a scan of this many uint64 words of codes or more (16 MiB, where the index
-# starts to split one query over threads): the caller's thread would be held for milliseconds.
-# At 10M 64-bit items (80 MB, about 5 ms a scan) searches run in the event loop gave a p99 of
-# 0.9-1.2 s at 32 connections against 0.16-0.2 s on worker threads, and no more req/s.
-INLINE_MAX_WORDS = SPLIT_MIN_WORDS
 OnConflict = Literal["error", "replace"]
 
 
@@ -101,16 +96,6 @@ class _Ranking(NamedTuple):
     radius: int | None
 
 
-class Listener(Protocol):
-    """Told of every committed change, under the writer lock (a mirror kept in step)."""
-
-    def added(self, seqs: np.ndarray, image_codes: np.ndarray, text_codes: np.ndarray) -> None:
-        """Rows (seqs ascending) were committed."""
-
-    def deleted(self, seqs: np.ndarray) -> None:
-        """Rows were deleted."""
-
-
 @dataclass(frozen=True)
 class Hits:
     """A search's answer: per query, (item, Hamming distance) best first, the score each hit
@@ -119,6 +104,38 @@ class Hits:
     hits: list[list[tuple[md.Item, int]]]
     commit: int
     scores: list[list[float]]
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _classified(method: Callable[P, R]) -> Callable[P, R]:
+    """Store errors a client can act on, as such: a full device is a NoSpaceError naming the
+    folder, a damaged metadata file an IntegrityError naming it (sqlite says neither)."""
+
+    @functools.wraps(method)
+    def classified(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (sqlite3.DatabaseError, OSError) as err:
+            if isinstance(err, sqlite3.IntegrityError):
+                raise
+            store = args[0]
+            assert isinstance(store, Store)
+            if is_no_space(err):
+                raise NoSpaceError(
+                    f"no space left on the device holding {store.root}: nothing of this write "
+                    "was kept; free some space and retry"
+                ) from err
+            if isinstance(err, sqlite3.DatabaseError):
+                raise IntegrityError(
+                    f"the store's metadata {store.root / DB_NAME} cannot be read ({err}): restore "
+                    "it from a backup, or rebuild the store"
+                ) from err
+            raise
+
+    return classified
 
 
 @dataclass(frozen=True)
@@ -134,9 +151,16 @@ class Store:
     """One artifacts folder's indexed items. Open with Store.open or Store.create."""
 
     def __init__(
-        self, artifacts: Path, conn: sqlite3.Connection, manifest: Manifest, *, shared: bool
+        self,
+        artifacts: Path,
+        conn: sqlite3.Connection,
+        manifest: Manifest,
+        *,
+        shared: bool,
+        config: StoreConfig,
     ) -> None:
         self.artifacts = artifacts
+        self.config = config
         self.root = artifacts / STORE_DIR
         # Shared: several processes (`cmh serve --workers N`) have the store open; each write
         # takes WRITE_LOCK and first catches up with the others' commits (_reload), each search
@@ -160,14 +184,13 @@ class Store:
         self._lock = threading.Lock()  # serialises writes and the swap of a merge
         self.merge_lock = threading.Lock()  # one merge at a time (store/compaction.py)
         self._segments: list[LoadedSegment] = []  # in seq order, ranges disjoint
-        self._growing = Growing(self._words, SEAL_ROWS)
+        self._growing = Growing(self._words, config.seal_rows)
         self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
         self._commit = int(md.get_meta(conn, "commit") or 0)
         self._view = View(self._commit, ())
         self._opened = time.time()
         self.compactor: Any = None  # set by store.compaction.Compactor when started
-        self._filters = FilterIndex()  # answers filtered searches (caches behind its own locks)
-        self.listener: Listener | None = None
+        self._filters = FilterIndex(config)  # answers filtered searches (caches behind locks)
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -177,7 +200,14 @@ class Store:
         return (artifacts / STORE_DIR / DB_NAME).is_file()
 
     @classmethod
-    def create(cls, artifacts: Path, manifest: Manifest, *, shared: bool = False) -> Store:
+    def create(
+        cls,
+        artifacts: Path,
+        manifest: Manifest,
+        *,
+        shared: bool = False,
+        config: StoreConfig = DEFAULT_CONFIG,
+    ) -> Store:
         """A new, empty store for codes made as the manifest says."""
         root = artifacts / STORE_DIR
         if (root / DB_NAME).exists():
@@ -202,13 +232,18 @@ class Store:
         fsync_dir(root)
         conn = md.connect(root / DB_NAME)
         logger.info("created an empty %d-bit store in %s", manifest.n_bits, root)
-        store = cls(artifacts, conn, manifest, shared=shared)
+        store = cls(artifacts, conn, manifest, shared=shared, config=config)
         store.take_compaction()
         return store
 
     @classmethod
     def open(
-        cls, artifacts: Path, *, expected: Manifest | None = None, shared: bool = False
+        cls,
+        artifacts: Path,
+        *,
+        expected: Manifest | None = None,
+        shared: bool = False,
+        config: StoreConfig = DEFAULT_CONFIG,
     ) -> Store:
         """Open and check the store; with `expected`, refuse codes made by another model.
 
@@ -219,7 +254,7 @@ class Store:
         if not path.is_file():
             raise InputError(f"expected a store at {path}, found none")
         try:
-            return cls._open(artifacts, path, expected=expected, shared=shared)
+            return cls._open(artifacts, path, expected=expected, shared=shared, config=config)
         except sqlite3.DatabaseError as err:  # "file is not a database", "disk image is malformed"
             raise IntegrityError(
                 f"expected a readable store database at {path}, got: {err}; restore it from a "
@@ -228,18 +263,24 @@ class Store:
 
     @classmethod
     def _open(
-        cls, artifacts: Path, path: Path, *, expected: Manifest | None, shared: bool
+        cls,
+        artifacts: Path,
+        path: Path,
+        *,
+        expected: Manifest | None,
+        shared: bool,
+        config: StoreConfig,
     ) -> Store:
         conn = md.connect(path)
         try:
-            md.check_schema(conn, path, terms_of=terms_of_json)
+            md.check_schema(conn, path, terms_of=terms_of_json, upgrade_rows=config.upgrade_rows)
             try:
                 manifest = Manifest(**json.loads(md.get_meta(conn, "manifest") or ""))
             except (ValueError, TypeError) as err:
                 raise InputError(f"expected a manifest in {path}, got: {err}") from err
             if expected is not None:
                 check_manifest(manifest, expected)
-            store = cls(artifacts, conn, manifest, shared=shared)
+            store = cls(artifacts, conn, manifest, shared=shared, config=config)
         except BaseException:
             conn.close()
             raise
@@ -317,7 +358,11 @@ class Store:
             segments = [self._loaded_segment(name, n_rows, crc) for name, n_rows, crc in rows]
             after = int(segments[-1].seqs[-1]) if segments else -1
             growing = reloaded_growing(
-                self._growing, conn, after=after, where=self.root / DB_NAME, seal_rows=SEAL_ROWS
+                self._growing,
+                conn,
+                after=after,
+                where=self.root / DB_NAME,
+                seal_rows=self.config.seal_rows,
             )
             next_seq = int(md.get_meta(conn, "next_seq") or 0)
         finally:
@@ -396,6 +441,7 @@ class Store:
                 self._reader_conns.append(conn)
         return conn
 
+    @_classified
     def search(
         self,
         target: Target,
@@ -426,6 +472,7 @@ class Store:
             raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
         return found
 
+    @_classified
     def search_now(
         self,
         target: Target,
@@ -438,9 +485,9 @@ class Store:
         """search() without a filter, answered on this thread alone and without waiting for a
         lock, or None where that would wait or take long: the view is behind another process's
         commit while this process's writer holds the lock, deletes keep outrunning the search,
-        or the scan reads INLINE_MAX_WORDS of codes or more (half that for an asymmetric one).
-        A filtered search has no such form:
-        its cost grows with the rows that pass the filter.
+        or the scan reads config.inline_max_words of codes or more (half that for an asymmetric
+        one). A filtered search has no such form: its cost grows with the rows that pass the
+        filter.
 
         For the event loop (service/api/search.py): a search that waits there stalls every
         connection, and the caller runs search() on a worker thread instead.
@@ -452,7 +499,7 @@ class Store:
             view = self._current_view(wait=False)
             # An asymmetric scan costs about twice a Hamming one (docs/search-api.md): half
             # the codes keep the caller's thread held as long.
-            most = INLINE_MAX_WORDS // (2 if asymmetric is not None else 1)
+            most = self.config.inline_max_words // (2 if asymmetric is not None else 1)
             if view is None or view.scan_words(target) >= most:
                 return None
             found = self._search_once(target, queries, k, None, view, ranking, one_thread=True)
@@ -532,8 +579,9 @@ class Store:
     def drop_filter_caches(self) -> None:
         """Forget cached posting lists and selections: the next filtered search is a cold one,
         as after a start."""
-        self._filters = FilterIndex()
+        self._filters = FilterIndex(self.config)
 
+    @_classified
     def get(self, item_id: ItemId) -> md.Item | None:
         """The item stored under item_id (5 and "5" alike), or None."""
         row = (
@@ -543,6 +591,7 @@ class Store:
         )
         return None if row is None else md.item_from_row(row, self.root / DB_NAME)[1]
 
+    @_classified
     def live_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(seqs, image codes, text codes) of every live row in seq order (a mirror's refill)."""
         seqs, image, text = [], [], []
@@ -556,12 +605,14 @@ class Store:
             return np.empty(0, np.int64), empty, empty.copy()
         return np.concatenate(seqs), np.concatenate(image), np.concatenate(text)
 
+    @_classified
     def existing(self, ids: Sequence[ItemId]) -> set[ItemId]:
         """Which of ids are stored (as canonical ids)."""
         return md.existing_ids(self._reader(), [parse_id(i) for i in ids])
 
     # ---- writing ---------------------------------------------------------------------------
 
+    @_classified
     def add(self, batch: NewItems, *, on_conflict: OnConflict = "error") -> int:
         """Commit a batch durably, then serve it; returns the commit number. All or nothing.
 
@@ -571,21 +622,29 @@ class Store:
         b = len(batch)
         rows, to_write = checked_rows(batch, self.n_bits)
         with self._writing():
-            # Under the lock: a delete's image clean-up cannot remove a file this add refers to.
-            for relative, data in to_write.items():
-                if not (self.artifacts / relative).is_file():
-                    atomic_write_bytes(self.artifacts / relative, data)
-            seqs = np.arange(self._next_seq, self._next_seq + b, dtype=np.int64)
-            bulk = b >= BULK_ROWS
-            if bulk and self._growing.n:
-                self._seal()
+            written: list[str] = []  # image files this batch wrote: removed if it fails
             segment = None
-            if bulk:  # the codes go to disk before the rows that name them are committed
-                segment = self.write_segment(SegmentData(seqs, batch.image_codes, batch.text_codes))
+            try:
+                # Under the lock: a delete's image clean-up cannot remove a file this add uses.
+                for relative, data in to_write.items():
+                    if not (self.artifacts / relative).is_file():
+                        written.append(relative)
+                        atomic_write_bytes(self.artifacts / relative, data)
+                seqs = np.arange(self._next_seq, self._next_seq + b, dtype=np.int64)
+                bulk = b >= self.config.bulk_rows
+                if bulk and self._growing.n:
+                    self._seal()
+                if bulk:  # the codes go to disk before the rows that name them are committed
+                    segment = self.write_segment(
+                        SegmentData(seqs, batch.image_codes, batch.text_codes)
+                    )
+            except BaseException:
+                self._collect_images(written)
+                raise
             added = time.time()
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 replaced: list[tuple[int, str, ItemId]] = []
                 if on_conflict == "replace":
                     replaced = self._delete_rows(list(batch.ids))
@@ -600,24 +659,21 @@ class Store:
                 self._roll_back()
                 if segment is not None:
                     (self.root / SEGMENTS_DIR / segment.name).unlink(missing_ok=True)
-                self._collect_images(list(to_write))  # written for this batch alone
+                self._collect_images(list(to_write))  # those no row refers to: this batch's
                 raise
             self._forget([r[0] for r in replaced])
-            if self.listener is not None:
-                if replaced:
-                    self.listener.deleted(np.asarray([r[0] for r in replaced], np.int64))
-                self.listener.added(seqs, batch.image_codes, batch.text_codes)
             if segment is not None:
                 self._segments.append(segment)
             else:
                 self._append_growing(seqs, batch.image_codes, batch.text_codes)
             self._publish()
-            if self._growing.n >= SEAL_ROWS:
+            if self._growing.n >= self.config.seal_rows:
                 self._seal()
             self._collect_images([r[1] for r in replaced])
             self._wake_compactor()
             return self._commit
 
+    @_classified
     def delete(self, ids: Sequence[ItemId]) -> Deleted:
         """Delete these ids durably, then stop serving them; the ids that were there and the
         commit that removed them (read under the writer lock: another write's commit never)."""
@@ -633,8 +689,6 @@ class Store:
                 self._roll_back()
                 raise
             self._forget([g[0] for g in gone])
-            if self.listener is not None and gone:
-                self.listener.deleted(np.asarray([g[0] for g in gone], np.int64))
             self._publish()
             self._collect_images([g[1] for g in gone])
             self._wake_compactor()
@@ -670,10 +724,12 @@ class Store:
         """Copy committed rows into the growing part, sealing it each time it fills."""
         start = 0
         while start < len(seqs):
-            if self._growing.n >= SEAL_ROWS:
+            if self._growing.n >= self.config.seal_rows:
                 self._seal(publish=False)  # the caller publishes the whole batch
             rest = slice(start, None)
-            start += self._growing.append(seqs[rest], image[rest], text[rest], up_to=SEAL_ROWS)
+            start += self._growing.append(
+                seqs[rest], image[rest], text[rest], up_to=self.config.seal_rows
+            )
 
     def _seal(self, *, publish: bool = True) -> None:
         """Write the growing part's live rows as a segment and record it (writer lock held)."""
@@ -689,7 +745,7 @@ class Store:
                 self._roll_back()
                 raise
             self._segments.append(segment)
-        self._growing = Growing(self._words, SEAL_ROWS)
+        self._growing = Growing(self._words, self.config.seal_rows)
         if publish:
             self._publish()
         logger.info("sealed %d growing rows into a segment", len(data))
@@ -766,7 +822,8 @@ class Store:
         """Roll back the open transaction and the counters it had moved on: a shared store
         compares them with the database's to know whether it is up to date."""
         conn = self._conn
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite ends it itself on some errors (SQLITE_FULL among them)
+            conn.execute("ROLLBACK")
         self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
         self._commit = int(md.get_meta(conn, "commit") or 0)
         self._layout = int(md.get_meta(conn, "layout") or 0)
@@ -824,7 +881,3 @@ class Store:
         for f in (self._write_lock_file, self._compact_lock_file, self._lock_file):
             if f is not None:
                 f.close()  # releases its flock
-
-    def remove_files(self) -> None:
-        """Delete the store's folder (after close); the images stay."""
-        shutil.rmtree(self.root, ignore_errors=True)

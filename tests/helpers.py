@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -10,6 +11,8 @@ import numpy as np
 from indexes.codes import pack_codes
 from indexes.results import PAD_DIST
 from models.data.dataset import PairDataset
+from store import sections
+from store.legacy import INDEX_LAYOUT
 from store.manifest import Manifest
 
 
@@ -66,3 +69,9 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dic
             return status
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def write_legacy_index(path: Path, *, n_bits: int, ids: np.ndarray, codes: np.ndarray) -> None:
+    """A Hamming index file of the earlier design (what store/legacy.py migrates): nothing but
+    the tests writes one any more."""
+    sections.write(path, INDEX_LAYOUT, n_bits=n_bits, arrays=[np.asarray(ids, np.int64), codes])

@@ -5,8 +5,9 @@ ARTIFACTS (creating it when missing) and then writes for ever, seeded by SEED, u
 killed. Before each call it appends {"begin": n, "op": ...} to LOG, and once the call has
 returned {"ack": n}; every line is flushed and fsynced before the next step. The parent settles
 an op the kill left in flight by appending {"resolved": n, "applied": bool}, so the log replays
-to exactly what the store must hold. SEAL_ROWS, BULK_ROWS and the merge factor come from the
-environment (CMH_CRASH_SEAL_ROWS, CMH_CRASH_BULK_ROWS, CMH_CRASH_MERGE_FACTOR).
+to exactly what the store must hold. The store's seal rows, bulk rows and merge factor (its
+StoreConfig) come from the environment (CMH_CRASH_SEAL_ROWS, CMH_CRASH_BULK_ROWS,
+CMH_CRASH_MERGE_FACTOR).
 
 With CMH_CRASH_CHILDREN=C and CMH_CRASH_CHILD=c, C children write to one store at once, each
 opening it shared (as the workers of one server do), each with its own log and its own ids
@@ -29,10 +30,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-import store.store as store_module
 from common.errors import InputError
-from store import compaction
 from store.compaction import Compactor, compact_once
+from store.config import StoreConfig
 from store.ids import ItemId
 from store.manifest import Manifest
 from store.rows import IMAGES_DIR, NewItems
@@ -148,9 +148,9 @@ def replay(lines: list[str]) -> tuple[Model, Op | None]:
     return model, pending
 
 
-def plan(rng: random.Random, model: Model) -> Op:
+def plan(rng: random.Random, model: Model, *, bulk: int) -> Op:
     """The next op: adds of 1, tens or a bulk's worth, replaces, deletes, refusals, merges."""
-    live, n, bulk = list(model.items), model.next_op, store_module.BULK_ROWS
+    live, n = list(model.items), model.next_op
     roll = rng.random()
     if roll < 0.4 or len(live) < 20:
         size = 1 if rng.random() < 0.4 else rng.randint(2, 40)
@@ -222,27 +222,28 @@ def note(log: TextIO, entry: dict[str, Any]) -> None:
 
 
 def main(artifacts: Path, log_path: Path, seed: int) -> None:
-    seal = int(os.environ["CMH_CRASH_SEAL_ROWS"])
-    store_module.SEAL_ROWS = compaction.SEAL_ROWS = seal
-    store_module.BULK_ROWS = int(os.environ["CMH_CRASH_BULK_ROWS"])
-    compaction.MERGE_FACTOR = int(os.environ["CMH_CRASH_MERGE_FACTOR"])
+    config = StoreConfig(
+        seal_rows=int(os.environ["CMH_CRASH_SEAL_ROWS"]),
+        bulk_rows=int(os.environ["CMH_CRASH_BULK_ROWS"]),
+        merge_factor=int(os.environ["CMH_CRASH_MERGE_FACTOR"]),
+    )
     model, pending = replay(read_log(log_path))
     if pending is not None:
         raise SystemExit(f"op {pending['begin']} was left in flight by the parent")
     rng = random.Random(seed)
     with log_path.open("a", encoding="utf-8") as log:
-        constants = [store_module.SEAL_ROWS, store_module.BULK_ROWS, compaction.MERGE_FACTOR]
+        constants = [config.seal_rows, config.bulk_rows, config.merge_factor]
         note(log, {"ready": os.getpid(), "constants": constants})
         if CHILDREN > 1:  # the parent made the store
-            store = Store.open(artifacts, expected=MANIFEST, shared=True)
+            store = Store.open(artifacts, expected=MANIFEST, shared=True, config=config)
         elif Store.exists(artifacts):
-            store = Store.open(artifacts, expected=MANIFEST)
+            store = Store.open(artifacts, expected=MANIFEST, config=config)
         else:
-            store = Store.create(artifacts, MANIFEST)
+            store = Store.create(artifacts, MANIFEST, config=config)
         if rng.random() < 0.5:
             Compactor(store)  # merges in the background too, killed wherever it is
         while True:
-            op = plan(rng, model)
+            op = plan(rng, model, bulk=config.bulk_rows)
             note(log, op)
             begin(model, op)
             run(store, op, rng)

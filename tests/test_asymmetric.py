@@ -15,7 +15,7 @@ from cli.main import main
 from indexes.asymmetric import WEIGHT_TOTAL, Asymmetric
 from indexes.codes import pack_codes, unpack_codes
 from indexes.hamming import SPLIT_MIN_WORDS, HammingIndex, LiveMask
-from store import store as store_module
+from store.config import StoreConfig
 from store.filters import Filter
 from store.milvus_lite import MilvusLite
 from store.milvus_store import Candidates, MilvusStore
@@ -226,20 +226,17 @@ def check_store(store: Store | MilvusStore, oracle: Oracle, asym: Asymmetric) ->
         assert answers(hamming) == within
 
 
-@pytest.fixture
-def lowered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Seal at 50 rows, bulk segments from 40: a few hundred items make several parts."""
-    monkeypatch.setattr(store_module, "SEAL_ROWS", 50)
-    monkeypatch.setattr(store_module, "BULK_ROWS", 40)
+# Seal at 50 rows, bulk segments from 40: a few hundred items make several parts.
+LOWERED = StoreConfig(seal_rows=50, bulk_rows=40)
 
 
-def test_local_store_asymmetric_and_radius_equal_brute_force(tmp_path: Path, lowered: None) -> None:
+def test_local_store_asymmetric_and_radius_equal_brute_force(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     pool = pack_codes(rng.integers(0, 2, (30, N_BITS)))
     signs, q = real_queries(rng, 4, N_BITS)
     signs[0] = pool[0]  # ties at distance 0
     asym = Asymmetric.of(signs, q)
-    store, oracle = Store.create(tmp_path, MANIFEST), Oracle()
+    store, oracle = Store.create(tmp_path, MANIFEST, config=LOWERED), Oracle()
     try:
         for first in range(0, 300, 45):
             items = batch(rng, first, 45, pool)
@@ -259,27 +256,27 @@ def test_local_store_asymmetric_and_radius_equal_brute_force(tmp_path: Path, low
         store.close()
 
 
-def test_search_now_declines_an_asymmetric_scan_past_half_its_bound(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_search_now_declines_an_asymmetric_scan_past_half_its_bound(tmp_path: Path) -> None:
     """An asymmetric scan costs about twice a Hamming one: the event loop takes half the codes."""
     rng = np.random.default_rng(13)
     pool = pack_codes(rng.integers(0, 2, (30, N_BITS)))
     signs, q = real_queries(rng, 1, N_BITS)
     asym = Asymmetric.of(signs, q)
-    store = Store.create(tmp_path, MANIFEST)
-    try:
-        store.add(batch(rng, 0, 40, pool))
-        words = store.view().scan_words("image")
-        monkeypatch.setattr(store_module, "INLINE_MAX_WORDS", 2 * words)
-        assert store.search_now("image", signs, 3) is not None
-        assert store.search_now("image", signs, 3, asymmetric=asym) is None
-        monkeypatch.setattr(store_module, "INLINE_MAX_WORDS", 2 * words + 2)
-        now = store.search_now("image", signs, 3, asymmetric=asym)
-        assert now is not None
-        assert answers(now) == answers(store.search("image", signs, 3, asymmetric=asym))
-    finally:
-        store.close()
+    words = 40 * 1  # 40 items of one 64-bit word
+    for bound, asymmetric_inline in ((2 * words, False), (2 * words + 2, True)):
+        folder = tmp_path / str(bound)
+        store = Store.create(folder, MANIFEST, config=StoreConfig(inline_max_words=bound))
+        try:
+            store.add(batch(rng, 0, 40, pool))
+            assert store.view().scan_words("image") == words
+            assert store.search_now("image", signs, 3) is not None
+            now = store.search_now("image", signs, 3, asymmetric=asym)
+            assert (now is not None) == asymmetric_inline
+            if now is not None:
+                want = store.search("image", signs, 3, asymmetric=asym)
+                assert answers(now) == answers(want)
+        finally:
+            store.close()
 
 
 @pytest.mark.parametrize(

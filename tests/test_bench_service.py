@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.service_bench import parse_wrk
+from bench.service import parse_wrk
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -67,6 +67,34 @@ def test_every_subcommand_has_help(path: list[str]) -> None:
     assert exit_info.value.code == 0
 
 
+def test_help_lists_every_command_and_each_parses_alone(cmh: Callable[..., Ran]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cmh("--help")
+    assert exit_info.value.code == 0
+    for path in _subcommand_paths():
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser([*path, "--help"]).parse_args([*path, "--help"])
+        assert exit_info.value.code == 0, path
+
+
+def test_serve_imports_neither_benchmark_nor_training_code(tmp_path: Path) -> None:
+    # cmh imports only the module of the command it runs: serving loads the service, not
+    # bench/ (FAISS, wrk drivers) nor the training and baselines the other commands need.
+    code = (
+        "import sys; from cli.main import main; "
+        "code = main(['serve', '--artifacts', sys.argv[1]]); "
+        "print(code, ' '.join(sorted(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    returncode, *modules = result.stdout.split()
+    assert returncode == "2" and "expected a checkpoint" in result.stderr  # it ran, and refused
+    assert "cli.serve" in modules and "service.app" in modules
+    loaded = [m for m in modules if m.split(".")[0] in ("bench", "faiss") or "training" in m]
+    assert loaded == [] and "cli.bench" not in modules
+
+
 def test_missing_root_exits_2_with_one_line(tmp_path: Path) -> None:
     result = cmh_process(
         "data", "check", "--dataset", "web-news", "--root", str(tmp_path / "absent")

@@ -10,6 +10,7 @@ The oracle states the documented semantics on its own (`passes`), not through Fi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import sqlite3
@@ -25,14 +26,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import store.store as store_module
 from common.errors import InputError, IntegrityError
 from indexes.codes import pack_codes
 from service.app import create_app
 from service.settings import Settings
-from store import compaction, filters
-from store import metadata as md
+from store import filters
 from store.compaction import compact_once
+from store.config import StoreConfig
 from store.filters import Filter, FilterIndex
 from store.ids import ItemId, parse_id
 from store.rows import NewItems
@@ -42,7 +42,7 @@ from tests.helpers import store_manifest
 
 N_BITS = 72  # two words per code, the second with padding bits
 POOL = 24  # distinct codes per modality: ties everywhere
-SEAL, BULK, FACTOR = 64, 40, 4  # lowered SEAL_ROWS, BULK_ROWS, MERGE_FACTOR
+SEAL, BULK, FACTOR = 64, 40, 4  # lowered seal_rows, bulk_rows, merge_factor
 MANIFEST = store_manifest(N_BITS)
 _bits = np.random.default_rng(11).integers(0, 2, (2, POOL + 2, N_BITS))
 POOLS = {"image": pack_codes(_bits[0, :POOL]), "text": pack_codes(_bits[1, :POOL])}
@@ -68,13 +68,8 @@ SPECS: list[tuple[dict[str, Any], dict[str, list[Any]], list[Any] | None]] = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def small(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Seal at 64 rows, bulk segments from 40, merges of 4: a few hundred rows, many parts."""
-    monkeypatch.setattr(store_module, "SEAL_ROWS", SEAL)
-    monkeypatch.setattr(store_module, "BULK_ROWS", BULK)
-    monkeypatch.setattr(compaction, "SEAL_ROWS", SEAL)
-    monkeypatch.setattr(compaction, "MERGE_FACTOR", FACTOR)
+# Seal at 64 rows, bulk segments from 40, merges of 4: a few hundred rows, many parts.
+CONFIG = StoreConfig(seal_rows=SEAL, bulk_rows=BULK, merge_factor=FACTOR)
 
 
 @pytest.fixture
@@ -193,13 +188,17 @@ def parts(store: Store) -> list[str]:
     return ["growing" if p.name == "growing" else "segment" for p in store.view().parts]
 
 
-@pytest.mark.parametrize("gather_ratio", [1, filters.GATHER_RATIO, 10**9])
+@pytest.mark.parametrize("gather_ratio", [1, StoreConfig().gather_ratio, 10**9])
 def test_filtered_search_equals_brute_force_through_every_kind_of_write(
-    artifacts: Path, monkeypatch: pytest.MonkeyPatch, gather_ratio: int
+    artifacts: Path, gather_ratio: int
 ) -> None:
     """ratio 1: every part's passing rows are gathered; 10**9: every part is a masked scan."""
-    monkeypatch.setattr(filters, "GATHER_RATIO", gather_ratio)
-    store, oracle, rng = Store.create(artifacts, MANIFEST), Oracle(), np.random.default_rng(5)
+    config = dataclasses.replace(CONFIG, gather_ratio=gather_ratio)
+    store, oracle, rng = (
+        Store.create(artifacts, MANIFEST, config=config),
+        Oracle(),
+        np.random.default_rng(5),
+    )
     try:
         for start in range(0, 90, 10):  # a sealed segment and growing rows
             batch = make([fresh_id(n) for n in range(start, start + 10)], rng)
@@ -234,7 +233,7 @@ def test_filtered_search_equals_brute_force_through_every_kind_of_write(
         assert not before & {p.name for p in store.view().parts} - {"growing"}  # merged
         check(store, oracle)
         store.close()
-        store = Store.open(artifacts, expected=MANIFEST)  # caches start empty
+        store = Store.open(artifacts, expected=MANIFEST, config=CONFIG)  # caches start empty
         check(store, oracle)
     finally:
         store.close()
@@ -243,13 +242,13 @@ def test_filtered_search_equals_brute_force_through_every_kind_of_write(
 def test_a_filter_pads_and_orders_like_an_unfiltered_view_search(artifacts: Path) -> None:
     """At the view level: (dists, seqs) arrays, padding included, of a filter that keeps every
     row are the unfiltered view's, and a filter that keeps none gives only padding."""
-    store, rng = Store.create(artifacts, MANIFEST), np.random.default_rng(8)
+    store, rng = Store.create(artifacts, MANIFEST, config=CONFIG), np.random.default_rng(8)
     conn = sqlite3.connect(artifacts / STORE_DIR / DB_NAME)  # a reader of its own
     try:
         for start in (0, 100, 200):
             store.add(make(list(range(start, start + 30)), rng))
         store.delete([5, 105])
-        view, index = store.view(), FilterIndex()
+        view, index = store.view(), FilterIndex(CONFIG)
         everything = Filter.of(ids=list(range(300)))
         nothing = Filter.of(equals={"source": "nowhere"})
         for k in (1, 17, 200):
@@ -265,7 +264,7 @@ def test_a_filter_pads_and_orders_like_an_unfiltered_view_search(artifacts: Path
 
 
 def test_new_rows_reach_a_cached_posting_list_and_deleted_ones_leave(artifacts: Path) -> None:
-    store, rng = Store.create(artifacts, MANIFEST), np.random.default_rng(2)
+    store, rng = Store.create(artifacts, MANIFEST, config=CONFIG), np.random.default_rng(2)
     where = Filter.of(equals={"kind": "x"})
     query = POOLS["image"][:1]
 
@@ -338,7 +337,7 @@ def test_what_a_filter_value_means() -> None:
 
 
 def test_an_empty_ids_list_keeps_nothing_and_an_empty_filter_everything(artifacts: Path) -> None:
-    store = Store.create(artifacts, MANIFEST)
+    store = Store.create(artifacts, MANIFEST, config=CONFIG)
     try:
         store.add(make(list(range(20)), np.random.default_rng(1)))
         q = QUERIES["text"]
@@ -348,11 +347,13 @@ def test_an_empty_ids_list_keeps_nothing_and_an_empty_filter_everything(artifact
         store.close()
 
 
-def test_a_version_1_store_is_upgraded_at_open_with_its_items_terms(
-    artifacts: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(md, "UPGRADE_ROWS", 7)  # the upgrade reads the rows in many pieces
-    store, oracle, rng = Store.create(artifacts, MANIFEST), Oracle(), np.random.default_rng(4)
+def test_a_version_1_store_is_upgraded_at_open_with_its_items_terms(artifacts: Path) -> None:
+    upgrade = dataclasses.replace(CONFIG, upgrade_rows=7)  # the upgrade reads many pieces
+    store, oracle, rng = (
+        Store.create(artifacts, MANIFEST, config=CONFIG),
+        Oracle(),
+        np.random.default_rng(4),
+    )
     for start in (0, 30, 60):
         batch = make([fresh_id(n) for n in range(start, start + 30)], rng)
         store.add(batch)
@@ -361,7 +362,7 @@ def test_a_version_1_store_is_upgraded_at_open_with_its_items_terms(
     with closing(sqlite3.connect(artifacts / STORE_DIR / DB_NAME)) as conn, conn:
         conn.execute("DROP TABLE terms")  # what a store made before filters holds
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    store = Store.open(artifacts, expected=MANIFEST)
+    store = Store.open(artifacts, expected=MANIFEST, config=upgrade)
     try:
         check(store, oracle)
         with closing(sqlite3.connect(artifacts / STORE_DIR / DB_NAME)) as conn:
@@ -372,17 +373,17 @@ def test_a_version_1_store_is_upgraded_at_open_with_its_items_terms(
     with closing(sqlite3.connect(artifacts / STORE_DIR / DB_NAME)) as conn, conn:
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     with pytest.raises(InputError, match="expected store schema version 2 in .*, got 3"):
-        Store.open(artifacts, expected=MANIFEST)
+        Store.open(artifacts, expected=MANIFEST, config=CONFIG)
 
 
 def test_a_hand_added_term_row_is_an_integrity_error_not_a_wrong_hit(artifacts: Path) -> None:
-    store = Store.create(artifacts, MANIFEST)
+    store = Store.create(artifacts, MANIFEST, config=CONFIG)
     batch = make(list(range(10)), np.random.default_rng(6))
     store.add(replace(batch, fields=[{"k": "a"}] * 5 + [{"k": "b"}] * 5))
     store.close()
     with closing(sqlite3.connect(artifacts / STORE_DIR / DB_NAME)) as conn, conn:
         conn.execute("""INSERT INTO terms VALUES ('["k","a"]', 7)""")
-    store = Store.open(artifacts, expected=MANIFEST)
+    store = Store.open(artifacts, expected=MANIFEST, config=CONFIG)
     try:
         with pytest.raises(
             IntegrityError, match=r"stored item 7 \(seq 7\) does not pass the filter"
@@ -397,8 +398,8 @@ def test_a_hand_added_term_row_is_an_integrity_error_not_a_wrong_hit(artifacts: 
 def test_shared_stores_filter_each_others_writes(artifacts: Path) -> None:
     """Two shared opens (two server workers): one's adds, replaces and deletes reach the other's
     cached posting lists and selections at its next filtered search."""
-    first = Store.create(artifacts, MANIFEST, shared=True)
-    second = Store.open(artifacts, expected=MANIFEST, shared=True)
+    first = Store.create(artifacts, MANIFEST, shared=True, config=CONFIG)
+    second = Store.open(artifacts, expected=MANIFEST, shared=True, config=CONFIG)
     oracle, rng = Oracle(), np.random.default_rng(13)
     try:
         for step in range(8):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.local import serving
+from bench.local import serving
 
 SEED = 15
 MAX_EXAMPLES = 40  # per operation: about 30 s on a 2-core machine

@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.index import make_data, recall
 from cli.main import main
-from indexes.benchmark import make_data, recall
 from indexes.hamming import HammingIndex
+from store.rows import NewItems
+from store.store import Store
+from tests.helpers import store_manifest
 
 
 def test_bench_index_writes_the_documented_json(
@@ -30,16 +33,19 @@ def test_bench_index_writes_the_documented_json(
     assert result["limits"]["read_gbs"] > 0 and result["limits"]["popcount_gwords_s"] > 0
 
 
-def test_bench_mih_on_an_index_file_of_codes(tmp_path: Path) -> None:
+def test_bench_mih_on_the_codes_of_a_store(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    index = HammingIndex(64)
-    index.add(
-        rng.integers(0, 2**63, size=(500, 1), dtype=np.int64).astype(np.uint64),
-        np.arange(500, dtype=np.int64),
-    )
-    index.save(tmp_path / "codes.cmh")
+    store = Store.create(tmp_path, store_manifest(64))
+    codes = rng.integers(0, 2**63, size=(500, 1), dtype=np.int64).astype(np.uint64)
+    store.add(
+        NewItems(
+            ids=list(range(500)), texts=["a caption"] * 500, images=["images/x.jpg"] * 500,
+            image_codes=codes, text_codes=codes[::-1].copy(),
+        )
+    )  # fmt: skip
+    store.close()
     out = tmp_path / "mih.json"
-    argv = ["bench", "mih", "--codes", str(tmp_path / "codes.cmh"), "--queries", "30"]
+    argv = ["bench", "mih", "--store", str(tmp_path), "--queries", "30"]
     assert main([*argv, "--k", "5", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 470 and result["mih"]["recall"] == 1.0

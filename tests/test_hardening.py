@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.local import serving
+from bench.local import serving
 from tests.helpers import wait_for_job
 
 KEY = "k3y"

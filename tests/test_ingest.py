@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from cli.main import main
-from indexes.hamming import HammingIndex
 from service.app import create_app
 from service.settings import Settings
 from store.store import Store
+from tests.helpers import write_legacy_index
 
 
 def png_b64(colour: tuple[int, int, int]) -> str:
@@ -60,10 +61,44 @@ def test_cli_index_build_streams_a_dataset_and_resumes(
         assert search_ids(client, "a red car on green grass") == expected
 
 
-def test_cli_index_build_refuses_a_store_that_a_server_holds(demo_artifacts: Path) -> None:
+def test_cli_index_build_refuses_a_store_that_a_server_holds_before_reading_anything(
+    demo_artifacts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The dataset root does not exist: a build that read the dataset before it looked at the
+    # lock would answer about the root, not the store.
     with TestClient(create_app(Settings(artifacts_dir=demo_artifacts))):
         argv = ["index", "build", "--artifacts", str(demo_artifacts), "--dataset", "demo"]
-        assert main([*argv, "--root", str(demo_artifacts / "demo")]) == 2
+        assert main([*argv, "--root", str(tmp_path / "no-such-dataset")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another process has it open" in err[0], err
+
+
+def test_pairs_marked_query_or_train_are_not_indexed(
+    demo_artifacts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README: split "query" is evaluation queries only, "train" training only; only lines
+    without a split or with "database" are searched, so only they are indexed."""
+    root = tmp_path / "mine"
+    shutil.copytree(demo_artifacts / "demo" / "images", root / "photos")
+    photos = sorted(p.name for p in (root / "photos").iterdir())[:8]
+    splits = [None, "database", "query", "train", None, "query", "database", "train"]
+    lines = []
+    for i, (photo, split) in enumerate(zip(photos, splits, strict=True)):
+        line: dict[str, object] = {"id": f"own-{i}", "image": f"photos/{photo}", "text": "a cat"}
+        lines.append(line if split is None else line | {"split": split})
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    argv = ["index", "build", "--artifacts", str(demo_artifacts), "--dataset", "pairs"]
+    assert main([*argv, "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 4 of 8 pairs" in out and "4 skipped" in out
+    assert "own-2: not indexed: its split says an evaluation query" in out
+    assert "own-3: not indexed: its split says for training only" in out
+    store = Store.open(demo_artifacts)
+    try:
+        indexed = store.existing([f"own-{i}" for i in range(8)])
+    finally:
+        store.close()
+    assert sorted(indexed) == ["own-0", "own-1", "own-4", "own-6"]
 
 
 def test_a_generation_folder_is_migrated_at_startup(demo_artifacts: Path) -> None:
@@ -79,9 +114,7 @@ def test_a_generation_folder_is_migrated_at_startup(demo_artifacts: Path) -> Non
     gen.mkdir(parents=True)
     ids = np.asarray([item.id for item in items if item is not None], np.int64)
     for name, codes in (("image", image), ("text", text)):
-        index = HammingIndex(64)
-        index.add(codes, ids)
-        index.save(gen / f"{name}.hidx")
+        write_legacy_index(gen / f"{name}.hidx", n_bits=64, ids=ids, codes=codes)
     lines = [json.dumps({"id": it.id, "text": it.text, "image": it.image}) for it in items if it]
     (gen / "items.jsonl").write_text("\n".join(lines) + "\n")
     (gen / "manifest.json").write_text(json.dumps(manifest.__dict__))

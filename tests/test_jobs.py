@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.local import service_process
 from common.errors import IntegrityError, NotReadyError
 from service.indexing import content_digest, held_as_given, succeeded
 from service.jobs import (
@@ -35,7 +36,6 @@ from service.jobs import (
     hold_owner_file,
     owner_is_dead,
 )
-from service.local import service_process
 from service.schemas import ErrorItem, JobStatus
 from store.rows import NewItems
 from store.store import Store

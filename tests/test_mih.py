@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from common.errors import InputError
 from indexes.codes import pack_codes
 from indexes.hamming import HammingIndex
 from indexes.mih import MultiIndexHamming, default_tables
-from indexes.results import SearchIndex
 
 
 def clustered(rng: np.random.Generator, n: int, n_bits: int, flip: float) -> np.ndarray:
@@ -84,25 +82,10 @@ def test_bad_settings_are_rejected() -> None:
         MultiIndexHamming(64).search(np.zeros((1, 1), dtype=np.uint64), 0)
 
 
-def test_save_load_round_trip(tmp_path: Path) -> None:
-    rng = np.random.default_rng(8)
-    codes = clustered(rng, 500, 128, 0.1)
-    mih = MultiIndexHamming(128)
-    mih.add(codes, np.arange(500, dtype=np.int64))
-    mih.save(tmp_path / "mih.cmh")
-    loaded = MultiIndexHamming.load(tmp_path / "mih.cmh")
-    for got, want in zip(loaded.search(codes[:5], 7), mih.search(codes[:5], 7), strict=True):
-        np.testing.assert_array_equal(got, want)
-
-
 def test_default_tables_follow_log2_n() -> None:
     assert default_tables(64, 1_000_000) == 3
     assert default_tables(128, 10_000_000) == 6
     assert default_tables(64, 0) == 64 and default_tables(256, 10**6) == 13
-
-
-def test_mih_is_a_search_index() -> None:
-    assert isinstance(MultiIndexHamming(64), SearchIndex)
 
 
 def test_range_search_matches_flat() -> None:

@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bench.local import serving
 from service.app import create_app
-from service.local import serving
 from service.pages import STATIC_DIR
 from service.settings import Settings
 

@@ -19,11 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bench.local import serving
 from cli.main import main as cli_main
 from indexes.asymmetric import Asymmetric
 from indexes.codes import unpack_codes
 from service.app import create_app
-from service.local import serving
 from service.schemas import MAX_BATCH_QUERIES, MAX_RANK
 from service.settings import Settings
 from store import metadata as md

@@ -27,9 +27,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bench.local import free_port, service_process, serving
 from common.errors import InputError
 from service.app import create_app
-from service.local import free_port, service_process, serving
 from service.settings import Settings
 from store.milvus_lite import MilvusLite
 

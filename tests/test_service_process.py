@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.local import serving
+from bench.local import serving
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 replaces, seals, bulk segments, compaction and reopening; refused batches that change nothing;
 ids, fields and images; a corrupt-file matrix; merges under concurrent searches and deletes.
 
-The fixture `small` lowers SEAL_ROWS, BULK_ROWS and the merge factor, so that a few thousand
+CONFIG lowers the seal rows, bulk rows and merge factor (StoreConfig), so that a few thousand
 rows make many segments, seals and merges (test_lowered_constants_reach_the_code_that_reads_them
 checks that each lowered value is the one the code uses). One file past 300 lines: these are
 the store's direct tests, sharing one oracle, one fixture and one set of builders.
@@ -10,6 +10,7 @@ the store's direct tests, sharing one oracle, one fixture and one set of builder
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -32,19 +33,20 @@ from indexes.results import PAD_DIST
 from store import compaction
 from store import metadata as md
 from store.compaction import compact_once
+from store.config import StoreConfig
 from store.ids import ItemId, parse_id
 from store.manifest import CHECKED_FIELDS, Manifest
 from store.parts import Merge
 from store.rows import IMAGES_DIR, NewItems
-from store.segment import HEADER, HEADER_SIZE
+from store.segment import LAYOUT
 from store.store import DB_NAME, SEGMENTS_DIR, STORE_DIR, Hits, Store
 from store.view import Target
 from tests.helpers import store_manifest
 
 N_BITS = 72  # two words per code, the second with padding bits
-SEAL = 64  # lowered SEAL_ROWS
-BULK = 40  # lowered BULK_ROWS
-FACTOR = 4  # lowered MERGE_FACTOR
+SEAL = 64  # lowered seal_rows
+BULK = 40  # lowered bulk_rows
+FACTOR = 4  # lowered merge_factor
 POOL = 40  # distinct codes per modality: many items share a code, so ties are everywhere
 TARGETS: tuple[Target, ...] = ("image", "text")
 MANIFEST = store_manifest(N_BITS)
@@ -57,13 +59,9 @@ QUERIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def small(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Seal at 64 rows, bulk segments from 40, merges of 4 (compaction reads its own copies)."""
-    monkeypatch.setattr(store_module, "SEAL_ROWS", SEAL)
-    monkeypatch.setattr(store_module, "BULK_ROWS", BULK)
-    monkeypatch.setattr(compaction, "SEAL_ROWS", SEAL)
-    monkeypatch.setattr(compaction, "MERGE_FACTOR", FACTOR)
+# Seal at 64 rows, bulk segments from 40, merges of 4: seals, bulk segments and merges in a few
+# hundred rows. Every store of these tests is opened with it.
+CONFIG = StoreConfig(seal_rows=SEAL, bulk_rows=BULK, merge_factor=FACTOR)
 
 
 class Folder:
@@ -82,11 +80,11 @@ class Folder:
         return self.artifacts / STORE_DIR / DB_NAME
 
     def create(self) -> Store:
-        self.opened.append(Store.create(self.artifacts, MANIFEST))
+        self.opened.append(Store.create(self.artifacts, MANIFEST, config=CONFIG))
         return self.opened[-1]
 
     def open(self, expected: Manifest | None = MANIFEST) -> Store:
-        self.opened.append(Store.open(self.artifacts, expected=expected))
+        self.opened.append(Store.open(self.artifacts, expected=expected, config=CONFIG))
         return self.opened[-1]
 
     def reopen(self, store: Store) -> Store:
@@ -234,8 +232,8 @@ def test_lowered_constants_reach_the_code_that_reads_them(folder: Folder) -> Non
     add(store, oracle, make(range(100, 100 + BULK), rng))  # the growing part is sealed first
     assert parts(store) == [("segment", SEAL), ("segment", 70 - SEAL), ("segment", BULK)]
     assert {p.name for p in folder.segment_files()} == recorded(store)
-    assert compaction.level(SEAL * FACTOR - 1) == 0
-    assert compaction.level(SEAL * FACTOR) == 1
+    assert compaction.level(SEAL * FACTOR - 1, CONFIG) == 0
+    assert compaction.level(SEAL * FACTOR, CONFIG) == 1
     assert not compact_once(store)  # three level-0 segments: fewer than FACTOR
     add(store, oracle, make(range(200, 200 + BULK), rng))
     assert compact_once(store)  # FACTOR of them
@@ -549,7 +547,7 @@ def flip(path: Path, offset: int) -> None:
 
 def section(path: Path, name: str) -> int:
     """The offset of a section of a segment file, read from its header."""
-    fields = HEADER.unpack(path.read_bytes()[:HEADER_SIZE])
+    fields = LAYOUT.header.unpack(path.read_bytes()[: LAYOUT.header_size])
     return int(fields[{"seqs": 5, "image": 6, "text": 7}[name]])
 
 
@@ -587,7 +585,7 @@ def test_a_corrupt_segment_file_is_refused_at_open_naming_the_file(
     corrupt, message = CORRUPTIONS[kind]
     corrupt(first, second)
     with pytest.raises(InputError, match=message) as refusal:
-        Store.open(folder.artifacts, expected=MANIFEST)
+        Store.open(folder.artifacts, expected=MANIFEST, config=CONFIG)
     assert str(first) in str(refusal.value)
     first.write_bytes(original)  # restored, the store opens (the refusal held nothing)
     check(folder.open(), oracle)
@@ -629,7 +627,7 @@ def test_a_hand_edited_id_and_a_growing_row_are_refused(folder: Folder) -> None:
     store.close()
     edit(folder, "UPDATE items SET text = 'x' WHERE seq = 140")  # a growing row: read at open
     with pytest.raises(IntegrityError, match=r"stored item 140 \(seq 140\) failed its checksum"):
-        Store.open(folder.artifacts, expected=MANIFEST)
+        Store.open(folder.artifacts, expected=MANIFEST, config=CONFIG)
 
 
 def test_orphan_segment_and_temp_files_are_removed_at_open(folder: Folder) -> None:
@@ -655,7 +653,7 @@ def test_open_refuses_codes_made_by_another_model(folder: Folder, field: str) ->
     oracle = built(folder)
     other = OTHER_MODEL[field]
     with pytest.raises(InputError) as refusal:
-        Store.open(folder.artifacts, expected=replace(MANIFEST, **{field: other}))
+        Store.open(folder.artifacts, expected=replace(MANIFEST, **{field: other}), config=CONFIG)
     assert str(refusal.value) == (
         f"the index does not match the checkpoint: {field} is {getattr(MANIFEST, field)!r} "
         f"in the index, {other!r} in the checkpoint; rebuild the index"
@@ -676,7 +674,7 @@ def test_a_create_that_fails_part_way_leaves_no_store(
 
     monkeypatch.setattr(md, "set_meta", failing)
     with pytest.raises(OSError, match="no space left"):
-        Store.create(folder.artifacts, MANIFEST)
+        Store.create(folder.artifacts, MANIFEST, config=CONFIG)
     monkeypatch.setattr(md, "set_meta", set_meta)
     assert not Store.exists(folder.artifacts)
     store, oracle = folder.create(), Oracle()
@@ -862,13 +860,13 @@ def test_stores_shared_by_processes_see_each_others_writes(folder: Folder) -> No
     """Two shared opens of one folder (as two server workers): each sees the other's adds,
     replaces, deletes, seals, bulk segments and merges at its next search, and writes from
     both interleave into one store; an exclusive open is refused meanwhile, and vice versa."""
-    first = Store.create(folder.artifacts, MANIFEST, shared=True)
+    first = Store.create(folder.artifacts, MANIFEST, shared=True, config=CONFIG)
     folder.opened.append(first)
-    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True, config=CONFIG)
     folder.opened.append(second)
     assert first.compacts and not second.compacts  # the first to open merges
     with pytest.raises(InputError, match="another process has it open"):
-        Store.open(folder.artifacts, expected=MANIFEST)
+        Store.open(folder.artifacts, expected=MANIFEST, config=CONFIG)
     oracle, rng = Oracle(), np.random.default_rng(21)
     writers = [first, second]
     next_id = 0
@@ -898,7 +896,7 @@ def test_stores_shared_by_processes_see_each_others_writes(folder: Folder) -> No
     alone = folder.open()  # exclusive, now that no shared open holds the store
     check(alone, oracle)
     with pytest.raises(InputError, match="another process has it open"):
-        Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+        Store.open(folder.artifacts, expected=MANIFEST, shared=True, config=CONFIG)
 
 
 @contextmanager
@@ -925,9 +923,9 @@ def test_search_now_declines_rather_than_wait_for_the_writer_lock(folder: Folder
     """search_now never waits: a shared store behind another process's commit while its own
     writer holds the lock answers None (and stays behind, not forgetting it), then catches up
     once the lock is free; an exclusive store needs no lock to answer at all."""
-    first = Store.create(folder.artifacts, MANIFEST, shared=True)
+    first = Store.create(folder.artifacts, MANIFEST, shared=True, config=CONFIG)
     folder.opened.append(first)
-    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True, config=CONFIG)
     folder.opened.append(second)
     oracle, rng = Oracle(), np.random.default_rng(5)
     add(first, oracle, make(list(range(20)), rng))
@@ -948,15 +946,15 @@ def test_search_now_declines_rather_than_wait_for_the_writer_lock(folder: Folder
 def test_search_now_declines_a_scan_past_its_size_bound(
     folder: Folder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past INLINE_MAX_WORDS of codes search_now declines (the caller's thread would be held
+    """Past config.inline_max_words of codes search_now declines (the caller's thread would be held
     for milliseconds), and search still answers; the bound counts every part's rows."""
     store, oracle = folder.create(), Oracle()
     add(store, oracle, make(list(range(40)), np.random.default_rng(8)))
     words = store.view().scan_words("image")
     assert words == 40 * n_words(N_BITS)  # 72-bit codes: two words each
-    monkeypatch.setattr(store_module, "INLINE_MAX_WORDS", words + 1)
+    store.config = dataclasses.replace(CONFIG, inline_max_words=words + 1)
     assert store.search_now("image", QUERIES["image"], 3) is not None
-    monkeypatch.setattr(store_module, "INLINE_MAX_WORDS", words)
+    store.config = dataclasses.replace(CONFIG, inline_max_words=words)
     assert store.search_now("image", QUERIES["image"], 3) is None
     assert found(store, "image", QUERIES["image"], 3) == oracle.search("image", QUERIES["image"], 3)
 
@@ -966,7 +964,7 @@ def test_a_segment_merged_away_while_another_process_reads_it_is_read_again(
 ) -> None:
     """The other process's merge removes a segment file between this store's snapshot of the
     segment list and its read of the file: the open reads a new snapshot, not an error."""
-    first = Store.create(folder.artifacts, MANIFEST, shared=True)
+    first = Store.create(folder.artifacts, MANIFEST, shared=True, config=CONFIG)
     folder.opened.append(first)
     oracle, rng = Oracle(), np.random.default_rng(9)
     for start in range(0, 3 * SEAL, 10):
@@ -982,7 +980,7 @@ def test_a_segment_merged_away_while_another_process_reads_it_is_read_again(
         return real_read(path, **kwargs)
 
     monkeypatch.setattr(store_module, "read_segment", read_after_a_merge)
-    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True)
+    second = Store.open(folder.artifacts, expected=MANIFEST, shared=True, config=CONFIG)
     folder.opened.append(second)
     assert merges == [True]
     check(second, oracle)
@@ -993,7 +991,7 @@ def test_a_store_that_crashed_before_sealing_reopens_with_more_growing_rows(
     folder: Folder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rows committed but not yet sealed when the process died: the growing part reloads
-    past SEAL_ROWS, searches stay exact, and the next write seals them first."""
+    past seal_rows, searches stay exact, and the next write seals them first."""
     store, oracle, rng = folder.create(), Oracle(), np.random.default_rng(4)
     for start in range(0, SEAL - 10, 18):  # batches below BULK: all in the growing part
         add(store, oracle, make(range(start, min(start + 18, SEAL - 10)), rng))

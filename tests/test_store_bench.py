@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.writes import bench_writes, captions, synthetic_items
 from cli.main import main
-from store.benchmark import bench_writes, captions, synthetic_items
 
 TIMINGS = (
     "ingest_items_per_s",
@@ -118,7 +118,7 @@ def test_bench_writes_on_milvus_reports_its_keys_and_cleans_up(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`cmh bench writes --backend milvus` against a milvus-lite server it starts: the keys of
-    store/milvus_benchmark.py, with figures that agree with each other."""
+    bench/milvus_writes.py, with figures that agree with each other."""
     out = tmp_path / "milvus.json"
     args = ["bench", "writes", "--backend", "milvus", "--n", "2500", "--repeats", "2"]
     args += ["--batch", "500", "--queries", "10", "--dir", str(tmp_path), "--json", str(out)]

@@ -40,8 +40,7 @@ from store_crash_child import (
     text_of,
 )
 
-import store.store as store_module
-from store import compaction
+from store.config import StoreConfig
 from store.ids import ItemId
 from store.rows import IMAGES_DIR
 from store.store import SEGMENTS_DIR, STORE_DIR, Store
@@ -51,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "store_crash_child.py"
 KILLS = 22
 SEAL, BULK, FACTOR = 48, 40, 4  # many seals, bulk segments and merges in a few thousand rows
+# The parent opens the store as the children do.
+CONFIG = StoreConfig(seal_rows=SEAL, bulk_rows=BULK, merge_factor=FACTOR)
 TARGETS: tuple[Target, ...] = ("image", "text")
 QUERIES = {  # three pooled codes (distance-0 ties) and two others, per target
     "image": np.concatenate([CODE_POOL[0, :3], np.array([[0], [2**64 - 1]], np.uint64)]),
@@ -126,7 +127,7 @@ def settle(artifacts: Path, log_path: Path) -> tuple[Op | None, bool]:
         after = before.copy()
         if pending is not None:
             apply(after, pending)
-        store = Store.open(artifacts, expected=MANIFEST)
+        store = Store.open(artifacts, expected=MANIFEST, config=CONFIG)
         try:
             candidates = list(dict.fromkeys([*before.items, *after.items]))
             holds = held(store, candidates)
@@ -168,12 +169,8 @@ def segment_names(artifacts: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_loses_no_acknowledged_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(store_module, "SEAL_ROWS", SEAL)  # the parent opens the store alike
-    monkeypatch.setattr(store_module, "BULK_ROWS", BULK)
-    monkeypatch.setattr(compaction, "SEAL_ROWS", SEAL)
-    monkeypatch.setattr(compaction, "MERGE_FACTOR", FACTOR)
     artifacts, log_path, errors = tmp_path / "artifacts", tmp_path / "ops.log", tmp_path / "err"
     log_path.touch()
     env = {
@@ -243,7 +240,7 @@ def settle_shared(artifacts: Path, logs: list[Path]) -> tuple[Model, int]:
 
     Returns (the union of the children's models, how many ops were in flight).
     """
-    store = Store.open(artifacts, expected=MANIFEST)
+    store = Store.open(artifacts, expected=MANIFEST, config=CONFIG)
     union, settled, in_flight = Model(), [], 0
     try:
         for child, log_path in enumerate(logs):
@@ -300,17 +297,13 @@ def settle_shared(artifacts: Path, logs: list[Path]) -> tuple[Model, int]:
 
 @pytest.mark.slow
 def test_two_processes_sharing_a_store_killed_at_random_moments_lose_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """Two children write at once to one store opened shared (the workers of one server): adds,
     replaces, bulk adds, deletes, seals and the one compacting child's merges interleave; both
     are SIGKILLed at seeded random moments, and every acknowledged write of each is there."""
-    monkeypatch.setattr(store_module, "SEAL_ROWS", SEAL)
-    monkeypatch.setattr(store_module, "BULK_ROWS", BULK)
-    monkeypatch.setattr(compaction, "SEAL_ROWS", SEAL)
-    monkeypatch.setattr(compaction, "MERGE_FACTOR", FACTOR)
     artifacts = tmp_path / "artifacts"
-    Store.create(artifacts, MANIFEST).close()
+    Store.create(artifacts, MANIFEST, config=CONFIG).close()
     logs = [tmp_path / f"ops-{c}.log" for c in range(2)]
     for log_path in logs:
         log_path.touch()

@@ -49,6 +49,10 @@ class PairDataset:
     vocabulary: list[str] | None = None  # BoW terms in text_features column order, when BoW
     # How its Chinese words were cut: features/text.py DEFAULT_TOKENS (data sits below features).
     text_tokens: str = "words"
+    # (n_indexed,) int64: the pairs a build indexes, where the source says (a pairs file: its
+    # database, so lines of split "query" or "train" are never searched); None: every pair (the
+    # loaders' query splits are evaluation protocols, not properties of the data).
+    indexed_idx: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)

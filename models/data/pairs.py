@@ -15,7 +15,7 @@ Fields (names are case-sensitive):
 - text (required): the caption, non-empty after stripping whitespace.
 - labels (optional, evaluation only): a list of label names; label_names = their sorted union.
 - split (optional): "train" (training only), "database" (the database, also trained on; the
-  default) or "query" (queries only, never trained on).
+  default) or "query" (queries only, never trained on). Builds index the database alone.
 - any other field: kept per pair in PairDataset.extra, the item's fields once indexed (the
   limits of common/fields.py: at most 16 KB as JSON, nested at most 32 levels).
 Protocol: queries = the "query" pairs; database = the "database" pairs; train = the "train" and
@@ -300,6 +300,7 @@ def load_pairs(root: Path) -> PairDataset:
         train_idx=train_idx,
         query_idx=query_idx,
         database_idx=database_idx,
+        indexed_idx=database_idx,  # "query" and "train" lines are never searched
         label_names=label_names,
         image_paths=[p.path for p in pairs],
         texts=[p.text for p in pairs],

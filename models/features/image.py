@@ -14,7 +14,7 @@ turned into a tensor from its uint8 array in one pass (bit-identical to ToTensor
 batches split over one worker thread per core, each running torch with one intra-op thread (on two
 cores this is faster than one batch over two threads and degrades far less when other processes
 share the cores). `fast=False` is the reference path, kept for the tests and
-scripts/bench_images.py.
+bench/images.py.
 
 Over 300 lines because both paths (the reference and the fast one) and the one preprocessing
 they must agree on live side by side, so a reader can check that they do.
@@ -95,11 +95,10 @@ def fastest_lone_image_threads(backbone: Backbone, *, runs: int = 5) -> int:
     faster for this thread and return it (the micro-batcher's thread, which runs a lone image
     inline: encode_images).
 
-    Which wins is the machine's: on one 2-core machine a Web News photo took 12.0-14.2 ms on 2
-    threads against 15.3-21.4 ms on 1 (2026-12-02); on another (AMD EPYC, KVM, 2026-12-03) 23.2
-    ms against 17.0, on the main thread and on a worker alike, the second thread spinning. The
-    two counts alternate, after one warm-up each, and the medians decide (ties: 1 thread). Other
-    networks and devices get every core, untimed.
+    Which wins is the machine's: on one 2-core machine 2 threads were faster, on another 1 was,
+    the second thread spinning (docs/benchmarks.md). The two counts alternate, after one warm-up
+    each, and the medians decide (ties: 1 thread). Other networks and devices get every core,
+    untimed.
     """
     cores = cpu_cores()
     # Timed for the fused Lite networks only (milliseconds a run): VGG19 on a CPU takes about a
@@ -416,9 +415,9 @@ def _encode_fast(
     size = max(1, min(batch_size, FAST_BATCH, math.ceil(len(images) / backbone.workers)))
     if inline and len(images) == 1 and not progress:
         # A lone image's hand-off to a worker and back costs two thread wake-ups, several ms on
-        # loaded cores, and a worker runs it on one core. Inline on 2 threads (the 1-thread
-        # packed layout, the same features bit for bit) a Web News photo took 12.0-14.2 ms
-        # against 15.3-21.4 ms on 1 (medians of 30, the 2-core machine, 2026-12-02).
+        # loaded cores, and a worker runs it on one core; inline it runs on the threads
+        # fastest_lone_image_threads chose (the 1-thread packed layout, the same features bit
+        # for bit; docs/benchmarks.md has the timings).
         return _features_fast(backbone, images)
     out = np.empty((len(images), backbone.dim), dtype=np.float32)
     starts = range(0, len(images), size)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.writes import synthetic_items
 from models.network.checkpoint import load_checkpoint
-from store.benchmark import synthetic_items
 from store.compaction import compact_once
 from store.layout import CHECKPOINT_NAME
 from store.manifest import manifest_for

@@ -1,6 +1,6 @@
 """One text to its packed code: the fast path (models/network/text_path.py) against the torch path.
 
-    .venv/bin/python -m scripts.bench_text_path --checkpoint artifacts/model.pt
+    .venv/bin/python -m bench.text_path --checkpoint artifacts/model.pt
 
 The torch path is what encode_texts did before: scikit-learn's CountVectorizer on the same
 tokenizer, a dense float32 row, `HashingModel.encode_text`. Both encode the same texts (demo-like
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
+from bench.writes import caption_pool
 from indexes.codes import pack_codes
 from models.features.text import TextVectorizer, tokenize
 from models.network.checkpoint import load_checkpoint
 from models.network.text_path import TextPath
-from store.benchmark import caption_pool
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
-"""One image search's encoding, end to end: where the time goes, and the batcher old against new.
+"""One image search's encoding, end to end: where the time goes, and the batcher's thread count.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.bench_image_latency --runs 5 \
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.image_latency --runs 5 \
         --json docs/results/bench-image-latency.json
 
 What a search runs between the upload's bytes and the index: service.uploads.decode_image, then
@@ -14,17 +14,16 @@ and the index search come after (well under a millisecond each; not measured her
   thread: crop, tensor and network inline, what the batcher thread now runs for a lone image) and
   `features_pool` (the same handed to a backbone worker thread and back, as before).
 - `lone`: 1 client, sequential: bytes -> decode_image -> MicroBatcher -> features, p50 / p90 ms,
-  `old` (former=True: every request waits the window and its batch goes to a backbone worker),
-  `all-cores` (the window only with company; a batch of one on the batcher's own thread with
-  one torch thread per core, the code of 2026-12-02) and `new` (the same, on the thread count
-  the batcher timed faster when it started: fastest_lone_image_threads), alternating blocks of
-  --block images so all meet the same load.
+  `all-cores` (the peer: the window only with company, a batch of one on the batcher's own
+  thread with one torch thread per core) and `new` (the same, on the thread count the batcher
+  timed faster when it started: fastest_lone_image_threads), alternating blocks of --block
+  images so both meet the same load.
 - `clients8`: 8 client threads, each decoding and submitting --per-client images one after the
-  other: images/s and the mean batch size, old against new, alternated per run.
+  other: images/s and the mean batch size, all-cores against new, alternated per run.
 
-The JSON: {"machine", "runs", "images", "stages": {stage: ms}, "lone": {"old"/"new": {"p50_ms",
-"p90_ms"}, "ratio_p50": old / new, "ratio_p50_all_cores": all-cores / new, "new_threads": the
-count new chose}, "clients8": {"old"/"new": {"images_per_s", "mean_batch"}},
+The JSON: {"machine", "runs", "images", "stages": {stage: ms}, "lone": {"all-cores"/"new":
+{"p50_ms", "p90_ms"}, "ratio_p50_all_cores": all-cores / new, "new_threads": the count new
+chose}, "clients8": {"all-cores"/"new": {"images_per_s", "mean_batch"}},
 "samples": [one row per run, with its load average]}: medians over runs.
 """
 
@@ -58,7 +57,7 @@ from service.uploads import decode_image
 
 MAX_PIXELS = 40_000_000  # the service's default CMH_MAX_IMAGE_PIXELS
 WINDOW_MS, MAX_BATCH = 5.0, 32  # the service's defaults (CMH_BATCH_WINDOW_MS, CMH_MAX_IMAGE_BATCH)
-RULES = ("old", "all-cores", "new")
+RULES = ("all-cores", "new")
 
 
 def timed_ms(fn: Callable[..., object], *args: object) -> float:
@@ -163,7 +162,6 @@ def main() -> None:
             bb,
             window_ms=WINDOW_MS,
             max_batch=MAX_BATCH,
-            former=name == "old",
             lone_threads=cpu_cores() if name == "all-cores" else None,
         )
         for name in RULES
@@ -211,7 +209,6 @@ def main() -> None:
         },
     }
     new_p50 = report["lone"]["new"]["p50_ms"]
-    report["lone"]["ratio_p50"] = report["lone"]["old"]["p50_ms"] / new_p50
     report["lone"]["ratio_p50_all_cores"] = report["lone"]["all-cores"]["p50_ms"] / new_p50
     report["lone"]["new_threads"] = batchers["new"].lone_threads
     report["samples"] = samples

@@ -1,10 +1,10 @@
 """End to end through HTTP: a 1-item build (POST to job succeeded) and a 1-item delete against
 `python -m cli serve` over N synthetic items, medians of several runs.
 
-    .venv/bin/python -m scripts.bench_http_writes --artifacts artifacts --n 1000000
+    .venv/bin/python -m bench.http_writes --artifacts artifacts --n 1000000
 
 It copies the checkpoint from --artifacts into a temporary folder, fills a store with N items
-(random codes, demo-like captions: service.local.synthetic_artifacts), starts the
+(random codes, demo-like captions: bench.local.synthetic_artifacts), starts the
 service on a free loopback port and times each write as a client sees it: the build from its
 POST until GET /v1/jobs/{id} says succeeded (image decoding and encoding included), the delete
 as one DELETE request. Also /healthz latency while 20 deletes run from 4 threads.
@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from service.local import serving, synthetic_artifacts
+from bench.local import serving, synthetic_artifacts
 from store.layout import CHECKPOINT_NAME
 
 

@@ -1,8 +1,8 @@
 """`cmh bench service`: the served text and image search under load, against the framework's floor.
 
-A real store of N synthetic items (store/benchmark.py's: seeded random codes, demo-like captions)
+A real store of N synthetic items (bench/writes.py's: seeded random codes, demo-like captions)
 next to a copy of a trained checkpoint, served by `python -m cli serve` as a user runs it; the
-floor, `python -m cli.floor` (the same FastAPI, uvicorn, request and response models, no
+floor, `python -m bench.floor` (the same FastAPI, uvicorn, request and response models, no
 work); both driven by wrk (a C load generator: the client is not what is measured), one keep-alive
 connection per client, text searches cycling through demo-like queries (k 10, target image,
 the server's default scoring).
@@ -43,9 +43,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.local import serving, serving_command, synthetic_artifacts
+from bench.writes import caption_pool
 from common.errors import InputError
-from service.local import serving, serving_command, synthetic_artifacts
-from store.benchmark import caption_pool
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +164,8 @@ def run_wrk(url: str, script: Path, *, connections: int, seconds: float) -> dict
 
 @contextmanager
 def floor_serving(*, workers: int = 1, ready_timeout_s: float = 60.0) -> Iterator[str]:
-    """`python -m cli.floor` on a free loopback port until the block ends; yields its URL."""
-    command = [sys.executable, "-m", "cli.floor", "--workers", str(workers)]
+    """`python -m bench.floor` on a free loopback port until the block ends; yields its URL."""
+    command = [sys.executable, "-m", "bench.floor", "--workers", str(workers)]
     with serving_command(command, ready_timeout_s=ready_timeout_s) as url:
         yield url
 
@@ -324,7 +324,7 @@ def bench_service(
             f"text: POST /v1/search/text, {QUERIES} demo-like queries in turn, k={K}, target "
             f"image; ours = `python -m cli serve --workers {workers}` (CMH_LOG_LEVEL="
             f"WARNING) over one compacted segment of {n} synthetic items and the given "
-            f"checkpoint, floor = `python -m cli.floor --workers {workers}`; wrk 1 thread, "
+            f"checkpoint, floor = `python -m bench.floor --workers {workers}`; wrk 1 thread, "
             "keep-alive, --latency; servers, wrk and anything else "
             "running share this machine's cores"
         ),

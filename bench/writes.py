@@ -81,7 +81,7 @@ BACKGROUNDS = ("under a blue sky", "on green grass", "by the sea", "in the night
 
 
 def random_codes(rng: np.random.Generator, n: int, n_bits: int) -> np.ndarray:
-    """(n, n_words) uint64 uniformly random codes (as indexes/benchmark.py's, whose module
+    """(n, n_words) uint64 uniformly random codes (as bench/index.py's, whose module
     imports faiss: the child processes import what a server imports and no more)."""
     words = n_words(n_bits)
     codes = np.frombuffer(rng.bytes(n * words * 8), dtype=np.uint64).reshape(n, words).copy()
@@ -154,7 +154,7 @@ def _build(store: Store, rng: np.random.Generator, *, n: int, batch: int) -> flo
 
 def _search_ms(store: ItemStore, queries: np.ndarray) -> np.ndarray:
     """(m,) milliseconds of one-query text->image searches, one per row of queries (either
-    backend: store/milvus_benchmark.py times MilvusStore with it too)."""
+    backend: bench/milvus_writes.py times MilvusStore with it too)."""
     out = np.empty(len(queries))
     for i in range(len(queries)):
         start = time.perf_counter()
@@ -309,7 +309,7 @@ def child_main() -> None:
 
 def _probe(artifacts: Path, n_bits: int, repeats: int) -> dict[str, float]:
     """Medians over `repeats` fresh child processes of child_main's figures, and their wall."""
-    code = "from store.benchmark import child_main; child_main()"
+    code = "from bench.writes import child_main; child_main()"
     out = artifacts.parent / f"{artifacts.name}-probe.json"
     env = os.environ | {
         "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])

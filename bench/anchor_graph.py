@@ -19,7 +19,7 @@ process's peak just before it starts (after the inputs exist).
 - step: one training step of the model (forward, both losses, backward, Adam) without the graph,
   for the per-epoch totals.
 
-Usage: python -m scripts.bench_anchor_graph --n 20015 [--full-rows N] [--threads 2]
+Usage: python -m bench.anchor_graph --n 20015 [--full-rows N] [--threads 2]
 Prints one JSON object per line.
 """
 

@@ -1,7 +1,7 @@
 """Single-query searches from several client threads at once: one thread per search when another
 is scanning (indexes/hamming.py `_InFlight`) against always spreading each over the pool.
 
-    .venv/bin/python -m scripts.bench_concurrent_search --n 1000000 --json F
+    .venv/bin/python -m bench.concurrent_search --n 1000000 --json F
 
 The peer is the same index with the in-flight rule switched off (every search hands pieces to
 the pool, as before the rule). Both modes run in alternated rounds over one index of random

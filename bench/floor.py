@@ -4,7 +4,7 @@ The same FastAPI and uvicorn as `cmh serve` (httptools, uvloop, gc.freeze after 
 same request and response models (a TextSearch body in, a SearchResponse of k hits with demo
 captions out), and no work: no model, no index, no store. Never part of the served app.
 
-    python -m cli.floor --port 8001
+    python -m bench.floor --port 8001
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> int:
         uvicorn.run(create_frozen_floor_app(), **options)
     else:  # as `cmh serve --workers N`: uvicorn calls the factory in each worker
         uvicorn.run(
-            "cli.floor:create_frozen_floor_app", factory=True, workers=args.workers, **options
+            "bench.floor:create_frozen_floor_app", factory=True, workers=args.workers, **options
         )
     return 0
 

@@ -1,6 +1,6 @@
 """What a filter costs a search: filtered vs unfiltered store.search at N items, side by side.
 
-    .venv/bin/python -m scripts.bench_filters --n 1000000 --json docs/results/bench-filters.json
+    .venv/bin/python -m bench.filters --n 1000000 --json docs/results/bench-filters.json
 
 A real store in a temporary folder: N items with random 64-bit codes, demo-like captions and
 three user fields each, "half" (2 values: a filter keeps 50%), "pct" (100 values: 1%) and "bp"
@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.writes import caption_pool, random_codes
 from indexes.hamming import HammingIndex
-from store.benchmark import caption_pool, random_codes
 from store.compaction import compact_once
 from store.filters import Filter
 from store.manifest import Manifest

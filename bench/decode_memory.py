@@ -1,6 +1,6 @@
 """Server memory under concurrent near-limit image searches, this tree against a named peer tree.
 
-    .venv/bin/python -m scripts.bench_decode_memory --artifacts artifacts --peer /tmp/old-tree
+    .venv/bin/python -m bench.decode_memory --artifacts artifacts --peer /tmp/old-tree
 
 Each run starts `python -m cli serve` from one source tree (this one, or --peer: another
 checkout, e.g. the commit before the decode budget) over a copy of --artifacts, sends CONCURRENT
@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from service.local import free_port
+from bench.local import free_port
 
 CONCURRENT = 8
 SIZE = (6300, 6286)  # 39.6 M pixels, under the default 40 M limit

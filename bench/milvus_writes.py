@@ -1,6 +1,6 @@
 """`cmh bench writes --backend milvus`: what MilvusStore's writes and searches cost at N items.
 
-The same synthetic items as store/benchmark.py (seeded codes, demo-like captions, integer ids
+The same synthetic items as bench/writes.py (seeded codes, demo-like captions, integer ids
 0..N-1, no fields), written through MilvusStore into one collection of a Milvus server: the one at
 --uri, or a milvus-lite server this process starts (store/milvus_lite.py). A second MilvusStore
 over the same collection, on its own gRPC connection, stands for a second API replica.
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from pymilvus import MilvusClient
 
-from store.benchmark import (
+from bench.writes import (
     K,
     _median_ms,
     _medians_ms,

@@ -1,6 +1,6 @@
 """Image features on the CPU: the fast path against the reference path, side by side in one run.
 
-    .venv/bin/python -m scripts.bench_images --root ../shared/data/web-news --runs 3 \
+    .venv/bin/python -m bench.images --root ../shared/data/web-news --runs 3 \
         --json docs/results/bench-images.json
 
 Both paths are models.features.image.load_backbone("efficientnet-lite0") on the CPU: the
