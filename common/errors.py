@@ -15,6 +15,11 @@ class IntegrityError(RuntimeError):
     """Stored data failed its integrity check (a checksum, a count): never served as if valid."""
 
 
+class BackendError(RuntimeError):
+    """The index backend (Milvus) refused a request that passed our checks: a 500, since no
+    retry changes it (not a 503, which says "retry")."""
+
+
 class NoSpaceError(RuntimeError):
     """The device holding stored files is full: the write was not kept (507); free space."""
 

@@ -30,7 +30,14 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import InputError, IntegrityError, NoSpaceError, NotReadyError, is_no_space
+from common.errors import (
+    BackendError,
+    InputError,
+    IntegrityError,
+    NoSpaceError,
+    NotReadyError,
+    is_no_space,
+)
 from service.api import router
 from service.encoder import Encoder, load_served_model
 from service.errors import error_response, http_detail, validation_body
@@ -206,6 +213,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, err: QueueFull) -> JSONResponse:
         return error_response(429, str(err), headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(BackendError)
+    async def backend_error(_: Request, err: BackendError) -> JSONResponse:
+        logger.error("%s", err)
+        return error_response(500, str(err))
 
     @app.exception_handler(NoSpaceError)
     async def no_space(_: Request, err: NoSpaceError) -> JSONResponse:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.errors import InputError, IntegrityError, NoSpaceError, is_no_space
+from common.errors import BackendError, InputError, IntegrityError, NoSpaceError, is_no_space
 from service.errors import printable
 from service.schemas import ErrorItem, JobStatus
 from store.ids import ItemId
@@ -61,6 +61,11 @@ Reconcile = Callable[[list[Entry]], list[ItemId]]  # the entries the store holds
 _SCHEMA = "CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, record TEXT)"
 OWNER_NAME = re.compile(r"[0-9a-f]{32}")
 _STATUS = "json_extract(record, '$.status')"
+
+
+class JobInterrupted(Exception):
+    """The job stopped between two batches because its server is shutting down: it reads as
+    INTERRUPTED, with what it committed before (a dataset build resumes when run again)."""
 
 
 class JobProgress:
@@ -82,6 +87,11 @@ class JobProgress:
     def committed(self, added: int, commit: int) -> None:
         """Durably note that the noted batch is committed: `added` items so far, at `commit`."""
         self._manager._committed(self._job_id, added, commit)
+
+    def stopping(self) -> bool:
+        """Whether the server is shutting down: the work should stop at its next batch's end
+        (raising JobInterrupted) rather than run to its end."""
+        return self._manager._stopping.is_set()
 
 
 Work = Callable[[JobProgress], JobStatus]
@@ -121,6 +131,7 @@ class JobManager:
         self._mine: dict[str, JobStatus] = {}  # this process's queued and running jobs
         self._saved_at: dict[str, float] = {}  # when each one's progress was last written
         self._noted: set[str] = set()  # this process's jobs with a batch noted, not committed
+        self._stopping = threading.Event()  # set by close(): running work stops between batches
         self._owner = uuid.uuid4().hex
         owners = path.parent / OWNERS_NAME
         owners.mkdir(exist_ok=True)
@@ -337,7 +348,11 @@ class JobManager:
         try:
             self._change(job_id, status="running")
             final = work(JobProgress(self, job_id))
-        except (InputError, NoSpaceError, IntegrityError) as err:  # messages meant for a client
+        except JobInterrupted as err:
+            logger.info("job %s stopped for the shutdown: %s", job_id, err)
+            self._failed(job_id, INTERRUPTED, [])
+            return
+        except (InputError, NoSpaceError, IntegrityError, BackendError) as err:  # said to clients
             logger.info("job %s failed: %s", job_id, err)
             self._failed(job_id, str(err), list(getattr(err, "errors", [])))
             return
@@ -351,7 +366,9 @@ class JobManager:
         self._finish(self._mine[job_id].model_copy(update=changes))
 
     def close(self) -> None:
-        """Finish the running job and stop; the jobs still queued read as interrupted."""
+        """Stop the running job at its next batch's end (a dataset build: at most FEATURE_BATCH
+        images and a commit away) and stop; it and the jobs still queued read as interrupted."""
+        self._stopping.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             unfinished = [s for s in self._mine.values() if s.status in ("queued", "running")]

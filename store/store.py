@@ -56,7 +56,7 @@ from indexes.codes import check_packed, n_words
 from indexes.hamming import HammingIndex, LiveMask, check_k
 from store import metadata as md
 from store.config import DEFAULT_CONFIG, StoreConfig
-from store.filters import Filter, FilterIndex, terms_of_json
+from store.filters import Filter, FilterIndex, retermed_v3, terms_of_json
 from store.ids import ItemId, parse_id
 from store.locks import (
     COMPACT_LOCK_NAME,
@@ -273,7 +273,13 @@ class Store:
     ) -> Store:
         conn = md.connect(path)
         try:
-            md.check_schema(conn, path, terms_of=terms_of_json, upgrade_rows=config.upgrade_rows)
+            md.check_schema(
+                conn,
+                path,
+                terms_of=terms_of_json,
+                reterm=retermed_v3,
+                upgrade_rows=config.upgrade_rows,
+            )
             try:
                 manifest = Manifest(**json.loads(md.get_meta(conn, "manifest") or ""))
             except (ValueError, TypeError) as err:

@@ -20,15 +20,18 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from pymilvus import MilvusClient
 
 from bench.local import service_process
 from common.fields import MAX_FIELDS_DEPTH
+from store.milvus_lite import MilvusLite
 from store.rows import NewItems
 from store.store import Store
 from tests.helpers import wait_for_job
 
 KEY = "k3y"
 DEEP_ID = 97_000  # an item whose fields nest past the limit, stored as a store from before it
+FORGED_ID = 97_200  # items whose image references name files that must never be served
 # What one request with a 100-byte image may add to the server's peak RSS. Before the fix a
 # 65535 x 1 PNG resized to 16.7 M x 256 pixels: +17 GB and counting, 8192 x 1 +2.1 GB.
 MAX_GROWTH_MB = 64
@@ -86,6 +89,16 @@ def store_an_item_from_before_the_depth_limit(artifacts: Path) -> None:
                     fields=[nested(300)],
                 )
             )
+        n = len(FORGED_IMAGES)  # rows naming files no image reference may (see FORGED_IMAGES)
+        store.add(
+            NewItems(
+                ids=[FORGED_ID + i for i in range(n)],
+                texts=["a forged row"] * n,
+                images=FORGED_IMAGES,
+                image_codes=np.zeros((n, words), dtype=np.uint64),
+                text_codes=np.zeros((n, words), dtype=np.uint64),
+            )
+        )
     finally:
         store.close()
 
@@ -402,3 +415,86 @@ def test_a_full_device_says_so_and_a_failed_batch_leaves_nothing(
         accepted = client.post("/v1/index/build", json={"items": items})
         assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
         assert client.get("/v1/index/stats").json()["items"] == before - 1 + 3
+
+
+FORGED_IMAGES = ["../../../../../etc/passwd", "/etc/passwd", "model.pt", "jobs.sqlite"]
+FORGED_IMAGES += ["store/items.sqlite", "store/../model.pt"]
+
+
+def test_milvus_filters_of_many_values_and_rows_naming_other_files(
+    demo_artifacts: Path, milvus_lite: MilvusLite
+) -> None:
+    # Issue 35: {"in": {"f": [51 values]}} was a 503 "retry" every time (Milvus refuses an OR
+    # chain past 50), and GET /v1/items/{id}/image served whatever file a row named.
+    collection = "cmh_hostile"
+    env = {
+        "CMH_INDEX_BACKEND": "milvus",
+        "CMH_MILVUS_URI": milvus_lite.uri,
+        "CMH_MILVUS_COLLECTION": collection,
+    }
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    with (
+        service_process(demo_artifacts, CMH_API_KEY=KEY, **env) as (_, url),
+        httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=60) as client,
+    ):
+        items = [
+            {"id": 96_500 + n, "text": "a grey strip", "image_base64": png, "fields": {"n": n}}
+            for n in range(60)
+        ]
+        accepted = client.post("/v1/index/build", json={"items": items})
+        assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+        for values in (list(range(51)), list(range(1000))):
+            answer = client.post(
+                "/v1/search/text",
+                json={"text": "grey", "k": 100, "filter": {"in": {"n": values}}},
+            )
+            assert answer.status_code == 200, answer.text[:300]
+            assert len(answer.json()["hits"]) == min(60, len(values))
+        check_long_terms_and_their_limit(client, png)
+        milvus = MilvusClient(uri=milvus_lite.uri)
+        (row,) = milvus.query(collection, filter='id == "96500"', output_fields=["*"])
+        for name in ("image_code", "text_code"):  # a query gives a vector as [its bytes]
+            row[name] = bytes(row[name][0])
+        for n, image in enumerate(FORGED_IMAGES):
+            milvus.upsert(collection, [{**row, "id": str(97_100 + n), "image": image}])
+        for n, image in enumerate(FORGED_IMAGES):
+            answer = client.get(f"/v1/items/{97_100 + n}/image")
+            assert answer.status_code == 404, (image, answer.text[:200])
+            assert "is not served: expected" in answer.json()["detail"], answer.text
+        assert client.get("/v1/items/96500/image").status_code == 200
+
+
+def test_the_local_store_serves_no_file_a_row_names_outside_the_rules(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    for n, image in enumerate(FORGED_IMAGES):
+        answer = client.get(f"/v1/items/{FORGED_ID + n}/image")
+        assert answer.status_code == 404, (image, answer.text[:200])
+        assert "is not served: expected" in answer.json()["detail"]
+
+
+def check_long_terms_and_their_limit(client: httpx.Client, png: str) -> None:
+    """The longest term a filter can name is found; fields whose terms pass the limit are a 400.
+
+    Issue 35: the local store found a 256 x "\x01" field equal to 1,000 x "\x01", Milvus did not
+    (it dropped the stored term as too long)."""
+    field, value = "\x01" * 256, "\x01" * 1000
+    item = {"id": 96_900, "text": "control", "image_base64": png, "fields": {field: value}}
+    accepted = client.post("/v1/index/build", json={"items": [item]})
+    assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+    body = {"text": "control", "k": 5, "filter": {"equals": {field: value}}}
+    answer = client.post("/v1/search/text", json=body)
+    assert answer.status_code == 200 and [h["id"] for h in answer.json()["hits"]] == [96_900]
+    many = {"id": 96_901, "text": "x", "image_base64": png, "fields": {"f" * 256: list(range(300))}}
+    refused = client.post("/v1/index/build", json={"items": [many]})
+    assert refused.status_code == 400, refused.text[:300]
+    reason = refused.json()["errors"][0]["reason"]
+    assert reason.startswith("expected the item's fields to make at most 65536 bytes of filter")
+
+
+def test_the_local_store_finds_the_longest_terms_and_refuses_past_the_limit(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    check_long_terms_and_their_limit(client, base64.b64encode(strip_png(40, 30)).decode())
