@@ -31,7 +31,14 @@ CAPTIONS = (
     "a large green tree in the middle, under a blue sky",
 )
 HITS = [
-    Hit(id=i, distance=20 + i, text=text, image_url=f"/v1/items/{i}/image", fields={})
+    Hit(
+        id=i,
+        distance=20 + i,
+        score=1 - (20 + i) / 32,
+        text=text,
+        image_url=f"/v1/items/{i}/image",
+        fields={},
+    )
     for i, text in enumerate(CAPTIONS)
 ]
 
@@ -47,7 +54,14 @@ def create_floor_app() -> FastAPI:
     @app.post("/v1/search/text")
     async def search_text(body: TextSearch) -> SearchResponse:
         return SearchResponse(
-            target=body.target, k=body.k, n_bits=64, generation="1", hits=HITS[: body.k]
+            target=body.target,
+            k=body.k,
+            scoring=body.scoring,
+            n_bits=64,
+            generation="1",
+            used_words=body.text.split()[:3],
+            unknown_words=[],
+            hits=HITS[: body.k],
         )
 
     return app

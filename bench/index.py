@@ -17,6 +17,7 @@ import numba
 import numpy as np
 
 from common.errors import InputError
+from indexes.asymmetric import Asymmetric
 from indexes.codes import n_words, padding_mask
 from indexes.hamming import HammingIndex
 from indexes.kernels import popcount64
@@ -276,3 +277,63 @@ def check_sizes(*, n: int, queries: int, k: int, threads: int) -> None:
     for name, value in (("n", n), ("queries", queries), ("k", k), ("threads", threads)):
         if value < 1:
             raise InputError(f"expected {name} >= 1, got {value}")
+
+
+def bench_scoring(
+    db: np.ndarray,
+    signs: np.ndarray,
+    real: np.ndarray,
+    *,
+    k: int,
+    runs: int,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Single-query search time of Hamming and asymmetric scoring on one HammingIndex, side by
+    side: each query searched both ways in turn (which goes first alternates), medians.
+
+    Keys: n, n_bits, k, queries, runs, threads; p50_us {hamming, asymmetric} (the median over
+    runs of each run's median over queries; asymmetric includes building its tables,
+    Asymmetric.of, as a request does); ratio_p50 (asymmetric / hamming); per_run {scoring:
+    [p50_us per run]}; p90_us {scoring} over every query of every run.
+    """
+    n_bits = real.shape[1]
+    index = HammingIndex.from_arrays(
+        n_bits, db, np.arange(db.shape[0], dtype=np.int64), threads=threads
+    )
+
+    def hamming(i: int) -> None:
+        index.search(signs[i : i + 1], k)
+
+    def asymmetric(i: int) -> None:
+        query = signs[i : i + 1]
+        index.search(query, k, asymmetric=Asymmetric.of(query, real[i : i + 1]))
+
+    searches: dict[str, Callable[[int], None]] = {"hamming": hamming, "asymmetric": asymmetric}
+    for search in searches.values():  # compile and warm up
+        search(0)
+    per_run: dict[str, list[float]] = {name: [] for name in searches}
+    every: dict[str, list[float]] = {name: [] for name in searches}
+    for run in range(runs):
+        times: dict[str, list[float]] = {name: [] for name in searches}
+        for i in range(signs.shape[0]):
+            order = list(searches) if (run + i) % 2 == 0 else list(searches)[::-1]
+            for name in order:
+                start = time.perf_counter()
+                searches[name](i)
+                times[name].append((time.perf_counter() - start) * 1e6)
+        for name in searches:
+            per_run[name].append(float(np.median(times[name])))
+            every[name] += times[name]
+    p50 = {name: float(np.median(per_run[name])) for name in searches}
+    return {
+        "n": int(db.shape[0]),
+        "n_bits": int(n_bits),
+        "k": k,
+        "queries": int(signs.shape[0]),
+        "runs": runs,
+        "threads": index.threads,
+        "p50_us": p50,
+        "ratio_p50": p50["asymmetric"] / p50["hamming"],
+        "p90_us": {name: float(np.percentile(every[name], 90)) for name in searches},
+        "per_run": per_run,
+    }

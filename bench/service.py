@@ -4,7 +4,8 @@ A real store of N synthetic items (bench/writes.py's: seeded random codes, demo-
 next to a copy of a trained checkpoint, served by `python -m cli serve` as a user runs it; the
 floor, `python -m bench.floor` (the same FastAPI, uvicorn, request and response models, no
 work); both driven by wrk (a C load generator: the client is not what is measured), one keep-alive
-connection per client, text searches cycling through demo-like queries (k 10, target image).
+connection per client, text searches cycling through demo-like queries (k 10, target image,
+the server's default scoring).
 Each run drives ours and the floor in turn at 1, 8 and 32 connections (who goes first alternates),
 so a drift in a shared machine's load falls on both; figures are medians over the runs. Image
 searches post one photo (multipart, k 10, target text) at 1 and 8 connections to ours with
@@ -18,6 +19,9 @@ JSON keys ("median" = over `runs`; latencies from wrk --latency, ms):
                               errors (non-2xx responses and socket errors, summed over the runs)
   ratio_rps[c]                ours rps / floor rps (the medians)
   image[mode][c]              mode "batching" / "no_batching", c in "1", "8": as ours[c]
+  scoring[s][c]               (--scorings) s in "hamming", "asymmetric": as ours[c], the same
+                              server driven with each scoring in turn
+  scoring_ratio_p50[c]        asymmetric p50 / hamming p50 (the medians)
   per_run                     every wrk run's figures: {server: {c: [run, ...]}}
   targets                     issue 14's goals: value, limit, op, pass
   image_path, wrk, python, cpu_count, notes
@@ -46,6 +50,7 @@ from common.errors import InputError
 logger = logging.getLogger(__name__)
 
 CONNECTIONS = (1, 8, 32)  # text search
+SCORINGS = ("hamming", "asymmetric")  # the text search's rankings, side by side
 IMAGE_CONNECTIONS = (1, 8)
 QUERIES = 64  # distinct text queries, cycled by every connection
 K = 10
@@ -103,9 +108,13 @@ def _lua_string(data: bytes) -> str:
     )
 
 
-def text_script(path: Path, queries: list[str]) -> Path:
-    """A wrk script posting TextSearch bodies of `queries` in turn, k 10, target image."""
-    bodies = [json.dumps({"text": q, "k": K, "target": "image"}).encode("utf-8") for q in queries]
+def text_script(path: Path, queries: list[str], *, scoring: str | None = None) -> Path:
+    """A wrk script posting TextSearch bodies of `queries` in turn, k 10, target image (and
+    `scoring` when given; else the server's default)."""
+    asked = {} if scoring is None else {"scoring": scoring}
+    bodies = [
+        json.dumps({"text": q, "k": K, "target": "image", **asked}).encode("utf-8") for q in queries
+    ]
     path.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
@@ -163,22 +172,24 @@ def floor_serving(*, workers: int = 1, ready_timeout_s: float = 60.0) -> Iterato
 
 def _alternated(
     servers: dict[str, str],
-    script: Path,
+    script: Path | dict[str, Path],
     *,
     connections: tuple[int, ...],
     runs: int,
     seconds: float,
 ) -> dict[str, dict[str, list[dict[str, float]]]]:
-    """{server: {c: [figures per run]}}, the servers taken in turn, the first one alternating."""
+    """{server: {c: [figures per run]}}, the servers taken in turn, the first one alternating;
+    `script` is every server's, or each one's by name."""
     names = list(servers)
+    scripts = script if isinstance(script, dict) else dict.fromkeys(names, script)
     out: dict[str, dict[str, list[dict[str, float]]]] = {s: {} for s in names}
     for name in names:  # warm-up: kernels, connections, caches; discarded
-        run_wrk(servers[name], script, connections=max(connections), seconds=WARMUP_S)
+        run_wrk(servers[name], scripts[name], connections=max(connections), seconds=WARMUP_S)
     for run in range(runs):
         for i, c in enumerate(connections):
             order = names if (run + i) % 2 == 0 else names[::-1]
             for name in order:
-                figures = run_wrk(servers[name], script, connections=c, seconds=seconds)
+                figures = run_wrk(servers[name], scripts[name], connections=c, seconds=seconds)
                 out[name].setdefault(str(c), []).append(figures)
                 logger.info("run %d, %s, %d connections: %s", run + 1, name, c, figures)
     return out
@@ -219,10 +230,13 @@ def bench_service(
     seconds: float,
     image: Path | None,
     workers: int = 1,
+    scorings: bool = False,
 ) -> dict[str, Any]:
     """Build the store under root (an empty folder), serve it and the floor, drive both: JSON.
 
-    Both apps run in `workers` processes, so the ratio compares like with like.
+    Both apps run in `workers` processes, so the ratio compares like with like. With
+    `scorings`, the same server is then driven with Hamming and asymmetric text searches in
+    turn (keys "scoring" and "scoring_ratio_p50").
     """
     if n < 1 or runs < 1 or seconds <= 0 or workers < 1:
         raise InputError(
@@ -259,6 +273,25 @@ def bench_service(
             runs=runs,
             seconds=seconds,
         )
+        if scorings:
+            bodies = {
+                name: text_script(root / f"text-{name}.lua", queries, scoring=name)
+                for name in SCORINGS
+            }
+            ranked = _alternated(
+                dict.fromkeys(SCORINGS, ours),
+                bodies,
+                connections=CONNECTIONS,
+                runs=runs,
+                seconds=seconds,
+            )
+            per_run |= {f"scoring-{name}": figures for name, figures in ranked.items()}
+            result["scoring"] = {name: _medians(ranked[name]) for name in SCORINGS}
+            result["scoring_ratio_p50"] = {
+                c: result["scoring"]["asymmetric"][c]["p50_ms"]
+                / result["scoring"]["hamming"][c]["p50_ms"]
+                for c in result["scoring"]["hamming"]
+            }
         if image is not None:
             single = stack.enter_context(
                 serving(

@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from bench.index import bench_index, bench_mih, make_data
+from bench.index import bench_index, bench_mih, bench_scoring, clustered_codes, make_data
 from bench.milvus_writes import bench_milvus_writes
 from bench.service import bench_service, require_wrk
 from bench.writes import bench_writes, check_sizes
 from common.errors import InputError
+from indexes.codes import pack_codes
+from models.features.pipeline import prepare
+from models.features.text import TextVectorizer
+from models.network.checkpoint import load_checkpoint
 from store.layout import CHECKPOINT_NAME
 from store.store import Store
 
@@ -61,6 +66,27 @@ def register(subparsers: Any) -> None:
         help="an artifacts folder whose store's image codes (learned codes) to use instead",
     )
     mih.set_defaults(run=run_mih)
+    scoring = kinds.add_parser(
+        "scoring",
+        help="single-query search time of asymmetric against Hamming scoring, on learned codes",
+        description="Encode a dataset's database images with a trained checkpoint, spread "
+        "them to N codes (each a random one of them with bits flipped at --flip), and time "
+        "one-query searches of its query captions by Hamming distance and by asymmetric "
+        "scoring (the captions' real hash-layer outputs) side by side on the same index "
+        "(keys documented in bench/index.py bench_scoring).",
+    )
+    scoring.add_argument("--checkpoint", type=Path, required=True, help="a trained model.pt")
+    scoring.add_argument("--dataset", required=True, help="the dataset it was trained on")
+    scoring.add_argument("--root", type=Path, required=True, help="the dataset's folder")
+    scoring.add_argument("--cache-dir", type=Path, default=Path(".cache/features"))
+    scoring.add_argument("--n", type=int, default=1_000_000, help="database size (default 1M)")
+    scoring.add_argument("--flip", type=float, default=0.05, help="bits flipped (default .05)")
+    scoring.add_argument("--queries", type=int, default=200, help="query captions (default 200)")
+    scoring.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    scoring.add_argument("--runs", type=int, default=5, help="passes over the queries")
+    scoring.add_argument("--threads", type=int, help="search threads (default: every core)")
+    scoring.add_argument("--json", type=Path, required=True, help="where to write the result")
+    scoring.set_defaults(run=run_scoring)
     writes = kinds.add_parser(
         "writes",
         help="the store: bulk ingest, add/delete latency, startup, RSS, search during ingest",
@@ -126,6 +152,11 @@ def register(subparsers: Any) -> None:
         help="the photo image searches post (default: the first JPEG in ARTIFACTS/demo/images)",
     )
     service.add_argument("--no-image", action="store_true", help="skip the image searches")
+    service.add_argument(
+        "--scorings",
+        action="store_true",
+        help="also drive the server with hamming and asymmetric text searches in turn",
+    )
     service.add_argument(
         "--workers", type=int, default=1, help="server processes of both apps (default 1)"
     )
@@ -202,6 +233,47 @@ def run_mih(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_scoring(args: argparse.Namespace) -> int:
+    """Run `cmh bench scoring`."""
+    if args.n < 1 or args.queries < 1 or args.runs < 1 or not 0 <= args.flip <= 0.5:
+        raise InputError(
+            "expected n, queries and runs >= 1 and flip in 0..0.5, got "
+            f"{args.n}, {args.queries}, {args.runs}, {args.flip}"
+        )
+    checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint.vocabulary is None:
+        raise InputError("expected a checkpoint trained on bag-of-words text, got LDA features")
+    data = prepare(
+        args.dataset, args.root, backbone=checkpoint.image_backbone, cache_dir=args.cache_dir
+    )
+    assert data.image_features is not None and data.texts is not None
+    model = checkpoint.model
+    centres = pack_codes(model.encode_image(data.image_features[data.database_idx]))
+    vectorizer = TextVectorizer(
+        checkpoint.vocabulary,
+        weighting=checkpoint.text_weighting,
+        idf=checkpoint.idf,
+        tokens=checkpoint.text_tokens,
+    )
+    texts = [data.texts[i] for i in data.query_idx[: args.queries]]
+    with torch.inference_mode():
+        features = torch.as_tensor(vectorizer.transform(texts)[0])
+        real = model.hash_text(features, binary=False).double().numpy()
+    rng = np.random.default_rng(0)
+    db = clustered_codes(rng, args.n, centres, flip=args.flip)
+    result = bench_scoring(
+        db,
+        pack_codes(np.where(real > 0, 1, -1)),
+        real,
+        k=args.k,
+        runs=args.runs,
+        threads=args.threads,
+    )
+    source = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "flip": args.flip}
+    _emit(source | result, args.json)
+    return 0
+
+
 def run_writes(args: argparse.Namespace) -> int:
     """Run `cmh bench writes`."""
     milvus = args.backend == "milvus"
@@ -258,6 +330,7 @@ def run_service(args: argparse.Namespace) -> int:
             seconds=args.duration,
             image=image,
             workers=args.workers,
+            scorings=args.scorings,
         )
     _emit(result, args.json)
     return 0

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import InputError
+from indexes.asymmetric import WD_SENTINEL, Asymmetric
 from indexes.codes import check_packed, n_words
 from indexes.kernels import MAX_CODES, kernels_for
-from indexes.results import empty_keys, from_keys
+from indexes.results import PAD_DIST, PAD_ID, empty_keys, from_keys
 
 logger = logging.getLogger(__name__)
 
@@ -273,19 +274,36 @@ class HammingIndex:
         return int(gone.size)
 
     def search(
-        self, queries: np.ndarray, k: int, *, live: LiveMask | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        live: LiveMask | None = None,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest codes of each (m, n_words) uint64 query (among `live` codes only).
 
         Returns (dists, ids), both (m, k): int32 Hamming distances ascending and int64 ids,
         ties in insertion order, padded with int32 max and -1 past the (live) index size.
+        With `asymmetric` (whose signs are `queries`), ranked by its weighted distances instead
+        (indexes/asymmetric.py), which dists then holds. With `radius`, only codes within that
+        Hamming distance of the query are found (padding past them).
         Raises InputError for a wrong dtype or shape, k < 1 or a mask of the wrong length.
         """
-        plan = self._plan(queries, k, live)
+        plan = self._plan(queries, k, live, asymmetric=asymmetric, radius=radius)
         _drain_all(self._pool, self.threads, plan.jobs)
         return plan.finish()
 
-    def _plan(self, queries: np.ndarray, k: int, live: LiveMask | None) -> _Plan:
+    def _plan(
+        self,
+        queries: np.ndarray,
+        k: int,
+        live: LiveMask | None,
+        *,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
+    ) -> _Plan:
         """The scan jobs of one search and how to turn their heaps into (dists, ids).
 
         The work is cut into CHUNKS_PER_THREAD pieces per thread that the threads take from a
@@ -294,33 +312,61 @@ class HammingIndex:
         """
         check_packed(queries, self.n_bits, name="queries")
         check_k(k)
+        if radius is not None and (isinstance(radius, bool) or radius < 0):
+            raise InputError(f"expected a radius >= 0, got {radius!r}")
+        if asymmetric is not None and asymmetric.signs.shape != queries.shape:
+            raise InputError(
+                f"expected asymmetric queries for {queries.shape[0]} codes of {self.n_bits} "
+                f"bits, got {asymmetric.signs.shape[0]} of {asymmetric.n_bits}"
+            )
         snap = self._snap
         m, n = queries.shape[0], snap.ids.shape[0]
         if live is not None and live.n != n:
             raise InputError(f"expected a live mask of {n} codes, got one of {live.n}")
         heap_k = min(int(k), n if live is None else live.count)
-        keys = empty_keys(m, heap_k, self.n_bits)  # (m, heap_k) max-heaps
+        if asymmetric is None:
+            keys = empty_keys(m, heap_k, self.n_bits)  # (m, heap_k) max-heaps
+            scan, extra = self._kernels.knn_scan, None
+        else:
+            keys = empty_keys(m, heap_k, WD_SENTINEL - 1)
+            radii = np.full(m, self.n_bits if radius is None else radius, dtype=np.int64)
+            scan = self._kernels.asym_scan
+            extra = (*asymmetric.kernel_args(), radii)
         flat = np.ascontiguousarray(queries).reshape(-1)
         mask = _ALL_LIVE if live is None else live.words
-        scan, db, w = self._kernels.knn_scan, snap.codes.reshape(-1), self.n_words
+        db, w = snap.codes.reshape(-1), self.n_words
         pieces = self.threads * CHUNKS_PER_THREAD
         jobs: list[_Job] = []
         split_db = m < self.threads and n * w >= SPLIT_MIN_WORDS and self._pool is not None
         if m and heap_k and not split_db:
             chunks = split_range(m, max(self.threads, min(pieces, m // MIN_QUERY_CHUNK)))
-            jobs = [(scan, flat[a * w : b * w], db, 0, n, keys[a:b], mask) for a, b in chunks]
+            jobs = [
+                (scan, flat[a * w : b * w], db, 0, n, keys[a:b], mask, _rows(extra, a, b))
+                for a, b in chunks
+            ]
         elif m and heap_k:
             # Each piece starts with an empty top-k, so pieces stay large: a fresh top-k fills
             # with about k * ln(piece / k) insertions.
             parts = max(self.threads, min(pieces, n // MIN_DB_CHUNK))
-            jobs = [(scan, flat, db, a, b, keys.copy(), mask) for a, b in split_range(n, parts)]
+            jobs = [
+                (scan, flat, db, a, b, keys.copy(), mask, _rows(extra, 0, m))
+                for a, b in split_range(n, parts)
+            ]
 
         def finish() -> tuple[np.ndarray, np.ndarray]:
             found = keys
             if split_db and jobs:  # keys carry global positions: the k smallest of all parts
                 merged = np.concatenate([job[5] for job in jobs], axis=1)
                 found = np.sort(merged, axis=1)[:, :heap_k]
-            return from_keys(found, snap.ids, int(k))
+            dists, ids = from_keys(found, snap.ids, int(k))
+            if asymmetric is not None:
+                outside = dists >= WD_SENTINEL  # slots the radius left empty
+            elif radius is not None:
+                outside = dists > radius
+            else:
+                return dists, ids
+            dists[outside], ids[outside] = PAD_DIST, PAD_ID
+            return dists, ids
 
         return _Plan(jobs, finish)
 
@@ -370,8 +416,23 @@ class HammingIndex:
         ]
 
 
-# One piece of a scan: (kernel, queries, db, start, stop, heaps, live words).
-_Job = tuple[Callable[..., None], np.ndarray, np.ndarray, int, int, np.ndarray, np.ndarray]
+# One piece of a scan: (kernel, queries, db, start, stop, heaps, live words, the asymmetric
+# kernel's (tables, lower, radii) of those queries or None).
+_Job = tuple[
+    Callable[..., None],
+    np.ndarray,
+    np.ndarray,
+    int,
+    int,
+    np.ndarray,
+    np.ndarray,
+    tuple[np.ndarray, ...] | None,
+]
+
+
+def _rows(extra: tuple[np.ndarray, ...] | None, a: int, b: int) -> tuple[np.ndarray, ...] | None:
+    """The rows a..b-1 of each per-query array of a job's extra arguments."""
+    return None if extra is None else tuple(arr[a:b] for arr in extra)
 
 
 @dataclass(frozen=True)
@@ -419,10 +480,10 @@ def _drain_all(pool: ThreadPoolExecutor | None, threads: int, jobs: list[_Job]) 
     def drain() -> None:
         while True:
             try:
-                scan, part_queries, db, start, stop, part_keys, live = todo.get_nowait()
+                scan, part_queries, db, start, stop, part_keys, live, extra = todo.get_nowait()
             except queue.Empty:
                 return
-            scan(part_queries, db, start, stop, part_keys, live)
+            scan(part_queries, db, start, stop, part_keys, live, *(extra or ()))
 
     alone = _IN_FLIGHT.enter()
     try:
@@ -437,6 +498,8 @@ def search_parts(
     k: int,
     *,
     one_thread: bool = False,
+    asymmetric: Asymmetric | None = None,
+    radius: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over several indexes at once, ties by id: (dists (m, k), ids (m, k)).
 
@@ -444,11 +507,14 @@ def search_parts(
     many small parts cost about what one index of their total size costs. With ids that grow
     with insertion across the parts (a store's seqs), ties come out in insertion order.
     `one_thread`: this thread scans every piece itself and never waits for the pool (the same
-    answer), for a caller that must not wait on another thread.
+    answer), for a caller that must not wait on another thread. `asymmetric` and `radius`: as
+    HammingIndex.search.
     """
     if not parts:
         raise InputError("expected at least one index to search")
-    plans = [index._plan(queries, k, live) for index, live in parts]
+    plans = [
+        index._plan(queries, k, live, asymmetric=asymmetric, radius=radius) for index, live in parts
+    ]
     first = parts[0][0]
     threads = 1 if one_thread else first.threads
     _drain_all(first._pool, threads, [job for plan in plans for job in plan.jobs])

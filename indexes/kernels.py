@@ -32,6 +32,7 @@ MAX_CODES = 1 << POS_BITS
 SUB = 256  # codes per vectorised distance+min pass; a block is rescanned only if it can win
 TILE_BYTES = 64 * 1024  # database tile that a block of queries reuses from L2
 QUERY_BLOCK = 64  # queries that share one pass over the database
+PLANES = 3  # bits of the coarse weights of an asymmetric scan's first pass
 
 
 def _ctpop_typer(typingctx: Any, x: Any) -> Any:  # noqa: ARG001 (numba passes the context)
@@ -72,6 +73,7 @@ class Kernels:
     """The compiled kernels for one code length (n_words uint64 words per code)."""
 
     knn_scan: Callable[..., None]
+    asym_scan: Callable[..., None]
     range_count: Callable[..., None]
     range_fill: Callable[..., None]
 
@@ -124,6 +126,102 @@ def _build(words: int) -> Kernels:
                             if np.int64(d) < top:
                                 heap_replace_top(heap, (np.int64(d) << POS_BITS) | (s + j))
                                 top = heap[0] >> POS_BITS
+
+    @numba.njit(inline="always", nogil=True, cache=True, boundscheck=False, fastmath=True)
+    def coarse_of(qvec: np.ndarray, blk: np.ndarray, planes: np.ndarray, j: int) -> np.int64:
+        """The coarse weighted distance of code j of the block (see asym_scan)."""
+        coarse = np.uint64(0)
+        for w in range(w_count):
+            x = qvec[w] ^ blk[j * w_count + w]
+            for plane in range(PLANES):
+                coarse += popcount64(x & planes[plane, w]) << np.uint64(plane)
+        return np.int64(coarse)
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
+    def asym_scan(
+        queries: np.ndarray,
+        db: np.ndarray,
+        start: int,
+        stop: int,
+        heaps: np.ndarray,
+        live: np.ndarray,
+        tables: np.ndarray,
+        planes: np.ndarray,
+        units: np.ndarray,
+        radius: np.ndarray,
+    ) -> None:
+        """knn_scan by weighted distance (indexes/asymmetric.py): keys (wd << POS_BITS) | pos.
+
+        `queries` are the packed signs; tables (m, n_bytes, 256) int32 the weight of each byte
+        value of each byte of the XOR; planes (m, PLANES, n_words) uint64 the bits of each
+        weight divided by units (m,) and rounded down (a number below 2**PLANES), so that
+        `coarse`, the sum of those over the bits that differ, times the unit, is a lower bound
+        of the weighted distance that PLANES popcounts compute; radius (m,) the largest Hamming
+        distance a hit may have. A vectorised pass finds the blocks of 64 codes with a bound
+        below the heap's top, then their codes whose bound is; only they are summed exactly (a
+        code whose bound reaches the top cannot enter: a tie loses on position, the scan goes
+        in insertion order).
+        """
+        m = heaps.shape[0]
+        n_bytes = tables.shape[1]
+        n_bits = n_bytes * 8
+        masked = live.shape[0] > 0
+        tile = max(SUB, (TILE_BYTES // (8 * w_count)) // SUB * SUB)
+        qvec = np.empty(w_count, np.uint64)
+        for qb in range(0, m, QUERY_BLOCK):
+            qe = min(qb + QUERY_BLOCK, m)
+            for t0 in range(start, stop, tile):
+                t1 = min(t0 + tile, stop)
+                for qi in range(qb, qe):
+                    for w in range(w_count):
+                        qvec[w] = queries[qi * w_count + w]
+                    heap = heaps[qi]
+                    table = tables[qi]
+                    plane = planes[qi]
+                    unit = units[qi]
+                    r = radius[qi]
+                    top = heap[0] >> POS_BITS
+                    limit = (top + unit - 1) // unit  # coarse >= limit: unit * coarse >= top
+                    for s in range(t0, t1, 64):
+                        e = min(s + 64, t1)
+                        blk = db[s * w_count : e * w_count]
+                        # Vectorised (LLVM vectorises only a constant trip count, hence the
+                        # two forms): the block's smallest bound, then, in the rare block where
+                        # it is below the top, which of its codes are.
+                        lowest = np.int64(1 << 62)
+                        if e - s == 64:
+                            for j in range(64):
+                                lowest = min(lowest, coarse_of(qvec, blk, plane, j))
+                        else:
+                            for j in range(e - s):
+                                lowest = min(lowest, coarse_of(qvec, blk, plane, j))
+                        if lowest >= limit:
+                            continue
+                        below = np.uint64(0)
+                        for j in range(e - s):
+                            passes = coarse_of(qvec, blk, plane, j) < limit
+                            below |= np.uint64(passes) << np.uint64(j)
+                        while below:
+                            j = popcount64((below & (~below + np.uint64(1))) - np.uint64(1))
+                            below &= below - np.uint64(1)
+                            p = s + np.int64(j)
+                            if masked and ((live[p >> 6] >> np.uint64(p & 63)) & 1) == 0:
+                                continue
+                            if r < n_bits:
+                                d = np.uint64(0)
+                                for w in range(w_count):
+                                    d += popcount64(qvec[w] ^ blk[j * w_count + w])
+                                if np.int64(d) > r:
+                                    continue
+                            wd = np.int64(0)
+                            for byte in range(n_bytes):
+                                x = qvec[byte >> 3] ^ blk[j * w_count + (byte >> 3)]
+                                wd += table[byte, (x >> np.uint64(8 * (byte & 7))) & np.uint64(255)]
+                            key = (wd << POS_BITS) | p
+                            if key < heap[0]:
+                                heap_replace_top(heap, key)
+                                top = heap[0] >> POS_BITS
+                                limit = (top + unit - 1) // unit
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
     def range_count(queries: np.ndarray, db: np.ndarray, radius: int, counts: np.ndarray) -> None:
@@ -179,7 +277,9 @@ def _build(words: int) -> Kernels:
                 out_pos[lo + slot] = tmp_pos[i]
                 out_dist[lo + slot] = tmp_dist[i]
 
-    return Kernels(knn_scan=knn_scan, range_count=range_count, range_fill=range_fill)
+    return Kernels(
+        knn_scan=knn_scan, asym_scan=asym_scan, range_count=range_count, range_fill=range_fill
+    )
 
 
 _KERNELS: dict[int, Kernels] = {}

@@ -42,6 +42,25 @@ def to_milvus_bytes(packed: np.ndarray, n_bits: int) -> np.ndarray:
     return as_bytes.reshape(packed.shape[0], n_words(n_bits) * 8)[:, : milvus_dim(n_bits) // 8]
 
 
+def from_milvus_bytes(vectors: np.ndarray, n_bits: int) -> np.ndarray:
+    """(n, ceil(n_bits / 8)) uint8 Milvus vectors -> (n, n_words) uint64; inverse of the above."""
+    words = n_words(n_bits)
+    out = np.zeros((vectors.shape[0], words * 8), dtype=np.uint8)
+    out[:, : vectors.shape[1]] = vectors
+    return out.view("<u8").astype(np.uint64, copy=False)
+
+
+def vector_bytes(value: Any) -> bytes:
+    """A BINARY_VECTOR as bytes: pymilvus returns it as bytes or as a one-element list of bytes."""
+    if isinstance(value, list):
+        value = value[0]
+    if not isinstance(value, bytes):
+        raise TypeError(
+            f"expected a binary vector as bytes from Milvus, got {type(value).__name__}"
+        )
+    return value
+
+
 def milvus_dim(n_bits: int) -> int:
     """The BINARY_VECTOR dim for n_bits-bit codes: Milvus needs a multiple of 8."""
     n_words(n_bits)  # the same range check as every other index

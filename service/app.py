@@ -46,8 +46,10 @@ from service.jobs import JOBS_NAME, JobManager, QueueFull
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
 from service.pages import router as pages_router
+from service.schemas import MAX_RANK
 from service.settings import Settings
 from service.state import Loaded
+from service.suggestions import Suggestions
 from service.uploads import DECODES
 from store.backend import ItemStore
 from store.compaction import Compactor
@@ -118,6 +120,7 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
         indexer=indexer,
         jobs=jobs,
         text_searches=CapacityLimiter(settings.search_threads),
+        suggestions=Suggestions(encoder.vectorizer, store),
     )
 
 
@@ -151,6 +154,7 @@ def stated_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The generated OpenAPI schema, saying what the server enforces from its settings."""
     components = schema["components"]["schemas"]
     components["TextSearch"]["properties"]["k"]["maximum"] = settings.max_k
+    components["TextSearch"]["properties"]["offset"]["maximum"] = MAX_RANK - settings.max_k
     items = components["BuildRequest"]["properties"]["items"]
     next(s for s in items["anyOf"] if s.get("type") == "array")["maxItems"] = (
         settings.max_batch_items
@@ -158,9 +162,9 @@ def stated_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     upload = schema["paths"]["/v1/search/image"]["post"]["requestBody"]["content"]
     form = upload["multipart/form-data"]
     form["encoding"] = {"file": {"contentType": "image/*"}}
-    components[form["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]["k"]["maximum"] = (
-        settings.max_k
-    )
+    image_form = components[form["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]
+    image_form["k"]["maximum"] = settings.max_k
+    image_form["offset"]["maximum"] = MAX_RANK - settings.max_k
     if settings.api_key is None:  # no key configured: nothing asks for one
         schema["components"].pop("securitySchemes", None)
         for operations in schema["paths"].values():

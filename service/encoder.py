@@ -39,6 +39,7 @@ from models.features.image import (
     fastest_lone_image_threads,
     load_backbone,
 )
+from models.features.query_words import QueryReader, QueryText
 from models.features.text import TextVectorizer
 from models.network.checkpoint import Checkpoint, load_checkpoint
 from models.network.text_path import TextPath
@@ -182,6 +183,7 @@ class Encoder:
             tokens=checkpoint.text_tokens,
         )
         self.binary_text = checkpoint.text_weighting == "binary"  # columns alone: values are 1
+        self.reader = QueryReader(self.vectorizer)  # query words, with their fallbacks
         # None: the model is not one the fast path reproduces exactly (logged once): torch.
         self.text_path = TextPath.from_model(self.model, weighted=not self.binary_text)
         self.batcher = MicroBatcher(
@@ -201,6 +203,43 @@ class Encoder:
             return pack_codes(self.model.encode_text(dense)), unknown
         return pack_codes(self.text_path.encode(columns, values)), unknown
 
+    def read_query(self, text: str) -> QueryText:
+        """The words of a query the model knows (after models/features/query_words.py's
+        fallbacks) and those it ignores."""
+        return self.reader.read(text)
+
+    def encode_query(self, words: QueryText, *, real: bool) -> EncodedQuery:
+        """One read query's packed code and, when `real`, its hash layer's real output."""
+        columns = [words.columns]
+        values = None if self.binary_text else [words.values]
+        if self.text_path is not None:
+            if not real:
+                return EncodedQuery(pack_codes(self.text_path.encode(columns, values)), None)
+            codes, output = self.text_path.encode_real(columns, values)
+            return EncodedQuery(pack_codes(codes), output)
+        dense = self.vectorizer.dense(columns, values)
+        if not real:
+            return EncodedQuery(pack_codes(self.model.encode_text(dense)), None)
+        return self._real_output(dense, text=True)
+
+    def encode_image_query(
+        self, image: Image.Image, *, real: bool, timeout: float = 120.0
+    ) -> EncodedQuery:
+        """One image's packed code and, when `real`, its hash layer's real output."""
+        features = self.batcher.submit(image).result(timeout=timeout)[None, :]
+        if not real:
+            return EncodedQuery(self.encode_image_features(features), None)
+        return self._real_output(features, text=False)
+
+    def _real_output(self, features: np.ndarray, *, text: bool) -> EncodedQuery:
+        """The code and real output of the model's hash_text (or hash_image) with
+        binary=False on one row of features: the code is its sign, as the binary pass gives."""
+        hash_fn = self.model.hash_text if text else self.model.hash_image
+        with torch.inference_mode():
+            x = torch.as_tensor(features, dtype=torch.float32, device=self.model.image_mean.device)
+            output = hash_fn(x, binary=False).double().cpu().numpy()
+        return EncodedQuery(pack_codes(np.where(output > 0, 1, -1)), output)
+
     def encode_image(self, image: Image.Image, *, timeout: float = 120.0) -> np.ndarray:
         """(1, words) uint64 packed code of one image, through the micro-batcher."""
         features = self.batcher.submit(image).result(timeout=timeout)
@@ -217,6 +256,14 @@ class Encoder:
     def close(self) -> None:
         """Stop the batcher thread."""
         self.batcher.close()
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    """A query's packed code and, for asymmetric scoring, the real output it is the sign of."""
+
+    code: np.ndarray  # (1, n_words) uint64
+    real: np.ndarray | None  # (1, n_bits) float64: tanh outputs, L2-normalised (before sign)
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,25 @@ from pydantic import (
     PrivateAttr,
     StringConstraints,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
 from common.errors import InputError
 from common.fields import MAX_FIELDS_BYTES, MAX_FIELDS_DEPTH
+from indexes.codes import MAX_BITS
 from store import filters
 from store.filters import Filter
 from store.ids import DOT_SEGMENTS, MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
 
 Target = Literal["image", "text"]
 OnConflict = Literal["error", "replace"]
+# How hits are ranked: by Hamming distance between codes, or by the inner product of the
+# query's real hash-layer output with each code (indexes/asymmetric.py; docs/search-api.md).
+Scoring = Literal["hamming", "asymmetric"]
+DEFAULT_SCORING: Scoring = "asymmetric"  # higher MAP in every case measured (issue 32)
+MAX_RANK = 10_000  # offset + k: the deepest rank a search may reach
+MAX_BATCH_QUERIES = 32  # queries in one batch text search
 
 
 def _item_id(value: object) -> ItemId:
@@ -166,6 +174,21 @@ class SearchFilter(BaseModel):
         return None if self._value.keeps_all else self._value
 
 
+SCORING_DESCRIPTION = (
+    "hamming: by Hamming distance between the query's code and each item's code; asymmetric: "
+    "by the inner product of the query's real hash-layer output (before sign) with each code "
+    "(the stored codes stay binary)"
+)
+OFFSET_DESCRIPTION = (
+    "skip this many hits: ranks offset..offset+k-1 of the same ranking; at most "
+    f"{MAX_RANK} - max_k, so that offset + k <= {MAX_RANK}"
+)
+MAX_DISTANCE_DESCRIPTION = (
+    "only hits whose Hamming distance to the query's code is at most this (k is the cap), "
+    f"under either scoring; {MAX_BITS} or more (the longest code) keeps every hit"
+)
+
+
 class TextSearch(BaseModel):
     """Search with a text."""
 
@@ -175,27 +198,71 @@ class TextSearch(BaseModel):
     filter: SearchFilter | None = Field(
         None, description="search only among the items that pass (the exact top-k of those)"
     )
+    scoring: Scoring = Field(DEFAULT_SCORING, description=SCORING_DESCRIPTION)
+    # The service states its own bound, MAX_RANK - max_k (service/app.py stated_limits).
+    offset: JsonInt = Field(0, ge=0, le=MAX_RANK - 1, description=OFFSET_DESCRIPTION)
+    max_distance: int | None = Field(None, ge=0, description=MAX_DISTANCE_DESCRIPTION)
+
+    # JsonInt's check, as a validator: inside a union its schema loses the bound (pydantic).
+    _integer = field_validator("max_distance", mode="before")(_json_int)
+
+
+class TextBatch(BaseModel):
+    """Several text searches in one request, each answered as the single search would be."""
+
+    queries: list[TextSearch] = Field(
+        min_length=1, max_length=MAX_BATCH_QUERIES, description="the searches, in order"
+    )
 
 
 class Hit(BaseModel):
-    """One result: the item, its Hamming distance to the query and its metadata."""
+    """One result: the item, how close it is to the query and its metadata."""
 
     id: int | str
-    distance: int
+    distance: int = Field(description="Hamming distance between the query's code and the item's")
+    score: float = Field(
+        description="what the hits are ranked by, higher first: the cosine of the query and "
+        "the item's code (hamming: 1 - 2 distance / n_bits; asymmetric: the query's real "
+        "output times the code, over sqrt(n_bits))"
+    )
     text: str
     image_url: str
     fields: dict[str, Any] = Field({}, description="the user's fields given at build time")
 
 
 class SearchResponse(BaseModel):
-    """Ranked hits, nearest first (ties in index order)."""
+    """Ranked hits, best first (ties in index order)."""
 
     target: Target
     k: int
+    offset: int = Field(0, description="the rank of the first hit (0: the best)")
+    scoring: Scoring
     n_bits: int
     generation: str = Field(description="the store commit the search read")
-    no_known_words: bool = Field(False, description="text query: none of its words is known")
+    no_known_words: bool = Field(
+        False, description="text query: none of its words is known, so it has no hits"
+    )
+    used_words: list[str] | None = Field(
+        None, description="text query: the vocabulary words its code is made of"
+    )
+    unknown_words: list[str] | None = Field(
+        None, description="text query: its words the model ignored (unknown, or stop words)"
+    )
+    message: str | None = Field(None, description="why there are no hits, when none is found")
     hits: list[Hit]
+
+
+class SuggestedWords(BaseModel):
+    """Words to try in a text search: from the served model's vocabulary, frequent and
+    informative in the collection it serves."""
+
+    words: list[str]
+
+
+class BatchResponse(BaseModel):
+    """One answer per query of a batch, in order."""
+
+    results: list[SearchResponse]
 
 
 def exactly_one(**types: str) -> dict[str, Any]:

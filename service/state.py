@@ -11,6 +11,7 @@ from service.indexing import Indexer
 from service.jobs import JobManager
 from service.metrics import Metrics
 from service.settings import Settings
+from service.suggestions import Suggestions
 from store.backend import ItemStore
 
 
@@ -26,6 +27,7 @@ class Loaded:
     jobs: JobManager  # background builds
     # The threads filtered text searches, and those that would wait, run on (search_threads).
     text_searches: CapacityLimiter
+    suggestions: Suggestions  # words for the page's "Try:" row
 
     def close(self) -> None:
         """Stop what runs in the background (the job worker after its job, the batcher), then

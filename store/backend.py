@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from indexes.asymmetric import Asymmetric
 from store.filters import Filter
 from store.ids import ItemId
 from store.metadata import Item
@@ -71,13 +72,28 @@ class ItemStore(Protocol):
         k: int,
         *,
         where: Filter | None = None,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
     ) -> Hits:
-        """Exact top-k of each query among stored items (that pass `where`)."""
+        """Exact top-k of each query among stored items (that pass `where`), by Hamming
+        distance or `asymmetric`'s weighted distance, within a Hamming `radius`."""
         ...
 
-    def search_now(self, target: Target, queries: np.ndarray, k: int) -> Hits | None:
+    def search_now(
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        *,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
+    ) -> Hits | None:
         """search() without a filter if it can be answered without waiting (for a lock, another
         thread or the network), else None: the caller then calls search() where it may wait."""
+        ...
+
+    def sample_texts(self, n: int) -> list[str]:
+        """The texts of at most n stored items, spread over the collection where it can."""
         ...
 
     def add(self, batch: NewItems, *, on_conflict: OnConflict = "error") -> int:

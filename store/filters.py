@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InputError
+from indexes.asymmetric import Asymmetric
 from indexes.hamming import HammingIndex, LiveMask, search_parts
 from indexes.results import padded
 from store import metadata as md
@@ -351,13 +352,16 @@ class FilterIndex:
         k: int,
         where: Filter,
         conn: sqlite3.Connection,
+        *,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(dists (m, k), seqs (m, k)) of the exact top-k among the view's live rows that pass
-        `where`: the order, ties and padding of View.search."""
+        `where`: the order, ties and padding of View.search (and its scorings and radius)."""
         searched = self.parts(view, target, where, conn)
         if not searched:
             return padded(queries.shape[0], k)
-        return search_parts(searched, queries, k)
+        return search_parts(searched, queries, k, asymmetric=asymmetric, radius=radius)
 
     def parts(
         self, view: View, target: Target, where: Filter, conn: sqlite3.Connection

@@ -70,7 +70,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import numpy as np
@@ -79,9 +79,20 @@ from pymilvus.exceptions import MilvusException
 
 from common.errors import BackendError, InputError, IntegrityError, NotReadyError
 from common.fsio import atomic_write_bytes
+from indexes.asymmetric import Asymmetric, hamming_scores
 from indexes.codes import check_packed
 from indexes.hamming import check_k
-from indexes.milvus import MAX_K, exact_top_k, milvus_dim, to_milvus_bytes
+from indexes.milvus import (
+    MAX_K,
+    TOPK_LIMIT,
+    Hit,
+    exact_top_k,
+    from_milvus_bytes,
+    milvus_dim,
+    search_hits,
+    to_milvus_bytes,
+    vector_bytes,
+)
 from store.filters import Filter, terms_of
 from store.ids import ItemId, parse_id
 from store.manifest import Manifest, check_manifest
@@ -109,7 +120,38 @@ TAG_BITS = 10  # of a seq, the process tag
 IMAGE_GRACE_S = 600.0  # an image file written this recently may be about to be referenced
 _STORED_IMAGE = re.compile(rf"{IMAGES_DIR}/[0-9a-f]{{64}}\.[a-z0-9]{{1,5}}")
 ITEM_FIELDS = ["seq", "text", "image", "added", "fields"]
+SEARCH_ATTEMPTS = 3  # a hit deleted before its row was read: search again
+SCAN_BATCH = 4_096  # rows per page of the asymmetric search's last resort, a full read
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """How many Hamming candidates an asymmetric search asks Milvus for (see _asymmetric_top_k)."""
+
+    first: int = 256  # at least this many at first
+    factor: int = 8  # or this many times k, if more
+    most: int = TOPK_LIMIT  # past this many (Milvus's limit), every code is read and scored
+
+
+class _Query(NamedTuple):
+    """One query of an asymmetric search."""
+
+    field: str  # the code field searched
+    signs: np.ndarray  # (1, n_words) its packed signs
+    k: int
+    where: Filter | None
+    asymmetric: Asymmetric  # its row alone
+    radius: int | None
+
+
+class _Candidate(NamedTuple):
+    """One code of an asymmetric search: ordered by weighted distance, then seq."""
+
+    wd: int
+    seq: int
+    dist: int  # Hamming distance to the query's signs
+    key: str  # primary key
 
 
 def key_of(item_id: ItemId) -> str:
@@ -189,8 +231,10 @@ class MilvusStore:
         store_id: str,
         uri: str,
         timeout_s: float,
+        candidates: Candidates = Candidates(),
     ) -> None:
         self.artifacts = artifacts
+        self.candidates = candidates
         self.collection = collection
         self.manifest = manifest
         self.n_bits = manifest.n_bits
@@ -216,6 +260,7 @@ class MilvusStore:
         expected: Manifest,
         token: str = "",
         timeout_s: float = 10.0,
+        candidates: Candidates = Candidates(),
     ) -> MilvusStore:
         """Open (or create) the collection; InputError when it holds codes of another model,
         NotReadyError when Milvus does not answer within timeout_s."""
@@ -237,6 +282,7 @@ class MilvusStore:
             store_id="",
             uri=uri,
             timeout_s=timeout_s,
+            candidates=candidates,
         )
         try:
             store.store_id = store._call(store._open_collection, expected)
@@ -352,7 +398,27 @@ class MilvusStore:
         rows = self._rows([item_id], ITEM_FIELDS)
         return _item(rows[0]) if rows else None
 
-    def search_now(self, target: Target, queries: np.ndarray, k: int) -> Hits | None:  # noqa: ARG002
+    def sample_texts(self, n: int) -> list[str]:
+        """The texts of at most n stored items (the first Milvus returns)."""
+        rows = self._call(
+            self._client.query,
+            self.collection,
+            filter="",
+            output_fields=["text"],
+            limit=n,
+            timeout=self._timeout,
+        )
+        return [str(row["text"]) for row in rows]
+
+    def search_now(  # the ItemStore interface: every argument unused
+        self,
+        target: Target,  # noqa: ARG002
+        queries: np.ndarray,  # noqa: ARG002
+        k: int,  # noqa: ARG002
+        *,
+        asymmetric: Asymmetric | None = None,  # noqa: ARG002
+        radius: int | None = None,  # noqa: ARG002
+    ) -> Hits | None:
         """Always None: every search here waits on the Milvus server (see search)."""
         return None
 
@@ -363,13 +429,19 @@ class MilvusStore:
         k: int,
         *,
         where: Filter | None = None,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
     ) -> Hits:
         """Exact top-k of each (m, n_words) query among stored items (that pass `where`), with
-        their metadata; ties in seq order."""
+        their metadata; ties in seq order. Ranked by Hamming distance, or by `asymmetric`'s
+        weighted distance (see "Asymmetric scoring"); with `radius`, only items within that
+        Hamming distance of the query."""
         check_packed(queries, self.n_bits, name="queries")
         check_k(k)
         if k > MAX_K:
             raise InputError(f"expected k <= {MAX_K} with the Milvus backend, got {k}")
+        if asymmetric is not None:
+            return self._search_asymmetric(target, queries, int(k), where, asymmetric, radius)
         found = self._call(
             exact_top_k,
             self._client,
@@ -381,18 +453,137 @@ class MilvusStore:
             output_fields=ITEM_FIELDS,
             timeout=self._timeout,
         )
-        hits = []
+        hits, scores = [], []
         for row in found:
-            items = [(_item({"id": hit.id, **hit.entity}), hit.dist) for hit in row]
-            if where is not None:
-                for item, _ in items:
-                    if not where.matches(item.id, item.fields):
-                        raise IntegrityError(
-                            f"Milvus returned item {item.id!r}, which does not pass the filter: "
-                            f"its terms in {self.collection!r} were changed outside the service"
-                        )
-            hits.append(items)
-        return Hits(hits, self._commit)
+            kept = [hit for hit in row if radius is None or hit.dist <= radius]
+            hits.append(
+                self._checked([(_item({"id": h.id, **h.entity}), h.dist) for h in kept], where)
+            )
+            scores.append(hamming_scores(np.array([h.dist for h in kept]), self.n_bits).tolist())
+        return Hits(hits, self._commit, scores)
+
+    def _checked(
+        self, items: list[tuple[Item, int]], where: Filter | None
+    ) -> list[tuple[Item, int]]:
+        """The hits, after checking each against the filter with its own stored fields."""
+        if where is not None:
+            for item, _ in items:
+                if not where.matches(item.id, item.fields):
+                    raise IntegrityError(
+                        f"Milvus returned item {item.id!r}, which does not pass the filter: "
+                        f"its terms in {self.collection!r} were changed outside the service"
+                    )
+        return items
+
+    def _search_asymmetric(
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        where: Filter | None,
+        asymmetric: Asymmetric,
+        radius: int | None,
+    ) -> Hits:
+        """Asymmetric top-k per query from a Hamming candidate set proven large enough."""
+        hits, scores = [], []
+        for row in range(queries.shape[0]):
+            query = _Query(
+                f"{target}_code", queries[row : row + 1], k, where,
+                asymmetric.rows(row, row + 1), radius,
+            )  # fmt: skip
+            for _ in range(SEARCH_ATTEMPTS):  # a hit deleted before its row was read: again
+                ranked = self._call(self._asymmetric_top_k, query)
+                rows = self._rows([id_of(c.key) for c in ranked], ITEM_FIELDS)
+                stored = {str(r["id"]): r for r in rows}
+                if len(stored) == len(ranked):
+                    break
+            else:
+                raise NotReadyError("expected the hits' rows, got them deleted while searching")
+            wd = np.array([[c.wd for c in ranked]], dtype=np.int64)
+            hits.append(self._checked([(_item(stored[c.key]), c.dist) for c in ranked], where))
+            scores.append(query.asymmetric.scores(wd)[0].tolist())
+        return Hits(hits, self._commit, scores)
+
+    def _asymmetric_top_k(self, query: _Query) -> list[_Candidate]:
+        """The k best candidates of one query, by (weighted distance, seq).
+
+        Milvus gives the `limit` nearest codes by Hamming distance (those within the radius):
+        every other code is at least as far as the last of them, d_last, so its weighted
+        distance is at least lower[d_last]. When the k-th best candidate is below that, no other
+        code can enter (or tie into) the top-k: exact. Otherwise the limit grows (x4) up to
+        `candidates.most` (Milvus's TOPK_LIMIT), and past it every code that passes the filter
+        is read and scored (exact, and as slow as a scan over the network).
+        """
+        vector = to_milvus_bytes(query.signs, self.n_bits)
+        plan, k, radius = self.candidates, query.k, query.radius
+        limit = min(plan.most, max(plan.first, plan.factor * k))
+        lower = query.asymmetric.lower[0]
+        while True:
+            found = search_hits(
+                self._client, self.collection, vector, anns_field=query.field, limit=limit,
+                radius=None if radius is None else (0, radius + 1),
+                expr=expression(query.where), timeout=self._timeout,
+            )[0]  # fmt: skip
+            ranked = self._scored(found, query)[:k]
+            if len(found) < limit:
+                return ranked  # every code within the radius that passes the filter
+            if len(ranked) == k and ranked[-1].wd < lower[found[-1].dist]:
+                return ranked
+            if limit >= plan.most:
+                logger.info("asymmetric search past %d candidates: scoring every code", limit)
+                return self._scan_all(query)
+            limit = min(plan.most, limit * 4)
+
+    def _scored(self, found: list[Hit], query: _Query) -> list[_Candidate]:
+        """Candidates of one query ranked by (weighted distance, seq); their codes are read
+        by key (milvus-lite 2.5.1 fails a search that asks for a vector field)."""
+        keys = [str(hit.id) for hit in found]
+        code_of: dict[str, bytes] = {}
+        for start in range(0, len(keys), ID_BATCH):
+            listed = ", ".join(f'"{k}"' for k in keys[start : start + ID_BATCH])
+            for stored in self._client.query(
+                self.collection,
+                filter=f"id in [{listed}]",
+                output_fields=["id", query.field],
+                timeout=self._timeout,
+            ):
+                code_of[str(stored["id"])] = vector_bytes(stored[query.field])
+        hits = [hit for hit in found if str(hit.id) in code_of]  # deleted meanwhile: not there
+        wd = query.asymmetric.distances(0, self._unpacked([code_of[str(h.id)] for h in hits]))
+        return sorted(
+            _Candidate(w, h.seq, h.dist, str(h.id)) for w, h in zip(wd.tolist(), hits, strict=True)
+        )
+
+    def _scan_all(self, query: _Query) -> list[_Candidate]:
+        """The k best of every code that passes the filter (and lies within the radius)."""
+        it = self._client.query_iterator(
+            self.collection,
+            batch_size=SCAN_BATCH,
+            filter=expression(query.where),
+            output_fields=["id", "seq", query.field],
+            timeout=self._timeout,
+        )
+        best: list[_Candidate] = []
+        try:
+            while batch := it.next():
+                codes = self._unpacked([vector_bytes(r[query.field]) for r in batch])
+                dists = np.bitwise_count(codes ^ query.signs).sum(axis=1).tolist()
+                wd = query.asymmetric.distances(0, codes).tolist()
+                best += [
+                    _Candidate(w, int(r["seq"]), d, str(r["id"]))
+                    for w, d, r in zip(wd, dists, batch, strict=True)
+                    if query.radius is None or d <= query.radius
+                ]
+                best = sorted(best)[: query.k]
+        finally:
+            it.close()
+        return best
+
+    def _unpacked(self, vectors: list[bytes]) -> np.ndarray:
+        """(n, n_words) uint64 packed codes of n Milvus binary vectors."""
+        width = milvus_dim(self.n_bits) // 8
+        as_bytes = np.frombuffer(b"".join(vectors), dtype=np.uint8).reshape(len(vectors), width)
+        return from_milvus_bytes(as_bytes, self.n_bits)
 
     # ---- writing ---------------------------------------------------------------------------
 

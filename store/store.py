@@ -45,12 +45,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, ParamSpec, TypeVar
+from typing import Any, BinaryIO, Literal, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 
 from common.errors import InputError, IntegrityError, NoSpaceError, is_no_space
 from common.fsio import atomic_write_bytes, fsync_dir
+from indexes.asymmetric import Asymmetric, hamming_scores
 from indexes.codes import check_packed, n_words
 from indexes.hamming import HammingIndex, LiveMask, check_k
 from store import metadata as md
@@ -88,12 +89,21 @@ SEARCH_ATTEMPTS = 3  # a hit deleted between the view and its metadata read: sea
 OnConflict = Literal["error", "replace"]
 
 
+class _Ranking(NamedTuple):
+    """How a search ranks: by `asymmetric`'s weighted distance (else Hamming), within `radius`."""
+
+    asymmetric: Asymmetric | None
+    radius: int | None
+
+
 @dataclass(frozen=True)
 class Hits:
-    """A search's answer: per query, (item, distance) nearest first, and the view's commit."""
+    """A search's answer: per query, (item, Hamming distance) best first, the score each hit
+    was ranked by (indexes/asymmetric.py: a cosine, higher is closer), and the view's commit."""
 
     hits: list[list[tuple[md.Item, int]]]
     commit: int
+    scores: list[list[float]]
 
 
 P = ParamSpec("P")
@@ -470,42 +480,60 @@ class Store:
         k: int,
         *,
         where: Filter | None = None,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
     ) -> Hits:
         """Exact top-k of each (m, n_words) query among live items (that pass `where`), with
-        their metadata: the codes of the current view, filtered by store/filters.py."""
+        their metadata: the codes of the current view, filtered by store/filters.py. Ranked
+        by Hamming distance, or by `asymmetric`'s weighted distance (its signs are `queries`);
+        with `radius`, only items within that Hamming distance of the query."""
         check_packed(queries, self.n_bits, name="queries")  # also when no part is searched
         check_k(k)
         if where is not None and where.keeps_all:
             where = None
+        ranking = _Ranking(asymmetric, radius)
         for _ in range(SEARCH_ATTEMPTS):
-            found = self._search_once(target, queries, k, where, self.view())
+            found = self._search_once(target, queries, k, where, self.view(), ranking)
             if found is not None:
                 return found
         # Deletes keep outrunning this search: answer once more with writes held off.
         with self._writing():
-            found = self._search_once(target, queries, k, where, self._view)
+            found = self._search_once(target, queries, k, where, self._view, ranking)
         if found is None:
             raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
         return found
 
     @_classified
-    def search_now(self, target: Target, queries: np.ndarray, k: int) -> Hits | None:
+    def search_now(
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        *,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
+    ) -> Hits | None:
         """search() without a filter, answered on this thread alone and without waiting for a
         lock, or None where that would wait or take long: the view is behind another process's
         commit while this process's writer holds the lock, deletes keep outrunning the search,
-        or the scan reads config.inline_max_words of codes or more. A filtered search has no
-        such form: its cost grows with the rows that pass the filter.
+        or the scan reads config.inline_max_words of codes or more (half that for an asymmetric
+        one). A filtered search has no such form: its cost grows with the rows that pass the
+        filter.
 
         For the event loop (service/api/search.py): a search that waits there stalls every
         connection, and the caller runs search() on a worker thread instead.
         """
         check_packed(queries, self.n_bits, name="queries")
         check_k(k)
+        ranking = _Ranking(asymmetric, radius)
         for _ in range(SEARCH_ATTEMPTS):
             view = self._current_view(wait=False)
-            if view is None or view.scan_words(target) >= self.config.inline_max_words:
+            # An asymmetric scan costs about twice a Hamming one (docs/search-api.md): half
+            # the codes keep the caller's thread held as long.
+            most = self.config.inline_max_words // (2 if asymmetric is not None else 1)
+            if view is None or view.scan_words(target) >= most:
                 return None
-            found = self._search_once(target, queries, k, None, view, one_thread=True)
+            found = self._search_once(target, queries, k, None, view, ranking, one_thread=True)
             if found is not None:
                 return found
         return None
@@ -517,14 +545,20 @@ class Store:
         k: int,
         where: Filter | None,
         view: View,
+        ranking: _Ranking,
         *,
         one_thread: bool = False,
     ) -> Hits | None:
         """One search of `view` with its hits' rows, or None if a hit's row is gone."""
+        asym, radius = ranking
         if where is None:
-            dists, seqs = view.search(target, queries, k, one_thread=one_thread)
+            dists, seqs = view.search(
+                target, queries, k, one_thread=one_thread, asymmetric=asym, radius=radius
+            )
         else:
-            dists, seqs = self._filters.search(view, target, queries, k, where, self._reader())
+            dists, seqs = self._filters.search(
+                view, target, queries, k, where, self._reader(), asymmetric=asym, radius=radius
+            )
         wanted = np.unique(seqs[seqs >= 0]).tolist()
         items = md.rows_by_seq(self._reader(), wanted, self.root / DB_NAME)
         if len(items) != len(wanted):
@@ -537,11 +571,33 @@ class Store:
                         f"terms table in {self.root / DB_NAME} says it passes: the table was "
                         "changed outside the service; restore the store from a backup or rebuild it"
                     )
-        hits = [
-            [(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0]
-            for row_s, row_d in zip(seqs.tolist(), dists.tolist(), strict=True)
-        ]
-        return Hits(hits, view.commit)
+        if asym is None:
+            scores = hamming_scores(dists, self.n_bits)
+        else:  # dists are weighted distances: the Hamming ones from the hits' codes
+            scores = asym.scores(dists)
+            found = seqs >= 0
+            codes = view.codes_of(target, seqs[found])
+            rows = np.nonzero(found)[0]
+            dists = np.zeros_like(dists)
+            dists[found] = np.bitwise_count(codes ^ queries[rows]).sum(axis=1)
+        hits, kept_scores = [], []
+        for row_s, row_d, row_score in zip(
+            seqs.tolist(), dists.tolist(), scores.tolist(), strict=True
+        ):
+            hits.append([(items[s], d) for s, d in zip(row_s, row_d, strict=True) if s >= 0])
+            kept_scores.append([v for s, v in zip(row_s, row_score, strict=True) if s >= 0])
+        return Hits(hits, view.commit, kept_scores)
+
+    def sample_texts(self, n: int) -> list[str]:
+        """The texts of at most n live items spread evenly over insertion order."""
+        view = self.view()
+        live = [p.seqs if p.live is None else p.seqs[p.live.to_bool()] for p in view.parts]
+        seqs = np.concatenate(live) if live else np.empty(0, dtype=np.int64)
+        if not seqs.size:
+            return []
+        picked = seqs[np.unique(np.linspace(0, seqs.size - 1, min(n, seqs.size)).astype(np.int64))]
+        rows = md.rows_by_seq(self._reader(), picked.tolist(), self.root / DB_NAME)
+        return [item.text for item in rows.values()]
 
     def scan_plan(
         self, target: Target, where: Filter

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from indexes.asymmetric import Asymmetric
 from indexes.hamming import HammingIndex, LiveMask, search_parts
 from indexes.results import padded
 
@@ -62,12 +63,34 @@ class View:
         return sum(len(index) * index.n_words for index in indexes)
 
     def search(
-        self, target: Target, queries: np.ndarray, k: int, *, one_thread: bool = False
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        *,
+        one_thread: bool = False,
+        asymmetric: Asymmetric | None = None,
+        radius: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(dists int32 (m, k), seqs int64 (m, k)) over every part; FAISS padding (-1).
-        `one_thread`: scanned on this thread alone (indexes.hamming.search_parts)."""
+        `one_thread`: scanned on this thread alone; `asymmetric` (dists are then weighted
+        distances) and `radius`: as indexes.hamming.search_parts."""
         searched = [(p.index_for(target), p.live) for p in self.parts if p.n_live]
         if not searched:
             m = queries.shape[0]
             return padded(m, k)
-        return search_parts(searched, queries, k, one_thread=one_thread)
+        return search_parts(
+            searched, queries, k, one_thread=one_thread, asymmetric=asymmetric, radius=radius
+        )
+
+    def codes_of(self, target: Target, seqs: np.ndarray) -> np.ndarray:
+        """(n, n_words) uint64 codes of the rows with these seqs (each in some part)."""
+        firsts = np.array([int(p.seqs[0]) for p in self.parts], dtype=np.int64)
+        owner = np.searchsorted(firsts, seqs, side="right") - 1  # (n,) the part of each seq
+        words = self.parts[0].index_for(target).n_words if self.parts else 1
+        out = np.zeros((seqs.shape[0], words), dtype=np.uint64)
+        for i in np.unique(owner).tolist():
+            index = self.parts[i].index_for(target)
+            rows = np.flatnonzero(owner == i)
+            out[rows] = index.codes[np.searchsorted(index.ids, seqs[rows])]
+        return out

@@ -146,9 +146,9 @@ def test_string_ids_fields_and_replace_through_the_api(demo_artifacts: Path) -> 
         assert "IMG_0001.jpg" in found and "007" in found and "a/b c" in found
         assert 900 in found and "900" not in found  # "900" is the integer 900
         hits = client.post(
-            "/v1/search/text", json={"text": "tagged", "k": 84, "target": "text"}
+            "/v1/search/text", json={"text": "red", "k": 84, "target": "text"}
         ).json()["hits"]
-        tagged = next(h for h in hits if h["id"] == "a/b c")
+        tagged = next(h for h in hits if h["id"] == "a/b c")  # k = every item: it is there
         assert tagged["fields"] == {"tags": ["news", "2024"], "source": "camera-3"}
         image = client.get(tagged["image_url"])
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
@@ -158,7 +158,7 @@ def test_string_ids_fields_and_replace_through_the_api(demo_artifacts: Path) -> 
         job = client.post("/v1/index/build", json=replace).json()["job_id"]
         assert wait(client, job)["status"] == "succeeded"
         hits = client.post(
-            "/v1/search/text", json={"text": "whale", "k": 84, "target": "text"}
+            "/v1/search/text", json={"text": "blue whale", "k": 84, "target": "text"}
         ).json()["hits"]
         assert [h["text"] for h in hits if h["id"] == "007"] == ["a blue whale"]
         assert client.get("/v1/index/stats").json()["items"] == 84

@@ -174,7 +174,8 @@ def test_text_search_shows_image_results(browser: Any, base_url: str, tmp_path: 
     found = hits(browser)
     assert len(found) == 8 and all("hit-image" in h.get_attribute("class") for h in found)
     dists = [int(h.get_attribute("data-distance")) for h in found]
-    assert dists == sorted(dists) and all(0 <= d <= 64 for d in dists)
+    scores = [float(h.get_attribute("data-score")) for h in found]
+    assert scores == sorted(scores, reverse=True) and all(0 <= d <= 64 for d in dists)
     assert found[0].find_element(By.CSS_SELECTOR, ".distance-value").text == str(dists[0])
     # Every thumbnail really loaded from the item image endpoint (not a broken image).
     wait_until(
@@ -214,7 +215,9 @@ def test_keyboard_only_search_and_unknown_words_note(browser: Any, base_url: str
     wait_until(browser, results_done)
     notice = browser.find_element(By.ID, "notice")
     assert notice.is_displayed() and "vocabulary" in notice.text
-    assert len(hits(browser)) == 12 and "hit-image" in hits(browser)[0].get_attribute("class")
+    assert "“zebra”" in notice.text and "“xylophone”" in notice.text and "Try" in notice.text
+    assert hits(browser) == []  # no arbitrary items
+    assert "knows none of the words" in browser.find_element(By.ID, "results-heading").text
     # Arrow keys switch the mode (real radios); Tab then reaches the file chooser.
     browser.find_element(By.ID, "mode-text").send_keys(Keys.ARROW_RIGHT)
     assert browser.find_element(By.ID, "image-pane").is_displayed()
@@ -249,3 +252,35 @@ def test_bad_files_show_the_api_error(browser: Any, base_url: str, tmp_path: Pat
     upload(browser, broken)
     message = error_text(browser)
     assert "(400)" in message and "could not decode image" in message
+
+
+def test_try_words_and_more_results(browser: Any, base_url: str) -> None:
+    """The "Try:" row offers words of the served model's vocabulary found in this collection,
+    and "More results" appends the next ranks of the same ranking."""
+    open_page(browser, base_url)
+    wait_until(browser, lambda d: d.find_element(By.ID, "examples").is_displayed())
+    chips = browser.find_elements(By.CSS_SELECTOR, "#examples .chip")
+    suggested = httpx.get(f"{base_url}/v1/search/words", params={"n": 8}, timeout=30).json()
+    assert [c.text for c in chips] == suggested["words"] and chips
+    search_text(browser, "a red car", k=5, target="image")
+    more = browser.find_element(By.ID, "more")
+    assert len(hits(browser)) == 5 and more.is_displayed()
+    mark_sent(browser)
+    more.click()
+    wait_until(browser, lambda d: results_done(d) and len(hits(d)) == 10)
+    shown = [h.get_attribute("data-id") for h in hits(browser)]
+    ranks = [h.find_element(By.CSS_SELECTOR, ".rank").text for h in hits(browser)]
+    api = httpx.post(
+        f"{base_url}/v1/search/text", json={"text": "a red car", "k": 10}, timeout=30
+    ).json()
+    assert shown == [str(h["id"]) for h in api["hits"]]
+    assert ranks == [f"#{i}" for i in range(1, 11)]
+    assert "10 images nearest to" in browser.find_element(By.ID, "results-heading").text
+    mark_sent(browser)
+    chips = browser.find_elements(By.CSS_SELECTOR, "#examples .chip")
+    chips[0].click()
+    wait_until(browser, results_done)
+    assert (
+        hits(browser)
+        and browser.find_element(By.ID, "text-query").get_attribute("value") == chips[0].text
+    )

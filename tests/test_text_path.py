@@ -197,6 +197,8 @@ def test_a_sign_float32_loses_goes_to_torch() -> None:
     expected = model.encode_text(_dense(columns, 2))
     assert (expected == -1).all()  # torch: 0 after float32 rounding, and sign(0) is -1
     assert np.array_equal(path.encode(columns), expected)
+    codes, real = path.encode_real(columns)  # torch's real output too, whose sign is its code
+    assert np.array_equal(codes, expected) and not (real > 0).any()
 
 
 def _sequential_with(module: nn.Module) -> nn.Sequential:
@@ -246,3 +248,26 @@ def test_the_encoder_serves_the_fast_path_with_torchs_codes(
         assert np.array_equal(one, codes[:1])
     finally:
         encoder.close()
+
+
+def test_the_real_output_is_torchs_before_sign(rng: np.random.Generator) -> None:
+    """encode_real: the codes of `encode`, and the hash layer's real output (tanh, L2-normed)
+    within float32 rounding of torch's, from float64 z or, for an uncertain text, torch's."""
+    torch.manual_seed(1)
+    model = HashingModel(
+        image_dim=8, text_dim=300, n_bits=64, image_hidden=(8,), text_hidden=(128,),
+        input_norm="l2", dropout=0.0,
+    )  # fmt: skip
+    bow = (rng.random((400, 300)) < 0.03).astype(np.float32)
+    model.fit_statistics(rng.standard_normal((400, 8)).astype(np.float32), bow)
+    model.eval()
+    path = TextPath.from_model(model)
+    assert path is not None
+    for columns in _random_columns(rng, 300, 50):
+        codes, real = path.encode_real([columns])
+        assert np.array_equal(codes, path.encode([columns]))
+        assert np.array_equal(codes, np.where(real > 0, 1, -1))
+        with torch.inference_mode():
+            theirs = model.hash_text(torch.as_tensor(_dense([columns], 300)), binary=False)
+        assert np.abs(real - theirs.double().numpy()).max() < 1e-5
+        assert abs(float(np.linalg.norm(real)) - 1.0) < 1e-12

@@ -61,19 +61,35 @@ ZH_STOP_WORDS = frozenset(
 )
 
 
-def tokenize(text: str, language: str = "auto", tokens_mode: str = DEFAULT_TOKENS) -> list[str]:
+def tokenize(
+    text: str,
+    language: str = "auto",
+    tokens_mode: str = DEFAULT_TOKENS,
+    *,
+    keep_stop_words: bool = False,
+) -> list[str]:
     """Lower-cased word tokens; Chinese runs are segmented with jieba ("auto" picks per text),
-    in accurate mode or, for tokens_mode "search", its search-engine mode (TOKENIZATIONS)."""
+    in accurate mode or, for tokens_mode "search", its search-engine mode (TOKENIZATIONS).
+    Stop words are dropped unless `keep_stop_words` (to say which words a query ignores)."""
     text = text.lower()
     if language == "zh" or (language == "auto" and CJK.search(text)):
+        stop: frozenset[str] = frozenset() if keep_stop_words else ZH_STOP_WORDS
         tokens = []
         cut = jieba.lcut_for_search if tokens_mode == "search" else jieba.lcut
         for tok in cut(text):
             tok = tok.strip()
-            if tok and tok not in ZH_STOP_WORDS and (CJK.search(tok) or WORD.fullmatch(tok)):
+            if tok and tok not in stop and (CJK.search(tok) or WORD.fullmatch(tok)):
                 tokens.append(tok)
         return tokens
-    return [t for t in WORD.findall(text) if t not in ENGLISH_STOP_WORDS]
+    stop = frozenset() if keep_stop_words else ENGLISH_STOP_WORDS
+    return [t for t in WORD.findall(text) if t not in stop]
+
+
+def stop_words_for(text: str, language: str = "auto") -> frozenset[str]:
+    """The stop words `tokenize` drops from this text (Chinese or English ones)."""
+    if language == "zh" or (language == "auto" and CJK.search(text)):
+        return ZH_STOP_WORDS
+    return frozenset(ENGLISH_STOP_WORDS)
 
 
 def smoothed_idf(document_frequency: np.ndarray, n_texts: int) -> np.ndarray:
@@ -223,6 +239,12 @@ class TextVectorizer:
             return columns, [np.ones(len(c), dtype=np.float32) for c in columns]
         columns, counts = self.counts(texts)
         return columns, [self._values(c, n) for c, n in zip(columns, counts, strict=True)]
+
+    def values_of(self, cols: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """(k,) float32 values of one text's sorted distinct columns with these counts (int64)."""
+        if self.weighting == "binary":
+            return np.ones(len(cols), dtype=np.float32)
+        return self._values(cols, counts)
 
     def _values(self, cols: np.ndarray, counts: np.ndarray) -> np.ndarray:
         if self.weighting == "log":

@@ -312,6 +312,24 @@ class TextPath:
             return self.model.encode_text(self._dense(columns, values))
         return np.where(logits.z > 0, 1, -1).astype(np.int8)
 
+    def encode_real(
+        self, columns: Sequence[np.ndarray], values: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(codes (n, n_bits) int8 as `encode`, real (n, n_bits) float64): the hash layer's
+        output before sign, tanh(z) L2-normalised, whose signs the codes are. From our float64
+        z when every sign is certain; else from torch's float32 forward pass of the batch."""
+        logits = self.logits(columns, values)
+        if logits.uncertain().any():
+            dense = torch.as_tensor(
+                self._dense(columns, values), device=self.model.text_mean.device
+            )
+            with torch.inference_mode():
+                real = self.model.hash_text(dense, binary=False).double().cpu().numpy()
+            return np.where(real > 0, 1, -1).astype(np.int8), real
+        squashed = np.tanh(logits.z)
+        norms = np.maximum(np.linalg.norm(squashed, axis=1, keepdims=True), 1e-12)
+        return np.where(logits.z > 0, 1, -1).astype(np.int8), squashed / norms
+
     def _dense(
         self, columns: Sequence[np.ndarray], values: Sequence[np.ndarray] | None = None
     ) -> np.ndarray:

@@ -21,7 +21,10 @@ at 32 connections there; at 10M items scans of 5 ms each in the loop gave 0.9-1.
 search does its blocking work (read, decode, the batcher, the search) in ONE threadpool call.
 
 A filter (service/schemas.py's SearchFilter) is a JSON body field of a text search and a JSON
-form field of an image search; without one nothing changes on either path.
+form field of an image search; without one nothing changes on either path. So are the scoring
+(Hamming or asymmetric), the offset and the radius (max_distance): docs/search-api.md. A text
+query none of whose words the model knows is answered at once, with no hits and the words named.
+A batch of text searches runs each as the single search does, one after another.
 """
 
 from __future__ import annotations
@@ -29,34 +32,61 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import quote
 
-from anyio import to_thread
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from anyio import lowlevel, to_thread
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from common.errors import InputError
 from common.fields import MAX_FIELDS_DEPTH, depth
+from indexes.asymmetric import Asymmetric
+from indexes.codes import MAX_BITS
+from models.features.query_words import QueryText
 from service.api.deps import ERRORS, get_loaded, get_metrics, get_settings
+from service.encoder import EncodedQuery
 from service.metrics import Metrics
-from service.schemas import Hit, SearchFilter, SearchResponse, Target, TextSearch
+from service.schemas import (
+    DEFAULT_SCORING,
+    MAX_DISTANCE_DESCRIPTION,
+    MAX_RANK,
+    OFFSET_DESCRIPTION,
+    SCORING_DESCRIPTION,
+    BatchResponse,
+    Hit,
+    Scoring,
+    SearchFilter,
+    SearchResponse,
+    SuggestedWords,
+    Target,
+    TextBatch,
+    TextSearch,
+)
 from service.settings import Settings
 from service.state import Loaded
+from service.suggestions import MAX_SUGGESTIONS
 from service.uploads import decode_image
 from store.filters import Filter
 from store.ids import ItemId
 from store.metadata import Item
+from store.store import Hits
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["search"])
 
 
-def check_k(k: int, settings: Settings) -> None:
-    """k must be within the server's bound."""
+def check_window(k: int, offset: int, settings: Settings) -> None:
+    """k within the server's max_k, offset within MAX_RANK - max_k: offset + k <= MAX_RANK."""
     if not 1 <= k <= settings.max_k:
         raise InputError(f"expected k in 1..{settings.max_k}, got {k}")
+    deepest = MAX_RANK - settings.max_k
+    if not 0 <= offset <= deepest:
+        raise InputError(
+            f"expected offset in 0..{deepest} (offset + k <= {MAX_RANK}, k up to "
+            f"{settings.max_k}), got {offset}"
+        )
 
 
 def image_url(item_id: ItemId) -> str:
@@ -64,18 +94,27 @@ def image_url(item_id: ItemId) -> str:
     return f"/v1/items/{quote(str(item_id), safe='')}/image"
 
 
-def ranked(found: list[tuple[Item, int]]) -> list[Hit]:
-    """Hits with metadata, nearest first (the store drops the padding of a k past its size)."""
+def ranked(found: Hits, offset: int) -> list[Hit]:
+    """The hits of the one query of `found` from rank `offset` on, with their metadata (the
+    store drops the padding of a k past its size)."""
     return [
         Hit(
             id=item.id,
             distance=dist,
+            score=score,
             text=item.text,
             image_url=image_url(item.id),
             fields=servable_fields(item),
         )
-        for item, dist in found
+        for (item, dist), score in zip(
+            found.hits[0][offset:], found.scores[0][offset:], strict=True
+        )
     ]
+
+
+def asymmetric_of(encoded: EncodedQuery) -> Asymmetric | None:
+    """The asymmetric ranking of a query encoded with its real output, else None (Hamming)."""
+    return None if encoded.real is None else Asymmetric.of(encoded.code, encoded.real)
 
 
 def servable_fields(item: Item) -> dict[str, Any]:
@@ -97,27 +136,102 @@ def servable_fields(item: Item) -> dict[str, Any]:
 async def search_text(body: TextSearch, request: Request) -> SearchResponse:
     """Search the image (or text) index with a text."""
     loaded, settings, metrics = get_loaded(request), get_settings(request), get_metrics(request)
-    check_k(body.k, settings)
+    check_window(body.k, body.offset, settings)
+    return await _text_search(loaded, metrics, body)
+
+
+@router.post("/v1/search/text/batch", responses=ERRORS)
+async def search_text_batch(body: TextBatch, request: Request) -> BatchResponse:
+    """Several text searches (at most MAX_BATCH_QUERIES), each answered as its single search."""
+    loaded, settings, metrics = get_loaded(request), get_settings(request), get_metrics(request)
+    for i, query in enumerate(body.queries):
+        try:
+            check_window(query.k, query.offset, settings)
+        except InputError as err:
+            raise InputError(f"queries[{i}]: {err}") from None
+    results = []
+    for query in body.queries:
+        results.append(await _text_search(loaded, metrics, query))
+        # Each search may run in the event loop: let other connections in between, so that a
+        # batch holds the loop no longer than one search does.
+        await lowlevel.checkpoint()
+    return BatchResponse(results=results)
+
+
+async def _text_search(loaded: Loaded, metrics: Metrics, body: TextSearch) -> SearchResponse:
+    """One text search: its words read, encoded, and the store searched (see the docstring)."""
+    encoder = loaded.encoder
     start = time.perf_counter()
-    code, unknown = loaded.encoder.encode_texts([body.text])  # NumPy (torch for a rare text)
+    words = encoder.read_query(body.text)
+    if not words.used:
+        return _no_known_words(body, words, encoder.n_bits)
+    encoded = encoder.encode_query(words, real=body.scoring == "asymmetric")
+    asymmetric = asymmetric_of(encoded)
     metrics.encode.labels("text").observe(time.perf_counter() - start)
     where = None if body.filter is None else body.filter.value
-    found = loaded.store.search_now(body.target, code, body.k) if where is None else None
+    window, radius, code = body.offset + body.k, body.max_distance, encoded.code
+    found: Hits | None = None
+    if where is None:
+        found = loaded.store.search_now(
+            body.target, code, window, asymmetric=asymmetric, radius=radius
+        )
     if found is None:
         # Its own few threads (one per core by default), not the shared pool of 40: at 32
         # connections 32 threads contending for 2 cores and the GIL made each search slower.
         found = await to_thread.run_sync(
-            partial(loaded.store.search, body.target, code, body.k, where=where),
+            partial(
+                loaded.store.search,
+                body.target,
+                code,
+                window,
+                where=where,
+                asymmetric=asymmetric,
+                radius=radius,
+            ),  # fmt: skip
             limiter=loaded.text_searches,
         )
     return SearchResponse(
         target=body.target,
         k=body.k,
-        n_bits=loaded.encoder.n_bits,
+        offset=body.offset,
+        scoring=body.scoring,
+        n_bits=encoder.n_bits,
         generation=str(found.commit),
-        no_known_words=bool(unknown[0]),
-        hits=ranked(found.hits[0]),
+        used_words=words.used,
+        unknown_words=words.unknown,
+        hits=ranked(found, body.offset),
     )
+
+
+def _no_known_words(body: TextSearch, words: QueryText, n_bits: int) -> SearchResponse:
+    """The answer to a text none of whose words the model knows: no hits, and why."""
+    if words.unknown:
+        listed = ", ".join(f"“{w}”" for w in words.unknown[:20])
+        message = f"none of the words is in the model's vocabulary (ignored: {listed}): no hits"
+    else:
+        message = "the text has no words the model reads (only symbols or punctuation): no hits"
+    return SearchResponse(
+        target=body.target,
+        k=body.k,
+        offset=body.offset,
+        scoring=body.scoring,
+        n_bits=n_bits,
+        generation="",
+        no_known_words=True,
+        used_words=[],
+        unknown_words=words.unknown,
+        message=message,
+        hits=[],
+    )
+
+
+@router.get("/v1/search/words", responses=ERRORS)
+def suggested(
+    request: Request,
+    n: Annotated[int, Query(ge=1, le=MAX_SUGGESTIONS, description="how many words")] = 8,
+) -> SuggestedWords:
+    """Words to try in a text search (the page's "Try:" row), for any collection."""
+    return SuggestedWords(words=get_loaded(request).suggestions.words(n))
 
 
 @router.post("/v1/search/image", responses=ERRORS)
@@ -129,14 +243,31 @@ async def search_image(
     filter: Annotated[  # noqa: A002 (the form field's public name)
         str | None, Form(description="a JSON SearchFilter, as the text search's `filter`")
     ] = None,
+    scoring: Annotated[Scoring, Form(description=SCORING_DESCRIPTION)] = DEFAULT_SCORING,
+    offset: Annotated[int, Form(ge=0, le=MAX_RANK - 1, description=OFFSET_DESCRIPTION)] = 0,
+    # A form field has no null: the default keeps every hit.
+    max_distance: Annotated[int, Form(ge=0, description=MAX_DISTANCE_DESCRIPTION)] = MAX_BITS,
 ) -> SearchResponse:
     """Search the text (or image) index with an uploaded image."""
     loaded, settings, metrics = get_loaded(request), get_settings(request), get_metrics(request)
-    check_k(k, settings)
+    check_window(k, offset, settings)
     if not (file.content_type or "").lower().startswith("image/"):
         raise HTTPException(415, f"expected an image/* upload, got {file.content_type!r}")
     where = None if filter is None else form_filter(filter)
-    return await run_in_threadpool(_search_image, loaded, settings, metrics, file, k, target, where)
+    radius = None if max_distance >= MAX_BITS else max_distance
+    ask = _ImageSearch(k, target, where, scoring, offset, radius)
+    return await run_in_threadpool(_search_image, loaded, settings, metrics, file, ask)
+
+
+class _ImageSearch(NamedTuple):
+    """What an image search asks for, besides its image."""
+
+    k: int
+    target: Target
+    where: Filter | None
+    scoring: Scoring
+    offset: int
+    max_distance: int | None
 
 
 def form_filter(text: str) -> Filter | None:
@@ -158,9 +289,7 @@ def _search_image(
     settings: Settings,
     metrics: Metrics,
     file: UploadFile,
-    k: int,
-    target: Target,
-    where: Filter | None,
+    ask: _ImageSearch,
 ) -> SearchResponse:
     """The blocking part of an image search: read, decode, encode (batcher), search."""
     data = file.file.read(settings.max_upload_bytes + 1)
@@ -172,13 +301,23 @@ def _search_image(
         min_side=loaded.encoder.backbone.draft_min_side,
     )
     start = time.perf_counter()
-    code = loaded.encoder.encode_image(image)
+    encoded = loaded.encoder.encode_image_query(image, real=ask.scoring == "asymmetric")
+    asymmetric = asymmetric_of(encoded)
     metrics.encode.labels("image").observe(time.perf_counter() - start)
-    found = loaded.store.search(target, code, k, where=where)
+    found = loaded.store.search(
+        ask.target,
+        encoded.code,
+        ask.offset + ask.k,
+        where=ask.where,
+        asymmetric=asymmetric,
+        radius=ask.max_distance,
+    )
     return SearchResponse(
-        target=target,
-        k=k,
+        target=ask.target,
+        k=ask.k,
+        offset=ask.offset,
+        scoring=ask.scoring,
         n_bits=loaded.encoder.n_bits,
         generation=str(found.commit),
-        hits=ranked(found.hits[0]),
+        hits=ranked(found, ask.offset),
     )

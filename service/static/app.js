@@ -20,6 +20,9 @@
   let chosenFile = null;  // the image of image mode (dropped, pasted or chosen)
   let previewUrl = null;
   let inflight = null;    // AbortController of the running search: a new search cancels it
+  const MAX_RANK = 10000;  // offset + k: the deepest rank the API answers
+  let last = null;        // the shown search: {send(offset), k, shown, describe}, for "More"
+  const moreButton = $("more");
 
   const mode = () => document.querySelector('input[name="mode"]:checked').value;
   const target = () => document.querySelector('input[name="target"]:checked').value;
@@ -96,21 +99,29 @@
     return Number.isFinite(k) ? k : kInput.value;  // let the API say what is wrong with it
   }
 
-  async function post(url, init, describe) {
+  // search: {send(offset) -> [url, init], describe}; offset 0 starts a new list, more appends.
+  async function post(search, offset) {
     if (inflight) inflight.abort();
     const controller = new AbortController();
     inflight = controller;
     clearMessages();
     setBusy(true);
     try {
+      const [url, init] = search.send(offset);
       const response = await fetch(url, { ...init, signal: controller.signal });
       if (!response.ok) {
         const message = await errorMessage(response);
-        render(null);
+        if (offset === 0) render(null);
         showError(message);
         return;
       }
-      render(await response.json(), describe);
+      const body = await response.json();
+      if (offset === 0) {
+        last = { ...search, shown: 0 };
+        render(body, search.describe);
+      } else {
+        append(body);
+      }
     } catch (err) {
       if (err.name === "AbortError") return;
       render(null);
@@ -124,19 +135,32 @@
   }
 
   function searchText(text) {
-    return post("/v1/search/text", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ text, k: readK(), target: target() }),
-    }, `“${text}”`);
+    const k = readK();
+    const into = target();
+    return post({
+      describe: `“${text}”`,
+      send: (offset) => ["/v1/search/text", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ text, k, target: into, offset }),
+      }],
+    }, 0);
   }
 
   function searchImage(file) {
-    const data = new FormData();
-    data.append("file", file, file.name || "pasted-image");
-    data.append("k", String(readK()));
-    data.append("target", target());
-    return post("/v1/search/image", { method: "POST", body: data }, file.name ? `${file.name}` : "your image");
+    const k = readK();
+    const into = target();
+    return post({
+      describe: file.name ? `${file.name}` : "your image",
+      send: (offset) => {
+        const data = new FormData();
+        data.append("file", file, file.name || "pasted-image");
+        data.append("k", String(k));
+        data.append("target", into);
+        data.append("offset", String(offset));
+        return ["/v1/search/image", { method: "POST", body: data }];
+      },
+    }, 0);
   }
 
   function runSearch() {
@@ -188,9 +212,10 @@
     return node;
   }
 
-  function distanceBadge(distance, bits) {
+  function distanceBadge(distance, bits, score) {
     const badge = el("span", "distance");
-    badge.title = `Hamming distance ${distance} of ${bits} bits (smaller is closer)`;
+    badge.title = `Hamming distance ${distance} of ${bits} bits (smaller is closer); ` +
+      `score ${score.toFixed(3)} (what the results are ranked by, higher first)`;
     badge.append(el("span", "distance-value", String(distance)));
     badge.append(el("span", "visually-hidden", ` bits differ of ${bits}`));
     const bar = el("span", "closeness");
@@ -216,8 +241,9 @@
     const li = el("li", `hit hit-${kind}`);
     li.dataset.id = String(hit.id);
     li.dataset.distance = String(hit.distance);
+    li.dataset.score = String(hit.score);
     const meta = el("div", "hit-meta");
-    meta.append(el("span", "rank", `#${rank}`), distanceBadge(hit.distance, bits));
+    meta.append(el("span", "rank", `#${rank}`), distanceBadge(hit.distance, bits, hit.score));
     if (kind === "image") {
       li.append(thumbnail(hit, "hit-image"));
       li.append(meta);
@@ -266,33 +292,56 @@
 
   function render(body, describe) {
     hitsList.replaceChildren();
+    moreButton.hidden = true;
     if (!body) {
       heading.textContent = "No results.";
       results.dataset.state = "error";
+      last = null;
       return;
     }
     const bits = body.n_bits || nBits || 64;
     const kind = body.target === "image" ? "image" : "text";
     hitsList.className = `hits hits-${kind}`;
-    body.hits.forEach((hit, i) => hitsList.append(hitCard(hit, kind, bits, i + 1)));
     const noun = kind === "image" ? "image" : "text";
-    const count = body.hits.length;
-    heading.textContent = count
-      ? `${count} ${noun}${count === 1 ? "" : "s"} nearest to ${describe} · ${bits}-bit codes`
-      : `The ${noun} index is empty: nothing to show.`;
     if (body.no_known_words) {
-      showNotice(
-        "None of these words is in the model’s vocabulary, so the query’s code carries no " +
-        "meaning and these results are arbitrary. Try other words" +
-        (examples.length ? `, such as “${examples[0]}”.` : ".")
-      );
+      heading.textContent = `No ${noun}s: the model knows none of the words of ${describe}.`;
+      showNotice(`${body.message}.` +
+        (examples.length ? ` Try words it knows, such as “${examples.slice(0, 3).join("”, “")}”.` : ""));
+      results.dataset.state = "done";
+      return;
+    }
+    append(body);
+    if (!body.hits.length) {
+      heading.textContent = `No ${noun}s for ${describe}: the ${noun} index is empty.`;
+    }
+    if (body.unknown_words && body.unknown_words.length) {
+      showNotice(`Searched with: ${body.used_words.join(", ")}. ` +
+        `Ignored (not in the model’s vocabulary, or too common): ${body.unknown_words.join(", ")}.`);
     }
     results.dataset.state = "done";
   }
 
-  // Examples for the bundled demo only: other datasets have their own vocabulary.
-  const DEMO_EXAMPLES = ["a yellow sun at sunset", "a boat by the sea", "a red car on green grass",
-    "a balloon in the night"];
+  // Adds a page of hits after those shown; "More" stays while a page comes back full.
+  function append(body) {
+    const bits = body.n_bits || nBits || 64;
+    const kind = body.target === "image" ? "image" : "text";
+    const start = last ? last.shown : 0;
+    body.hits.forEach((hit, i) => hitsList.append(hitCard(hit, kind, bits, start + i + 1)));
+    if (last) last.shown = start + body.hits.length;
+    const count = start + body.hits.length;
+    const noun = kind === "image" ? "image" : "text";
+    if (count && last) {
+      heading.textContent =
+        `${count} ${noun}${count === 1 ? "" : "s"} nearest to ${last.describe} · ${bits}-bit codes`;
+    }
+    moreButton.hidden = !last || body.hits.length < body.k || last.shown + body.k > MAX_RANK;
+    results.dataset.state = "done";
+  }
+
+  function showMore() {
+    if (last) post(last, last.shown);
+  }
+
   let examples = [];
 
   function showExamples(list) {
@@ -311,6 +360,16 @@
     box.hidden = list.length === 0;
   }
 
+  // The "Try:" row: words of the served model's own vocabulary, frequent in this collection.
+  async function loadExamples() {
+    try {
+      const response = await fetch("/v1/search/words?n=8");
+      if (response.ok) showExamples((await response.json()).words);
+    } catch (_) {
+      // No suggestions: the row stays hidden.
+    }
+  }
+
   async function loadStats() {
     const stats = $("stats");
     try {
@@ -324,7 +383,7 @@
       nBits = s.n_bits;
       stats.textContent = `${s.items.toLocaleString()} items indexed · ${s.n_bits}-bit codes · ` +
         `trained on “${s.checkpoint_dataset}” · image backbone ${s.image_backbone}`;
-      if (s.checkpoint_dataset === "demo") showExamples(DEMO_EXAMPLES);
+      loadExamples();
     } catch (err) {
       stats.textContent = "";
       showError(`Could not reach the service: ${err.message}`);
@@ -332,6 +391,7 @@
   }
 
   // Wiring.
+  moreButton.addEventListener("click", showMore);
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     runSearch();
