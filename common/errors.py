@@ -1,5 +1,7 @@
 """The error types every layer raises; the CLI and the service map them to exits and statuses."""
 
+import errno
+
 
 class InputError(ValueError):
     """Bad input from a user: the message says what was expected and what came in."""
@@ -11,3 +13,17 @@ class NotReadyError(RuntimeError):
 
 class IntegrityError(RuntimeError):
     """Stored data failed its integrity check (a checksum, a count): never served as if valid."""
+
+
+class BackendError(RuntimeError):
+    """The index backend (Milvus) refused a request that passed our checks: a 500, since no
+    retry changes it (not a 503, which says "retry")."""
+
+
+class NoSpaceError(RuntimeError):
+    """The device holding stored files is full: the write was not kept (507); free space."""
+
+
+def is_no_space(err: BaseException) -> bool:
+    """Whether an error says the device is full (an OSError's ENOSPC, SQLite's SQLITE_FULL)."""
+    return getattr(err, "errno", None) == errno.ENOSPC or "database or disk is full" in str(err)

@@ -30,7 +30,14 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import InputError, IntegrityError, NotReadyError
+from common.errors import (
+    BackendError,
+    InputError,
+    IntegrityError,
+    NoSpaceError,
+    NotReadyError,
+    is_no_space,
+)
 from service.api import router
 from service.encoder import Encoder, load_served_model
 from service.errors import error_response, http_detail, validation_body
@@ -202,6 +209,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, err: QueueFull) -> JSONResponse:
         return error_response(429, str(err), headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(BackendError)
+    async def backend_error(_: Request, err: BackendError) -> JSONResponse:
+        logger.error("%s", err)
+        return error_response(500, str(err))
+
+    @app.exception_handler(NoSpaceError)
+    async def no_space(_: Request, err: NoSpaceError) -> JSONResponse:
+        logger.error("%s", err)
+        return error_response(507, str(err))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+        # Every answer in the one JSON shape, a bug's too (Starlette's default is plain text).
+        # A full device found outside the store (the job records) still says what it is.
+        if is_no_space(err):
+            where = settings.artifacts_dir
+            return error_response(507, f"no space left on the device holding {where}")
+        logger.error("internal error answering a request", exc_info=err)
+        return error_response(500, f"internal error: {type(err).__name__}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -32,10 +32,11 @@ from common.fields import fields_json
 from indexes.codes import n_words
 from models.data.dataset import PairDataset
 from service.encoder import Encoder
-from service.jobs import Entry
+from service.jobs import Entry, JobInterrupted
 from service.schemas import BuildItem, ErrorItem, JobStatus
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
 from store.backend import ItemStore
+from store.filters import checked_terms
 from store.ids import ItemId, parse_id
 from store.rows import IMAGES_DIR, NewItems
 from store.store import OnConflict
@@ -75,6 +76,10 @@ class Journal(Protocol):
 
     def committed(self, added: int, commit: int) -> None:
         """After a commit: the items added so far, and the commit."""
+
+    def stopping(self) -> bool:
+        """Whether to stop at the end of the current batch (JobInterrupted)."""
+        return False
 
 
 def succeeded(added: int, skipped: list[str], commit: int | None) -> JobStatus:
@@ -136,6 +141,13 @@ def dataset_id(name: str, raw: str) -> ItemId:
     return parse_id(raw)
 
 
+def check_fields(fields: dict[str, Any]) -> None:
+    """User fields the store can hold: the limits of common/fields.py and of their filter terms
+    (store.filters.MAX_TERMS_BYTES), checked before a job is accepted or a pair is read."""
+    fields_json(fields)
+    checked_terms(fields)
+
+
 def check_text(text: str) -> None:
     """A caption the store can hold: valid Unicode (no lone surrogate), no NUL; else InputError."""
     if "\0" in text:
@@ -190,7 +202,7 @@ class Indexer:
                 if item.id in present:
                     raise InputError(f"expected a new id, got {item.id!r}: already indexed")
                 check_text(item.text)
-                fields_json(item.fields)
+                check_fields(item.fields)
                 data = _image_bytes(item, data_dir, max_image_bytes)
                 _, extension = self._decode(data)
                 pending.append(Pending(item.id, item.text, data, extension, dict(item.fields)))
@@ -220,6 +232,8 @@ class Indexer:
                 image_codes.append(self._image_codes(group))
                 group = []
                 progress(done, len(pending))
+                if journal is not None and journal.stopping():  # all or nothing: nothing yet
+                    raise JobInterrupted("stopped before its batch was committed")
         final = succeeded(len(pending), [], None)
         return self._commit(
             pending, image_codes, on_conflict=on_conflict, journal=journal, added=0, final=final
@@ -310,6 +324,7 @@ class Indexer:
             todo = [i for i in todo if ids[i] not in present]
         added, commit = 0, self.store.view().commit
         progress(0, len(todo))
+        stopped = False
         for start in range(0, len(todo), CHUNK):
             pending: list[Pending] = []
             image_codes: list[np.ndarray] = []
@@ -319,7 +334,7 @@ class Indexer:
                 fields = dict(extra[i]) if extra is not None else {}
                 try:
                     check_text(texts[i])
-                    fields_json(fields)
+                    check_fields(fields)
                     path = paths[i] if within is None else inside(within, str(paths[i]))
                     raw = path.read_bytes()
                     image, extension = self._decode(raw)
@@ -334,8 +349,11 @@ class Indexer:
                     group = []
                 if n % FEATURE_BATCH == 0 or n == len(chunk):
                     progress(start + n, len(todo))
+                if not group and journal is not None and journal.stopping():
+                    stopped = True  # what is encoded is committed, then the build stops
+                    break
             if pending:
-                last = start + CHUNK >= len(todo)
+                last = not stopped and start + CHUNK >= len(todo)
                 final = succeeded(added + len(pending), list(skipped), None) if last else None
                 commit = self._commit(
                     pending,
@@ -346,6 +364,8 @@ class Indexer:
                     final=final,
                 )
                 added += len(pending)
+            if stopped:
+                raise JobInterrupted(f"stopped after adding {added} of {len(todo)} items")
         logger.info("dataset %s: %d added, %d skipped", data.name, added, len(skipped))
         return DatasetOutcome(added, skipped, commit)
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.errors import InputError, IntegrityError
+from common.errors import BackendError, InputError, IntegrityError, NoSpaceError, is_no_space
 from service.errors import printable
 from service.schemas import ErrorItem, JobStatus
 from store.ids import ItemId
@@ -61,6 +61,11 @@ Reconcile = Callable[[list[Entry]], list[ItemId]]  # the entries the store holds
 _SCHEMA = "CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, record TEXT)"
 OWNER_NAME = re.compile(r"[0-9a-f]{32}")
 _STATUS = "json_extract(record, '$.status')"
+
+
+class JobInterrupted(Exception):
+    """The job stopped between two batches because its server is shutting down: it reads as
+    INTERRUPTED, with what it committed before (a dataset build resumes when run again)."""
 
 
 class JobProgress:
@@ -82,6 +87,11 @@ class JobProgress:
     def committed(self, added: int, commit: int) -> None:
         """Durably note that the noted batch is committed: `added` items so far, at `commit`."""
         self._manager._committed(self._job_id, added, commit)
+
+    def stopping(self) -> bool:
+        """Whether the server is shutting down: the work should stop at its next batch's end
+        (raising JobInterrupted) rather than run to its end."""
+        return self._manager._stopping.is_set()
 
 
 Work = Callable[[JobProgress], JobStatus]
@@ -121,6 +131,7 @@ class JobManager:
         self._mine: dict[str, JobStatus] = {}  # this process's queued and running jobs
         self._saved_at: dict[str, float] = {}  # when each one's progress was last written
         self._noted: set[str] = set()  # this process's jobs with a batch noted, not committed
+        self._stopping = threading.Event()  # set by close(): running work stops between batches
         self._owner = uuid.uuid4().hex
         owners = path.parent / OWNERS_NAME
         owners.mkdir(exist_ok=True)
@@ -154,14 +165,26 @@ class JobManager:
 
     @contextmanager
     def _write(self) -> Iterator[None]:
-        """One write transaction (the caller holds self._lock)."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """One write transaction (the caller holds self._lock); a full device is a
+        NoSpaceError (a 507 for the request that asked, the job's failure for a job)."""
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self._db.in_transaction:  # SQLite ends it itself on SQLITE_FULL
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as err:
+            if not is_no_space(err):
+                raise
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise NoSpaceError(
+                f"no space left on the device holding {self.path}: the job record was not "
+                "changed; free some space and retry"
+            ) from err
 
     def _interrupt_orphans(self, owners: Path) -> int:
         """Mark the unfinished jobs of every dead owner failed, INTERRUPTED; drop its lock file.
@@ -305,18 +328,31 @@ class JobManager:
             row = self._db.execute("SELECT batch FROM jobs WHERE id = ?", (job_id,)).fetchone()
         batch = row[0] if row is not None and job_id in self._noted else None
         status = self._mine[job_id].model_copy(update={"errors": errors})
-        settled = self._settled(status, batch, detail)
-        with self._lock, self._write():
-            self._save(settled)
-            self._db.execute("UPDATE jobs SET batch = NULL WHERE id = ?", (job_id,))
-            self._noted.discard(job_id)
-            self._evict()
+        self._finish(self._settled(status, batch, detail))
+
+    def _finish(self, final: JobStatus) -> None:
+        """Record a job's outcome. Where the device is full it is kept in memory instead, and
+        served from there (a restart would read the job as interrupted)."""
+        try:
+            with self._lock, self._write():
+                self._save(final)
+                self._db.execute("UPDATE jobs SET batch = NULL WHERE id = ?", (final.job_id,))
+                self._evict()
+        except NoSpaceError as err:
+            logger.error("job %s: %s; its outcome is kept in memory only", final.job_id, err)
+            with self._lock:
+                self._mine[final.job_id] = _printable(final)
+        self._noted.discard(final.job_id)
 
     def _run(self, job_id: str, work: Work) -> None:
-        self._change(job_id, status="running")
         try:
+            self._change(job_id, status="running")
             final = work(JobProgress(self, job_id))
-        except InputError as err:
+        except JobInterrupted as err:
+            logger.info("job %s stopped for the shutdown: %s", job_id, err)
+            self._failed(job_id, INTERRUPTED, [])
+            return
+        except (InputError, NoSpaceError, IntegrityError, BackendError) as err:  # said to clients
             logger.info("job %s failed: %s", job_id, err)
             self._failed(job_id, str(err), list(getattr(err, "errors", [])))
             return
@@ -327,22 +363,23 @@ class JobManager:
         changes = {
             name: getattr(final, name) for name in JobStatus.model_fields if name != "job_id"
         }
-        with self._lock, self._write():
-            self._save(self._mine[job_id].model_copy(update=changes))
-            self._db.execute("UPDATE jobs SET batch = NULL WHERE id = ?", (job_id,))
-            self._evict()
-        self._noted.discard(job_id)
+        self._finish(self._mine[job_id].model_copy(update=changes))
 
     def close(self) -> None:
-        """Finish the running job and stop; the jobs still queued read as interrupted."""
+        """Stop the running job at its next batch's end (a dataset build: at most FEATURE_BATCH
+        images and a commit away) and stop; it and the jobs still queued read as interrupted."""
+        self._stopping.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            if self._mine:
+            unfinished = [s for s in self._mine.values() if s.status in ("queued", "running")]
+            try:
                 with self._write():
-                    for status in list(self._mine.values()):
+                    for status in unfinished:
                         self._save(
                             status.model_copy(update={"status": "failed", "detail": INTERRUPTED})
                         )
+            except NoSpaceError as err:  # the next start reads them as interrupted all the same
+                logger.error("%s", err)
             self._db.close()
             (self.path.parent / OWNERS_NAME / self._owner).unlink(missing_ok=True)
             os.close(self._owner_fd)

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.errors import InputError
 from models.features.image import DRAFT_MIN_SIDE, draft_jpeg, to_rgb
+from store.store import STORE_DIR
 
 EXTENSIONS = {
     "JPEG": "jpg",
@@ -34,6 +35,8 @@ EXTENSIONS = {
     "BMP": "bmp",
     "TIFF": "tif",
 }
+# What an item's image file may be called (the stored ones take EXTENSIONS' values).
+IMAGE_SUFFIXES = frozenset({*EXTENSIONS.values(), "jpeg", "tiff"})
 DEFAULT_DECODE_PIXELS = 80_000_000  # two images at the default 40 M pixel limit at once
 TRIM_PIXELS = 4_000_000  # freeing an image this large returns the allocator's free memory
 TRIM_DELAY_S = 0.05  # after such a free: the frees of one batch of images share one trim
@@ -185,6 +188,22 @@ def inside(base: Path, relative: str, *, what: str = "path") -> Path:
     if not target.is_relative_to(base.resolve()):
         raise InputError(f"expected a {what} inside the server data folder, got {_short(relative)}")
     return target
+
+
+def servable_image(artifacts: Path, image: str) -> Path:
+    """The file an item's image reference names, checked when serving, on every backend: inside
+    the artifacts folder (after symlinks), outside the store's own folder, with an image
+    file's extension. A row is data, and whoever can write one (a Milvus collection is written
+    over the network) must not make the service read its checkpoint, job records or any other
+    file; InputError saying which rule the reference breaks."""
+    path = inside(artifacts, image, what="image reference")
+    if path.is_relative_to((artifacts / STORE_DIR).resolve()):
+        raise InputError(f"expected an image outside the store's own folder, got {_short(image)}")
+    if path.suffix.lower().lstrip(".") not in IMAGE_SUFFIXES:
+        raise InputError(
+            f"expected an image file ({', '.join(sorted(IMAGE_SUFFIXES))}), got {_short(image)}"
+        )
+    return path
 
 
 def read_inside(base: Path, relative: str, *, max_bytes: int) -> bytes:

@@ -57,8 +57,13 @@ MAX_VALUES = 1_000  # values in one field's list
 MAX_IDS = 10_000  # ids in a filter's ids list
 MAX_FIELD_CHARS = 256  # of a field name
 MAX_VALUE_CHARS = 1_000  # of a string value in a filter
+# An item's filter terms as the Milvus backend stores them ({"t": [hex of each term]}, a JSON
+# field that Milvus caps at 65,536 bytes): one limit for both backends, refused at build time.
+MAX_TERMS_BYTES = 65_536
 GROWING = "growing"  # the name of the growing part (store/store.py): never cached
-_INT_FLOAT_LIMIT = 2.0**63  # integral floats below this are written as integers (5.0 -> 5)
+_INT_FLOAT_LIMIT = 2.0**63  # integral floats below this are written as integers (5.0 -> 5);
+# integers from it on, as the float they equal exactly (if one does): one form per number
+_FLOAT_MAX_INT = 2**1024  # no float reaches this (float() of a larger integer overflows)
 _ENTRY_BYTES = 200  # what a cache entry costs besides its arrays (key, tuple, dict slot)
 
 
@@ -84,12 +89,22 @@ def _canonical(value: object, where: str) -> Scalar:
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return value
+        return _int_canonical(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InputError(f"expected {where} as a finite number, got {value}")
         return int(value) if value.is_integer() and abs(value) < _INT_FLOAT_LIMIT else value
     raise InputError(f"expected {where} as a string, number or boolean, got {type(value).__name__}")
+
+
+def _int_canonical(value: int) -> int | float:
+    """An integer's one form: itself below 2**63, the float it equals exactly at or past it (so
+    that 1e20 and 100000000000000000000 are one number, as Python's == and JSON's values say),
+    itself where no float equals it."""
+    if abs(value) < _INT_FLOAT_LIMIT or abs(value) >= _FLOAT_MAX_INT:
+        return value
+    as_float = float(value)
+    return as_float if as_float == value else value
 
 
 def _json(value: Scalar) -> str:
@@ -107,9 +122,11 @@ def term(field: str, value: Scalar) -> str:
     return f"[{encode_basestring(field)},{_json(value)}]"
 
 
-def _item_term(field: str, value: object) -> str | None:
-    if isinstance(value, bool | int | str):
+def _item_term(field: str, value: object, *, raw_ints: bool = False) -> str | None:
+    if isinstance(value, bool | str) or (raw_ints and isinstance(value, int)):
         return term(field, value)
+    if isinstance(value, int):
+        return term(field, _int_canonical(value))
     if isinstance(value, float) and math.isfinite(value):
         return term(field, _canonical(value, "a value"))
     return None  # an object or null: never matched
@@ -123,15 +140,15 @@ def _key(value: object) -> tuple[str, object] | None:
     if isinstance(value, str):
         return ("s", value)
     if isinstance(value, int):
-        return ("n", value)
+        return ("n", _int_canonical(value))
     if isinstance(value, float) and math.isfinite(value):
         return ("n", _canonical(value, "a value"))
     return None
 
 
-def terms_of(fields: Mapping[str, Any]) -> list[str]:
+def terms_of(fields: Mapping[str, Any], *, raw_ints: bool = False) -> list[str]:
     """The distinct terms of an item's fields: one per scalar value, one per scalar element of
-    a list value."""
+    a list value. `raw_ints`: integers as schema version 2 wrote them (the upgrade's use)."""
     found: dict[str, None] = {}
     for field, value in fields.items():
         head = f"[{encode_basestring(field)},"
@@ -139,9 +156,41 @@ def terms_of(fields: Mapping[str, Any]) -> list[str]:
         for element in value if isinstance(value, list | tuple) else (value,):
             if type(element) is str:  # the common case, inline: one call per field value
                 found[f"{head}{encode_basestring(element)}]"] = None
-            elif (key := _item_term(field, element)) is not None:
+            elif (key := _item_term(field, element, raw_ints=raw_ints)) is not None:
                 found[key] = None
     return list(found)
+
+
+def retermed_v3(fields_json: str) -> tuple[list[str], list[str]]:
+    """(terms schema version 2 stored and 3 does not, terms 3 stores and 2 did not) of a row's
+    fields: version 3 writes an integer from 2**63 on as the float it equals (_int_canonical)."""
+    try:
+        fields = json.loads(fields_json)
+    except ValueError:
+        return [], []
+    if not isinstance(fields, dict):
+        return [], []
+    before, after = set(terms_of(fields, raw_ints=True)), set(terms_of(fields))
+    return sorted(before - after), sorted(after - before)
+
+
+def checked_terms(fields: Mapping[str, Any]) -> list[str]:
+    """terms_of(fields), or InputError when they pass MAX_TERMS_BYTES as stored (one limit for
+    both backends, checked before anything is written)."""
+    terms = terms_of(fields)
+    size = stored_terms_bytes(terms)
+    if size > MAX_TERMS_BYTES:
+        raise InputError(
+            f"expected the item's fields to make at most {MAX_TERMS_BYTES} bytes of filter terms "
+            "(a term is a field name with one of its values, hex-encoded; a list makes one per "
+            f"element), got {size}"
+        )
+    return terms
+
+
+def stored_terms_bytes(terms: Sequence[str]) -> int:
+    """The size of terms as the Milvus backend stores them, {"t": ["<hex>", ...]}, in bytes."""
+    return len('{"t": []}') + sum(2 * len(t.encode("utf-8", "surrogatepass")) + 4 for t in terms)
 
 
 def terms_of_json(fields_json: str) -> list[str]:

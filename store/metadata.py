@@ -28,8 +28,11 @@ import numpy as np
 from common.errors import InputError, IntegrityError
 from store.ids import ItemId
 
-SCHEMA_VERSION = 2
-UPGRADABLE = ("1",)  # older schema versions that check_schema upgrades in place
+SCHEMA_VERSION = 3
+UPGRADABLE = ("1", "2")  # older schema versions that check_schema upgrades in place
+# Version 3 writes integers from 2**63 on as the float they equal (store.filters): the rows that
+# may hold one (a run of 19 digits in their fields) get their terms rewritten by the upgrade.
+_LONG_NUMBER = "*" + "[0-9]" * 19 + "*"
 WRITER_CACHE_KIB = 131_072  # the writer's page cache: big batches touch many index pages
 SQL_BATCH = 500  # values per `IN (...)` list (well under SQLite's parameter limit)
 SCHEMA = """
@@ -119,20 +122,23 @@ def check_schema(
     path: Path,
     *,
     terms_of: Callable[[str], Iterable[str]],
+    reterm: Callable[[str], tuple[list[str], list[str]]],
     upgrade_rows: int,
 ) -> None:
     """Refuse a database that is not a store of this version, upgrading an older one in place.
 
-    The upgrade (version 1 had no terms table) is one transaction, re-checked inside it, so that
-    workers opening the store at once upgrade it once; `terms_of` maps a row's fields JSON to
-    its terms (store.filters.terms_of_json); the upgrade reads `upgrade_rows` rows at a time.
+    The upgrade (version 1 had no terms table; version 2 wrote integers from 2**63 on as such)
+    is one transaction, re-checked inside it, so that workers opening the store at once upgrade
+    it once; `terms_of` maps a row's fields JSON to its terms (store.filters.terms_of_json),
+    `reterm` to the terms version 3 changes (store.filters.retermed_v3); the upgrade reads
+    `upgrade_rows` rows at a time.
     """
     found = _schema_version(conn, path)
     if found in UPGRADABLE:
         conn.execute("BEGIN IMMEDIATE")
         try:
             found = _schema_version(conn, path)
-            if found in UPGRADABLE:
+            if found == "1":
                 conn.execute(TERMS_TABLE)
                 sql = "SELECT seq, fields FROM items WHERE seq > ? AND fields != '{}' ORDER BY seq"
                 after = -1
@@ -142,6 +148,9 @@ def check_schema(
                         sorted((t, seq) for seq, fields in rows for t in terms_of(fields)),
                     )
                     after = rows[-1][0]
+            elif found == "2":
+                _reterm_long_numbers(conn, reterm=reterm, upgrade_rows=upgrade_rows)
+            if found in UPGRADABLE:
                 set_meta(conn, "schema_version", str(SCHEMA_VERSION))
                 found = str(SCHEMA_VERSION)
             conn.execute("COMMIT")
@@ -150,6 +159,29 @@ def check_schema(
             raise
     if found != str(SCHEMA_VERSION):
         raise InputError(f"expected store schema version {SCHEMA_VERSION} in {path}, got {found}")
+
+
+def _reterm_long_numbers(
+    conn: sqlite3.Connection,
+    *,
+    reterm: Callable[[str], tuple[list[str], list[str]]],
+    upgrade_rows: int,
+) -> None:
+    """Version 2 -> 3, in the caller's transaction: rewrite the terms of the rows whose fields
+    may hold an integer of 2**63 or more; reterm(fields JSON) gives (terms gone, terms new)
+    (store.filters.retermed_v3)."""
+    sql = "SELECT seq, fields FROM items WHERE seq > ? AND fields GLOB ? ORDER BY seq"
+    after = -1
+    while rows := conn.execute(
+        f"{sql} LIMIT {int(upgrade_rows)}", (after, _LONG_NUMBER)
+    ).fetchall():
+        for seq, fields in rows:
+            gone, new = reterm(fields)
+            conn.executemany(
+                "DELETE FROM terms WHERE term = ? AND seq = ?", [(t, seq) for t in gone]
+            )
+            conn.executemany("INSERT OR IGNORE INTO terms VALUES (?, ?)", [(t, seq) for t in new])
+        after = rows[-1][0]
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:

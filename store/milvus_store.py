@@ -21,12 +21,13 @@ digests) and a store id, as JSON; `open` checks it with check_manifest and refus
 with one line.
 
 Filters: a clause is json_contains(terms["t"], "hex term") ORed over its terms, and an ids list
-is `id in [keys]`, ANDed. Every literal in an expression is hex or a key made above, never a
-user's text, so no value can change the expression (milvus-lite 2.5.1 refuses pymilvus's
-filter_params templates, which is why values are not passed that way). The terms are those of
-the local store, so the same filter keeps the same items on both backends (5 and 5.0 alike, true
-is not 1). A stored term longer than any filter can name (MAX_TERM_HEX) is left out: no filter
-could match it.
+is `id in [keys]`, ANDed, each as a balanced tree (Milvus refuses a chain past 50 operands).
+Every literal in an expression is hex or a key made above, never a user's text, so no value can
+change the expression (milvus-lite 2.5.1 refuses pymilvus's filter_params templates, which is
+why values are not passed that way). The terms are those of the local store, so the same filter
+keeps the same items on both backends (5 and 5.0 alike, true is not 1), every one of them
+stored: an item whose terms would pass the JSON field's 64 KiB is refused at build time on both
+backends (store.filters.MAX_TERMS_BYTES).
 
 Sequence: seq = (max(now in units of 1.024 us, last + 1) << 10) | tag, tag a random 10-bit number
 per opened store. It increases within a process, and across processes it follows the writes'
@@ -76,7 +77,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
-from common.errors import InputError, IntegrityError, NotReadyError
+from common.errors import BackendError, InputError, IntegrityError, NotReadyError
 from common.fsio import atomic_write_bytes
 from indexes.codes import check_packed
 from indexes.hamming import check_k
@@ -96,10 +97,12 @@ FORMAT = "cmh-store-1"  # the description's format tag
 # into MilvusException but re-raises a gRPC deadline (a hung server: connections open, no
 # answer) as the grpc.RpcError itself.
 MILVUS_FAILURES = (MilvusException, grpc.RpcError)
+# What a server that cannot be reached, or does not answer in time, says (pymilvus words it in
+# several ways, and gives a retried connection failure a code that is not a number).
+_UNREACHABLE = re.compile(r"connect|unavailable|deadline|timeout|timed out|retry run out", re.I)
 WRITE_BATCH = 1_000  # rows per upsert call
 ID_BATCH = 1_000  # keys per `id in [...]` expression
 MAX_KEY_BYTES = 2_049  # "s" + hex of a 256-character id (at most 4 bytes each)
-MAX_TERM_HEX = 10_200  # longest stored term (hex): a filter's terms are at most ~10,100
 MAX_TEXT_BYTES = 65_535  # Milvus's largest VARCHAR
 MAX_IMAGE_BYTES = 4_096  # of an image reference
 TAG_BITS = 10  # of a seq, the process tag
@@ -122,9 +125,29 @@ def id_of(key: str) -> ItemId:
 
 
 def _hex_terms(fields: dict[str, Any]) -> list[str]:
-    """The item's filter terms as stored: hex of UTF-8, those a filter could name."""
-    terms = [t.encode("utf-8", "surrogatepass").hex() for t in terms_of(fields)]
-    return [t for t in terms if len(t) <= MAX_TERM_HEX]
+    """The item's filter terms as stored: hex of UTF-8, every one (checked_rows has refused
+    fields whose terms pass MAX_TERMS_BYTES, the size of this list as JSON)."""
+    return [t.encode("utf-8", "surrogatepass").hex() for t in terms_of(fields)]
+
+
+def is_refusal(err: Exception) -> bool:
+    """Whether Milvus answered with an error about the request itself (an expression it cannot
+    run, a value it will not store), not a failure to reach it or to answer in time."""
+    if not isinstance(err, MilvusException) or not isinstance(err.code, int):
+        return False
+    return err.code != 0 and not _UNREACHABLE.search(str(err))
+
+
+def balanced(operands: list[str], operator: str) -> str:
+    """operands joined by `operator` as a balanced tree of parentheses: its depth is log2 of
+    their number. Milvus parses `a or b or c ...` as a chain as deep as it is long and refuses
+    one past 50 operands (51: "Cannot find field with field_id: 0", 64 and more: "unsupported
+    expr proto node"; milvus-lite 2.5.1); a tree of 1,000 is 10 deep."""
+    if len(operands) == 1:
+        return operands[0]
+    middle = len(operands) // 2
+    left, right = balanced(operands[:middle], operator), balanced(operands[middle:], operator)
+    return f"({left} {operator} {right})"
 
 
 def expression(where: Filter | None) -> str:
@@ -134,13 +157,14 @@ def expression(where: Filter | None) -> str:
     parts = []
     for clause in where.clauses:
         # One json_contains per term, ORed: milvus-lite 2.5.1's server segfaults, now and then,
-        # on json_contains_any with several values (tests/test_milvus_store.py found it).
+        # on json_contains_any with several values (tests/test_milvus_store.py found it), and
+        # every time with 1,000.
         terms = [t.encode("utf-8", "surrogatepass").hex() for t in clause.terms]
-        parts.append("(" + " or ".join(f'json_contains(terms["t"], "{t}")' for t in terms) + ")")
+        parts.append(balanced([f'json_contains(terms["t"], "{t}")' for t in terms], "or"))
     if where.ids is not None:
         keys = ", ".join(f'"{key_of(i)}"' for i in sorted(where.ids, key=str))
         parts.append(f"id in [{keys}]")
-    return " and ".join(parts)
+    return balanced(parts, "and")
 
 
 @dataclass(frozen=True)
@@ -274,10 +298,16 @@ class MilvusStore:
         logger.info("created Milvus collection %s for %d-bit codes", self.collection, dim)
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """fn(*args, **kwargs) with Milvus failures as NotReadyError (503)."""
+        """fn(*args, **kwargs) with Milvus failures as NotReadyError (503: unreachable, too
+        slow, not ready) or BackendError (500: Milvus answered that it refuses the request,
+        which no retry changes)."""
         try:
             return fn(*args, **kwargs)
         except MILVUS_FAILURES as err:
+            if is_refusal(err):
+                raise BackendError(
+                    f"Milvus at {self.uri} refused the request: {_short(err)}"
+                ) from None
             raise NotReadyError(
                 f"expected Milvus at {self.uri} to answer within {self.timeout_s:g} s, got: "
                 f"{_short(err)}; retry when it is back"

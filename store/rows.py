@@ -24,7 +24,7 @@ from common.errors import InputError
 from common.fields import fields_json
 from indexes.codes import check_packed
 from store import metadata as md
-from store.filters import terms_of, terms_of_json
+from store.filters import checked_terms, terms_of_json
 from store.ids import MAX_INT_ID, ItemId, parse_id
 
 IMAGES_DIR = "images"  # under the artifacts folder: images the store keeps, content-addressed
@@ -92,7 +92,9 @@ def checked_rows(batch: NewItems, n_bits: int) -> tuple[Rows, dict[str, bytes]]:
         texts=_checked_texts(batch.texts, "texts"),
         images=_checked_texts(images, "images"),
         fields=["{}"] * b if batch.fields is None else [fields_json(f) for f in fields],
-        terms=[] if batch.fields is None else [(i, terms_of(f)) for i, f in enumerate(fields) if f],
+        terms=[]
+        if batch.fields is None
+        else [(i, checked_terms(f)) for i, f in enumerate(fields) if f],
         image_codes=batch.image_codes,
         text_codes=batch.text_codes,
     )

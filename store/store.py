@@ -33,6 +33,7 @@ thread, which change the store only through plan_merge / write_segment / record_
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import os
@@ -44,17 +45,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, ParamSpec, TypeVar
 
 import numpy as np
 
-from common.errors import InputError, IntegrityError
+from common.errors import InputError, IntegrityError, NoSpaceError, is_no_space
 from common.fsio import atomic_write_bytes, fsync_dir
 from indexes.codes import check_packed, n_words
 from indexes.hamming import HammingIndex, LiveMask, check_k
 from store import metadata as md
 from store.config import DEFAULT_CONFIG, StoreConfig
-from store.filters import Filter, FilterIndex, terms_of_json
+from store.filters import Filter, FilterIndex, retermed_v3, terms_of_json
 from store.ids import ItemId, parse_id
 from store.locks import (
     COMPACT_LOCK_NAME,
@@ -93,6 +94,38 @@ class Hits:
 
     hits: list[list[tuple[md.Item, int]]]
     commit: int
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _classified(method: Callable[P, R]) -> Callable[P, R]:
+    """Store errors a client can act on, as such: a full device is a NoSpaceError naming the
+    folder, a damaged metadata file an IntegrityError naming it (sqlite says neither)."""
+
+    @functools.wraps(method)
+    def classified(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (sqlite3.DatabaseError, OSError) as err:
+            if isinstance(err, sqlite3.IntegrityError):
+                raise
+            store = args[0]
+            assert isinstance(store, Store)
+            if is_no_space(err):
+                raise NoSpaceError(
+                    f"no space left on the device holding {store.root}: nothing of this write "
+                    "was kept; free some space and retry"
+                ) from err
+            if isinstance(err, sqlite3.DatabaseError):
+                raise IntegrityError(
+                    f"the store's metadata {store.root / DB_NAME} cannot be read ({err}): restore "
+                    "it from a backup, or rebuild the store"
+                ) from err
+            raise
+
+    return classified
 
 
 @dataclass(frozen=True)
@@ -230,7 +263,13 @@ class Store:
     ) -> Store:
         conn = md.connect(path)
         try:
-            md.check_schema(conn, path, terms_of=terms_of_json, upgrade_rows=config.upgrade_rows)
+            md.check_schema(
+                conn,
+                path,
+                terms_of=terms_of_json,
+                reterm=retermed_v3,
+                upgrade_rows=config.upgrade_rows,
+            )
             try:
                 manifest = Manifest(**json.loads(md.get_meta(conn, "manifest") or ""))
             except (ValueError, TypeError) as err:
@@ -398,6 +437,7 @@ class Store:
                 self._reader_conns.append(conn)
         return conn
 
+    @_classified
     def search(
         self,
         target: Target,
@@ -423,6 +463,7 @@ class Store:
             raise IntegrityError(f"segment rows have no metadata row in {self.root / DB_NAME}")
         return found
 
+    @_classified
     def search_now(self, target: Target, queries: np.ndarray, k: int) -> Hits | None:
         """search() without a filter, answered on this thread alone and without waiting for a
         lock, or None where that would wait or take long: the view is behind another process's
@@ -490,6 +531,7 @@ class Store:
         as after a start."""
         self._filters = FilterIndex(self.config)
 
+    @_classified
     def get(self, item_id: ItemId) -> md.Item | None:
         """The item stored under item_id (5 and "5" alike), or None."""
         row = (
@@ -499,6 +541,7 @@ class Store:
         )
         return None if row is None else md.item_from_row(row, self.root / DB_NAME)[1]
 
+    @_classified
     def live_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(seqs, image codes, text codes) of every live row in seq order (a mirror's refill)."""
         seqs, image, text = [], [], []
@@ -512,12 +555,14 @@ class Store:
             return np.empty(0, np.int64), empty, empty.copy()
         return np.concatenate(seqs), np.concatenate(image), np.concatenate(text)
 
+    @_classified
     def existing(self, ids: Sequence[ItemId]) -> set[ItemId]:
         """Which of ids are stored (as canonical ids)."""
         return md.existing_ids(self._reader(), [parse_id(i) for i in ids])
 
     # ---- writing ---------------------------------------------------------------------------
 
+    @_classified
     def add(self, batch: NewItems, *, on_conflict: OnConflict = "error") -> int:
         """Commit a batch durably, then serve it; returns the commit number. All or nothing.
 
@@ -527,21 +572,29 @@ class Store:
         b = len(batch)
         rows, to_write = checked_rows(batch, self.n_bits)
         with self._writing():
-            # Under the lock: a delete's image clean-up cannot remove a file this add refers to.
-            for relative, data in to_write.items():
-                if not (self.artifacts / relative).is_file():
-                    atomic_write_bytes(self.artifacts / relative, data)
-            seqs = np.arange(self._next_seq, self._next_seq + b, dtype=np.int64)
-            bulk = b >= self.config.bulk_rows
-            if bulk and self._growing.n:
-                self._seal()
+            written: list[str] = []  # image files this batch wrote: removed if it fails
             segment = None
-            if bulk:  # the codes go to disk before the rows that name them are committed
-                segment = self.write_segment(SegmentData(seqs, batch.image_codes, batch.text_codes))
+            try:
+                # Under the lock: a delete's image clean-up cannot remove a file this add uses.
+                for relative, data in to_write.items():
+                    if not (self.artifacts / relative).is_file():
+                        written.append(relative)
+                        atomic_write_bytes(self.artifacts / relative, data)
+                seqs = np.arange(self._next_seq, self._next_seq + b, dtype=np.int64)
+                bulk = b >= self.config.bulk_rows
+                if bulk and self._growing.n:
+                    self._seal()
+                if bulk:  # the codes go to disk before the rows that name them are committed
+                    segment = self.write_segment(
+                        SegmentData(seqs, batch.image_codes, batch.text_codes)
+                    )
+            except BaseException:
+                self._collect_images(written)
+                raise
             added = time.time()
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 replaced: list[tuple[int, str, ItemId]] = []
                 if on_conflict == "replace":
                     replaced = self._delete_rows(list(batch.ids))
@@ -556,7 +609,7 @@ class Store:
                 self._roll_back()
                 if segment is not None:
                     (self.root / SEGMENTS_DIR / segment.name).unlink(missing_ok=True)
-                self._collect_images(list(to_write))  # written for this batch alone
+                self._collect_images(list(to_write))  # those no row refers to: this batch's
                 raise
             self._forget([r[0] for r in replaced])
             if segment is not None:
@@ -570,6 +623,7 @@ class Store:
             self._wake_compactor()
             return self._commit
 
+    @_classified
     def delete(self, ids: Sequence[ItemId]) -> Deleted:
         """Delete these ids durably, then stop serving them; the ids that were there and the
         commit that removed them (read under the writer lock: another write's commit never)."""
@@ -718,7 +772,8 @@ class Store:
         """Roll back the open transaction and the counters it had moved on: a shared store
         compares them with the database's to know whether it is up to date."""
         conn = self._conn
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite ends it itself on some errors (SQLITE_FULL among them)
+            conn.execute("ROLLBACK")
         self._next_seq = int(md.get_meta(conn, "next_seq") or 0)
         self._commit = int(md.get_meta(conn, "commit") or 0)
         self._layout = int(md.get_meta(conn, "layout") or 0)

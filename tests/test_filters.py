@@ -367,13 +367,66 @@ def test_a_version_1_store_is_upgraded_at_open_with_its_items_terms(artifacts: P
         check(store, oracle)
         with closing(sqlite3.connect(artifacts / STORE_DIR / DB_NAME)) as conn:
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
-            assert version.fetchone() == ("2",)
+            assert version.fetchone() == ("3",)
     finally:
         store.close()
     with closing(sqlite3.connect(artifacts / STORE_DIR / DB_NAME)) as conn, conn:
-        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-    with pytest.raises(InputError, match="expected store schema version 2 in .*, got 3"):
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    with pytest.raises(InputError, match="expected store schema version 3 in .*, got 4"):
         Store.open(artifacts, expected=MANIFEST, config=CONFIG)
+
+
+# Issue 35: an item {"n": 1e20} was not found by equals n: 100000000000000000000, nor the
+# reverse, and 2**63 as a float did not match 9223372036854775808, although the README says
+# values compare as JSON values (Python's == agrees: 10**20 == 1e20).
+BIG_NUMBERS = {1: 10**20, 2: 1e20, 3: 2.0**63, 4: 2**63, 5: 10**20 + 1, 6: -(2**70), 7: 2**1030}
+BIG_QUERIES = [(10**20, {1, 2}), (1e20, {1, 2}), (2**63, {3, 4}), (2.0**63, {3, 4})]
+BIG_QUERIES += [(10**20 + 1, {5}), (-(2.0**70), {6}), (2**1030, {7}), (2**63 - 1, set())]
+
+
+def big_number_hits(store: Store) -> list[set[ItemId]]:
+    found = []
+    for value, _ in BIG_QUERIES:
+        where = Filter.of(equals={"n": value})
+        hits = store.search("text", pack_codes(np.ones((1, N_BITS), np.uint8)), 20, where=where)
+        found.append({item.id for item, _ in hits.hits[0]})
+    return found
+
+
+def test_numbers_past_2_63_compare_as_json_values_and_version_2_stores_are_retermed(
+    artifacts: Path,
+) -> None:
+    store = Store.create(artifacts, MANIFEST, config=CONFIG)
+    codes = pack_codes(np.zeros((len(BIG_NUMBERS), N_BITS), np.uint8))
+    store.add(
+        NewItems(
+            ids=list(BIG_NUMBERS),
+            texts=["a big number"] * len(BIG_NUMBERS),
+            images=[""] * len(BIG_NUMBERS),
+            image_codes=codes,
+            text_codes=codes,
+            fields=[{"n": n} for n in BIG_NUMBERS.values()],
+        )
+    )
+    expected = [wanted for _, wanted in BIG_QUERIES]
+    assert big_number_hits(store) == expected
+    for value, wanted in BIG_QUERIES:  # the oracle agrees
+        where = Filter.of(equals={"n": value})
+        assert {i for i, n in BIG_NUMBERS.items() if where.matches(i, {"n": n})} == wanted
+    store.close()
+    with closing(sqlite3.connect(artifacts / STORE_DIR / DB_NAME)) as conn, conn:
+        for item_id in (1, 4):  # the integer terms as version 2 wrote them
+            (seq,) = conn.execute("SELECT seq FROM items WHERE id = ?", (item_id,)).fetchone()
+            conn.execute("DELETE FROM terms WHERE seq = ?", (seq,))
+            conn.execute(
+                "INSERT INTO terms VALUES (?, ?)", (filters.term("n", BIG_NUMBERS[item_id]), seq)
+            )
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    store = Store.open(artifacts, expected=MANIFEST, config=CONFIG)
+    try:
+        assert big_number_hits(store) == expected
+    finally:
+        store.close()
 
 
 def test_a_hand_added_term_row_is_an_integrity_error_not_a_wrong_hit(artifacts: Path) -> None:

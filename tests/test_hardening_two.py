@@ -5,6 +5,8 @@ fail every response that carried them."""
 from __future__ import annotations
 
 import base64
+import io
+import os
 import shutil
 import struct
 import subprocess
@@ -17,15 +19,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
+from pymilvus import MilvusClient
 
 from bench.local import service_process
 from common.fields import MAX_FIELDS_DEPTH
+from store.milvus_lite import MilvusLite
 from store.rows import NewItems
 from store.store import Store
 from tests.helpers import wait_for_job
 
 KEY = "k3y"
 DEEP_ID = 97_000  # an item whose fields nest past the limit, stored as a store from before it
+FORGED_ID = 97_200  # items whose image references name files that must never be served
 # What one request with a 100-byte image may add to the server's peak RSS. Before the fix a
 # 65535 x 1 PNG resized to 16.7 M x 256 pixels: +17 GB and counting, 8192 x 1 +2.1 GB.
 MAX_GROWTH_MB = 64
@@ -83,6 +89,16 @@ def store_an_item_from_before_the_depth_limit(artifacts: Path) -> None:
                     fields=[nested(300)],
                 )
             )
+        n = len(FORGED_IMAGES)  # rows naming files no image reference may (see FORGED_IMAGES)
+        store.add(
+            NewItems(
+                ids=[FORGED_ID + i for i in range(n)],
+                texts=["a forged row"] * n,
+                images=FORGED_IMAGES,
+                image_codes=np.zeros((n, words), dtype=np.uint64),
+                text_codes=np.zeros((n, words), dtype=np.uint64),
+            )
+        )
     finally:
         store.close()
 
@@ -289,3 +305,196 @@ def test_each_delete_reports_the_commit_that_made_it(demo_artifacts: Path) -> No
         with ThreadPoolExecutor(16) as pool:
             commits = list(pool.map(delete, ids))
     assert len(set(commits)) == len(ids), f"{len(set(commits))} distinct of {len(ids)}"
+
+
+def test_metadata_damaged_while_serving_is_a_json_500_naming_the_file(
+    demo_artifacts: Path,
+) -> None:
+    # Issue 35: a damaged items.sqlite found while serving gave a plain-text 500, or a reset
+    # connection, from an unhandled "database disk image is malformed".
+    with (
+        service_process(demo_artifacts, CMH_API_KEY=KEY) as (_, url),
+        httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=60) as client,
+    ):
+        hits = client.post("/v1/search/text", json={"text": "a red car", "k": 2}).json()["hits"]
+        database = demo_artifacts / "store" / "items.sqlite"
+        size = database.stat().st_size
+        with database.open("r+b") as file:  # every page but the first (the schema): garbage
+            file.seek(4096)
+            file.write(b"\xa5" * (size - 4096))
+        answers = [
+            client.get(hits[0]["image_url"]),
+            client.delete(f"/v1/items/{hits[1]['id']}"),
+            client.post("/v1/search/text", json={"text": "a red car", "k": 100}),
+        ]
+        for answer in answers:
+            assert answer.status_code == 500, answer.text[:300]
+            assert answer.headers["content-type"] == "application/json"
+            assert str(database) in answer.json()["detail"]
+        assert "cannot be read (database disk image is malformed)" in answers[0].json()["detail"]
+        assert client.get("/healthz").status_code == 200
+
+
+def noise_png(seed: int, side: int = 256) -> bytes:
+    """A PNG of random pixels (incompressible: about side * side * 3 bytes)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fill(folder: Path, *, leave: int) -> Path:
+    """Write a file in folder until at most `leave` bytes are free on its device; the file."""
+    filler = folder / "filler"
+    with filler.open("wb") as file:
+        while (free := shutil.disk_usage(folder).free) > leave:
+            file.write(b"\0" * min(1 << 20, max(4096, free - leave)))
+            file.flush()
+            os.fsync(file.fileno())
+    return filler
+
+
+@pytest.fixture
+def small_device(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MB tmpfs mounted for this test (skipped with the reason where it cannot be)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_device_says_so_and_a_failed_batch_leaves_nothing(
+    demo_artifacts: Path, small_device: Path
+) -> None:
+    # Issue 35: on a full device a build's job said "internal error: OSError", DELETE and builds
+    # answered a plain-text 500 ("database or disk is full", then "cannot rollback"), and a
+    # failed batch left its image files behind.
+    artifacts = small_device / "artifacts"
+    artifacts.mkdir()
+    shutil.copy(demo_artifacts / "model.pt", artifacts)
+    shutil.copytree(demo_artifacts / "store", artifacts / "store")
+    with (
+        service_process(artifacts, CMH_API_KEY=KEY) as (_, url),
+        httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=60) as client,
+    ):
+        before = client.get("/v1/index/stats").json()["items"]
+        victim = client.post("/v1/search/text", json={"text": "car", "k": 1}).json()["hits"][0]
+        filler = fill(small_device, leave=300_000)  # room for job records, not for 3 images
+        images = [base64.b64encode(noise_png(i)).decode() for i in range(3)]
+        items = [
+            {"id": 98_000 + i, "text": "noise", "image_base64": d} for i, d in enumerate(images)
+        ]
+        accepted = client.post("/v1/index/build", json={"items": items})
+        assert accepted.status_code == 202, accepted.text[:300]
+        status = wait_for_job(client, accepted.json()["job_id"])
+        assert status["status"] == "failed"
+        assert str(status["detail"]).startswith(
+            f"no space left on the device holding {artifacts / 'store'}"
+        ), status
+        assert not (artifacts / "images").exists() or not any((artifacts / "images").iterdir())
+        filler.unlink()
+        filler = fill(small_device, leave=0)
+        for answer in (
+            client.delete(f"/v1/items/{victim['id']}"),
+            client.post("/v1/index/build", json={"items": items[:1]}),
+        ):
+            assert answer.status_code == 507, answer.text[:300]
+            assert answer.json()["detail"].startswith("no space left on the device holding ")
+        filler.unlink()
+        assert client.get("/v1/index/stats").json()["items"] == before
+        assert client.delete(f"/v1/items/{victim['id']}").status_code == 200
+        accepted = client.post("/v1/index/build", json={"items": items})
+        assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+        assert client.get("/v1/index/stats").json()["items"] == before - 1 + 3
+
+
+FORGED_IMAGES = ["../../../../../etc/passwd", "/etc/passwd", "model.pt", "jobs.sqlite"]
+FORGED_IMAGES += ["store/items.sqlite", "store/../model.pt"]
+
+
+def test_milvus_filters_of_many_values_and_rows_naming_other_files(
+    demo_artifacts: Path, milvus_lite: MilvusLite
+) -> None:
+    # Issue 35: {"in": {"f": [51 values]}} was a 503 "retry" every time (Milvus refuses an OR
+    # chain past 50), and GET /v1/items/{id}/image served whatever file a row named.
+    collection = "cmh_hostile"
+    env = {
+        "CMH_INDEX_BACKEND": "milvus",
+        "CMH_MILVUS_URI": milvus_lite.uri,
+        "CMH_MILVUS_COLLECTION": collection,
+    }
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    with (
+        service_process(demo_artifacts, CMH_API_KEY=KEY, **env) as (_, url),
+        httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=60) as client,
+    ):
+        items = [
+            {"id": 96_500 + n, "text": "a grey strip", "image_base64": png, "fields": {"n": n}}
+            for n in range(60)
+        ]
+        accepted = client.post("/v1/index/build", json={"items": items})
+        assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+        for values in (list(range(51)), list(range(1000))):
+            answer = client.post(
+                "/v1/search/text",
+                json={"text": "grey", "k": 100, "filter": {"in": {"n": values}}},
+            )
+            assert answer.status_code == 200, answer.text[:300]
+            assert len(answer.json()["hits"]) == min(60, len(values))
+        check_long_terms_and_their_limit(client, png)
+        milvus = MilvusClient(uri=milvus_lite.uri)
+        (row,) = milvus.query(collection, filter='id == "96500"', output_fields=["*"])
+        for name in ("image_code", "text_code"):  # a query gives a vector as [its bytes]
+            row[name] = bytes(row[name][0])
+        for n, image in enumerate(FORGED_IMAGES):
+            milvus.upsert(collection, [{**row, "id": str(97_100 + n), "image": image}])
+        for n, image in enumerate(FORGED_IMAGES):
+            answer = client.get(f"/v1/items/{97_100 + n}/image")
+            assert answer.status_code == 404, (image, answer.text[:200])
+            assert "is not served: expected" in answer.json()["detail"], answer.text
+        assert client.get("/v1/items/96500/image").status_code == 200
+
+
+def test_the_local_store_serves_no_file_a_row_names_outside_the_rules(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    for n, image in enumerate(FORGED_IMAGES):
+        answer = client.get(f"/v1/items/{FORGED_ID + n}/image")
+        assert answer.status_code == 404, (image, answer.text[:200])
+        assert "is not served: expected" in answer.json()["detail"]
+
+
+def check_long_terms_and_their_limit(client: httpx.Client, png: str) -> None:
+    """The longest term a filter can name is found; fields whose terms pass the limit are a 400.
+
+    Issue 35: the local store found a 256 x "\x01" field equal to 1,000 x "\x01", Milvus did not
+    (it dropped the stored term as too long)."""
+    field, value = "\x01" * 256, "\x01" * 1000
+    item = {"id": 96_900, "text": "control", "image_base64": png, "fields": {field: value}}
+    accepted = client.post("/v1/index/build", json={"items": [item]})
+    assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+    body = {"text": "control", "k": 5, "filter": {"equals": {field: value}}}
+    answer = client.post("/v1/search/text", json=body)
+    assert answer.status_code == 200 and [h["id"] for h in answer.json()["hits"]] == [96_900]
+    many = {"id": 96_901, "text": "x", "image_base64": png, "fields": {"f" * 256: list(range(300))}}
+    refused = client.post("/v1/index/build", json={"items": [many]})
+    assert refused.status_code == 400, refused.text[:300]
+    reason = refused.json()["errors"][0]["reason"]
+    assert reason.startswith("expected the item's fields to make at most 65536 bytes of filter")
+
+
+def test_the_local_store_finds_the_longest_terms_and_refuses_past_the_limit(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    check_long_terms_and_their_limit(client, base64.b64encode(strip_png(40, 30)).decode())

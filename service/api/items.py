@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse
 
@@ -9,8 +11,10 @@ from common.errors import InputError
 from service.api.deps import ERRORS, KeyFirst, LoadedDep, MetricsDep, require_key
 from service.errors import printable
 from service.schemas import DeleteResponse, IndexStats
+from service.uploads import servable_image
 from store.ids import ItemId, parse_id
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["index"], route_class=KeyFirst)
 IMAGE = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}
 
@@ -38,7 +42,11 @@ def item_image(item_id: str, loaded: LoadedDep) -> FileResponse:
     item = loaded.store.get(wanted)
     if item is None:
         raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
-    path = loaded.store.artifacts / item.image
+    try:
+        path = servable_image(loaded.store.artifacts, item.image)
+    except InputError as err:  # a row that names another file (a Milvus row written by hand)
+        logger.warning("item %r: its image is not served: %s", wanted, err)
+        raise HTTPException(404, f"the image of item {wanted!r} is not served: {err}") from None
     if not path.is_file():
         raise HTTPException(404, f"the image of item {wanted!r} is missing from the artifacts")
     return FileResponse(path)
