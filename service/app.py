@@ -38,6 +38,7 @@ from common.errors import (
     NotReadyError,
     is_no_space,
 )
+from models.features.text import load_segmenter
 from service.api import router
 from service.encoder import Encoder, load_served_model
 from service.errors import error_response, http_detail, validation_body
@@ -89,6 +90,7 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
     """
     artifacts = settings.artifacts_dir
     model = load_served_model(artifacts, device=settings.device)
+    load_segmenter()  # before the first Chinese query, not inside it (it held the event loop)
     checkpoint, backbone, expected = model.checkpoint, model.backbone, model.manifest
     # A refusal after the store or the batcher is open closes them: the batcher's thread runs
     # torch, and one left running while the interpreter exits aborts it (SIGABRT, exit 134,

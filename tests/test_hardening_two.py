@@ -502,3 +502,27 @@ def test_the_local_store_finds_the_longest_terms_and_refuses_past_the_limit(
 ) -> None:
     _, client = served
     check_long_terms_and_their_limit(client, base64.b64encode(strip_png(40, 30)).decode())
+
+
+def test_the_chinese_dictionary_is_loaded_before_the_server_listens(demo_artifacts: Path) -> None:
+    # Issue 35: jieba loaded its dictionary at the first Chinese query, inside the event loop:
+    # /healthz stalled for 630 ms.
+    code = (
+        "import sys, jieba\n"
+        "from pathlib import Path\n"
+        "from service.app import load\n"
+        "from service.metrics import Metrics\n"
+        "from service.settings import Settings\n"
+        "assert not jieba.dt.initialized\n"
+        "loaded = load(Settings(artifacts_dir=Path(sys.argv[1])), Metrics())\n"
+        "print(jieba.dt.initialized)\n"
+        "loaded.close()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(demo_artifacts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
