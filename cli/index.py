@@ -46,16 +46,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="index a dataset's pairs with the served checkpoint (streaming, resumable)",
         description="Encode every pair of a dataset with ARTIFACTS/model.pt and add it to the "
         "store, CHUNK pairs at a time; pairs whose id is already indexed are skipped (or "
-        "replaced with --on-conflict replace); prints what was added and skipped.",
+        "replaced with --on-conflict replace, or refused with --on-conflict error); prints what "
+        "was added and skipped.",
     )
     build.add_argument("--artifacts", type=Path, required=True, help="artifacts folder")
     build.add_argument("--dataset", required=True, choices=DATASETS, help="dataset name")
     build.add_argument("--root", required=True, type=Path, help="the dataset's folder")
     build.add_argument(
         "--on-conflict",
-        choices=("error", "replace"),
-        default="error",
-        help="an id already indexed: skip it (error, default) or replace the item",
+        choices=("skip", "error", "replace"),
+        default="skip",
+        help="an id already indexed: skip it (the default: running a build again resumes it), "
+        "error (refuse the dataset before anything is written) or replace the item: the words "
+        "and meanings of the HTTP build's on_conflict",
     )
     build.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     build.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image")

@@ -62,7 +62,13 @@ def error_response(
 ) -> JSONResponse:
     """The service's error body, {"detail": str, "errors": [ErrorItem...]}, always encodable."""
     items = [
-        e.model_copy(update={"reason": printable(e.reason)}).model_dump(mode="json") for e in errors
+        e.model_copy(
+            update={
+                "reason": printable(e.reason),
+                "id": printable(e.id) if isinstance(e.id, str) else e.id,
+            }
+        ).model_dump(mode="json")
+        for e in errors
     ]
     return JSONResponse(
         {"detail": printable(detail), "errors": items}, status_code=status, headers=headers

@@ -33,17 +33,18 @@ from indexes.codes import n_words
 from models.data.dataset import PairDataset
 from service.encoder import Encoder
 from service.jobs import Entry, JobInterrupted
-from service.schemas import BuildItem, ErrorItem, JobStatus
+from service.schemas import BuildConflict, BuildItem, ErrorItem, JobStatus
 from service.uploads import DECODES, PixelBudget, decode_image, inside, read_inside
 from store.backend import ItemStore
 from store.filters import checked_terms
 from store.ids import ItemId, parse_id
 from store.rows import IMAGES_DIR, NewItems
-from store.store import OnConflict
 
 logger = logging.getLogger(__name__)
 
 FEATURE_BATCH = 32  # images per backbone call
+MAX_TEXT_CHARS = 10_000  # of a caption (BuildItem states it in the schema)
+
 CHUNK = 256  # dataset pairs in memory at once
 Progress = Callable[[int, int], None]
 
@@ -149,7 +150,14 @@ def check_fields(fields: dict[str, Any]) -> None:
 
 
 def check_text(text: str) -> None:
-    """A caption the store can hold: valid Unicode (no lone surrogate), no NUL; else InputError."""
+    """A caption the store can hold: 1..MAX_TEXT_CHARS characters, not only spaces, valid
+    Unicode (no lone surrogate), no NUL; else InputError."""
+    if not text.strip():
+        raise InputError(
+            "expected a text, got an empty one" if not text else "expected a text, got only spaces"
+        )
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(f"expected a text of at most {MAX_TEXT_CHARS} characters, got {len(text)}")
     if "\0" in text:
         raise InputError("expected a text without NUL characters, got one")
     try:
@@ -186,38 +194,60 @@ class Indexer:
         *,
         data_dir: Path | None,
         max_image_bytes: int,
-        on_conflict: OnConflict,
-    ) -> list[Pending]:
-        """Check every item; raises BuildFailed listing each bad one, else the pending items."""
+        on_conflict: BuildConflict,
+    ) -> tuple[list[Pending], list[str]]:
+        """Check every item, the one place build items are validated (id, text, fields, image);
+        raises BuildFailed listing each bad one, else (the pending items, the ids skipped as
+        already indexed with on_conflict "skip")."""
         errors: list[ErrorItem] = []
         pending: list[Pending] = []
+        skipped: list[str] = []
         seen: set[ItemId] = set()
-        ids = [item.id for item in items]
-        present = self.store.existing(ids) if on_conflict == "error" else set()
-        for index, item in enumerate(items):
+        ids: list[ItemId | None] = []
+        for item in items:
             try:
-                if item.id in seen:
-                    raise InputError(f"expected unique ids, got id {item.id!r} twice in this batch")
-                seen.add(item.id)
-                if item.id in present:
-                    raise InputError(f"expected a new id, got {item.id!r}: already indexed")
+                ids.append(parse_id(item.id))
+            except InputError:
+                ids.append(None)
+        present = (
+            set()
+            if on_conflict == "replace"
+            else self.store.existing([i for i in ids if i is not None])
+        )
+        for index, (item, item_id) in enumerate(zip(items, ids, strict=True)):
+            shown = item_id if item_id is not None else _shown_id(item.id)
+            try:
+                if item_id is None:
+                    parse_id(item.id)  # raises, saying what is wrong with it
+                    raise AssertionError("unreachable")
+                if item_id in seen:
+                    raise InputError(f"expected unique ids, got id {item_id!r} twice in this batch")
+                seen.add(item_id)
+                if item_id in present and on_conflict == "error":
+                    raise InputError(
+                        f"expected a new id, got {item_id!r}: already indexed (on_conflict "
+                        "skip leaves it as it is, replace replaces it)"
+                    )
                 check_text(item.text)
                 check_fields(item.fields)
                 data = _image_bytes(item, data_dir, max_image_bytes)
                 _, extension = self._decode(data)
-                pending.append(Pending(item.id, item.text, data, extension, dict(item.fields)))
+                if item_id in present:  # on_conflict "skip", once it is known to be valid
+                    skipped.append(f"{item_id}: already indexed")
+                    continue
+                pending.append(Pending(item_id, item.text, data, extension, dict(item.fields)))
             except InputError as err:
-                errors.append(ErrorItem(index=index, id=item.id, reason=str(err)))
+                errors.append(ErrorItem(index=index, id=shown, reason=str(err)))
         if errors:
             raise BuildFailed(f"{len(errors)} of {len(items)} items are invalid", errors)
-        return pending
+        return pending, skipped
 
     def add(
         self,
         pending: Sequence[Pending],
         progress: Progress,
         *,
-        on_conflict: OnConflict,
+        on_conflict: BuildConflict,
         journal: Journal | None = None,
     ) -> int:
         """Encode pending items and commit them to the store in one write; the commit number.
@@ -253,7 +283,7 @@ class Indexer:
         pending: Sequence[Pending],
         image_codes: list[np.ndarray],
         *,
-        on_conflict: OnConflict,
+        on_conflict: BuildConflict,
         journal: Journal | None,
         added: int,
         final: JobStatus | None,
@@ -276,7 +306,9 @@ class Indexer:
                 for p in pending
             ]
             journal.committing(entries, final=final)
-        commit = self.store.add(batch, on_conflict=on_conflict)
+        commit = self.store.add(
+            batch, on_conflict="replace" if on_conflict == "replace" else "error"
+        )
         if journal is not None:
             journal.committed(added + len(pending), commit)
         return commit
@@ -286,7 +318,7 @@ class Indexer:
         data: PairDataset,
         progress: Progress,
         *,
-        on_conflict: OnConflict,
+        on_conflict: BuildConflict,
         within: Path | None = None,
         journal: Journal | None = None,
     ) -> DatasetOutcome:
@@ -318,8 +350,15 @@ class Indexer:
             except InputError as err:
                 skipped.append(f"{printable_id(raw_id)}: {err}")
         todo = list(ids)
-        if on_conflict == "error":
+        if on_conflict != "replace":
             present = self.store.existing(list(ids.values()))
+            if present and on_conflict == "error":
+                shown = sorted(map(str, present))[:10]
+                raise InputError(
+                    f"expected only new ids (on_conflict error), got {len(present)} already "
+                    f"indexed, among them {shown}: on_conflict skip adds the others, replace "
+                    "replaces them"
+                )
             skipped += [f"{ids[i]}: already indexed" for i in todo if ids[i] in present]
             todo = [i for i in todo if ids[i] not in present]
         added, commit = 0, self.store.view().commit
@@ -368,6 +407,11 @@ class Indexer:
                 raise JobInterrupted(f"stopped after adding {added} of {len(todo)} items")
         logger.info("dataset %s: %d added, %d skipped", data.name, added, len(skipped))
         return DatasetOutcome(added, skipped, commit)
+
+
+def _shown_id(value: object) -> int | str | None:
+    """An id as an error item can show it (the value the client sent, if it is one)."""
+    return value if isinstance(value, int | str) and not isinstance(value, bool) else None
 
 
 def printable_id(text: str) -> str:

@@ -25,7 +25,9 @@ from store.filters import Filter
 from store.ids import DOT_SEGMENTS, MAX_ID_CHARS, MAX_INT_ID, ItemId, parse_id
 
 Target = Literal["image", "text"]
-OnConflict = Literal["error", "replace"]
+# What a build does with an id already indexed, one word the same in the CLI and over HTTP:
+# refuse (the batch, or a dataset before anything is written), skip it, or replace the item.
+BuildConflict = Literal["error", "skip", "replace"]
 # How hits are ranked: by Hamming distance between codes, or by the inner product of the
 # query's real hash-layer output with each code (indexes/asymmetric.py; docs/search-api.md).
 Scoring = Literal["hamming", "asymmetric"]
@@ -58,26 +60,22 @@ JsonInt = Annotated[int, BeforeValidator(_json_int)]
 
 # An integer (0..2**63-1) or a string of 1..256 characters (not "." or ".."); "5" and 5 are the
 # same id.
-UserId = Annotated[
-    int | str,
-    BeforeValidator(_item_id),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "format": "int64", "minimum": 0, "maximum": MAX_INT_ID},
-                {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": MAX_ID_CHARS,
-                    "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
-                    "not": {"enum": list(DOT_SEGMENTS)},
-                },
-            ],
-            "description": "an integer, or a string without control characters other than '.' "
-            "and '..'",
-        }
-    ),
-]
+USER_ID_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "integer", "format": "int64", "minimum": 0, "maximum": MAX_INT_ID},
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_ID_CHARS,
+                "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                "not": {"enum": list(DOT_SEGMENTS)},
+            },
+        ],
+        "description": "an integer, or a string without control characters other than '.' and '..'",
+    }
+)
+UserId = Annotated[int | str, BeforeValidator(_item_id), USER_ID_SCHEMA]
 
 
 class ErrorItem(BaseModel):
@@ -283,8 +281,10 @@ class BuildItem(BaseModel):
         json_schema_extra=exactly_one(image_base64="string", image_path="string")
     )
 
-    id: UserId
-    text: str = Field(min_length=1, max_length=10_000)
+    # Checked by service/indexing.py's validate_items, the one place build items are checked,
+    # so that every bad item is in the one 400 that lists them; the schema states the rules.
+    id: Annotated[Any, USER_ID_SCHEMA]
+    text: str = Field(json_schema_extra={"minLength": 1, "maxLength": 10_000})
     image_base64: str | None = Field(None, description="the image file's bytes, base64")
     image_path: str | None = Field(None, description="a path inside the server's data folder")
     fields: dict[str, Any] = Field(
@@ -322,8 +322,12 @@ class BuildRequest(BaseModel):
     dataset: DatasetSource | None = Field(
         None, description="a dataset inside the server's data folder, streamed into the index"
     )
-    on_conflict: OnConflict = Field(
-        "error", description="an id already indexed: refuse the batch, or replace the item"
+    on_conflict: BuildConflict | None = Field(
+        None,
+        description="an id already indexed: error (refuse the batch, or the dataset before "
+        "anything is written), skip (leave the stored item, named in the job's `skipped`) or "
+        "replace the item; default error for items, skip for a dataset (so running a dataset "
+        "build again resumes it)",
     )
 
     @model_validator(mode="after")

@@ -178,7 +178,6 @@ def test_a_declared_length_past_the_limit_is_refused_before_reading(server: str)
         '{"text": "\\ud800", "k": 1}',  # a lone surrogate: Python holds it, UTF-8 cannot
         '{"text": "\\udfff\\ud800", "k": 0}',
         '{"text": "car", "k": 1, "target": "\\ud800"}',
-        '{"items": [{"id": "\\ud800", "text": "x", "image_base64": "AA=="}]}',
     ],
 )
 def test_lone_surrogates_get_a_422_that_can_be_encoded(server: str, raw: str) -> None:
@@ -188,6 +187,15 @@ def test_lone_surrogates_get_a_422_that_can_be_encoded(server: str, raw: str) ->
     errors = json.loads(body)["detail"]
     assert errors and all({"loc", "msg", "type"} <= set(e) for e in errors)
     assert "\\ud800" in body.decode("utf-8")  # shown escaped, not dropped
+
+
+def test_a_build_items_lone_surrogate_id_is_a_400_that_can_be_encoded(server: str) -> None:
+    raw = '{"items": [{"id": "\\ud800", "text": "x", "image_base64": "AA=="}]}'
+    status, body, _ = request(server, "POST", "/v1/index/build", raw, **{"X-API-Key": KEY})
+    assert status == 400, body[:300]
+    (error,) = json.loads(body)["errors"]
+    assert error["id"] == "\\ud800"  # shown escaped, not dropped
+    assert error["reason"].startswith("expected a string id of valid Unicode")
 
 
 def test_surrogates_in_fields_and_nul_in_texts_are_refused_before_a_202(server: str) -> None:

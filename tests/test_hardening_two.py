@@ -280,8 +280,8 @@ def test_ids_no_url_can_name_are_refused(served: tuple[int, httpx.Client], item_
     answer = client.post(
         "/v1/index/build", json={"items": [{"id": item_id, "text": "x", "image_base64": png}]}
     )
-    assert answer.status_code == 422
-    assert "other than '.' and '..'" in answer.json()["detail"][0]["msg"]
+    assert answer.status_code == 400
+    assert "other than '.' and '..'" in answer.json()["errors"][0]["reason"]
 
 
 def test_each_delete_reports_the_commit_that_made_it(demo_artifacts: Path) -> None:
@@ -526,3 +526,63 @@ def test_the_chinese_dictionary_is_loaded_before_the_server_listens(demo_artifac
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+# ---- issue 34: one validation path for build items, one meaning per on_conflict word ------------
+
+
+def test_every_bad_build_item_is_in_the_one_400_empty_captions_too(
+    served: tuple[int, httpx.Client],
+) -> None:
+    # Issue 34: an empty caption was a 422 for that item alone, although a bad batch is one 400
+    # listing every bad item.
+    _, client = served
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    items = [
+        {"id": 96_600, "text": "", "image_base64": png},
+        {"id": 96_601, "text": "   ", "image_base64": png},
+        {"id": -1, "text": "fine", "image_base64": png},
+        {"id": 96_603, "text": "x" * 10_001, "image_base64": png},
+        {"id": 96_604, "text": "fine", "image_base64": png},
+    ]
+    answer = client.post("/v1/index/build", json={"items": items})
+    assert answer.status_code == 400, answer.text[:300]
+    body = answer.json()
+    assert body["detail"] == "4 of 5 items are invalid"
+    reasons = {e["index"]: e["reason"] for e in body["errors"]}
+    assert reasons == {
+        0: "expected a text, got an empty one",
+        1: "expected a text, got only spaces",
+        2: f"expected an integer id in 0..{2**63 - 1}, got -1",
+        3: "expected a text of at most 10000 characters, got 10001",
+    }
+
+
+def test_on_conflict_words_mean_the_same_for_items_and_datasets(
+    served: tuple[int, httpx.Client],
+) -> None:
+    _, client = served
+    png = base64.b64encode(strip_png(40, 30)).decode()
+    first = [{"id": 96_700, "text": "first", "image_base64": png}]
+    accepted = client.post("/v1/index/build", json={"items": first})
+    assert wait_for_job(client, accepted.json()["job_id"])["status"] == "succeeded"
+    both = [*first, {"id": 96_701, "text": "second", "image_base64": png}]
+    refused = client.post("/v1/index/build", json={"items": both})  # error: the default
+    assert refused.status_code == 400
+    assert refused.json()["errors"][0]["reason"].startswith("expected a new id, got 96700")
+    skipping = client.post("/v1/index/build", json={"items": both, "on_conflict": "skip"})
+    status = wait_for_job(client, skipping.json()["job_id"])
+    assert (status["status"], status["added"], status["skipped"]) == (
+        "succeeded",
+        1,
+        ["96700: already indexed"],
+    )
+    replacing = client.post(
+        "/v1/index/build",
+        json={"items": [{**first[0], "text": "replaced"}], "on_conflict": "replace"},
+    )
+    assert wait_for_job(client, replacing.json()["job_id"])["added"] == 1
+    found = client.post(
+        "/v1/search/text", json={"text": "a red car", "k": 1, "filter": {"ids": [96_700]}}
+    )
+    assert found.json()["hits"][0]["text"] == "replaced"

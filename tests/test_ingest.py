@@ -55,6 +55,11 @@ def test_cli_index_build_streams_a_dataset_and_resumes(
     assert main(argv) == 0  # a second run skips every id already durable
     again = capsys.readouterr().out  # type: ignore[attr-defined]
     assert "indexed 0 of 80 pairs" in again and "80 skipped" in again
+    # Issue 34: "error" means what it means over HTTP: refused, before anything is written.
+    assert main([*argv, "--on-conflict", "error"]) == 2
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert "cmh index: error: expected only new ids (on_conflict error), got 80" in err, err
+    assert "Traceback" not in err
     with TestClient(create_app(Settings(artifacts_dir=demo_artifacts))) as client:
         assert client.get("/v1/index/stats").json()["items"] == 80
         # Same codes as the demo build made from cached features: same ranking.

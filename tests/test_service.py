@@ -208,7 +208,6 @@ def test_invalid_build_is_rejected_whole_and_changes_nothing(demo_artifacts: Pat
         {},
         {"items": []},
         {"items": [{"id": 1, "text": "x"}]},
-        {"items": [{"id": -1, "text": "x", "image_base64": "AA=="}]},
         {"items": [{"id": 1, "text": "x", "image_base64": "AA==", "image_path": "a.png"}]},
         {"dataset": {"name": "wikipedia", "root": "w"}},
     ],

@@ -53,13 +53,15 @@ def build_index(
     A 202 means the job's record is durable: its status URL gives its outcome, across restarts.
     """
     pending: list[Pending] = []
-    indexer, on_conflict = loaded.indexer, body.on_conflict
+    indexer = loaded.indexer
+    on_conflict = body.on_conflict or ("error" if body.items is not None else "skip")
+    skipped: list[str] = []
     if body.items is not None:  # items are checked now: a bad batch is a 400 listing each item
         if len(body.items) > settings.max_batch_items:
             raise InputError(
                 f"expected at most {settings.max_batch_items} items, got {len(body.items)}"
             )
-        pending = indexer.validate_items(
+        pending, skipped = indexer.validate_items(
             body.items,
             data_dir=settings.server_data_dir,
             max_image_bytes=settings.max_upload_bytes,
@@ -77,12 +79,15 @@ def build_index(
             outcome = indexer.add_dataset(
                 data, progress, on_conflict=on_conflict, within=data_dir, journal=progress
             )
-            added, skipped, commit = outcome.added, outcome.skipped, outcome.commit
+            added, not_added, commit = outcome.added, outcome.skipped, outcome.commit
         else:
-            commit = indexer.add(pending, progress, on_conflict=on_conflict, journal=progress)
-            added, skipped = len(pending), []
+            if pending:
+                commit = indexer.add(pending, progress, on_conflict=on_conflict, journal=progress)
+            else:  # every item skipped as already indexed: nothing to write
+                commit = loaded.store.view().commit
+            added, not_added = len(pending), skipped
         metrics.set_index_size(len(loaded.store), len(loaded.store))
-        return succeeded(added, skipped, commit)
+        return succeeded(added, not_added, commit)
 
     job_id = jobs.submit(len(pending), work)
     return JobAccepted(job_id=job_id, status_url=str(request.url_for("job_status", job_id=job_id)))
