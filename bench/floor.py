@@ -58,7 +58,7 @@ def create_floor_app() -> FastAPI:
             k=body.k,
             scoring=body.scoring,
             n_bits=64,
-            generation="1",
+            commit="1",
             used_words=body.text.split()[:3],
             unknown_words=[],
             hits=HITS[: body.k],

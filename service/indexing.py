@@ -85,7 +85,7 @@ class Journal(Protocol):
 
 def succeeded(added: int, skipped: list[str], commit: int | None) -> JobStatus:
     """What a build job reports when everything it set out to add is committed."""
-    generation = None if commit is None else str(commit)
+    named = None if commit is None else str(commit)
     return JobStatus(
         job_id="",
         status="succeeded",
@@ -93,7 +93,7 @@ def succeeded(added: int, skipped: list[str], commit: int | None) -> JobStatus:
         total=added,
         added=added,
         skipped=skipped,
-        generation=generation,
+        commit=named,
     )
 
 

@@ -315,9 +315,7 @@ class JobManager:
 
     def _committed(self, job_id: str, added: int, commit: int) -> None:
         with self._lock, self._write():
-            status = self._mine[job_id].model_copy(
-                update={"added": added, "generation": str(commit)}
-            )
+            status = self._mine[job_id].model_copy(update={"added": added, "commit": str(commit)})
             self._save(status)
             self._db.execute("UPDATE jobs SET batch = NULL WHERE id = ?", (job_id,))
             self._noted.discard(job_id)

@@ -13,6 +13,7 @@ from pydantic import (
     PrivateAttr,
     StringConstraints,
     WithJsonSchema,
+    computed_field,
     field_validator,
     model_validator,
 )
@@ -76,6 +77,30 @@ USER_ID_SCHEMA = WithJsonSchema(
     }
 )
 UserId = Annotated[int | str, BeforeValidator(_item_id), USER_ID_SCHEMA]
+
+
+class CommitNamed(BaseModel):
+    """A response that names a store commit as `commit`, and as `generation`, its name before
+    (deprecated, kept for one release: the same value)."""
+
+    commit: str | None
+
+    @computed_field(  # type: ignore[prop-decorator]  # pydantic's documented way
+        # Deprecated in the schema only: pydantic's `deprecated=` warns on every response.
+        json_schema_extra={"deprecated": True},
+        description="the same as `commit`: renamed, and removed in the next release",
+    )
+    @property
+    def generation(self) -> str | None:
+        return self.commit
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_generation(cls, data: Any) -> Any:
+        """Records written before the rename (job files) name it `generation`."""
+        if isinstance(data, dict) and "commit" not in data and "generation" in data:
+            return {**data, "commit": data["generation"]}
+        return data
 
 
 class ErrorItem(BaseModel):
@@ -228,7 +253,7 @@ class Hit(BaseModel):
     fields: dict[str, Any] = Field({}, description="the user's fields given at build time")
 
 
-class SearchResponse(BaseModel):
+class SearchResponse(CommitNamed):
     """Ranked hits, best first (ties in index order)."""
 
     target: Target
@@ -236,7 +261,7 @@ class SearchResponse(BaseModel):
     offset: int = Field(0, description="the rank of the first hit (0: the best)")
     scoring: Scoring
     n_bits: int
-    generation: str = Field(description="the store commit the search read")
+    commit: str = Field(description="the store commit the search read")
     no_known_words: bool = Field(
         False, description="text query: none of its words is known, so it has no hits"
     )
@@ -344,7 +369,7 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
-class JobStatus(BaseModel):
+class JobStatus(CommitNamed):
     """A build job's state, progress and per-item errors."""
 
     job_id: str
@@ -359,7 +384,7 @@ class JobStatus(BaseModel):
         description="dataset pairs not added (rejected by the loader, undecodable, or already "
         "indexed), with reasons",
     )
-    generation: str | None = Field(None, description="the store commit that made the job's items")
+    commit: str | None = Field(None, description="the store commit that made the job's items")
     committed: list[int | str] = Field(
         [],
         description="a failed job's partial outcome: the ids of its last batch that the store "
@@ -367,20 +392,20 @@ class JobStatus(BaseModel):
     )
 
 
-class DeleteResponse(BaseModel):
+class DeleteResponse(CommitNamed):
     """What a delete removed."""
 
     id: int | str
     removed: bool
-    generation: str
+    commit: str
 
 
-class IndexStats(BaseModel):
+class IndexStats(CommitNamed):
     """What is being served."""
 
     items: int
     n_bits: int
-    generation: str
+    commit: str
     segments: int = Field(description="parts the store searches (segments and the growing part)")
     image_backbone: str
     checkpoint_dataset: str

@@ -24,6 +24,7 @@ from pymilvus import MilvusClient
 
 from bench.local import service_process
 from common.fields import MAX_FIELDS_DEPTH
+from service.schemas import JobStatus
 from store.milvus_lite import MilvusLite
 from store.rows import NewItems
 from store.store import Store
@@ -300,7 +301,7 @@ def test_each_delete_reports_the_commit_that_made_it(demo_artifacts: Path) -> No
         def delete(item_id: int) -> int:
             answer = client.delete(f"/v1/items/{item_id}")
             assert answer.status_code == 200, answer.text[:200]
-            return int(answer.json()["generation"])
+            return int(answer.json()["commit"])
 
         with ThreadPoolExecutor(16) as pool:
             commits = list(pool.map(delete, ids))
@@ -586,3 +587,22 @@ def test_on_conflict_words_mean_the_same_for_items_and_datasets(
         "/v1/search/text", json={"text": "a red car", "k": 1, "filter": {"ids": [96_700]}}
     )
     assert found.json()["hits"][0]["text"] == "replaced"
+
+
+def test_commit_is_named_commit_and_generation_stays_a_deprecated_alias(
+    served: tuple[int, httpx.Client],
+) -> None:
+    # Issue 34: the public `generation` carries a commit number: it is `commit` now, with
+    # `generation` kept (the same value, marked deprecated) for one release.
+    _, client = served
+    stats = client.get("/v1/index/stats").json()
+    found = client.post("/v1/search/text", json={"text": "a red car", "k": 1}).json()
+    for body in (stats, found):
+        assert body["commit"] == body["generation"] and int(body["commit"]) >= 1
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("SearchResponse", "JobStatus", "DeleteResponse", "IndexStats"):
+        assert schemas[name]["properties"]["generation"]["deprecated"] is True
+    old_record = JobStatus.model_validate_json(
+        '{"job_id": "a", "status": "succeeded", "done": 1, "total": 1, "generation": "7"}'
+    )
+    assert (old_record.commit, old_record.generation) == ("7", "7")

@@ -65,7 +65,7 @@ def delete_item(item_id: str, loaded: LoadedDep, metrics: MetricsDep) -> DeleteR
         raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
     metrics.set_index_size(len(loaded.store), len(loaded.store))
     # The commit that removed it: the view's, read after, could already be another write's.
-    return DeleteResponse(id=removed.ids[0], removed=True, generation=str(removed.commit))
+    return DeleteResponse(id=removed.ids[0], removed=True, commit=str(removed.commit))
 
 
 @router.get("/v1/index/stats", responses=ERRORS)
@@ -75,7 +75,7 @@ def index_stats(loaded: LoadedDep) -> IndexStats:
     return IndexStats(
         items=view.count,
         n_bits=enc.n_bits,
-        generation=str(view.commit),
+        commit=str(view.commit),
         segments=len(view.parts),
         image_backbone=enc.backbone.name,
         checkpoint_dataset=enc.checkpoint.dataset,
