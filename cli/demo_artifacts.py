@@ -6,16 +6,17 @@ writes is atomic, so an interrupted build resumes where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from indexes.codes import pack_codes
 from models.data.demo import N_DEFAULT, generate_demo
-from models.features.pipeline import prepare
-from models.network.checkpoint import load_checkpoint, save_checkpoint
-from models.training.train import TrainConfig, best_epoch, train_selecting, with_k_grid
+from models.features.pipeline import prepare, reweight
+from models.methods.compare import DEFAULT_METHOD, METHODS
+from models.methods.trained import train_checkpoint
+from models.network.checkpoint import load_checkpoint
+from models.training.train import TrainConfig, best_epoch, with_k_grid
 from service.indexing import dataset_ids
 from store import legacy
 from store.layout import CHECKPOINT_NAME, open_store
@@ -41,7 +42,15 @@ def build_demo(
         generate_demo(root, n=n, progress=progress)
         report.append(f"demo dataset: generated {n} scenes in {root} ({_since(start)})")
     start = time.perf_counter()
-    data = prepare("demo", root, cache_dir=artifacts / "features", progress=progress)
+    # The demo trains what `cmh train` trains by default: its text cut and weighted that way.
+    method = METHODS[DEFAULT_METHOD]
+    data = prepare(
+        "demo",
+        root,
+        cache_dir=artifacts / "features",
+        progress=progress,
+        text_tokens=method.text_tokens,
+    )
     assert data.image_features is not None and data.text_features is not None
     assert data.image_paths is not None and data.texts is not None and data.vocabulary is not None
     report.append(
@@ -53,28 +62,29 @@ def build_demo(
         report.append(f"checkpoint: present at {checkpoint}")
     else:
         start = time.perf_counter()
-        candidates = with_k_grid(TrainConfig(n_bits=DEMO_BITS, epochs=epochs))  # CUDA if any
-        model, history, cfg = train_selecting(candidates=candidates, data=data, progress=progress)
-        save_checkpoint(
-            checkpoint,
-            model=model,
-            train_config=dataclasses.asdict(cfg),
-            history=history,
-            vocabulary=data.vocabulary,
-            image_backbone=data.image_backbone,
-            dataset="demo",
+        options = {**(method.train_options or {}), "n_bits": DEMO_BITS, "epochs": epochs}
+        trained = train_checkpoint(
+            data,
+            out=checkpoint,
+            candidates=with_k_grid(TrainConfig(**options)),  # CUDA if any
+            weighting=method.text_weighting,
+            progress=progress,
         )
-        best = best_epoch(history)
+        best = best_epoch(trained.history)
         report.append(
-            f"checkpoint: trained AUCMH {DEMO_BITS} bits (kept k {cfg.k}) in {_since(start)}; "
-            "best validation MAP "
+            f"checkpoint: trained {method.name} {DEMO_BITS} bits (kept k {trained.config.k}) in "
+            f"{_since(start)}; best validation MAP "
             f"i2t {best['val_i2t']:.3f} t2i {best['val_t2i']:.3f} -> {checkpoint}"
         )
     if legacy.has_generations(artifacts):
         report.append(f"index: present in {artifacts / legacy.LEGACY_DIR} (migrated when served)")
         return report
     start = time.perf_counter()
-    model = load_checkpoint(checkpoint).model
+    loaded = load_checkpoint(checkpoint)
+    model = loaded.model
+    # The text as the checkpoint weights it (its idf from the same training texts).
+    text_features = reweight(data, loaded.text_weighting).text_features
+    assert text_features is not None
     manifest = manifest_for(
         checkpoint, n_bits=DEMO_BITS, backbone=data.image_backbone, vocabulary=data.vocabulary
     )
@@ -90,7 +100,7 @@ def build_demo(
                 texts=data.texts,
                 images=[str(path.relative_to(artifacts)) for path in data.image_paths],
                 image_codes=pack_codes(model.encode_image(data.image_features)),
-                text_codes=pack_codes(model.encode_text(data.text_features)),
+                text_codes=pack_codes(model.encode_text(text_features)),
             )
         )
         report.append(f"index: {len(store)} items, both directions ({_since(start)})")

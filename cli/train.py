@@ -1,29 +1,53 @@
-"""`cmh train`: train AUCMH on a dataset's training part and write one checkpoint."""
+"""`cmh train`: train AUCMH on a dataset's training part and write one checkpoint.
+
+`--method NAME` trains an AUCMH row of `cmh evaluate` (models/methods/compare.py METHODS), by
+default DEFAULT_METHOD, so that what a user trains is what the evaluated tables report; a flag
+given on the command line overrides that row's setting of the same name.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
 from cli.dataset_args import add_dataset_args, prepare_from_args
+from common.errors import InputError
 from models.devices import DEVICES
-from models.features.pipeline import reweight, text_vectorizer
-from models.features.text import DEFAULT_TOKENS, TOKENIZATIONS, WEIGHTINGS
+from models.features.text import TOKENIZATIONS, WEIGHTINGS
+from models.methods.compare import DEFAULT_METHOD, METHODS, Method
+from models.methods.trained import train_checkpoint
 from models.network.aucmh import BITS, INPUT_NORMS
-from models.network.checkpoint import save_checkpoint
 from models.training.losses import GRAPH_FUSIONS
 from models.training.train import (
     K_GRID,
     LR_SCHEDULES,
     TrainConfig,
     best_epoch,
-    train_selecting,
     with_k_grid,
 )
 
 DEFAULTS = TrainConfig()
+# The `cmh evaluate` rows `cmh train --method` can train (AUCMH's; the baselines are not trained).
+TRAINABLE = [name for name, m in METHODS.items() if m.train_options is not None]
+
+# Flags that set a TrainConfig field: dest -> field (the ablation switches are negated below).
+FLAG_FIELDS = {
+    "bits": "n_bits", "image_hidden": "image_hidden", "text_hidden": "text_hidden",
+    "input_norm": "input_norm", "dropout": "dropout", "anchors": "n_anchors", "beta": "beta",
+    "margin": "margin", "temperature": "temperature", "graph_fusion": "graph_fusion",
+    "graph_text_weight": "graph_text_weight", "lr": "lr", "lr_schedule": "lr_schedule",
+    "hash_temperature": "hash_temperature", "weight_decay": "weight_decay",
+    "batch_size": "batch_size", "epochs": "epochs", "patience": "patience", "n_val": "n_val",
+    "seed": "seed", "short_view_weight": "short_view_weight",
+    "short_view_words": "short_view_words", "val_short_words": "val_short_words",
+    "device": "device",
+}  # fmt: skip
+SWITCHES = {
+    "no_graph_loss": "use_graph_loss",
+    "no_ranking_loss": "use_ranking_loss",
+    "no_hash_layer": "use_hash_layer",
+}
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -62,8 +86,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=TRAINABLE,
+        help=f"the `cmh evaluate` row to train (default {DEFAULT_METHOD}, the best validated; "
+        "docs/keyword-queries.md); the flags below override its settings",
+    )
+    p.add_argument(
         "--text-weighting",
-        default="binary",
         choices=WEIGHTINGS,
         help="a word's value in a text: binary (the paper's), log(1 + count), or tf-idf with idf "
         "from the training texts; saved in the checkpoint, which the service encodes texts with "
@@ -71,7 +101,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--text-tokens",
-        default=DEFAULT_TOKENS,
         choices=TOKENIZATIONS,
         help="how Chinese text is cut into words: jieba's accurate mode (words) or its search "
         "mode, which adds the shorter words inside long ones (search: beyond the paper); saved "
@@ -129,77 +158,83 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement")
     p.add_argument("--n-val", type=int, default=d.n_val, help="validation pairs (of train)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for split, anchors, weights")
+    p.add_argument(
+        "--short-view-weight",
+        type=float,
+        default=d.short_view_weight,
+        help="weight of the loss on short text views (1..--short-view-words words of each "
+        f"caption) beside the whole caption ({d.short_view_weight:g}: off, the paper's)",
+    )
+    p.add_argument(
+        "--short-view-words", type=int, default=d.short_view_words, help="most words in a view"
+    )
+    p.add_argument(
+        "--val-short-words",
+        type=int,
+        default=d.val_short_words,
+        help="keep the epoch that is best also for validation captions cut to 1..N words "
+        f"({d.val_short_words}: whole captions only, the paper's)",
+    )
     p.add_argument("--no-graph-loss", action="store_true", help="ablation: drop L_g")
     p.add_argument("--no-ranking-loss", action="store_true", help="ablation: drop L_r")
     p.add_argument("--no-hash-layer", action="store_true", help="ablation: continuous codes")
     p.add_argument("--device", default=d.device, choices=DEVICES, help="device")
+    # A flag not given leaves the method's setting: the defaults above are only for --help.
+    for action in p._actions:
+        if action.dest in FLAG_FIELDS or action.dest in SWITCHES or action.dest == "k":
+            action.default = argparse.SUPPRESS
     p.set_defaults(run=run)
 
 
+def method_of(args: argparse.Namespace) -> Method:
+    """The METHODS row --method names (raises InputError for a baseline or an unknown name)."""
+    method = METHODS.get(args.method)
+    if method is None or method.train_options is None:
+        raise InputError(f"expected --method from {', '.join(TRAINABLE)}, got {args.method!r}")
+    return method
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the flags describe, with the first --k (raises InputError on bad values)."""
-    return TrainConfig(
-        n_bits=args.bits,
-        image_hidden=args.image_hidden,
-        text_hidden=args.text_hidden,
-        input_norm=args.input_norm,
-        dropout=args.dropout,
-        k=args.k[0],
-        n_anchors=args.anchors,
-        beta=args.beta,
-        margin=args.margin,
-        temperature=args.temperature,
-        graph_fusion=args.graph_fusion,
-        graph_text_weight=args.graph_text_weight,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        hash_temperature=args.hash_temperature,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        patience=args.patience,
-        n_val=args.n_val,
-        seed=args.seed,
-        use_graph_loss=not args.no_graph_loss,
-        use_ranking_loss=not args.no_ranking_loss,
-        use_hash_layer=not args.no_hash_layer,
-        device=args.device,
-    )
+    """The TrainConfig of --method with the flags given on top, with the first --k (raises
+    InputError on bad values)."""
+    options = dict(method_of(args).train_options or {})
+    given = vars(args)
+    options.update({field: given[dest] for dest, field in FLAG_FIELDS.items() if dest in given})
+    options.update({field: False for dest, field in SWITCHES.items() if given.get(dest)})
+    return TrainConfig(**{**options, "k": ks_of(args)[0]})
+
+
+def ks_of(args: argparse.Namespace) -> tuple[int, ...]:
+    """The --k values, K_GRID when not given."""
+    ks: tuple[int, ...] = getattr(args, "k", K_GRID)
+    return ks
 
 
 def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
-    candidates = with_k_grid(config_from_args(args), args.k)
-    # Binary text, the vocabulary from the training texts, cut as --text-tokens says.
-    data = prepare_from_args(args, text_tokens=args.text_tokens)
-    weighting = args.text_weighting
-    vectorizer = None
-    if weighting != "binary":  # the same vocabulary, weighted; idf from the training texts
-        vectorizer = text_vectorizer(data, weighting)
-        data = reweight(data, weighting)
+    method = method_of(args)
+    candidates = with_k_grid(config_from_args(args), ks_of(args))
+    # Binary text, the vocabulary from the training texts, cut as the method (or flag) says.
+    data = prepare_from_args(args, text_tokens=args.text_tokens or method.text_tokens)
     start = time.perf_counter()
-    model, history, cfg = train_selecting(candidates=candidates, data=data, progress=True)
-    seconds = time.perf_counter() - start
-    save_checkpoint(
-        args.out,
-        model=model,
-        train_config=dataclasses.asdict(cfg),
-        history=history,
-        vocabulary=data.vocabulary,
-        image_backbone=data.image_backbone,
-        dataset=data.name,
-        text_weighting=weighting,
-        idf=None if vectorizer is None else vectorizer.idf,
-        text_tokens=data.text_tokens,
+    trained = train_checkpoint(
+        data,
+        out=args.out,
+        candidates=candidates,
+        weighting=args.text_weighting or method.text_weighting,
+        progress=True,
     )
-    best = best_epoch(history)
+    seconds = time.perf_counter() - start
+    best = best_epoch(trained.history)
     summary = {
         "out": str(args.out),
+        "method": method.name,
         "dataset": data.name,
-        "n_bits": cfg.n_bits,
-        "k": cfg.k,
-        "text_weighting": weighting,
-        "epochs_run": len(history),
+        "n_bits": trained.config.n_bits,
+        "k": trained.config.k,
+        "text_weighting": trained.data.text_weighting,
+        "text_tokens": trained.data.text_tokens,
+        "epochs_run": len(trained.history),
         "best_epoch": int(best["epoch"]),
         "val_i2t": round(best["val_i2t"], 4),
         "val_t2i": round(best["val_t2i"], 4),

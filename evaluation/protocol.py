@@ -17,7 +17,7 @@ unseen item among training items. Every block of queries is ranked once for all 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -39,6 +39,12 @@ QUERY_BLOCK = 128  # queries scored at once: 128 x 200k database items is about 
 _CUTOFF_POINTS = 64  # rank cut-offs along a real-valued method's precision-recall curve
 CUTOFFS = (1, 10, 100)  # K of P@K and R@K against the database
 INSTANCE_CUTOFFS = (1, 5, 10)  # K of instance-level Recall@K (the query's own pair)
+WORDS_CUTOFF = 10  # K of the P@K reported for short queries
+# How a database of codes is ranked for a query: "hamming" compares the query's code; "asymmetric"
+# the query's real hash-layer output (tanh, L2-normalised, before the sign) by its inner product
+# with each stored code (Gordo et al., TPAMI 2014): the database stays binary. Equal to ranking
+# by the cosine, since every code has the same length sqrt(L).
+SCORINGS = ("hamming", "asymmetric")
 
 
 class Encoder(Protocol):
@@ -71,14 +77,28 @@ class DirectionScore:
 
 
 @dataclass(frozen=True)
+class WordsScore:
+    """Short queries of W words (models/features/short_text.py) in one direction."""
+
+    map_all: float
+    map_r: float
+    precision_at: float  # P@WORDS_CUTOFF
+    queries: int  # the queries with at least one known word (the others have no query)
+
+
+@dataclass(frozen=True)
 class RunResult:
-    """One method at one code length and seed, scored in both directions."""
+    """One method at one code length and seed, scored in both directions, ranked as `scoring`
+    says; t2i_words / t2t_words: by W, short text queries against the image / text database."""
 
     method: str
     bits: int
     seed: int
     i2t: DirectionScore
     t2i: DirectionScore
+    scoring: str = "hamming"
+    t2i_words: dict[int, WordsScore] = field(default_factory=dict)
+    t2t_words: dict[int, WordsScore] = field(default_factory=dict)
 
 
 def run_seeds(n_seeds: int) -> list[int]:
@@ -180,6 +200,35 @@ def validation_map(
     return i2t, t2i
 
 
+def score_words(
+    query: np.ndarray,
+    db: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    *,
+    real_valued: bool,
+    seed: int,
+) -> WordsScore:
+    """MAP@all, MAP@R and P@WORDS_CUTOFF of short queries (codes, or real outputs when
+    `real_valued`) against a database, ranked as score_direction ranks."""
+    ks = np.array([WORDS_CUTOFF], dtype=np.int64)
+    ap, ap_r, p = [], [], []
+    for dists, rel in _blocks(query, db, query_labels, db_labels, real_valued=real_valued):
+        scores = ranked_scores(dists, rel, ks=ks, seed=seed)
+        ap.append(scores.ap)
+        ap_r.append(scores.ap_r)
+        p.append(scores.precision[:, 0])
+    if not ap:
+        nan = float("nan")
+        return WordsScore(map_all=nan, map_r=nan, precision_at=nan, queries=0)
+    return WordsScore(
+        map_all=float(np.mean(np.concatenate(ap))),
+        map_r=float(np.mean(np.concatenate(ap_r))),
+        precision_at=float(np.mean(np.concatenate(p))),
+        queries=int(query.shape[0]),
+    )
+
+
 def score_direction(
     query: np.ndarray,
     db: np.ndarray,
@@ -265,15 +314,28 @@ def score_run(
     query_labels: np.ndarray,
     db_labels: np.ndarray,
     real_valued: bool,
+    scoring: str = "hamming",
+    image_partners: np.ndarray | None = None,
+    text_partners: np.ndarray | None = None,
 ) -> RunResult:
     """Score a method's query and database encodings in both directions (ties seeded by `seed`);
-    each direction's instance gallery is the other modality's query encodings."""
+    each direction's instance gallery is the other modality's query pairs, encoded as the
+    database is (`*_partners`; the query encodings themselves when None).
+
+    With scoring "asymmetric" the queries are real hash-layer outputs and the database codes,
+    ranked by cosine (SCORINGS); a real-valued method is ranked by cosine whatever `scoring`.
+    """
+    if scoring not in SCORINGS:
+        raise InputError(f"expected a scoring in {', '.join(SCORINGS)}, got {scoring!r}")
+    by_cosine = real_valued or scoring == "asymmetric"
     i2t = score_direction(
-        image_query, text_db, query_labels, db_labels, partners=text_query,
-        real_valued=real_valued, seed=seed,
+        image_query, text_db, query_labels, db_labels,
+        partners=text_query if text_partners is None else text_partners,
+        real_valued=by_cosine, seed=seed,
     )  # fmt: skip
     t2i = score_direction(
-        text_query, image_db, query_labels, db_labels, partners=image_query,
-        real_valued=real_valued, seed=seed,
+        text_query, image_db, query_labels, db_labels,
+        partners=image_query if image_partners is None else image_partners,
+        real_valued=by_cosine, seed=seed,
     )  # fmt: skip
-    return RunResult(method=method, bits=bits, seed=seed, i2t=i2t, t2i=t2i)
+    return RunResult(method=method, bits=bits, seed=seed, i2t=i2t, t2i=t2i, scoring=scoring)

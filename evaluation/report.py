@@ -2,7 +2,9 @@
 
 The results JSON keeps its first keys (`i2t_map`, `t2i_map`: MAP@all) and adds, per run, an
 `i2t` and a `t2i` object with the other metrics under the names of OTHER_METRICS; the protocol
-object says what each of them means.
+object says what each of them means. Each run names its `scoring` (evaluation/protocol.py
+SCORINGS), and with short queries it has `t2i_words` and `t2t_words`: {"W": {"map_all", "map@r",
+"p@10", "queries"}} for each W (models/features/short_text.py).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from evaluation.protocol import (  # noqa: E402
     CUTOFFS,
     INSTANCE_CUTOFFS,
     METRIC,
+    WORDS_CUTOFF,
     DirectionScore,
     RunResult,
+    WordsScore,
 )
 
 # The metrics beside MAP@all: (name in the JSON and the second table, definition).
@@ -59,21 +63,29 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(arr)), std
 
 
+def row_name(run: RunResult, results: Sequence[RunResult]) -> str:
+    """A table row's name: the method, with its scoring when the results have several."""
+    if len({r.scoring for r in results}) > 1:
+        return f"{run.method} ({run.scoring})"
+    return run.method
+
+
 def format_table(results: Sequence[RunResult], *, dataset: str) -> str:
-    """A text table: one row per method, MAP@all mean +- std over seeds per direction and L."""
-    methods = list(dict.fromkeys(r.method for r in results))
+    """A text table: one row per method (and scoring), MAP@all mean +- std over seeds per
+    direction and L."""
+    names = list(dict.fromkeys(row_name(r, results) for r in results))
     bits = sorted({r.bits for r in results})
     seeds = sorted({r.seed for r in results})
     header = ["method"] + [f"{d} {b}" for d in ("i2t", "t2i") for b in bits]
     rows = [header]
-    for method in methods:
-        row = [method]
+    for name in names:
+        row = [name]
         for direction in ("i2t", "t2i"):
             for b in bits:
                 vals = [
                     getattr(r, direction).map_all
                     for r in results
-                    if r.method == method and r.bits == b
+                    if row_name(r, results) == name and r.bits == b
                 ]
                 mean, std = mean_std(vals) if vals else (float("nan"), float("nan"))
                 row.append(f"{mean:.4f} +- {std:.4f}")
@@ -90,8 +102,9 @@ def format_table(results: Sequence[RunResult], *, dataset: str) -> str:
 
 
 def format_other_metrics(results: Sequence[RunResult], *, dataset: str) -> str:
-    """The second table: one row per method, direction and L; OTHER_METRICS mean +- std."""
-    methods = list(dict.fromkeys(r.method for r in results))
+    """The second table: one row per method (and scoring), direction and L; OTHER_METRICS
+    mean +- std."""
+    methods = list(dict.fromkeys(row_name(r, results) for r in results))
     bits = sorted({r.bits for r in results})
     seeds = sorted({r.seed for r in results})
     names = [name for name, _ in OTHER_METRICS]
@@ -100,7 +113,7 @@ def format_other_metrics(results: Sequence[RunResult], *, dataset: str) -> str:
     for method in methods:
         for direction in ("i2t", "t2i"):
             for b in bits:
-                runs = [r for r in results if r.method == method and r.bits == b]
+                runs = [r for r in results if row_name(r, results) == method and r.bits == b]
                 if not runs:
                     continue
                 per_run = [other_metrics(getattr(r, direction)) for r in runs]
@@ -116,6 +129,58 @@ def format_other_metrics(results: Sequence[RunResult], *, dataset: str) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def format_words_table(results: Sequence[RunResult], *, dataset: str) -> str:
+    """The short-query table: one row per method (and scoring) and L; text->image MAP@all of
+    whole captions beside W-word queries, then text->text of W-word queries; "" without them."""
+    counts = sorted({w for r in results for w in r.t2i_words})
+    if not counts:
+        return ""
+    names = list(dict.fromkeys(row_name(r, results) for r in results))
+    bits = sorted({r.bits for r in results})
+    seeds = sorted({r.seed for r in results})
+    header = [
+        "method", "bits", "t2i whole", *(f"t2i {w}w" for w in counts),
+        *(f"t2t {w}w" for w in counts),
+    ]  # fmt: skip
+    rows = [header]
+    for name in names:
+        for b in bits:
+            runs = [r for r in results if row_name(r, results) == name and r.bits == b]
+            if not runs:
+                continue
+            cells = [_short(*mean_std([r.t2i.map_all for r in runs]))]
+            for part in ("t2i_words", "t2t_words"):
+                for w in counts:
+                    vals = [getattr(r, part)[w].map_all for r in runs if w in getattr(r, part)]
+                    cells.append(_short(*mean_std(vals)) if vals else "-")
+            rows.append([name, str(b), *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    queries = {w: runs[0].t2i_words[w].queries for w in counts if w in runs[0].t2i_words}
+    lines = [
+        f"{dataset}: short text queries (each query caption cut to W of its known words, a fixed "
+        f"seed), MAP@all mean +- std over seeds {seeds}; queries with a known word: "
+        + ", ".join(f"{w}w {n}" for w, n in queries.items()),
+        *(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def words_document(scores: dict[int, WordsScore]) -> dict[str, dict[str, float | int]]:
+    """{"W": {"map_all", "map@r", "p@10", "queries"}} of one direction's short queries."""
+    return {
+        str(w): {
+            "map_all": v.map_all,
+            "map@r": v.map_r,
+            f"p@{WORDS_CUTOFF}": v.precision_at,
+            "queries": v.queries,
+        }
+        for w, v in scores.items()
+    }
 
 
 def _short(mean: float, std: float) -> str:
@@ -142,10 +207,19 @@ def results_document(
                 "method": r.method,
                 "bits": r.bits,
                 "seed": r.seed,
+                "scoring": r.scoring,
                 "i2t_map": r.i2t.map_all,
                 "t2i_map": r.t2i.map_all,
                 "i2t": other_metrics(r.i2t),
                 "t2i": other_metrics(r.t2i),
+                **(
+                    {
+                        "t2i_words": words_document(r.t2i_words),
+                        "t2t_words": words_document(r.t2t_words),
+                    }
+                    if r.t2i_words
+                    else {}
+                ),
             }
             for r in results
         ],
@@ -164,7 +238,7 @@ def plot_pr_curves(results: Sequence[RunResult], *, dataset: str, bits: int, pat
     ones (dashed) along rank cut-offs, as their legend entry says.
     """
     runs = [r for r in results if r.bits == bits]
-    methods = list(dict.fromkeys(r.method for r in runs))
+    methods = list(dict.fromkeys(row_name(r, results) for r in runs))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, direction, title in zip(
         axes,
@@ -173,7 +247,7 @@ def plot_pr_curves(results: Sequence[RunResult], *, dataset: str, bits: int, pat
         strict=True,
     ):
         for method in methods:
-            curves = [getattr(r, direction).curve for r in runs if r.method == method]
+            curves = [getattr(r, direction).curve for r in runs if row_name(r, results) == method]
             precision, recall = mean_curve(
                 np.stack([c.precision for c in curves]), np.stack([c.recall for c in curves])
             )

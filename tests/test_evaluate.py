@@ -82,7 +82,9 @@ def test_evaluate_methods_gives_one_result_per_method_bits_and_seed(tmp_path: Pa
         "other_metrics": dict(OTHER_METRICS),
     }
     # The first keys stay (other code reads them); the other metrics come per direction.
-    assert set(doc["results"][0]) == {"method", "bits", "seed", "i2t_map", "t2i_map", "i2t", "t2i"}
+    assert set(doc["results"][0]) == {
+        "method", "bits", "seed", "scoring", "i2t_map", "t2i_map", "i2t", "t2i",
+    }  # fmt: skip
     names = ["map@r", "p@1", "p@10", "p@100", "r@1", "r@10", "r@100"]
     names += ["instance-r@1", "instance-r@5", "instance-r@10"]
     for row in doc["results"]:

@@ -49,6 +49,8 @@ class PairDataset:
     vocabulary: list[str] | None = None  # BoW terms in text_features column order, when BoW
     # How its Chinese words were cut: features/text.py DEFAULT_TOKENS (data sits below features).
     text_tokens: str = "words"
+    # How text_features weight a word (features/text.py WEIGHTINGS): "binary", "log" or "tfidf".
+    text_weighting: str = "binary"
     # (n_indexed,) int64: the pairs a build indexes, where the source says (a pairs file: its
     # database, so lines of split "query" or "train" are never searched); None: every pair (the
     # loaders' query splits are evaluation protocols, not properties of the data).
@@ -78,6 +80,7 @@ class PairDataset:
         image_backbone: str,
         vocabulary: list[str] | None,
         text_tokens: str = "words",
+        text_weighting: str = "binary",
     ) -> PairDataset:
         """A copy with image and text feature matrices set (rows aligned with `ids`)."""
         return replace(
@@ -87,6 +90,7 @@ class PairDataset:
             image_backbone=image_backbone,
             vocabulary=vocabulary,
             text_tokens=text_tokens,
+            text_weighting=text_weighting,
         )
 
     def split_sizes(self) -> dict[str, int]:

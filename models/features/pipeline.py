@@ -133,7 +133,7 @@ def reweight(data: PairDataset, weighting: str) -> PairDataset:
     counted on data.train_idx only (a split's training part: its queries never count)."""
     vectorizer = text_vectorizer(data, weighting)
     features, _ = vectorizer.transform(_texts(data, weighting))
-    return replace(data, text_features=features)
+    return replace(data, text_features=features, text_weighting=weighting)
 
 
 def prepare(
@@ -176,4 +176,5 @@ def prepare(
         image_backbone=backbone,
         vocabulary=vectorizer.vocabulary,
         text_tokens=text_tokens,
+        text_weighting=text_weighting,
     )

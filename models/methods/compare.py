@@ -26,9 +26,20 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.errors import InputError
-from evaluation.protocol import Encoder, RunResult, score_run, validation_map, validation_split
+from evaluation.protocol import (
+    SCORINGS,
+    Encoder,
+    RunResult,
+    WordsScore,
+    score_run,
+    score_words,
+    seeded_split,
+    validation_map,
+    validation_split,
+)
 from models.data.dataset import PairDataset
-from models.features.pipeline import DEFAULT_VOCAB_SIZE, retokenize, reweight
+from models.features.pipeline import DEFAULT_VOCAB_SIZE, retokenize, reweight, text_vectorizer
+from models.features.short_text import draw_words, query_words_rng
 from models.features.text import DEFAULT_TOKENS
 from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH, FitCache
 from models.training.train import TrainConfig, train_selecting, with_k_grid
@@ -36,6 +47,10 @@ from models.training.train import TrainConfig, train_selecting, with_k_grid
 logger = logging.getLogger(__name__)
 
 VALIDATION_FRACTION = 0.2  # of the training part, held out to choose each baseline's regulariser
+# `cmh evaluate --on validation`: queries are this fraction of the training part, held out by a
+# permutation seeded with VALIDATION_QUERY_SEED (not any run's seed: every run meets the same).
+VALIDATION_QUERIES = 0.2
+VALIDATION_QUERY_SEED = 1000
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # CCA covariance ridge, relative to the mean eigenvalue
 GAMMA_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # CMFH's ridge gamma (the paper's 0.01 first)
 # A choice on a grid's edge says the best value may lie beyond it: the grid grows by its own
@@ -68,6 +83,17 @@ class Method:
     real_valued: bool = False  # cosine ranking; one fit per seed serves every n_bits
     text_weighting: str = "binary"  # the text features it is fitted and scored on
     text_tokens: str = DEFAULT_TOKENS  # how their Chinese words are cut (TOKENIZATIONS)
+    # The TrainConfig fields an AUCMH row sets over the defaults (`cmh train --method` trains
+    # exactly this); None for a baseline, which `cmh train` does not train.
+    train_options: dict[str, Any] | None = None
+
+
+class RealOutputs(Protocol):
+    """An encoder whose codes are signs of real outputs it can also give (asymmetric scoring)."""
+
+    def embed_image(self, features: np.ndarray) -> np.ndarray: ...
+
+    def embed_text(self, features: np.ndarray) -> np.ndarray: ...
 
 
 class _CCAEncoder:
@@ -218,28 +244,51 @@ def _aucmh(**fields: Any) -> Fit:
     return fit
 
 
+def aucmh(
+    name: str, *, text_weighting: str = "binary", text_tokens: str = DEFAULT_TOKENS, **options: Any
+) -> Method:
+    """An AUCMH row: TrainConfig's defaults but `options`, on text weighted and cut as named."""
+    return Method(
+        name,
+        _aucmh(**options),
+        text_weighting=text_weighting,
+        text_tokens=text_tokens,
+        train_options=options,
+    )
+
+
+# Short text views and the short-query validation criterion (issue 32; TrainConfig fields).
+_SHORT: dict[str, Any] = {"short_view_weight": 1.0, "short_view_words": 3}
+_SHORT_VAL: dict[str, Any] = {**_SHORT, "val_short_words": 3}
+_BEST: dict[str, Any] = {
+    "text_weighting": "tfidf",
+    "text_tokens": "search",
+    "graph_text_weight": 0.8,
+}
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         # The paper's method with this project's validated defaults: the reference row.
-        Method("aucmh", _aucmh()),
+        aucmh("aucmh"),
         # The paper's ablations (its Table 5).
-        Method("aucmh-no-lr", _aucmh(use_ranking_loss=False)),
-        Method("aucmh-no-lg", _aucmh(use_graph_loss=False)),
-        Method("aucmh-no-hash", _aucmh(use_hash_layer=False)),
+        aucmh("aucmh-no-lr", use_ranking_loss=False),
+        aucmh("aucmh-no-lg", use_graph_loss=False),
+        aucmh("aucmh-no-hash", use_hash_layer=False),
         # Options beyond the paper, one row each (scripts/quality_study.py measures them).
-        Method("aucmh-cosine", _aucmh(lr_schedule="cosine")),
-        Method("aucmh-hash-t2", _aucmh(hash_temperature=2.0)),
-        Method("aucmh-tfidf", _aucmh(), text_weighting="tfidf"),  # needs raw texts (Web News)
+        aucmh("aucmh-cosine", lr_schedule="cosine"),
+        aucmh("aucmh-hash-t2", hash_temperature=2.0),
+        aucmh("aucmh-tfidf", text_weighting="tfidf"),  # needs raw texts (Web News)
         # tf-idf over jieba's search-mode words (vocabulary refitted on the training texts).
-        Method("aucmh-tfidf-search", _aucmh(), text_weighting="tfidf", text_tokens="search"),
+        aucmh("aucmh-tfidf-search", text_weighting="tfidf", text_tokens="search"),
         # The same, with P leaning on the text graph (w 0.8, chosen on Web News' validation split).
-        Method(
-            "aucmh-tfidf-search-graph-text-0.8",
-            _aucmh(graph_text_weight=0.8),
-            text_weighting="tfidf",
-            text_tokens="search",
-        ),
+        aucmh("aucmh-tfidf-search-graph-text-0.8", **_BEST),
+        # Short text views of 1-3 words beside each caption in training (weight 1), without and
+        # with the short-query validation criterion; on the paper's row and on the best row.
+        aucmh("aucmh-short-views", **_SHORT),
+        aucmh("aucmh-short-views-val", **_SHORT_VAL),
+        aucmh("aucmh-tfidf-search-graph-text-0.8-short-views", **_BEST, **_SHORT),
+        aucmh("aucmh-tfidf-search-graph-text-0.8-short-views-val", **_BEST, **_SHORT_VAL),
         Method("cvh", _tuned(_binary(lambda ridge: CVH(ridge=ridge)), RIDGE_GRID)),
         Method("cmfh", _tuned(_binary(lambda gamma: CMFH(gamma=gamma)), GAMMA_GRID)),
         Method("cca-itq", _tuned(_binary(lambda ridge: CCAITQ(ridge=ridge)), RIDGE_GRID)),
@@ -249,13 +298,96 @@ METHODS: dict[str, Method] = {
 }
 
 
+# What `cmh train` and the demo build train when no method is named, and what `--methods default`
+# evaluates: the row that validated best on Web News' validation split (docs/keyword-queries.md).
+DEFAULT_METHOD = "aucmh"
+
+
 def parse_methods(text: str) -> list[Method]:
-    """Methods from a comma-separated list of names; raises InputError for an unknown name."""
+    """Methods from a comma-separated list of names ("default": DEFAULT_METHOD); raises
+    InputError for an unknown name."""
     names = [n.strip() for n in text.split(",") if n.strip()]
+    names = [DEFAULT_METHOD if n == "default" else n for n in names]
     unknown = [n for n in names if n not in METHODS]
     if not names or unknown:
-        raise InputError(f"expected methods from {', '.join(METHODS)}, got {text!r}")
+        raise InputError(f"expected methods from default, {', '.join(METHODS)}, got {text!r}")
     return [METHODS[n] for n in dict.fromkeys(names)]
+
+
+def on_validation(data: PairDataset) -> PairDataset:
+    """data with its queries replaced by VALIDATION_QUERIES of its training part (seeded by
+    VALIDATION_QUERY_SEED), ranked against the rest, which is also all that trains: choices are
+    made on these figures, and the dataset's own queries are never read."""
+    n_held = int(round(VALIDATION_QUERIES * data.train_idx.size))
+    if not 0 < n_held < data.train_idx.size:
+        raise InputError(
+            f"expected enough training pairs to hold out validation queries, got "
+            f"{data.train_idx.size}"
+        )
+    kept, held = seeded_split(data.train_idx, n_held=n_held, seed=VALIDATION_QUERY_SEED)
+    protocol = (
+        f"validation: {held.size} of the {data.train_idx.size} training pairs as queries "
+        f"(seed {VALIDATION_QUERY_SEED}) against the other {kept.size}, which train"
+    )
+    return replace(data, train_idx=kept, query_idx=held, database_idx=kept, protocol=protocol)
+
+
+def short_queries(data: PairDataset, n_words: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features, rows): the query captions of `data` cut to n_words of their known words
+    (models/features/short_text.py), weighted as data's text features are and as the service
+    weights a typed query (each word once), for the query rows `rows` that know a word."""
+    vectorizer = text_vectorizer(data, data.text_weighting)
+    assert data.texts is not None  # text_vectorizer checked
+    columns = vectorizer.columns([data.texts[i] for i in data.query_idx])
+    chosen = draw_words(columns, n_words, query_words_rng(n_words))
+    known = np.array([c.size > 0 for c in chosen], dtype=bool)
+    kept = [c for c, k in zip(chosen, known, strict=True) if k]
+    values = [vectorizer.values_of(c, np.ones(c.size, dtype=np.int64)) for c in kept]
+    return vectorizer.dense(kept, values), data.query_idx[known]
+
+
+def has_raw_texts(data: PairDataset) -> bool:
+    """Whether short queries can be cut from data's captions (a vocabulary and the raw texts)."""
+    return data.texts is not None and data.vocabulary is not None
+
+
+def _words_scores(
+    model: Encoder,
+    data: PairDataset,
+    query_words: Sequence[int],
+    *,
+    image_db: np.ndarray,
+    text_db: np.ndarray,
+    asymmetric: bool,
+    real_valued: bool,
+    seed: int,
+) -> tuple[dict[int, WordsScore], dict[int, WordsScore]]:
+    """(t2i_words, t2t_words) of `model` for each W in query_words."""
+    t2i: dict[int, WordsScore] = {}
+    t2t: dict[int, WordsScore] = {}
+    db_labels = data.labels[data.database_idx]
+    for n_words in query_words:
+        features, rows = short_queries(data, n_words)
+        if asymmetric:
+            query = cast_real(model).embed_text(features)
+        else:
+            query = model.encode_text(features)
+        by_cosine = asymmetric or real_valued
+        labels = data.labels[rows]
+        t2i[n_words] = score_words(
+            query, image_db, labels, db_labels, real_valued=by_cosine, seed=seed
+        )
+        t2t[n_words] = score_words(
+            query, text_db, labels, db_labels, real_valued=by_cosine, seed=seed
+        )
+    return t2i, t2t
+
+
+def cast_real(model: Encoder) -> RealOutputs:
+    """model as RealOutputs; raises InputError when it has no real output before its signs."""
+    if not (hasattr(model, "embed_image") and hasattr(model, "embed_text")):
+        raise InputError(f"expected a model with real outputs, got {type(model).__name__}")
+    return model  # type: ignore[return-value]
 
 
 def evaluate_methods(
@@ -266,12 +398,26 @@ def evaluate_methods(
     seeds: Sequence[int],
     train_processes: int = 1,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    scorings: Sequence[str] = ("hamming",),
+    query_words: Sequence[int] = (),
 ) -> list[RunResult]:
-    """Fit, encode and score every method at every code length and seed (one result each);
-    AUCMH trains up to `train_processes` of its k candidates at once (the same models). A
-    method cutting text otherwise than data refits a vocabulary of at most `vocab_size` words."""
+    """Fit, encode and score every method at every code length and seed (one result per
+    scoring); AUCMH trains up to `train_processes` of its k candidates at once (the same
+    models). A method cutting text otherwise than data refits a vocabulary of at most
+    `vocab_size` words. `query_words` adds short text queries of each W words (t2i_words,
+    t2t_words) where data has raw texts. "asymmetric" scores methods with real outputs (AUCMH);
+    the others are scored by Hamming only (logged), and a real-valued one (CCA) by cosine."""
     if data.query_idx.size == 0:
         raise InputError('expected query pairs (split "query") to evaluate, got none')
+    unknown = [s for s in scorings if s not in SCORINGS]
+    if not scorings or unknown:
+        raise InputError(f"expected scorings from {', '.join(SCORINGS)}, got {list(scorings)}")
+    if query_words and not has_raw_texts(data):
+        logger.warning(
+            "%s has text features but no raw texts: no short-query figures (--query-words)",
+            data.name,
+        )
+        query_words = ()
     q, db = data.query_idx, data.database_idx
     cache = FitCache()  # content-keyed, so sharing it across methods and seeds is safe
     # (weighting, tokens) -> the text features; vocabulary and idf from the training part only.
@@ -293,34 +439,49 @@ def evaluate_methods(
             for n_bits in lengths:
                 start = time.perf_counter()
                 model = method.fit(mdata, n_bits, seed, cache=cache, processes=train_processes)
-                run = score_run(
-                    method=method.name,
-                    bits=n_bits,
-                    seed=seed,
-                    image_query=model.encode_image(image[q]),
-                    text_query=model.encode_text(text[q]),
-                    image_db=model.encode_image(image[db]),
-                    text_db=model.encode_text(text[db]),
-                    query_labels=mdata.labels[q],
-                    db_labels=mdata.labels[db],
-                    real_valued=method.real_valued,
-                )
-                logger.info(
-                    "%s %d bits seed %d: MAP@all i2t %.4f t2i %.4f (%.1f s)",
-                    method.name,
-                    n_bits,
-                    seed,
-                    run.i2t.map_all,
-                    run.t2i.map_all,
-                    time.perf_counter() - start,
-                )
-                if method.real_valued:
-                    results.extend(_with_bits(run, b) for b in bits)
-                else:
-                    results.append(run)
+                image_db = model.encode_image(image[db])
+                text_db = model.encode_text(text[db])
+                image_codes = model.encode_image(image[q])
+                text_codes = model.encode_text(text[q])
+                for scoring in scorings:
+                    asymmetric = scoring == "asymmetric" and not method.real_valued
+                    if asymmetric and not hasattr(model, "embed_text"):
+                        logger.info("%s has no real outputs: scored by Hamming only", method.name)
+                        continue
+                    real = cast_real(model) if asymmetric else None
+                    run = score_run(
+                        method=method.name,
+                        bits=n_bits,
+                        seed=seed,
+                        image_query=image_codes if real is None else real.embed_image(image[q]),
+                        text_query=text_codes if real is None else real.embed_text(text[q]),
+                        image_db=image_db,
+                        text_db=text_db,
+                        query_labels=mdata.labels[q],
+                        db_labels=mdata.labels[db],
+                        real_valued=method.real_valued,
+                        scoring=scoring,
+                        image_partners=image_codes,
+                        text_partners=text_codes,
+                    )
+                    t2i_words, t2t_words = _words_scores(
+                        model, mdata, query_words, image_db=image_db, text_db=text_db,
+                        asymmetric=asymmetric, real_valued=method.real_valued, seed=seed,
+                    )  # fmt: skip
+                    run = replace(run, t2i_words=t2i_words, t2t_words=t2t_words)
+                    logger.info(
+                        "%s %d bits seed %d %s: MAP@all i2t %.4f t2i %.4f%s (%.1f s)",
+                        method.name, n_bits, seed, scoring, run.i2t.map_all, run.t2i.map_all,
+                        "".join(f", t2i {w} words {v.map_all:.4f}" for w, v in t2i_words.items()),
+                        time.perf_counter() - start,
+                    )  # fmt: skip
+                    if method.real_valued:
+                        results.extend(_with_bits(run, b) for b in bits)
+                    else:
+                        results.append(run)
     logger.info("baseline fit cache: %d hits, %d computed", cache.hits, cache.misses)
     return results
 
 
 def _with_bits(run: RunResult, n_bits: int) -> RunResult:
-    return RunResult(method=run.method, bits=n_bits, seed=run.seed, i2t=run.i2t, t2i=run.t2i)
+    return replace(run, bits=n_bits)

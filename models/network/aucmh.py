@@ -192,8 +192,28 @@ class HashingModel(nn.Module):
         """
         return self._encode(features, self.text_dim, self.hash_text, "text")
 
+    def embed_image(self, features: np.ndarray) -> np.ndarray:
+        """Image features (n, image_dim) -> the hash layer's real output (n, n_bits) float32
+        (tanh, L2-normalised, before the sign): the query side of asymmetric scoring."""
+        return self._encode(features, self.image_dim, self._real_image, "image", np.float32)
+
+    def embed_text(self, features: np.ndarray) -> np.ndarray:
+        """Text features (n, text_dim) -> the hash layer's real output (n, n_bits) float32."""
+        return self._encode(features, self.text_dim, self._real_text, "text", np.float32)
+
+    def _real_image(self, x: Tensor) -> Tensor:
+        return self.hash_image(x, binary=False)
+
+    def _real_text(self, x: Tensor) -> Tensor:
+        return self.hash_text(x, binary=False)
+
     def _encode(
-        self, features: np.ndarray, dim: int, fn: Callable[[Tensor], Tensor], what: str
+        self,
+        features: np.ndarray,
+        dim: int,
+        fn: Callable[[Tensor], Tensor],
+        what: str,
+        dtype: type[np.generic] = np.int8,
     ) -> np.ndarray:
         # A read: it never switches the mode (which would race with other threads encoding),
         # it requires eval mode, set once by whoever loaded or trained the model.
@@ -206,13 +226,13 @@ class HashingModel(nn.Module):
         if arr.ndim != 2 or arr.shape[1] != dim:
             raise InputError(f"expected {what} features of shape (n, {dim}), got {arr.shape}")
         device = self.image_mean.device
-        out = np.empty((arr.shape[0], self.n_bits), dtype=np.int8)
+        out = np.empty((arr.shape[0], self.n_bits), dtype=dtype)
         with torch.inference_mode():
             for start in range(0, arr.shape[0], ENCODE_BATCH):
                 chunk = torch.as_tensor(
                     np.asarray(arr[start : start + ENCODE_BATCH], dtype=np.float32), device=device
                 )
-                out[start : start + chunk.shape[0]] = fn(chunk).to(torch.int8).cpu().numpy()
+                out[start : start + chunk.shape[0]] = fn(chunk).float().cpu().numpy()
         return out
 
 

@@ -21,9 +21,10 @@ import torch
 from tqdm import tqdm
 
 from common.errors import InputError
-from evaluation.protocol import seeded_split, validation_map
+from evaluation.protocol import map_all, seeded_split, validation_map
 from models.data.dataset import PairDataset
 from models.devices import DEVICES, resolve_device
+from models.features.short_text import short_rows
 from models.network.aucmh import HashingModel, ModelConfig, build_model
 from models.training.losses import (
     GRAPH_FUSIONS,
@@ -104,6 +105,15 @@ class TrainConfig:
     # of each pair against the batch's other pairs at contrastive_temperature (losses.py).
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
+    # Beyond the paper (0: off): short text views (issue 32). Each batch also hashes every pair's
+    # text cut to 1..short_view_words of its words (models/features/short_text.py), and the loss
+    # treats that view as the pair's text: L += short_view_weight * L(images, views), the same
+    # mix of L_g (P from the whole pair) and L_r. Needs bag-of-words text (else ignored, logged).
+    short_view_weight: float = 0.0
+    short_view_words: int = 3
+    # Beyond the paper (0: off): the kept epoch (and k) maximises the mean of validation i2t,
+    # t2i and t2i with each validation caption cut to 1..val_short_words words (drawn once).
+    val_short_words: int = 0
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
 
     def __post_init__(self) -> None:
@@ -140,6 +150,9 @@ class TrainConfig:
                 "contrastive_temperature > 0",
                 self.contrastive_temperature,
             ),
+            (self.short_view_weight >= 0.0, "short_view_weight >= 0", self.short_view_weight),
+            (self.short_view_words >= 1, "short_view_words >= 1", self.short_view_words),
+            (self.val_short_words >= 0, "val_short_words >= 0", self.val_short_words),
             (self.use_graph_loss or self.use_ranking_loss, "at least one loss", "none"),
             (self.device in DEVICES, "device auto, cpu or cuda", self.device),
         ]
@@ -202,21 +215,27 @@ def nearest_for_rows(
     return torch.cat(values), torch.cat(indices)
 
 
+def validation_score(row: dict[str, float]) -> float:
+    """What an epoch is chosen by: the mean of its validation MAPs (i2t, t2i, and the short
+    queries' t2i when TrainConfig.val_short_words asked for them)."""
+    keys = [k for k in ("val_i2t", "val_t2i", "val_t2i_short") if k in row]
+    return sum(row[k] for k in keys) / len(keys)
+
+
 def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    """The epoch train keeps: the row with the best mean of the two validation MAPs.
+    """The epoch train keeps: the row with the best validation_score.
 
     The earliest such row on ties. Only trained epochs are rows, so the untrained weights
     (epoch 0) are never kept. train decides with this function, and every report reads it.
     """
     if not history:
         raise InputError("expected a training history with at least one epoch, got none")
-    return max(history, key=lambda row: row["val_i2t"] + row["val_t2i"])
+    return max(history, key=validation_score)
 
 
 def best_validation_map(history: list[dict[str, float]]) -> float:
-    """The mean of the two validation MAPs at the kept epoch (best_epoch)."""
-    row = best_epoch(history)
-    return (row["val_i2t"] + row["val_t2i"]) / 2
+    """The validation_score of the kept epoch (best_epoch)."""
+    return validation_score(best_epoch(history))
 
 
 def with_k_grid(cfg: TrainConfig, ks: Sequence[int] = K_GRID) -> list[TrainConfig]:
@@ -259,9 +278,10 @@ def train_selecting(
     scores = [best_validation_map(history) for _, history, _ in runs]
     best = int(np.argmax(scores))
     logger.info(
-        "validation MAP by candidate: %s; kept %s",
+        "validation score by candidate: %s; kept k=%d, its epoch %d",
         ", ".join(f"k={c.k}: {v:.4f}" for (_, _, c), v in zip(runs, scores, strict=True)),
-        f"k={runs[best][2].k}",
+        runs[best][2].k,
+        best_epoch(runs[best][1])["epoch"],
     )
     return runs[best]
 
@@ -343,6 +363,33 @@ def train(
         cfg.n_bits, fit_idx.size, val_idx.size, m, device,
     )  # fmt: skip
 
+    words_known = data.vocabulary is not None  # short views cut words: bag-of-words text only
+    if (cfg.short_view_weight > 0 or cfg.val_short_words > 0) and not words_known:
+        logger.warning("%s has no bag-of-words text: no short text views", data.name)
+    normalised = data.text_weighting == "tfidf"
+    view_rng = np.random.default_rng([cfg.seed, 32])  # apart from rng: the same batches as before
+    val_short = None
+    if cfg.val_short_words > 0 and words_known and data.labels.shape[1] > 0:
+        short_rng = np.random.default_rng([cfg.seed, 33])
+        n_words = short_rng.integers(1, cfg.val_short_words + 1, size=val_idx.size)
+        val_short = short_rows(text[val_idx], n_words, short_rng, normalised=normalised)
+
+    def short_t2i() -> float:
+        assert val_short is not None
+        return map_all(
+            model.encode_text(val_short), model.encode_image(image[val_db]),
+            data.labels[val_idx], data.labels[val_db], real_valued=False, seed=cfg.seed,
+        )  # fmt: skip
+
+    def combined(hi: torch.Tensor, ht: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+        """The paper's loss of image codes hi against text codes ht (Eq. 8 or an ablation)."""
+        zero = hi.new_zeros(())
+        loss_g = zero if p is None else anchor_graph_loss(hi, ht, p, temperature=cfg.temperature)
+        loss_r = ranking_loss(hi, ht, margin=cfg.margin) if cfg.use_ranking_loss else zero
+        if cfg.use_graph_loss and cfg.use_ranking_loss:
+            return cfg.beta * loss_g + (1 - cfg.beta) * loss_r
+        return loss_g + loss_r
+
     def evaluate() -> tuple[float, float]:
         model.eval()  # encoding needs eval mode; the next epoch switches back to training
         if data.labels.shape[1] == 0:  # no labels (a user's own pairs): each validation pair's
@@ -375,6 +422,7 @@ def train(
             ht = model.hash_text(xt, binary=cfg.use_hash_layer, temperature=cfg.hash_temperature)
             zero = hi.new_zeros(())
             loss_g, loss_r = zero, zero
+            p: torch.Tensor | None = None
             if cfg.use_graph_loss:
                 rows = torch.as_tensor(position[batch], device=device)
                 p = fuse_graphs(
@@ -394,6 +442,15 @@ def train(
                 loss = loss + cfg.contrastive_weight * contrastive_loss(
                     hi, ht, temperature=cfg.contrastive_temperature
                 )
+            if cfg.short_view_weight > 0.0 and words_known:
+                n_words = view_rng.integers(1, cfg.short_view_words + 1, size=batch.size)
+                view = short_rows(text[batch], n_words, view_rng, normalised=normalised)
+                hv = model.hash_text(
+                    torch.as_tensor(view, dtype=torch.float32, device=device),
+                    binary=cfg.use_hash_layer,
+                    temperature=cfg.hash_temperature,
+                )
+                loss = loss + cfg.short_view_weight * combined(hi, hv, p)
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             optimizer.step()
@@ -409,6 +466,8 @@ def train(
                 "loss_rank": mean_r, "val_i2t": i2t, "val_t2i": t2i, "seconds": seconds,
             }
         )  # fmt: skip
+        if val_short is not None:
+            history[-1]["val_t2i_short"] = short_t2i()
         logger.info(
             "epoch %d: loss %.4f (L_g %.4f, L_r %.4f) | val MAP i2t %.4f t2i %.4f | %.1fs",
             epoch, mean_loss, mean_g, mean_r, i2t, t2i, seconds,
@@ -422,7 +481,9 @@ def train(
     model.load_state_dict(best_state)
     model.eval()
     kept = best_epoch(history)
+    # A candidate's best epoch, not yet what is kept: train_selecting keeps one candidate.
     logger.info(
-        "kept epoch %d: mean validation MAP %.4f", kept["epoch"], best_validation_map(history)
-    )
+        "k=%d: best epoch %d, validation score %.4f",
+        cfg.k, kept["epoch"], best_validation_map(history),
+    )  # fmt: skip
     return model, history
