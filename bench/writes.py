@@ -2,7 +2,6 @@
 
 A real store in a real folder, filled with synthetic items: codes from a seeded generator,
 demo-like captions, image paths "images/<i>.jpg" (never read), integer ids 0..N-1, no fields.
-Over 300 lines because the JSON's keys are one benchmark's parts; each part is a small function.
 
 JSON keys (wall-clock time on this machine; "median" means over `repeats` calls, each timed alone):
   n, bits, batch, repeats, queries   the sizes asked for (batch: items per store.add in the build)
@@ -31,6 +30,10 @@ JSON keys (wall-clock time on this machine; "median" means over `repeats` calls,
             search p50 idle / view_search_p50_ms (what the metadata read adds)
   targets   each target of the issue: value, limit, op, target_n (the scale it is set for), pass
   notes     how the figures were made
+
+Over 400 lines because the keys above are one benchmark's parts, each a small function, and its
+synthetic items and captions are the ones the other benchmarks draw on (bench/filters.py,
+local.py, milvus_writes.py, service.py, text_path.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """Retrieval metrics over ranked databases: MAP@all, MAP@R, P@K, R@K and precision-recall curves.
 
-Over 300 lines because every metric shares one ranking and one tie rule, stated once here.
-
 Conventions shared by every function here:
 
 - Relevant means the query and the item share at least one label (`labels` are (n, C) multi-hot).
@@ -32,10 +30,6 @@ instance-level Recall@K (`partner_ranks`) and the precision-recall curve. Defini
   where K exceeds the database, the missing ranks count as not relevant.
 - Instance Recall@K (the metric of the Flickr30K / MS-COCO tables): the fraction of queries whose
   own paired item (the other modality of the same pair) ranks in the top K. Labels play no part.
-
-The single-number helpers (mean_average_precision from codes, AP at a depth, P@K, R@K, PR by
-radius) are kept as this module's public API on purpose: they are the standard metrics of the
-field, each defined by hand-worked tests, and the tests use them as oracles for `ranked_scores`.
 """
 
 from __future__ import annotations
@@ -124,34 +118,6 @@ def average_precisions(
     return out
 
 
-def mean_average_precision(
-    query_codes: np.ndarray,
-    db_codes: np.ndarray,
-    query_labels: np.ndarray,
-    db_labels: np.ndarray,
-    *,
-    seed: int = 0,
-) -> float:
-    """MAP over the whole Hamming-ranked database (MAP@all) for codes in {-1, +1}."""
-    dists = hamming_distances(query_codes, db_codes)
-    return float(np.mean(average_precisions(dists, relevance(query_labels, db_labels), seed=seed)))
-
-
-def mean_average_precision_at(
-    query_codes: np.ndarray,
-    db_codes: np.ndarray,
-    query_labels: np.ndarray,
-    db_labels: np.ndarray,
-    *,
-    top: int,
-    seed: int = 0,
-) -> float:
-    """MAP@R over the top `top` Hamming ranks (see `average_precisions`); never mix with MAP@all."""
-    dists = hamming_distances(query_codes, db_codes)
-    rel = relevance(query_labels, db_labels)
-    return float(np.mean(average_precisions(dists, rel, top=top, seed=seed)))
-
-
 @dataclass(frozen=True)
 class RankedScores:
     """Per-query metrics of one ranking (see the module docstring for each definition)."""
@@ -219,29 +185,6 @@ def partner_ranks(dists: np.ndarray, partners: np.ndarray, *, seed: int = 0) -> 
     return np.asarray(1 + ahead.sum(axis=1), dtype=np.int64)
 
 
-def cutoff_curves(
-    dists: np.ndarray, relevant: np.ndarray, *, ks: np.ndarray, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query precision@K and recall@K, each (n_query, len(ks)) float64, for K in `ks`.
-
-    P@K = relevant in the top K / K; R@K = relevant in the top K / relevant in the database
-    (0 for a query with no relevant item).
-    """
-    _check_pair(dists, relevant)
-    ks = np.asarray(ks, dtype=np.int64)
-    n_db = dists.shape[1]
-    if ks.ndim != 1 or ks.size == 0 or ks.min() < 1 or ks.max() > n_db:
-        raise InputError(f"expected a non-empty list of K in 1..{n_db}, got {ks.tolist()}")
-    precision = np.empty((dists.shape[0], ks.size), dtype=np.float64)
-    recall = np.empty((dists.shape[0], ks.size), dtype=np.float64)
-    for rows, rel in _ranked_relevance(dists, relevant, seed=seed):
-        hits = np.cumsum(rel, axis=1)[:, ks - 1]  # (b, len(ks))
-        n_rel = rel.sum(axis=1, keepdims=True)  # (b, 1)
-        precision[rows] = hits / ks
-        recall[rows] = np.divide(hits, n_rel, out=np.zeros(hits.shape), where=n_rel > 0)
-    return precision, recall
-
-
 def radius_curves(
     dists: np.ndarray, relevant: np.ndarray, *, n_bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -279,30 +222,6 @@ def mean_curve(precision: np.ndarray, recall: np.ndarray) -> tuple[np.ndarray, n
     total = np.where(defined, precision, 0.0).sum(axis=0)
     mean_precision = np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
     return mean_precision, recall.mean(axis=0)
-
-
-def precision_recall_at(
-    dists: np.ndarray, relevant: np.ndarray, *, ks: np.ndarray, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean precision@K and recall@K over queries, each (len(ks),) float64 (see cutoff_curves)."""
-    return mean_curve(*cutoff_curves(dists, relevant, ks=ks, seed=seed))
-
-
-def precision_at_k(dists: np.ndarray, relevant: np.ndarray, *, k: int, seed: int = 0) -> float:
-    """Mean precision over the top `k` ranks."""
-    return float(precision_recall_at(dists, relevant, ks=np.array([k]), seed=seed)[0][0])
-
-
-def recall_at_k(dists: np.ndarray, relevant: np.ndarray, *, k: int, seed: int = 0) -> float:
-    """Mean recall over the top `k` ranks."""
-    return float(precision_recall_at(dists, relevant, ks=np.array([k]), seed=seed)[1][0])
-
-
-def precision_recall_by_radius(
-    dists: np.ndarray, relevant: np.ndarray, *, n_bits: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean precision and recall (n_bits + 1,) within Hamming radius r = 0..L (see mean_curve)."""
-    return mean_curve(*radius_curves(dists, relevant, n_bits=n_bits))
 
 
 def _count_by_distance(d: np.ndarray, weight: np.ndarray, n_bits: int) -> np.ndarray:

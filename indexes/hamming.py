@@ -14,7 +14,7 @@ index, so any number of threads may call them at once. add and remove build a ne
 swap it in with one assignment: a concurrent search sees either the old or the new contents.
 Writers must not race each other (one thread adds and removes, or build a copy() and swap it).
 
-Over 300 lines because the index, its live masks and the scheduling of its scan pieces over
+Over 400 lines because the index, its live masks and the scheduling of its scan pieces over
 threads (shared by search_parts and MIH) are one search path; each part is a small function.
 """
 

@@ -11,9 +11,6 @@ identical to HammingIndex's: candidates are ranked by (distance, insertion order
 It wins when the k-th distance is small against n_bits, as with learned codes whose neighbours are
 close; on uniform random codes the radius grows until the probes cost more than a scan, and such a
 query is handed to flat search (see work_budget), so the worst case stays near twice flat search.
-
-Over 300 lines because the tables, their probing and the flat fallback answer one search and
-must agree on the same tie order; each step is its own function.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ inside it (an absolute path, `..` or a symlink out is skipped with the reason, n
 whose id or caption the store cannot hold is skipped too, so one bad record never fails a chunk.
 Decoded images wait for the backbone in groups of at most FEATURE_BATCH images and about the
 decode budget's pixels (uploads.DECODES), so a build of large photos holds bounded memory.
+
+Over 400 lines because the one validation of build items and the two build paths (an items
+batch, a streamed dataset) share their checks, their encoding and their journalled commit.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ flock on a file named after it in jobs.owners/, which the kernel releases when t
 (kill -9 included): a starting process marks as interrupted only the jobs whose owner's lock it
 can take, never those of a live neighbour (a pid could have been reused; a lock cannot lie).
 Progress (done / total) is written at most once per PROGRESS_EVERY_S, for the other processes.
+
+Over 400 lines because the records, the owners' locks and the settling of a noted batch keep
+the one promise above: a 202 reaches an outcome that can be read back.
 """
 
 from __future__ import annotations

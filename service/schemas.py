@@ -1,4 +1,8 @@
-"""Request and response bodies. Bounds live here: most bad input is a 422 before our code runs."""
+"""Request and response bodies. Bounds live here: most bad input is a 422 before our code runs.
+
+Over 400 lines because these are every body of the API, each model short, with the id and
+filter value types they share.
+"""
 
 from __future__ import annotations
 

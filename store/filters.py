@@ -24,7 +24,7 @@ list. A search ANDs each part's live mask with the filter's rows in that part:
 Every hit is checked against the filter with its own checksummed fields and id (Filter.matches),
 so a terms table edited by hand cannot make a search serve an item that the filter excludes.
 
-One module past 300 lines: what a filter means (terms, Filter) and how a view answers it
+Over 400 lines because what a filter means (terms, Filter) and how a view answers it
 (FilterIndex) share the term format, which must not drift between the two halves.
 """
 

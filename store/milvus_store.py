@@ -54,7 +54,7 @@ the local store: with several hosts, that folder's images/ must be a shared volu
 removes an image file only when no row refers to it and it was not written in the last
 IMAGE_GRACE_S seconds (another process may be adding a row that names it).
 
-Over 300 lines because it is one backend's whole mapping of the store's interface (schema,
+Over 400 lines because it is one backend's whole mapping of the store's interface (schema,
 manifest, ids, terms, writes, search, errors) onto Milvus.
 """
 

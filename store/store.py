@@ -20,14 +20,16 @@ A crash at any instant leaves the last committed transaction: a segment file not
 or an image not yet referenced, is an orphan that the next open deletes. Compaction
 (store/compaction.py) merges segments in the background and is crash-safe the same way.
 
-Why this module stays past ~300 lines: the Store is one object whose every method keeps one
-invariant (under the writer lock, the in-memory parts, the counters next_seq / commit / layout
-and the database say the same thing; a View is published only from that state), and spreading
-its methods over modules would spread that invariant with them. What holds none of its state
-lives beside it: store/rows.py (a batch checked, its rows inserted and deleted), store/parts.py
-(the in-memory segments and growing part), store/locks.py (the flocks between processes),
-store/view.py (the immutable view and its search) and store/compaction.py (the merge policy and
-thread, which change the store only through plan_merge / write_segment / record_merge here).
+What holds none of the Store's state lives beside it: store/rows.py (a batch checked, its rows
+inserted and deleted), store/parts.py (the in-memory segments and growing part), store/locks.py
+(the flocks between processes), store/view.py (the immutable view and its search) and
+store/compaction.py (the merge policy and thread, which change the store only through
+plan_merge / write_segment / record_merge here).
+
+Over 400 lines because the Store is one object whose every method keeps one invariant (under the
+writer lock, the in-memory parts, the counters next_seq / commit / layout and the database say
+the same thing; a View is published only from that state), which spreading its methods over
+modules would spread with them.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ what a filter value means; bad filters; the terms table's upgrade, upkeep and in
 HTTP API (TestClient over the demo artifacts, whose builds and searches are the real ones).
 
 The oracle states the documented semantics on its own (`passes`), not through Filter.matches.
+
+Over 400 lines because these are filtered search's tests at every layer (its semantics, the
+store's two scan paths, the terms table, HTTP), the store-level ones sharing one oracle, one
+list of filters and one store config.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """The second hostile-client pass (issue 35) against a real `python -m cli serve` process: tiny
 images of extreme shapes that used to resize into gigabytes, and fields nested deep enough to
-fail every response that carried them."""
+fail every response that carried them.
+
+Over 400 lines because most of its tests are requests to one real server process (`served`,
+started once for the module over a prepared copy of the demo artifacts).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """Build jobs: the job manager on its own (eviction, persistence, the queue bound), then a real
-server killed with SIGKILL in the middle of a build and started again."""
+server killed with SIGKILL in the middle of a build and started again.
+
+Over 400 lines because these are service/jobs.py's behaviours, in process, in child processes
+killed at chosen moments and through real servers, sharing one set of job helpers.
+"""
 
 from __future__ import annotations
 

@@ -13,17 +13,12 @@ import pytest
 from common.errors import InputError
 from evaluation.metrics import (
     average_precisions,
-    cutoff_curves,
     hamming_distances,
-    mean_average_precision,
-    mean_average_precision_at,
+    mean_curve,
     partner_ranks,
-    precision_at_k,
-    precision_recall_at,
-    precision_recall_by_radius,
+    radius_curves,
     rank,
     ranked_scores,
-    recall_at_k,
     relevance,
     tie_break_order,
 )
@@ -37,8 +32,9 @@ def test_perfect_ranking_gives_map_one() -> None:
     # Relevant items are at Hamming distance 0, irrelevant ones at 4: every relevant item first.
     query = np.array([[1, 1, 1, 1]], dtype=np.int8)
     db = np.array([[1, 1, 1, 1], [-1, -1, -1, -1], [1, 1, 1, 1], [-1, -1, -1, -1]], dtype=np.int8)
-    value = mean_average_precision(query, db, one_hot([0]), one_hot([0, 1, 0, 2]))
-    assert value == pytest.approx(1.0)
+    dists = hamming_distances(query, db)
+    rel = relevance(one_hot([0]), one_hot([0, 1, 0, 2]))
+    assert average_precisions(dists, rel)[0] == pytest.approx(1.0)
 
 
 def test_reversed_ranking() -> None:
@@ -85,21 +81,17 @@ def test_query_without_relevant_item_scores_zero_and_counts() -> None:
     dists = hamming_distances(query, db)
     rel = relevance(one_hot([0, 2]), one_hot([0, 1]))
     assert average_precisions(dists, rel).tolist() == [1.0, 0.0]
-    assert mean_average_precision(query, db, one_hot([0, 2]), one_hot([0, 1])) == 0.5
-    _, recall = precision_recall_at(dists, rel, ks=np.array([1, 2]))
-    assert recall.tolist() == [0.5, 0.5]
+    scores = ranked_scores(dists, rel, ks=np.array([1, 2]))
+    assert scores.ap.mean() == 0.5
+    assert scores.recall.mean(axis=0).tolist() == [0.5, 0.5]
 
 
 def test_precision_and_recall_at_k() -> None:
     dists = np.array([[0, 1, 2, 3, 4]])
     rel = np.array([[True, False, True, False, False]])
-    assert precision_at_k(dists, rel, k=1) == 1.0
-    assert precision_at_k(dists, rel, k=2) == 0.5
-    assert precision_at_k(dists, rel, k=3) == pytest.approx(2 / 3)
-    assert precision_at_k(dists, rel, k=5) == pytest.approx(2 / 5)
-    assert recall_at_k(dists, rel, k=1) == 0.5
-    assert recall_at_k(dists, rel, k=2) == 0.5
-    assert recall_at_k(dists, rel, k=3) == 1.0
+    scores = ranked_scores(dists, rel, ks=np.array([1, 2, 3, 5]))
+    assert scores.precision[0] == pytest.approx([1.0, 0.5, 2 / 3, 2 / 5])
+    assert scores.recall[0].tolist() == [0.5, 0.5, 1.0, 1.0]
 
 
 def test_map_at_r_counts_only_the_top_r() -> None:
@@ -108,10 +100,6 @@ def test_map_at_r_counts_only_the_top_r() -> None:
     assert average_precisions(dists, rel, top=2)[0] == 1.0  # one hit in the top 2, at rank 1
     assert average_precisions(dists, rel, top=4)[0] == pytest.approx((1 + 2 / 4) / 2)
     assert average_precisions(np.array([[0, 1]]), np.array([[False, True]]), top=1)[0] == 0.0
-    codes = np.array([[1, 1]], dtype=np.int8)
-    db = np.array([[1, 1], [1, -1], [-1, -1]], dtype=np.int8)
-    value = mean_average_precision_at(codes, db, one_hot([0]), one_hot([0, 1, 0]), top=2)
-    assert value == 1.0
 
 
 def test_map_at_r_divides_by_the_relevant_count() -> None:
@@ -133,7 +121,7 @@ def test_map_at_r_divides_by_the_relevant_count() -> None:
     assert scores.recall[2].tolist() == [0.0, 0.0, 0.0]
 
 
-def test_ranked_scores_match_the_single_metric_functions_bit_for_bit() -> None:
+def test_ranked_scores_match_average_precisions_bit_for_bit_and_the_definitions() -> None:
     rng = np.random.default_rng(7)
     dists = rng.integers(0, 6, size=(300, 120))  # many ties; more than one ranking block
     rel = rng.random((300, 120)) > 0.8
@@ -141,15 +129,16 @@ def test_ranked_scores_match_the_single_metric_functions_bit_for_bit() -> None:
     ks = np.array([1, 10, 100])
     scores = ranked_scores(dists, rel, ks=ks, seed=3)
     assert np.array_equal(scores.ap, average_precisions(dists, rel, seed=3))
-    precision, recall = cutoff_curves(dists, rel, ks=ks, seed=3)
-    assert np.array_equal(scores.precision, precision) and np.array_equal(scores.recall, recall)
-    # AP@R against its definition, query by query, from the ranking itself.
+    # AP@R, P@K and R@K against their definitions, query by query, from the ranking itself.
     order = rank(dists, seed=3)
     for i in (0, 5, 299):
         ranked = rel[i, order[i]]
         r = int(ranked.sum())
         expected = sum(ranked[:k].sum() / k for k in range(1, r + 1) if ranked[k - 1]) / max(r, 1)
         assert scores.ap_r[i] == pytest.approx(expected)
+        found = np.array([ranked[:k].sum() for k in ks])
+        assert scores.precision[i] == pytest.approx(found / ks)
+        assert scores.recall[i] == pytest.approx(found / max(r, 1))
 
 
 def test_partner_ranks_follow_the_ranking_and_its_tie_order() -> None:
@@ -174,15 +163,15 @@ def test_multi_label_relevance_means_one_shared_label() -> None:
 def test_precision_recall_by_radius() -> None:
     dists = np.array([[0, 1, 2], [2, 2, 2]])
     rel = np.array([[True, False, True], [False, True, False]])
-    precision, recall = precision_recall_by_radius(dists, rel, n_bits=2)
+    precision, recall = mean_curve(*radius_curves(dists, rel, n_bits=2))
     # Radius 0 and 1: only query 0 retrieves anything; radius 2: both retrieve everything.
     assert precision == pytest.approx([1.0, 0.5, (2 / 3 + 1 / 3) / 2])
     assert recall == pytest.approx([0.25, 0.25, 1.0])
 
 
 def test_precision_by_radius_is_nan_when_nothing_is_retrieved() -> None:
-    precision, recall = precision_recall_by_radius(
-        np.array([[2, 2]]), np.array([[True, False]]), n_bits=2
+    precision, recall = mean_curve(
+        *radius_curves(np.array([[2, 2]]), np.array([[True, False]]), n_bits=2)
     )
     assert np.isnan(precision[0]) and np.isnan(precision[1]) and precision[2] == 0.5
     assert recall.tolist() == [0.0, 0.0, 1.0]
@@ -214,8 +203,8 @@ def test_bad_inputs_raise_input_error() -> None:
         hamming_distances(np.ones((1, 2)), np.ones((1, 3)))
     with pytest.raises(InputError, match="top in 1..2"):
         average_precisions(np.zeros((1, 2)), np.zeros((1, 2), dtype=bool), top=3)
-    with pytest.raises(InputError, match="K in 1..2"):
-        precision_recall_at(np.zeros((1, 2)), np.zeros((1, 2), dtype=bool), ks=np.array([0]))
+    with pytest.raises(InputError, match="K >= 1"):
+        ranked_scores(np.zeros((1, 2)), np.zeros((1, 2), dtype=bool), ks=np.array([0]))
 
 
 def test_evaluation_imports_neither_torch_nor_models() -> None:

@@ -4,8 +4,10 @@ ids, fields and images; a corrupt-file matrix; merges under concurrent searches 
 
 CONFIG lowers the seal rows, bulk rows and merge factor (StoreConfig), so that a few thousand
 rows make many segments, seals and merges (test_lowered_constants_reach_the_code_that_reads_them
-checks that each lowered value is the one the code uses). One file past 300 lines: these are
-the store's direct tests, sharing one oracle, one fixture and one set of builders.
+checks that each lowered value is the one the code uses).
+
+Over 400 lines because these are the store's direct tests, sharing one oracle, one fixture and
+one set of builders.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def test_the_exported_vocabulary_rebuilds_the_same_vectorizer(tmp_path: Path) ->
         "tokens": "words",
         "weighting": "binary",
     }
-    again = TextVectorizer.from_json((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    again = TextVectorizer.from_dict(data)
     texts = ["体育比赛", "新闻结果"]
     assert np.array_equal(again.transform(texts)[0], vec.transform(texts)[0])
     assert "体育" in (tmp_path / "vocab.json").read_text(encoding="utf-8")  # readable, not escaped

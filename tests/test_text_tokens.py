@@ -3,6 +3,7 @@ tokenizer through the vectorizer, the checkpoint, `cmh train` and the served enc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_the_vectorizer_fits_counts_and_keeps_its_tokens() -> None:
     search = TextVectorizer.fit(TEXTS, min_df=1, tokens="search", weighting="tfidf")
     assert words.tokens == "words" and search.tokens == "search"
     assert "人民" in search.vocabulary and "人民" not in words.vocabulary
-    again = TextVectorizer.from_json(search.to_json())
+    again = TextVectorizer.from_dict(json.loads(search.to_json()))
     assert again.tokens == "search" and again.vocabulary == search.vocabulary
     assert np.array_equal(again.transform(TEXTS)[0], search.transform(TEXTS)[0])
     # The same vocabulary cut the other way finds fewer of its words in a text.

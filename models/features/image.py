@@ -16,7 +16,7 @@ cores this is faster than one batch over two threads and degrades far less when 
 share the cores). `fast=False` is the reference path, kept for the tests and
 bench/images.py.
 
-Over 300 lines because both paths (the reference and the fast one) and the one preprocessing
+Over 400 lines because both paths (the reference and the fast one) and the one preprocessing
 they must agree on live side by side, so a reader can check that they do.
 """
 

@@ -294,9 +294,9 @@ class TextVectorizer:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextVectorizer:
-        """The vectorizer `to_dict` (or `to_json`) wrote; without "weighting" (files written
-        before weighting existed) it is binary, without "tokens" accurate-mode words. Raises
-        InputError on anything else."""
+        """The vectorizer `to_dict` (or `to_json`, parsed) wrote; without "weighting" (files
+        written before weighting existed) it is binary, without "tokens" accurate-mode words.
+        Raises InputError on anything else."""
         if not isinstance(data, dict) or not isinstance(data.get("vocabulary"), list):
             raise InputError(f"expected a vectorizer object with a vocabulary, got {type(data)}")
         known = {"vocabulary", "language", "tokens", "weighting", "idf"}
@@ -313,15 +313,6 @@ class TextVectorizer:
     def to_json(self) -> str:
         """The vectorizer as JSON (`to_dict`)."""
         return json.dumps(self.to_dict(), ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> TextVectorizer:
-        """The vectorizer `to_json` wrote (old JSON without "weighting" reads as binary)."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"expected vectorizer JSON, got invalid JSON: {err}") from None
-        return cls.from_dict(data)
 
     def save(self, path: Path) -> None:
         """Write the JSON form to path (an export for people and other tools: the checkpoint
