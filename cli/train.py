@@ -8,14 +8,16 @@ given on the command line overrides that row's setting of the same name.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
 from cli.dataset_args import add_dataset_args, prepare_from_args
 from common.errors import InputError
+from models.data.loaders import RAW_TEXT_DATASETS
 from models.devices import DEVICES
 from models.features.text import TOKENIZATIONS, WEIGHTINGS
-from models.methods.compare import DEFAULT_METHOD, METHODS, Method
+from models.methods.compare import DEFAULT_METHOD, METHODS, Method, text_inputs
 from models.methods.trained import train_checkpoint
 from models.network.aucmh import BITS, INPUT_NORMS
 from models.training.losses import GRAPH_FUSIONS
@@ -26,6 +28,8 @@ from models.training.train import (
     best_epoch,
     with_k_grid,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULTS = TrainConfig()
 # The `cmh evaluate` rows `cmh train --method` can train (AUCMH's; the baselines are not trained).
@@ -214,14 +218,21 @@ def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
     method = method_of(args)
     candidates = with_k_grid(config_from_args(args), ks_of(args))
+    weighting, tokens = text_inputs(method, raw_texts=args.dataset in RAW_TEXT_DATASETS)
+    if (weighting, tokens) != (method.text_weighting, method.text_tokens):
+        logger.warning(
+            "%s ships text features: %s is trained on them as given (its %s text cut as %s "
+            "needs raw captions)", args.dataset, method.name, method.text_weighting,
+            method.text_tokens,
+        )  # fmt: skip
     # Binary text, the vocabulary from the training texts, cut as the method (or flag) says.
-    data = prepare_from_args(args, text_tokens=args.text_tokens or method.text_tokens)
+    data = prepare_from_args(args, text_tokens=args.text_tokens or tokens)
     start = time.perf_counter()
     trained = train_checkpoint(
         data,
         out=args.out,
         candidates=candidates,
-        weighting=args.text_weighting or method.text_weighting,
+        weighting=args.text_weighting or weighting,
         progress=True,
     )
     seconds = time.perf_counter() - start

@@ -261,3 +261,19 @@ def test_cmh_train_trains_the_named_row_and_flags_override_it(tmp_path: Path) ->
     with pytest.raises(SystemExit) as exit_info:  # a baseline is not something cmh trains
         main([*common, "--method", "cvh"])
     assert exit_info.value.code == 2
+
+
+def test_a_row_weighting_text_trains_on_shipped_text_features_as_given() -> None:
+    # Wikipedia ships LDA topics: a tf-idf row cannot reweight them, so it fits on them as given
+    # (the default row must train on every dataset `cmh train` reads).
+    data = dataclasses.replace(worded_pairs(), texts=None)
+    seen: list[np.ndarray] = []
+
+    def fit(d: PairDataset, n_bits: int, seed: int, /, cache: object = None, processes: int = 1):  # type: ignore[no-untyped-def]
+        assert d.text_features is not None
+        seen.append(d.text_features)
+        return METHODS["lsh"].fit(d, n_bits, seed)
+
+    row = dataclasses.replace(METHODS["aucmh-tfidf-search-graph-text-0.8-short-views"], fit=fit)
+    evaluate_methods(data, methods=[row], bits=[16], seeds=[0])
+    assert data.text_features is not None and np.array_equal(seen[0], data.text_features)

@@ -62,6 +62,10 @@ IAPR_FILE = ("IAPR-TC12", "iapr-tc12-rand.mat", 2000)
 WIKIPEDIA_DEV_QUERY_FRACTION = 0.2
 
 
+# The datasets with raw captions; the others ship text features, which cannot be reweighted or cut.
+RAW_TEXT_DATASETS = ("web-news", "demo", "pairs")
+
+
 def load_dataset(name: str, root: Path, *, seed: int = 0) -> PairDataset:
     """Load dataset `name` from `root`; raises InputError for an unknown name or a bad root."""
     if name not in DATASETS:

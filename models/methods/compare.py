@@ -88,6 +88,15 @@ class Method:
     train_options: dict[str, Any] | None = None
 
 
+def text_inputs(method: Method, *, raw_texts: bool) -> tuple[str, str]:
+    """(weighting, tokens) of the text `method` is fitted on: its own where the dataset has raw
+    texts; where it ships text features (Wikipedia's LDA topics) they cannot be weighted or cut,
+    so the row trains on them as given, as binary, and only its other options apply."""
+    if raw_texts:
+        return method.text_weighting, method.text_tokens
+    return "binary", DEFAULT_TOKENS
+
+
 class RealOutputs(Protocol):
     """An encoder whose codes are signs of real outputs it can also give (asymmetric scoring)."""
 
@@ -289,6 +298,11 @@ METHODS: dict[str, Method] = {
         aucmh("aucmh-short-views-val", **_SHORT_VAL),
         aucmh("aucmh-tfidf-search-graph-text-0.8-short-views", **_BEST, **_SHORT),
         aucmh("aucmh-tfidf-search-graph-text-0.8-short-views-val", **_BEST, **_SHORT_VAL),
+        aucmh(
+            "aucmh-tfidf-search-graph-text-0.8-short-views-2",
+            **_BEST,
+            **{**_SHORT, "short_view_weight": 2.0},
+        ),
         Method("cvh", _tuned(_binary(lambda ridge: CVH(ridge=ridge)), RIDGE_GRID)),
         Method("cmfh", _tuned(_binary(lambda gamma: CMFH(gamma=gamma)), GAMMA_GRID)),
         Method("cca-itq", _tuned(_binary(lambda ridge: CCAITQ(ridge=ridge)), RIDGE_GRID)),
@@ -424,13 +438,18 @@ def evaluate_methods(
     weighted: dict[tuple[str, str], PairDataset] = {("binary", data.text_tokens): data}
     results: list[RunResult] = []
     for method in methods:
-        inputs = (method.text_weighting, method.text_tokens)
+        inputs = text_inputs(method, raw_texts=data.texts is not None)
+        if inputs != (method.text_weighting, method.text_tokens):
+            logger.info(
+                "%s: %s ships text features, trained on them as given", method.name, data.name
+            )
         if inputs not in weighted:
-            cut = weighted.get(("binary", method.text_tokens))
+            weighting, tokens = inputs
+            cut = weighted.get(("binary", tokens))
             if cut is None:
-                cut = retokenize(data, method.text_tokens, vocab_size=vocab_size)
-                weighted["binary", method.text_tokens] = cut
-            weighted[inputs] = reweight(cut, method.text_weighting)
+                cut = retokenize(data, tokens, vocab_size=vocab_size)
+                weighted["binary", tokens] = cut
+            weighted[inputs] = reweight(cut, weighting)
         mdata = weighted[inputs]
         image, text = features(mdata)
         for seed in seeds:
