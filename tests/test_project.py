@@ -120,3 +120,18 @@ def test_a_bare_pytest_from_the_root_imports_tests_helpers() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tests/test_hamming.py::" in result.stdout
+
+
+def test_every_module_over_400_lines_says_why_in_its_docstring() -> None:
+    # Issue 34: a long module is a choice to explain, at its top, not an accident.
+    files = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    unexplained = []
+    for name in files:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        if text.count("\n") > 400:
+            docstring = text.split('"""')[1] if text.lstrip().startswith('"""') else ""
+            if "Over 400 lines because" not in docstring:
+                unexplained.append(name)
+    assert unexplained == []

@@ -39,6 +39,9 @@ What is reproduced is checked once, at `from_model`: a model this module cannot 
 standardised values that differ from torch's) is refused with the reason, logged once, and the
 caller keeps torch's path. (Past 300 lines with this account: the kernels and the class that
 feeds them are one computation.)
+
+Over 400 lines because the sparse path, its numba kernels and the checks that keep its codes
+equal to torch's are one exactness argument, easier to follow in one file.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """AUCMH training: one flat loop over batches (Algorithm 1), with selection on validation.
 
-Over 300 lines because TrainConfig (every field checked), the loop and the epoch and k selection
+Over 400 lines because TrainConfig (every field checked), the loop and the epoch and k selection
 that read its history are one procedure; the model itself lives in models/network/aucmh.py.
 """
 
