@@ -12,11 +12,11 @@ from pathlib import Path
 
 from indexes.codes import pack_codes
 from models.data.demo import N_DEFAULT, generate_demo
-from models.features.pipeline import prepare, reweight
-from models.methods.compare import DEFAULT_METHOD, METHODS
-from models.methods.trained import train_checkpoint
+from models.features.pipeline import prepare, retokenize, reweight
+from models.methods.compare import DEFAULT_METHOD, METHODS, train_row
+from models.methods.trained import save_trained
 from models.network.checkpoint import load_checkpoint
-from models.training.train import TrainConfig, best_epoch, with_k_grid
+from models.training.train import best_epoch
 from service.indexing import dataset_ids
 from store import legacy
 from store.layout import CHECKPOINT_NAME, open_store
@@ -42,15 +42,9 @@ def build_demo(
         generate_demo(root, n=n, progress=progress)
         report.append(f"demo dataset: generated {n} scenes in {root} ({_since(start)})")
     start = time.perf_counter()
-    # The demo trains what `cmh train` trains by default: its text cut and weighted that way.
-    method = METHODS[DEFAULT_METHOD]
-    data = prepare(
-        "demo",
-        root,
-        cache_dir=artifacts / "features",
-        progress=progress,
-        text_tokens=method.text_tokens,
-    )
+    # The demo trains what `cmh train` trains by default (binary words prepared: the row cuts
+    # and weights its own).
+    data = prepare("demo", root, cache_dir=artifacts / "features", progress=progress)
     assert data.image_features is not None and data.text_features is not None
     assert data.image_paths is not None and data.texts is not None and data.vocabulary is not None
     report.append(
@@ -62,18 +56,17 @@ def build_demo(
         report.append(f"checkpoint: present at {checkpoint}")
     else:
         start = time.perf_counter()
-        options = {**(method.train_options or {}), "n_bits": DEMO_BITS, "epochs": epochs}
-        trained = train_checkpoint(
+        trained = train_row(  # CUDA if any
             data,
-            out=checkpoint,
-            candidates=with_k_grid(TrainConfig(**options)),  # CUDA if any
-            weighting=method.text_weighting,
+            METHODS[DEFAULT_METHOD],
+            overrides={"n_bits": DEMO_BITS, "epochs": epochs},
             progress=progress,
         )
+        save_trained(trained, checkpoint)
         best = best_epoch(trained.history)
         report.append(
-            f"checkpoint: trained {method.name} {DEMO_BITS} bits (kept k {trained.config.k}) in "
-            f"{_since(start)}; best validation MAP "
+            f"checkpoint: trained {trained.method} {DEMO_BITS} bits (kept k {trained.config.k}) "
+            f"in {_since(start)}; best validation MAP "
             f"i2t {best['val_i2t']:.3f} t2i {best['val_t2i']:.3f} -> {checkpoint}"
         )
     if legacy.has_generations(artifacts):
@@ -82,8 +75,12 @@ def build_demo(
     start = time.perf_counter()
     loaded = load_checkpoint(checkpoint)
     model = loaded.model
-    # The text as the checkpoint weights it (its idf from the same training texts).
-    text_features = reweight(data, loaded.text_weighting).text_features
+    # The text as the checkpoint cuts and weights it (vocabulary and idf from the same training
+    # texts, so the same as in training).
+    cut = data
+    if loaded.text_tokens != data.text_tokens:
+        cut = retokenize(data, loaded.text_tokens, vocab_size=len(loaded.vocabulary or []))
+    text_features = reweight(cut, loaded.text_weighting).text_features
     assert text_features is not None
     manifest = manifest_for(
         checkpoint, n_bits=DEMO_BITS, backbone=data.image_backbone, vocabulary=data.vocabulary

@@ -11,14 +11,14 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from cli.dataset_args import add_dataset_args, prepare_from_args
 from common.errors import InputError
-from models.data.loaders import RAW_TEXT_DATASETS
 from models.devices import DEVICES
 from models.features.text import TOKENIZATIONS, WEIGHTINGS
-from models.methods.compare import DEFAULT_METHOD, METHODS, Method, text_inputs
-from models.methods.trained import train_checkpoint
+from models.methods.compare import DEFAULT_METHOD, METHODS, Method, train_row
+from models.methods.trained import save_trained
 from models.network.aucmh import BITS, INPUT_NORMS
 from models.training.losses import GRAPH_FUSIONS
 from models.training.train import (
@@ -26,7 +26,6 @@ from models.training.train import (
     LR_SCHEDULES,
     TrainConfig,
     best_epoch,
-    with_k_grid,
 )
 
 logger = logging.getLogger(__name__)
@@ -198,14 +197,26 @@ def method_of(args: argparse.Namespace) -> Method:
     return method
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of --method with the flags given on top, with the first --k (raises
-    InputError on bad values)."""
-    options = dict(method_of(args).train_options or {})
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the flags given on the command line set."""
     given = vars(args)
-    options.update({field: given[dest] for dest, field in FLAG_FIELDS.items() if dest in given})
+    options = {field: given[dest] for dest, field in FLAG_FIELDS.items() if dest in given}
     options.update({field: False for dest, field in SWITCHES.items() if given.get(dest)})
-    return TrainConfig(**{**options, "k": ks_of(args)[0]})
+    return options
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of --method (of each candidate of a choosing row) with the flags given on
+    top, with the first --k (raises InputError on bad values)."""
+    method = method_of(args)
+    rows = [METHODS[name] for name in method.candidates] or [method]
+    configs = [
+        TrainConfig(
+            **{**(row.train_options or {}), **overrides_from_args(args), "k": ks_of(args)[0]}
+        )
+        for row in rows
+    ]
+    return configs[-1]
 
 
 def ks_of(args: argparse.Namespace) -> tuple[int, ...]:
@@ -217,29 +228,26 @@ def ks_of(args: argparse.Namespace) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
     method = method_of(args)
-    candidates = with_k_grid(config_from_args(args), ks_of(args))
-    weighting, tokens = text_inputs(method, raw_texts=args.dataset in RAW_TEXT_DATASETS)
-    if (weighting, tokens) != (method.text_weighting, method.text_tokens):
-        logger.warning(
-            "%s ships text features: %s is trained on them as given (its %s text cut as %s "
-            "needs raw captions)", args.dataset, method.name, method.text_weighting,
-            method.text_tokens,
-        )  # fmt: skip
-    # Binary text, the vocabulary from the training texts, cut as the method (or flag) says.
-    data = prepare_from_args(args, text_tokens=args.text_tokens or tokens)
+    config_from_args(args)  # a bad flag fails before the data loads
+    # Binary words as prepared; train_row cuts and weights them as the row (or a flag) says.
+    data = prepare_from_args(args)
     start = time.perf_counter()
-    trained = train_checkpoint(
+    trained = train_row(
         data,
-        out=args.out,
-        candidates=candidates,
-        weighting=args.text_weighting or weighting,
+        method,
+        overrides=overrides_from_args(args),
+        ks=ks_of(args),
         progress=True,
+        vocab_size=args.vocab_size,
+        text=(args.text_weighting, args.text_tokens),
     )
+    save_trained(trained, args.out)
     seconds = time.perf_counter() - start
     best = best_epoch(trained.history)
     summary = {
         "out": str(args.out),
         "method": method.name,
+        "trained": trained.method,
         "dataset": data.name,
         "n_bits": trained.config.n_bits,
         "k": trained.config.k,

@@ -161,7 +161,17 @@ def test_train_flags_set_the_options_beyond_the_paper() -> None:
     from cli.main import build_parser
     from cli.train import config_from_args
 
-    base = ["train", "--dataset", "demo", "--root", "demo", "--out", "model.pt"]
+    base = [
+        "train",
+        "--dataset",
+        "demo",
+        "--root",
+        "demo",
+        "--out",
+        "model.pt",
+        "--method",
+        "aucmh",
+    ]
     default = config_from_args(build_parser().parse_args(base))
     assert (default.lr_schedule, default.hash_temperature) == ("constant", 1.0)
     flags = ["--lr-schedule", "cosine", "--hash-temperature", "2"]

@@ -29,7 +29,9 @@ from models.methods.compare import (
     on_validation,
     parse_methods,
     short_queries,
+    train_row,
 )
+from models.methods.compare import aucmh as aucmh_row
 from models.network.checkpoint import load_checkpoint
 from models.training.train import TrainConfig, train
 
@@ -237,7 +239,9 @@ def _pairs_file(tmp_path: Path) -> Path:
     return pairs
 
 
-def test_cmh_train_trains_the_named_row_and_flags_override_it(tmp_path: Path) -> None:
+def test_cmh_train_trains_the_named_row_and_flags_override_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pairs = _pairs_file(tmp_path)
     out = tmp_path / "model.pt"
     common = ["train", "--dataset", "pairs", "--root", str(pairs.parent), "--cache-dir",
@@ -253,10 +257,16 @@ def test_cmh_train_trains_the_named_row_and_flags_override_it(tmp_path: Path) ->
     assert saved.train_config["short_view_weight"] == 1.0
     assert saved.train_config["short_view_words"] == 2  # the flag given wins
     assert saved.train_config["epochs"] == 2
-    # No --method: the default row, which `cmh evaluate --methods default` evaluates.
+    # No --method: the default row, which `cmh evaluate --methods default` evaluates; it chooses
+    # one of its candidates on validation, and the checkpoint reads text as that one does.
+    capsys.readouterr()
     assert main(common) == 0
+    summary = dict(f.split("=", 1) for f in capsys.readouterr().out.split())
     default = METHODS[DEFAULT_METHOD]
-    assert load_checkpoint(out).text_weighting == default.text_weighting
+    assert summary["method"] == DEFAULT_METHOD and summary["trained"] in default.candidates
+    chosen = METHODS[summary["trained"]]
+    saved = load_checkpoint(out)
+    assert (saved.text_weighting, saved.text_tokens) == (chosen.text_weighting, chosen.text_tokens)
     assert parse_methods("default") == [default]
     with pytest.raises(SystemExit) as exit_info:  # a baseline is not something cmh trains
         main([*common, "--method", "cvh"])
@@ -277,3 +287,28 @@ def test_a_row_weighting_text_trains_on_shipped_text_features_as_given() -> None
     row = dataclasses.replace(METHODS["aucmh-tfidf-search-graph-text-0.8-short-views"], fit=fit)
     evaluate_methods(data, methods=[row], bits=[16], seeds=[0])
     assert data.text_features is not None and np.array_equal(seen[0], data.text_features)
+
+
+def test_a_choosing_row_keeps_the_candidate_of_best_validation_score(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = worded_pairs()
+    weak = aucmh_row("weak", lr=1e-9)  # barely moves from its random start
+    strong = aucmh_row("strong")
+    monkeypatch.setitem(METHODS, "weak", weak)
+    monkeypatch.setitem(METHODS, "strong", strong)
+    both = dataclasses.replace(METHODS["aucmh-auto"], candidates=("weak", "strong"))
+    overrides = {"n_bits": 16, "epochs": 3, "n_anchors": 64, "n_val": 40, "batch_size": 64}
+    trained = train_row(data, both, overrides=overrides, ks=(10,))
+    alone = {
+        name: train_row(
+            data, METHODS[name], overrides={**overrides, "val_short_words": 3}, ks=(10,)
+        ).score
+        for name in ("weak", "strong")
+    }
+    assert trained.method == "strong" and alone["strong"] > alone["weak"]
+    assert trained.score == pytest.approx(alone["strong"])  # judged with short queries too
+    assert trained.config.val_short_words == 3 and "val_t2i_short" in trained.history[0]
+    # A row that is not a choice trains as it says, with its own criterion.
+    single = train_row(data, strong, overrides=overrides, ks=(10,))
+    assert single.method == "strong" and single.config.val_short_words == 0

@@ -13,6 +13,9 @@ never on the queries, but the splits differ, and the difference favours the base
   choice sits on an edge), and then refits on the whole training part.
 Those baseline fits share their covariances and CCA directions through one FitCache per
 evaluate_methods call (models/methods/baselines.py); the fits are bit-identical without it.
+
+Over 400 lines because the method table, the evaluation loop and the short queries it scores are
+one comparison; the baselines live in models/methods/baselines.py, the metrics in evaluation/.
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ from models.features.pipeline import DEFAULT_VOCAB_SIZE, retokenize, reweight, t
 from models.features.short_text import draw_words, query_words_rng
 from models.features.text import DEFAULT_TOKENS
 from models.methods.baselines import CCA, CCAITQ, CMFH, CVH, LSH, FitCache
-from models.training.train import TrainConfig, train_selecting, with_k_grid
+from models.methods.trained import Trained
+from models.training.train import (
+    K_GRID,
+    TrainConfig,
+    best_validation_map,
+    train_selecting,
+    with_k_grid,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +96,8 @@ class Method:
     # The TrainConfig fields an AUCMH row sets over the defaults (`cmh train --method` trains
     # exactly this); None for a baseline, which `cmh train` does not train.
     train_options: dict[str, Any] | None = None
+    # A choosing row: the AUCMH rows it trains, keeping the best on validation (train_row).
+    candidates: tuple[str, ...] = ()
 
 
 def text_inputs(method: Method, *, raw_texts: bool) -> tuple[str, str]:
@@ -275,6 +287,21 @@ _BEST: dict[str, Any] = {
     "graph_text_weight": 0.8,
 }
 
+
+def _choosing_fit(
+    data: PairDataset,
+    n_bits: int,
+    seed: int,
+    /,
+    cache: FitCache | None = None,
+    processes: int = 1,
+) -> Encoder:
+    """A choosing row is trained by train_row (evaluate_methods calls it): its candidates' text
+    differs, so the fit alone could not say which features the model reads."""
+    del data, n_bits, seed, cache, processes
+    raise InputError("expected a choosing row to be trained by train_row")
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -298,6 +325,14 @@ METHODS: dict[str, Method] = {
         aucmh("aucmh-short-views-val", **_SHORT_VAL),
         aucmh("aucmh-tfidf-search-graph-text-0.8-short-views", **_BEST, **_SHORT),
         aucmh("aucmh-tfidf-search-graph-text-0.8-short-views-val", **_BEST, **_SHORT_VAL),
+        # Chooses on the collection's own validation split between the paper's row and the row
+        # that reads short queries best on Web News (issue 32; docs/keyword-queries.md).
+        Method(
+            "aucmh-auto",
+            _choosing_fit,
+            train_options={},
+            candidates=("aucmh", "aucmh-tfidf-search-graph-text-0.8-short-views"),
+        ),
         aucmh(
             "aucmh-tfidf-search-graph-text-0.8-short-views-2",
             **_BEST,
@@ -314,7 +349,7 @@ METHODS: dict[str, Method] = {
 
 # What `cmh train` and the demo build train when no method is named, and what `--methods default`
 # evaluates: the row that validated best on Web News' validation split (docs/keyword-queries.md).
-DEFAULT_METHOD = "aucmh"
+DEFAULT_METHOD = "aucmh-auto"
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -432,12 +467,25 @@ def evaluate_methods(
             data.name,
         )
         query_words = ()
-    q, db = data.query_idx, data.database_idx
     cache = FitCache()  # content-keyed, so sharing it across methods and seeds is safe
     # (weighting, tokens) -> the text features; vocabulary and idf from the training part only.
     weighted: dict[tuple[str, str], PairDataset] = {("binary", data.text_tokens): data}
     results: list[RunResult] = []
     for method in methods:
+        if method.candidates:
+            results.extend(
+                _evaluate_choosing(
+                    data,
+                    method,
+                    bits=bits,
+                    seeds=seeds,
+                    processes=train_processes,
+                    vocab_size=vocab_size,
+                    scorings=scorings,
+                    query_words=query_words,
+                )  # fmt: skip
+            )
+            continue
         inputs = text_inputs(method, raw_texts=data.texts is not None)
         if inputs != (method.text_weighting, method.text_tokens):
             logger.info(
@@ -458,48 +506,163 @@ def evaluate_methods(
             for n_bits in lengths:
                 start = time.perf_counter()
                 model = method.fit(mdata, n_bits, seed, cache=cache, processes=train_processes)
-                image_db = model.encode_image(image[db])
-                text_db = model.encode_text(text[db])
-                image_codes = model.encode_image(image[q])
-                text_codes = model.encode_text(text[q])
-                for scoring in scorings:
-                    asymmetric = scoring == "asymmetric" and not method.real_valued
-                    if asymmetric and not hasattr(model, "embed_text"):
-                        logger.info("%s has no real outputs: scored by Hamming only", method.name)
-                        continue
-                    real = cast_real(model) if asymmetric else None
-                    run = score_run(
-                        method=method.name,
-                        bits=n_bits,
-                        seed=seed,
-                        image_query=image_codes if real is None else real.embed_image(image[q]),
-                        text_query=text_codes if real is None else real.embed_text(text[q]),
-                        image_db=image_db,
-                        text_db=text_db,
-                        query_labels=mdata.labels[q],
-                        db_labels=mdata.labels[db],
-                        real_valued=method.real_valued,
-                        scoring=scoring,
-                        image_partners=image_codes,
-                        text_partners=text_codes,
-                    )
-                    t2i_words, t2t_words = _words_scores(
-                        model, mdata, query_words, image_db=image_db, text_db=text_db,
-                        asymmetric=asymmetric, real_valued=method.real_valued, seed=seed,
-                    )  # fmt: skip
-                    run = replace(run, t2i_words=t2i_words, t2t_words=t2t_words)
-                    logger.info(
-                        "%s %d bits seed %d %s: MAP@all i2t %.4f t2i %.4f%s (%.1f s)",
-                        method.name, n_bits, seed, scoring, run.i2t.map_all, run.t2i.map_all,
-                        "".join(f", t2i {w} words {v.map_all:.4f}" for w, v in t2i_words.items()),
-                        time.perf_counter() - start,
-                    )  # fmt: skip
+                runs = _score_model(
+                    model, mdata, method, n_bits=n_bits, seed=seed, scorings=scorings,
+                    query_words=query_words, start=start,
+                )  # fmt: skip
+                for run in runs:
                     if method.real_valued:
                         results.extend(_with_bits(run, b) for b in bits)
                     else:
                         results.append(run)
     logger.info("baseline fit cache: %d hits, %d computed", cache.hits, cache.misses)
     return results
+
+
+def _score_model(
+    model: Encoder,
+    mdata: PairDataset,
+    method: Method,
+    *,
+    n_bits: int,
+    seed: int,
+    scorings: Sequence[str],
+    query_words: Sequence[int],
+    start: float,
+) -> list[RunResult]:
+    """One result per scoring of a fitted model on mdata's queries and database."""
+    image, text = features(mdata)
+    q, db = mdata.query_idx, mdata.database_idx
+    image_db = model.encode_image(image[db])
+    text_db = model.encode_text(text[db])
+    image_codes = model.encode_image(image[q])
+    text_codes = model.encode_text(text[q])
+    runs = []
+    for scoring in scorings:
+        asymmetric = scoring == "asymmetric" and not method.real_valued
+        if asymmetric and not hasattr(model, "embed_text"):
+            logger.info("%s has no real outputs: scored by Hamming only", method.name)
+            continue
+        real = cast_real(model) if asymmetric else None
+        run = score_run(
+            method=method.name,
+            bits=n_bits,
+            seed=seed,
+            image_query=image_codes if real is None else real.embed_image(image[q]),
+            text_query=text_codes if real is None else real.embed_text(text[q]),
+            image_db=image_db,
+            text_db=text_db,
+            query_labels=mdata.labels[q],
+            db_labels=mdata.labels[db],
+            real_valued=method.real_valued,
+            scoring=scoring,
+            image_partners=image_codes,
+            text_partners=text_codes,
+        )
+        t2i_words, t2t_words = _words_scores(
+            model, mdata, query_words, image_db=image_db, text_db=text_db,
+            asymmetric=asymmetric, real_valued=method.real_valued, seed=seed,
+        )  # fmt: skip
+        run = replace(run, t2i_words=t2i_words, t2t_words=t2t_words)
+        logger.info(
+            "%s %d bits seed %d %s: MAP@all i2t %.4f t2i %.4f%s (%.1f s)",
+            method.name, n_bits, seed, scoring, run.i2t.map_all, run.t2i.map_all,
+            "".join(f", t2i {w} words {v.map_all:.4f}" for w, v in t2i_words.items()),
+            time.perf_counter() - start,
+        )  # fmt: skip
+        runs.append(run)
+    return runs
+
+
+def _evaluate_choosing(
+    data: PairDataset,
+    method: Method,
+    *,
+    bits: Sequence[int],
+    seeds: Sequence[int],
+    processes: int,
+    vocab_size: int,
+    scorings: Sequence[str],
+    query_words: Sequence[int],
+) -> list[RunResult]:
+    """A choosing row's results: per length and seed, the candidate train_row keeps, scored."""
+    results = []
+    for seed in seeds:
+        for n_bits in bits:
+            start = time.perf_counter()
+            trained = train_row(
+                data, method, overrides={"n_bits": n_bits, "seed": seed}, processes=processes,
+                vocab_size=vocab_size,
+            )  # fmt: skip
+            logger.info("%s %d bits seed %d chose %s", method.name, n_bits, seed, trained.method)
+            results.extend(
+                _score_model(
+                    trained.model,
+                    trained.data,
+                    method,
+                    n_bits=n_bits,
+                    seed=seed,
+                    scorings=scorings,
+                    query_words=query_words,
+                    start=start,
+                )  # fmt: skip
+            )
+    return results
+
+
+# What a choosing row's candidates compete on (TrainConfig.val_short_words): validation whole
+# captions in both directions and captions cut to 1..3 words, the words people type.
+CHOICE_SHORT_WORDS = 3
+
+
+def train_row(
+    data: PairDataset,
+    method: Method,
+    *,
+    overrides: dict[str, Any] | None = None,
+    ks: Sequence[int] = K_GRID,
+    processes: int = 1,
+    progress: bool = False,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    text: tuple[str | None, str | None] = (None, None),
+) -> Trained:
+    """Train an AUCMH row on `data` (binary words as prepared; the row's text is cut and weighted
+    from its raw captions), one model per k, and keep the best on validation. A choosing row
+    trains each of its candidates so, all judged with val_short_words CHOICE_SHORT_WORDS, and
+    keeps the one of best validation score. `overrides` (TrainConfig fields) and `text`
+    ((weighting, tokens), None: the row's) apply to every candidate."""
+    rows = [METHODS[name] for name in method.candidates] or [method]
+    choosing = len(rows) > 1
+    best: Trained | None = None
+    for row in rows:
+        if row.train_options is None:
+            raise InputError(f"expected an AUCMH row to train, got {row.name!r}")
+        weighting, tokens = text_inputs(row, raw_texts=data.texts is not None)
+        weighting, tokens = text[0] or weighting, text[1] or tokens
+        rdata = (
+            data if tokens == data.text_tokens else retokenize(data, tokens, vocab_size=vocab_size)
+        )
+        if weighting != rdata.text_weighting:
+            rdata = reweight(rdata, weighting)
+        options = {**row.train_options, **(overrides or {})}
+        if choosing:
+            options["val_short_words"] = CHOICE_SHORT_WORDS
+        candidates = with_k_grid(TrainConfig(**options), ks)
+        model, history, cfg = train_selecting(
+            candidates=candidates, data=rdata, progress=progress, processes=processes
+        )
+        trained = Trained(
+            method=row.name, model=model, history=history, config=cfg, data=rdata,
+            score=best_validation_map(history),
+        )  # fmt: skip
+        if choosing:
+            logger.info(
+                "%s: candidate %s validation score %.4f", method.name, row.name, trained.score
+            )
+        if best is None or trained.score > best.score:
+            best = trained
+    assert best is not None
+    return best
 
 
 def _with_bits(run: RunResult, n_bits: int) -> RunResult:

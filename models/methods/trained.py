@@ -1,59 +1,48 @@
-"""Train one AUCMH row for use and write its checkpoint: what `cmh train` and the demo build run.
+"""A trained AUCMH checkpoint for use: what `cmh train` and the demo build write.
 
 The row's text weighting and tokens travel in the checkpoint, so the service weights and cuts a
-query exactly as the model was trained; candidates (one per k) are chosen on validation.
+query exactly as the model was trained (models/methods/compare.py train_row trains it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.data.dataset import PairDataset
-from models.features.pipeline import reweight, text_vectorizer
+from models.features.pipeline import text_vectorizer
 from models.network.aucmh import HashingModel
 from models.network.checkpoint import save_checkpoint
-from models.training.train import TrainConfig, train_selecting
+from models.training.train import TrainConfig
 
 
 @dataclass(frozen=True)
 class Trained:
-    """A trained checkpoint's model and record, and the dataset its text was weighted into."""
+    """A trained model and its record, and the dataset its text was cut and weighted into."""
 
+    method: str  # the row trained (for a choosing row: the one it chose)
     model: HashingModel
     history: list[dict[str, float]]
     config: TrainConfig  # the kept candidate's
-    data: PairDataset  # text features weighted as the model reads them
+    data: PairDataset  # text features cut and weighted as the model reads them
+    score: float  # its validation score (models/training/train.py validation_score)
 
 
-def train_checkpoint(
-    data: PairDataset,
-    *,
-    out: Path,
-    candidates: Sequence[TrainConfig],
-    weighting: str,
-    progress: bool = False,
-) -> Trained:
-    """Weight data's binary text as `weighting` (idf from its training texts), train the
-    candidates, keep the best on validation and write it to `out` with everything the service
-    needs to encode as it was trained."""
-    vectorizer = None
-    if weighting != "binary":  # the same vocabulary, weighted; idf from the training texts
-        vectorizer = text_vectorizer(data, weighting)
-        data = reweight(data, weighting)
-    model, history, cfg = train_selecting(candidates=candidates, data=data, progress=progress)
+def save_trained(trained: Trained, out: Path) -> None:
+    """Write `trained` to `out` with everything the service needs to encode as it was trained."""
+    data = trained.data
+    weighting = data.text_weighting
+    idf = text_vectorizer(data, weighting).idf if weighting != "binary" else None
     save_checkpoint(
         out,
-        model=model,
-        train_config=dataclasses.asdict(cfg),
-        history=history,
+        model=trained.model,
+        train_config=dataclasses.asdict(trained.config),
+        history=trained.history,
         vocabulary=data.vocabulary,
         image_backbone=data.image_backbone,
         dataset=data.name,
         text_weighting=weighting,
-        idf=None if vectorizer is None else vectorizer.idf,
+        idf=idf,
         text_tokens=data.text_tokens,
     )
-    return Trained(model=model, history=history, config=cfg, data=data)
