@@ -489,7 +489,7 @@ def evaluate_methods(
         inputs = text_inputs(method, raw_texts=data.texts is not None)
         if inputs != (method.text_weighting, method.text_tokens):
             logger.info(
-                "%s: %s ships text features, trained on them as given", method.name, data.name
+                "%s: %s ships text features, fitted on them as given", method.name, data.name
             )
         if inputs not in weighted:
             weighting, tokens = inputs
@@ -499,7 +499,7 @@ def evaluate_methods(
                 weighted["binary", tokens] = cut
             weighted[inputs] = reweight(cut, weighting)
         mdata = weighted[inputs]
-        image, text = features(mdata)
+        features(mdata)  # both modalities' features, or an InputError before any fit
         for seed in seeds:
             # A real-valued method ignores n_bits: fit and score it once, repeat for each length.
             lengths = bits[:1] if method.real_valued else bits
