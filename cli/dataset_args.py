@@ -1,4 +1,5 @@
-"""The dataset and feature flags that `features`, `train` and `evaluate` share."""
+"""The dataset and feature flags that `features`, `train` and `evaluate` share, and the store
+`train --from-store` reads instead of a dataset."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ from pathlib import Path
 from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.data.loaders import DATASETS
+from models.data.stored import stored_pairs
+from models.features.content_cache import CachedFeatures, FeatureCache
 from models.features.image import BACKBONES, DEFAULT_BACKBONE
-from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare
+from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, prepare_loaded
 from models.features.text import DEFAULT_TOKENS
+from store.snapshot import read_items
+
+STORE_CACHE_DIR = "feature-cache"  # beside the store: ARTIFACTS/feature-cache/features.sqlite
 
 
-def add_dataset_args(p: argparse.ArgumentParser) -> None:
-    """--dataset, --root, --backbone, --weights, --cache-dir and --vocab-size."""
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset name")
-    p.add_argument("--root", required=True, type=Path, help="the dataset's folder")
+def add_dataset_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--dataset, --root, --backbone, --weights, --cache-dir and --vocab-size (--dataset and
+    --root optional when not `required`: the command checks that another source is named)."""
+    p.add_argument("--dataset", required=required, choices=DATASETS, help="dataset name")
+    p.add_argument("--root", required=required, type=Path, help="the dataset's folder")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES, help="image backbone")
     p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
@@ -44,3 +51,33 @@ def prepare_from_args(
         cache_dir=args.cache_dir,
         progress=True,
     )
+
+
+def prepare_from_store(
+    artifacts: Path, args: argparse.Namespace, *, max_items: int, seed: int, cache_bytes: int
+) -> tuple[PairDataset, CachedFeatures]:
+    """The live items of the store in artifacts (a seeded sample of max_items when it holds
+    more) with features, image features kept per content in artifacts/feature-cache."""
+    check_weights(args)
+    stored = read_items(artifacts, max_items=max_items, seed=seed)
+    items = stored.items
+    data = stored_pairs(
+        artifacts,
+        ids=[item.id for item in items],
+        texts=[item.text for item in items],
+        images=[item.image for item in items],
+        fields=[item.fields for item in items],
+        n_live=stored.n_live,
+    )
+    cache = FeatureCache(artifacts / STORE_CACHE_DIR, max_bytes=cache_bytes)
+    try:
+        return prepare_loaded(
+            data,
+            cache,
+            backbone=args.backbone,
+            weights=args.weights,
+            vocab_size=args.vocab_size,
+            progress=True,
+        )
+    finally:
+        cache.close()
