@@ -19,20 +19,27 @@ from store.snapshot import read_items
 STORE_CACHE_DIR = "feature-cache"  # beside the store: ARTIFACTS/feature-cache/features.sqlite
 
 
-def add_dataset_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """--dataset, --root, --backbone, --weights, --cache-dir and --vocab-size (--dataset and
-    --root optional when not `required`: the command checks that another source is named)."""
-    p.add_argument("--dataset", required=required, choices=DATASETS, help="dataset name")
-    p.add_argument("--root", required=required, type=Path, help="the dataset's folder")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES, help="image backbone")
+def add_dataset_args(p: argparse.ArgumentParser, *, from_store: bool = False) -> None:
+    """--dataset, --root, --backbone, --weights, --cache-dir and --vocab-size. With `from_store`
+    (`train --from-store`), --dataset and --root are optional (the command checks that one
+    source is named) and --backbone defaults to None: the store's own, else DEFAULT_BACKBONE."""
+    p.add_argument("--dataset", required=not from_store, choices=DATASETS, help="dataset name")
+    p.add_argument("--root", required=not from_store, type=Path, help="the dataset's folder")
+    p.add_argument(
+        "--backbone",
+        default=None if from_store else DEFAULT_BACKBONE,
+        choices=BACKBONES,
+        help=f"image backbone ({DEFAULT_BACKBONE}"
+        + ("; --from-store: the one the store's codes were made with)" if from_store else ")"),
+    )
     p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BoW vocabulary size")
 
 
-def check_weights(args: argparse.Namespace) -> None:
+def check_weights(args: argparse.Namespace, backbone: str | None = None) -> None:
     """VGG19 weights cannot be downloaded here: the user must name a file."""
-    if args.backbone == "vgg19" and args.weights is None:
+    if (backbone or args.backbone) == "vgg19" and args.weights is None:
         raise InputError("expected --weights FILE (a torchvision VGG19 state dict), got none")
 
 
@@ -44,7 +51,7 @@ def prepare_from_args(
     return prepare(
         args.dataset,
         args.root,
-        backbone=args.backbone,
+        backbone=args.backbone or DEFAULT_BACKBONE,
         weights=args.weights,
         vocab_size=args.vocab_size,
         text_tokens=text_tokens,
@@ -57,9 +64,12 @@ def prepare_from_store(
     artifacts: Path, args: argparse.Namespace, *, max_items: int, seed: int, cache_bytes: int
 ) -> tuple[PairDataset, CachedFeatures]:
     """The live items of the store in artifacts (a seeded sample of max_items when it holds
-    more) with features, image features kept per content in artifacts/feature-cache."""
-    check_weights(args)
+    more) with features, image features kept per content in artifacts/feature-cache; the image
+    backbone is --backbone, else the one that made the store's codes (if one of BACKBONES)."""
     stored = read_items(artifacts, max_items=max_items, seed=seed)
+    served = stored.manifest.image_backbone
+    backbone = args.backbone or (served if served in BACKBONES else DEFAULT_BACKBONE)
+    check_weights(args, backbone)
     items = stored.items
     data = stored_pairs(
         artifacts,
@@ -74,7 +84,7 @@ def prepare_from_store(
         return prepare_loaded(
             data,
             cache,
-            backbone=args.backbone,
+            backbone=backbone,
             weights=args.weights,
             vocab_size=args.vocab_size,
             progress=True,

@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "training part of a dataset, choosing the epoch on a validation split carved out of it, "
         "and write one self-contained checkpoint.",
     )
-    add_dataset_args(p, required=False)
+    add_dataset_args(p, from_store=True)
     p.add_argument(
         "--from-store",
         type=Path,
@@ -281,8 +281,8 @@ def _prepared(args: argparse.Namespace, *, seed: int) -> PairDataset:
     )
     print(
         f"from store {args.from_store}: {len(data)} items ({data.protocol}); "
-        f"{len(data.rejected)} rejected; {len(data.label_names)} labels; images: "
-        f"{image.cached} from the feature cache, {image.encoded} encoded"
+        f"{len(data.rejected)} rejected; {len(data.label_names)} labels; images "
+        f"({data.image_backbone}): {image.cached} from the feature cache, {image.encoded} encoded"
     )
     return data
 

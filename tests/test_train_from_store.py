@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from PIL import Image, ImageDraw
 import models.features.content_cache as content_cache
 from cli.dataset_args import STORE_CACHE_DIR
 from cli.main import main
+from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.data.stored import stored_pairs
 from models.features.content_cache import FeatureCache
@@ -139,6 +141,32 @@ def test_max_items_takes_a_seeded_sample(
     out = capsys.readouterr().out
     assert "12 items" in out and "a seeded sample of 12 live items" in out
     assert "12 encoded" in out  # only the sampled items' images went through the backbone
+
+
+def test_reads_a_store_a_server_holds_open_with_its_backbone(
+    served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = sqlite3.connect(served / "store" / "items.sqlite")
+    (text,) = conn.execute("SELECT value FROM meta WHERE key = 'manifest'").fetchone()
+    manifest = {**json.loads(text), "image_backbone": "efficientnet-lite1"}
+    with conn:  # as if the store's codes had been made with Lite1
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'manifest'", (json.dumps(manifest),))
+    conn.close()
+    store = Store.open(served)  # holds the store's exclusive flock, as `cmh serve` does
+    try:
+        assert len(read_items(served, max_items=100, seed=0).items) == 30
+    finally:
+        store.close()
+    asked: list[str] = []
+
+    def stop(paths: object, cache: object, *, backbone: str, **kwargs: object) -> None:
+        asked.append(backbone)
+        raise InputError("stopped before the backbone")
+
+    monkeypatch.setattr("models.features.pipeline.features_by_content", stop)
+    assert main(from_store(served, tmp_path / "b.pt")) == 2
+    assert main([*from_store(served, tmp_path / "b.pt"), "--backbone", "efficientnet-lite2"]) == 2
+    assert asked == ["efficientnet-lite1", "efficientnet-lite2"]
 
 
 def test_the_feature_cache_keeps_the_most_recently_used_within_its_bound(tmp_path: Path) -> None:
