@@ -22,7 +22,7 @@ from cli.main import main
 from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.data.stored import stored_pairs
-from models.features.content_cache import FeatureCache
+from models.features.content_cache import FeatureCache, features_by_content
 from models.methods import compare
 from models.methods.trained import Trained
 from service.app import create_app
@@ -167,6 +167,23 @@ def test_reads_a_store_a_server_holds_open_with_its_backbone(
     assert main(from_store(served, tmp_path / "b.pt")) == 2
     assert main([*from_store(served, tmp_path / "b.pt"), "--backbone", "efficientnet-lite2"]) == 2
     assert asked == ["efficientnet-lite1", "efficientnet-lite2"]
+
+
+def test_features_are_computed_once_per_image_content(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{name}.png" for name in ("a", "b", "copy-of-a", "c")]
+    photo(1, "red").save(paths[0])
+    photo(2, "blue").save(paths[1])
+    shutil.copy(paths[0], paths[2])
+    photo(3, "green").save(paths[3])
+    cache = FeatureCache(tmp_path / "cache")
+    first = features_by_content(paths[:3], cache, backbone="efficientnet-lite0")
+    assert (first.encoded, first.cached) == (2, 0)
+    assert np.array_equal(first.features[0], first.features[2])
+    assert not np.array_equal(first.features[0], first.features[1])
+    again = features_by_content(paths, cache, backbone="efficientnet-lite0")
+    assert (again.encoded, again.cached) == (1, 2)  # only c is new
+    assert np.array_equal(again.features[:3], first.features) and len(cache) == 3
+    cache.close()
 
 
 def test_the_feature_cache_keeps_the_most_recently_used_within_its_bound(tmp_path: Path) -> None:

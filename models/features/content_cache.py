@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from common.errors import InputError
 from models.features.image import encode_images, load_backbone
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class FeatureCache:
         self.max_bytes = max_bytes
         self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=60)
         self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # a cache: a crash may lose the last rows
         self._conn.execute(SCHEMA)
 
     def dim(self, backbone: str) -> int:
@@ -150,31 +153,55 @@ def features_by_content(
     progress: bool = False,
 ) -> CachedFeatures:
     """(n, d) features of n image files: from the cache where their bytes were seen before, the
-    backbone over the rest (loaded only if there is any), each distinct content once."""
-    digests = [file_sha256(p) for p in paths]
-    first: dict[str, Path] = {}
-    for sha, path in zip(digests, paths, strict=True):
-        first.setdefault(sha, path)
+    backbone over the rest (loaded only if there is any), each distinct content once. Memory:
+    the (n, d) result and one chunk of features besides it."""
+    if not paths:
+        raise InputError("expected at least one image file, got none")
+    rows: dict[str, list[int]] = {}  # digest -> the rows of paths with those bytes
+    for i, path in enumerate(paths):
+        rows.setdefault(file_sha256(path), []).append(i)
     key = backbone_key(backbone, weights)
+    out: np.ndarray | None = None  # (n, d) float32, allocated once d is known
+
+    def place(found: dict[str, np.ndarray]) -> None:
+        nonlocal out
+        for sha, vector in found.items():
+            if out is None:
+                out = np.empty((len(paths), vector.shape[0]), dtype=np.float32)
+            out[rows[sha]] = vector
+
+    digests = list(rows)
+    missing: list[str] = []
     dim = cache.dim(key)
-    found = cache.get(key, list(first), dim) if dim else {}
-    missing = [sha for sha in first if sha not in found]
+    for start in range(0, len(digests), CHUNK):
+        part = digests[start : start + CHUNK]
+        found = cache.get(key, part, dim) if dim else {}
+        place(found)
+        missing.extend(sha for sha in part if sha not in found)
     if missing:
         model = load_backbone(backbone, weights=weights)
-        for start in range(0, len(missing), CHUNK):
-            part = missing[start : start + CHUNK]
-            feats = encode_images(model, [first[sha] for sha in part], progress=progress)
-            cache.put(key, part, feats)
-            found.update(zip(part, feats, strict=True))
-        if model.pool is not None:
-            model.pool.shutdown()
+        try:
+            if dim and model.dim != dim:
+                raise InputError(
+                    f"expected {model.dim}-d features of {key} in {cache.path}, got {dim}-d: "
+                    "delete the file to compute them again"
+                )
+            bar = tqdm(total=len(missing), desc="new images", unit="img", disable=not progress)
+            with bar:
+                for start in range(0, len(missing), CHUNK):
+                    part = missing[start : start + CHUNK]
+                    feats = encode_images(model, [paths[rows[sha][0]] for sha in part])
+                    cache.put(key, part, feats)
+                    place(dict(zip(part, feats, strict=True)))
+                    bar.update(len(part))
+        finally:
+            if model.pool is not None:
+                model.pool.shutdown()
     cache.evict()
+    cached = len(digests) - len(missing)
     logger.info(
         "image features: %d distinct images, %d from the cache %s, %d encoded",
-        len(first),
-        len(first) - len(missing),
-        cache.path,
-        len(missing),
-    )
-    features = np.stack([found[sha] for sha in digests]).astype(np.float32)  # (n, d)
-    return CachedFeatures(features, encoded=len(missing), cached=len(first) - len(missing))
+        len(digests), cached, cache.path, len(missing),
+    )  # fmt: skip
+    assert out is not None  # every digest was placed, from the cache or the backbone
+    return CachedFeatures(out, encoded=len(missing), cached=cached)
