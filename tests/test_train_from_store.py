@@ -273,3 +273,27 @@ def test_bad_input_exits_2_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_stored_pairs_leave_out_items_whose_image_is_gone(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b"):
+        photo(0, "red").save(tmp_path / "images" / f"{name}.png")
+    (tmp_path.parent / "outside.png").write_bytes((tmp_path / "images" / "a.png").read_bytes())
+    data = stored_pairs(
+        tmp_path,
+        ids=[1, "two", 3, 4],
+        texts=["a red disc", "a red ball", "gone", "outside"],
+        images=["images/a.png", "images/b.png", "images/deleted.png", "../outside.png"],
+        fields=[{"labels": "red"}, {"labels": [3]}, {}, {}],
+        n_live=4,
+    )
+    assert data.ids == ["1", "two"] and data.texts == ["a red disc", "a red ball"]
+    assert [r.reason.split(":")[0] for r in data.rejected] == [
+        "missing image file",
+        f"image outside {tmp_path.resolve()}",
+    ]
+    assert data.label_names == ["red"] and data.labels.tolist() == [[1], [0]]
+    assert [d.pair for d in data.defects] == ["item 'two'"]  # labels not names: loaded without
+    assert data.train_idx.tolist() == data.database_idx.tolist() == [0, 1]
+    assert data.query_idx.size == 0

@@ -52,7 +52,10 @@ def stored_pairs(
     defects: list[Rejection] = []
     for i, image in enumerate(images):
         path = (base / image).resolve()
-        if not path.is_relative_to(base) or not path.is_file():
+        if not path.is_relative_to(base):
+            rejected.append(Rejection(f"item {ids[i]!r}", f"image outside {base}: {image!r}"))
+            continue
+        if not path.is_file():  # its item deleted, and the image collected, since the read
             rejected.append(Rejection(f"item {ids[i]!r}", f"missing image file: {image!r}"))
             continue
         labels = _labels(fields[i])
