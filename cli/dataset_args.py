@@ -14,7 +14,7 @@ from models.features.content_cache import CachedFeatures, FeatureCache
 from models.features.image import BACKBONES, DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, prepare_loaded
 from models.features.text import DEFAULT_TOKENS
-from store.snapshot import read_items
+from store.snapshot import image_sha256, read_items
 
 STORE_CACHE_DIR = "feature-cache"  # beside the store: ARTIFACTS/feature-cache/features.sqlite
 
@@ -79,11 +79,14 @@ def prepare_from_store(
         fields=[item.fields for item in items],
         n_live=stored.n_live,
     )
+    base = artifacts.resolve()
+    digests = [image_sha256(p.relative_to(base).as_posix()) for p in data.image_paths or []]
     cache = FeatureCache(artifacts / STORE_CACHE_DIR, max_bytes=cache_bytes)
     try:
         return prepare_loaded(
             data,
             cache,
+            digests=digests,
             backbone=backbone,
             weights=args.weights,
             vocab_size=args.vocab_size,

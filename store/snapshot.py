@@ -10,6 +10,7 @@ backend keeps its items in Milvus, which this does not read.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ import numpy as np
 from common.errors import InputError, IntegrityError
 from store import metadata as md
 from store.manifest import Manifest
+from store.rows import IMAGES_DIR
 from store.store import DB_NAME, STORE_DIR
 
 MIN_ITEMS = 10  # fewer items than this cannot be split into training and validation
+# An image the store keeps: named by the SHA-256 of its bytes (store/rows.py checked_rows).
+_KEPT_IMAGE = re.compile(rf"{IMAGES_DIR}/([0-9a-f]{{64}})\.[A-Za-z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,10 @@ def read_items(artifacts: Path, *, max_items: int, seed: int) -> StoredItems:
     finally:
         conn.close()
     return StoredItems([rows[int(s)] for s in seqs], n_live, manifest)
+
+
+def image_sha256(image: str) -> str | None:
+    """The SHA-256 of a stored image's bytes, as its content-addressed name says (None: an image
+    the store does not keep under images/, whose bytes must be read to know it)."""
+    match = _KEPT_IMAGE.fullmatch(image)
+    return match.group(1) if match else None

@@ -22,12 +22,12 @@ from cli.main import main
 from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.data.stored import stored_pairs
-from models.features.content_cache import FeatureCache, features_by_content
+from models.features.content_cache import FeatureCache, features_by_content, file_sha256
 from models.methods import compare
 from models.methods.trained import Trained
 from service.app import create_app
 from service.settings import Settings
-from store.snapshot import read_items
+from store.snapshot import image_sha256, read_items
 from store.store import Store
 from tests.helpers import store_manifest, wait_for_job
 
@@ -102,10 +102,18 @@ def test_trains_on_the_stored_texts_and_reuses_image_features(
     assert len(cache) == 30 and cache.dim("efficientnet-lite0") == 1280
     cache.close()
 
+    # Stored images are named by their bytes' SHA-256: a warm run reads none of them.
+    for item in read_items(served, max_items=100, seed=0).items:
+        assert image_sha256(item.image) == file_sha256(served / item.image)
+
     def no_backbone(*args: object, **kwargs: object) -> None:
         raise AssertionError("the backbone ran although every image is in the feature cache")
 
+    def no_reading(path: Path) -> str:
+        raise AssertionError(f"{path} was read although its name says its digest")
+
     monkeypatch.setattr(content_cache, "load_backbone", no_backbone)
+    monkeypatch.setattr(content_cache, "file_sha256", no_reading)
     assert main(from_store(served, tmp_path / "again.pt")) == 0
     assert "30 from the feature cache, 0 encoded" in capsys.readouterr().out
     # The checkpoint serves as any other: a store is built with it, and the app opens it.

@@ -150,16 +150,20 @@ def features_by_content(
     *,
     backbone: str,
     weights: Path | None = None,
+    digests: Sequence[str | None] | None = None,
     progress: bool = False,
 ) -> CachedFeatures:
     """(n, d) features of n image files: from the cache where their bytes were seen before, the
-    backbone over the rest (loaded only if there is any), each distinct content once. Memory:
-    the (n, d) result and one chunk of features besides it."""
+    backbone over the rest (loaded only if there is any), each distinct content once. `digests`:
+    the SHA-256 of each file's bytes where the caller knows it (a content-addressed name), so a
+    cached image is not even read; None: read and hash the file. Memory: the (n, d) result and
+    one chunk of features besides it."""
     if not paths:
         raise InputError("expected at least one image file, got none")
+    known = digests if digests is not None else [None] * len(paths)
     rows: dict[str, list[int]] = {}  # digest -> the rows of paths with those bytes
-    for i, path in enumerate(paths):
-        rows.setdefault(file_sha256(path), []).append(i)
+    for i, (path, given) in enumerate(zip(paths, known, strict=True)):
+        rows.setdefault(given or file_sha256(path), []).append(i)
     key = backbone_key(backbone, weights)
     out: np.ndarray | None = None  # (n, d) float32, allocated once d is known
 
@@ -170,14 +174,14 @@ def features_by_content(
                 out = np.empty((len(paths), vector.shape[0]), dtype=np.float32)
             out[rows[sha]] = vector
 
-    digests = list(rows)
+    distinct = list(rows)
     missing: list[str] = []
     dim = cache.dim(key)
-    for start in range(0, len(digests), CHUNK):
-        part = digests[start : start + CHUNK]
-        found = cache.get(key, part, dim) if dim else {}
+    for start in range(0, len(distinct), CHUNK):
+        head = distinct[start : start + CHUNK]
+        found = cache.get(key, head, dim) if dim else {}
         place(found)
-        missing.extend(sha for sha in part if sha not in found)
+        missing.extend(sha for sha in head if sha not in found)
     if missing:
         model = load_backbone(backbone, weights=weights)
         try:
@@ -198,10 +202,10 @@ def features_by_content(
             if model.pool is not None:
                 model.pool.shutdown()
     cache.evict()
-    cached = len(digests) - len(missing)
+    cached = len(distinct) - len(missing)
     logger.info(
         "image features: %d distinct images, %d from the cache %s, %d encoded",
-        len(digests), cached, cache.path, len(missing),
+        len(distinct), cached, cache.path, len(missing),
     )  # fmt: skip
     assert out is not None  # every digest was placed, from the cache or the backbone
     return CachedFeatures(out, encoded=len(missing), cached=cached)

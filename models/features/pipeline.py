@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,14 +191,21 @@ def prepare_loaded(
     backbone: str = DEFAULT_BACKBONE,
     weights: Path | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    digests: Sequence[str | None] | None = None,
     progress: bool = False,
 ) -> tuple[PairDataset, CachedFeatures]:
     """A loaded dataset of image files and raw texts with features as prepare() gives them, its
-    image features kept per image content in `cache` (models/features/content_cache.py)."""
+    image features kept per image content in `cache` (models/features/content_cache.py;
+    `digests`: the images' SHA-256 where known, see features_by_content)."""
     if data.image_paths is None:
         raise InputError(f"expected image files in dataset {data.name!r}, it has features only")
     image = features_by_content(
-        data.image_paths, cache, backbone=backbone, weights=weights, progress=progress
+        data.image_paths,
+        cache,
+        backbone=backbone,
+        weights=weights,
+        digests=digests,
+        progress=progress,
     )
     text, vectorizer = fit_text_features(data, vocab_size=vocab_size)
     prepared = data.with_features(
