@@ -10,19 +10,21 @@ from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.data.loaders import DATASETS
 from models.data.stored import stored_pairs
-from models.features.content_cache import CachedFeatures, FeatureCache
+from models.features.content_cache import DEFAULT_MAX_BYTES, CachedFeatures, FeatureCache
 from models.features.image import BACKBONES, DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, prepare_loaded
 from models.features.text import DEFAULT_TOKENS
 from store.snapshot import image_sha256, read_items
 
 STORE_CACHE_DIR = "feature-cache"  # beside the store: ARTIFACTS/feature-cache/features.sqlite
+DEFAULT_MAX_ITEMS = 200_000  # --from-store: items trained on at most (a seeded sample past it)
 
 
 def add_dataset_args(p: argparse.ArgumentParser, *, from_store: bool = False) -> None:
     """--dataset, --root, --backbone, --weights, --cache-dir and --vocab-size. With `from_store`
-    (`train --from-store`), --dataset and --root are optional (the command checks that one
-    source is named) and --backbone defaults to None: the store's own, else DEFAULT_BACKBONE."""
+    (`train`), also --from-store and its flags: --dataset and --root are then optional
+    (prepare_source checks that one source is named) and --backbone defaults to None: the
+    store's own, else DEFAULT_BACKBONE."""
     p.add_argument("--dataset", required=not from_store, choices=DATASETS, help="dataset name")
     p.add_argument("--root", required=not from_store, type=Path, help="the dataset's folder")
     p.add_argument(
@@ -35,6 +37,33 @@ def add_dataset_args(p: argparse.ArgumentParser, *, from_store: bool = False) ->
     p.add_argument("--weights", type=Path, help="backbone state dict (required for vgg19)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="feature cache folder")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BoW vocabulary size")
+    if from_store:
+        _add_store_args(p)
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    """--from-store, --max-items and --feature-cache-mib."""
+    p.add_argument(
+        "--from-store",
+        type=Path,
+        metavar="ARTIFACTS",
+        help="train on the live items of the store in ARTIFACTS instead of --dataset/--root "
+        "(the local store; it may be serving meanwhile)",
+    )
+    p.add_argument(
+        "--max-items",
+        type=int,
+        default=DEFAULT_MAX_ITEMS,
+        help=f"--from-store: a seeded sample (--seed) of this many items when the store holds "
+        f"more ({DEFAULT_MAX_ITEMS:,}; at least 10)",
+    )
+    p.add_argument(
+        "--feature-cache-mib",
+        type=int,
+        default=DEFAULT_MAX_BYTES >> 20,
+        help=f"--from-store: most MiB of image features ARTIFACTS/{STORE_CACHE_DIR} keeps, the "
+        f"least recently used dropped past it ({DEFAULT_MAX_BYTES >> 20})",
+    )
 
 
 def check_weights(args: argparse.Namespace, backbone: str | None = None) -> None:
@@ -58,6 +87,36 @@ def prepare_from_args(
         cache_dir=args.cache_dir,
         progress=True,
     )
+
+
+def prepare_source(args: argparse.Namespace, *, seed: int) -> PairDataset:
+    """The dataset --dataset/--root or --from-store names (exactly one), with features; a store's
+    is sampled with `seed` and said in one printed line."""
+    if args.from_store is None:
+        if args.dataset is None or args.root is None:
+            raise InputError(
+                "expected --dataset and --root, or --from-store ARTIFACTS, got neither"
+            )
+        return prepare_from_args(args)
+    if args.dataset is not None or args.root is not None:
+        raise InputError("expected --from-store ARTIFACTS or --dataset/--root, got both")
+    if args.feature_cache_mib < 1:
+        raise InputError(
+            f"expected --feature-cache-mib of at least 1, got {args.feature_cache_mib}"
+        )
+    data, image = prepare_from_store(
+        args.from_store,
+        args,
+        max_items=args.max_items,
+        seed=seed,
+        cache_bytes=args.feature_cache_mib << 20,
+    )
+    print(
+        f"from store {args.from_store}: {len(data)} items ({data.protocol}); "
+        f"{len(data.rejected)} rejected; {len(data.label_names)} labels; images "
+        f"({data.image_backbone}): {image.cached} from the feature cache, {image.encoded} encoded"
+    )
+    return data
 
 
 def prepare_from_store(

@@ -17,16 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli.dataset_args import (
-    STORE_CACHE_DIR,
-    add_dataset_args,
-    prepare_from_args,
-    prepare_from_store,
-)
+from cli.dataset_args import add_dataset_args, prepare_source
 from common.errors import InputError
-from models.data.dataset import PairDataset
 from models.devices import DEVICES
-from models.features.content_cache import DEFAULT_MAX_BYTES
 from models.features.text import TOKENIZATIONS, WEIGHTINGS
 from models.methods.compare import DEFAULT_METHOD, METHODS, Method, train_row
 from models.methods.trained import save_trained
@@ -44,7 +37,6 @@ logger = logging.getLogger(__name__)
 DEFAULTS = TrainConfig()
 # The `cmh evaluate` rows `cmh train --method` can train (AUCMH's; the baselines are not trained).
 TRAINABLE = [name for name, m in METHODS.items() if m.train_options is not None]
-DEFAULT_MAX_ITEMS = 200_000  # --from-store: items trained on at most (a seeded sample past it)
 
 # Flags that set a TrainConfig field: dest -> field (the ablation switches are negated below).
 FLAG_FIELDS = {
@@ -99,27 +91,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "and write one self-contained checkpoint.",
     )
     add_dataset_args(p, from_store=True)
-    p.add_argument(
-        "--from-store",
-        type=Path,
-        metavar="ARTIFACTS",
-        help="train on the live items of the store in ARTIFACTS instead of --dataset/--root "
-        "(the local store; it may be serving meanwhile)",
-    )
-    p.add_argument(
-        "--max-items",
-        type=int,
-        default=DEFAULT_MAX_ITEMS,
-        help=f"--from-store: a seeded sample (--seed) of this many items when the store holds "
-        f"more ({DEFAULT_MAX_ITEMS:,}; at least 10)",
-    )
-    p.add_argument(
-        "--feature-cache-mib",
-        type=int,
-        default=DEFAULT_MAX_BYTES >> 20,
-        help=f"--from-store: most MiB of image features ARTIFACTS/{STORE_CACHE_DIR} keeps, the "
-        f"least recently used dropped past it ({DEFAULT_MAX_BYTES >> 20})",
-    )
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     p.add_argument(
         "--method",
@@ -258,41 +229,12 @@ def ks_of(args: argparse.Namespace) -> tuple[int, ...]:
     return ks
 
 
-def _prepared(args: argparse.Namespace, *, seed: int) -> PairDataset:
-    """The dataset --dataset/--root or --from-store names, with features (exactly one of them)."""
-    if args.from_store is None:
-        if args.dataset is None or args.root is None:
-            raise InputError(
-                "expected --dataset and --root, or --from-store ARTIFACTS, got neither"
-            )
-        return prepare_from_args(args)
-    if args.dataset is not None or args.root is not None:
-        raise InputError("expected --from-store ARTIFACTS or --dataset/--root, got both")
-    if args.feature_cache_mib < 1:
-        raise InputError(
-            f"expected --feature-cache-mib of at least 1, got {args.feature_cache_mib}"
-        )
-    data, image = prepare_from_store(
-        args.from_store,
-        args,
-        max_items=args.max_items,
-        seed=seed,
-        cache_bytes=args.feature_cache_mib << 20,
-    )
-    print(
-        f"from store {args.from_store}: {len(data)} items ({data.protocol}); "
-        f"{len(data.rejected)} rejected; {len(data.label_names)} labels; images "
-        f"({data.image_backbone}): {image.cached} from the feature cache, {image.encoded} encoded"
-    )
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
     method = method_of(args)
     config = config_from_args(args)  # a bad flag fails before the data loads
     # Binary words as prepared; train_row cuts and weights them as the row (or a flag) says.
-    data = _prepared(args, seed=config.seed)
+    data = prepare_source(args, seed=config.seed)
     start = time.perf_counter()
     trained = train_row(
         data,
