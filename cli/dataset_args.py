@@ -112,7 +112,7 @@ def prepare_source(args: argparse.Namespace, *, seed: int) -> PairDataset:
         cache_bytes=args.feature_cache_mib << 20,
     )
     print(
-        f"from store {args.from_store}: {len(data)} items ({data.protocol}); "
+        f"from store {args.from_store}: {len(data)} items, {data.protocol}; "
         f"{len(data.rejected)} rejected; {len(data.label_names)} labels; images "
         f"({data.image_backbone}): {image.cached} from the feature cache, {image.encoded} encoded"
     )

@@ -147,7 +147,7 @@ def test_max_items_takes_a_seeded_sample(
     capsys.readouterr()
     assert main(from_store(served, tmp_path / "m.pt", "--max-items", "12")) == 0
     out = capsys.readouterr().out
-    assert "12 items" in out and "a seeded sample of 12 live items" in out
+    assert "12 items" in out and "a seeded sample of 12 of 30 live items" in out
     assert "12 encoded" in out  # only the sampled items' images went through the backbone
 
 

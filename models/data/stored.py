@@ -72,7 +72,11 @@ def stored_pairs(
     for row, names in enumerate(item_labels):
         matrix[row, [column[n] for n in names]] = 1
     every = np.arange(len(kept), dtype=np.int64)
-    sample = f"all {n_live}" if len(images) == n_live else f"a seeded sample of {len(images)}"
+    sample = (
+        f"all {n_live}"
+        if len(images) == n_live
+        else f"a seeded sample of {len(images)} of {n_live}"
+    )
     return PairDataset(
         name=NAME,
         ids=[str(ids[i]) for i in kept],
@@ -87,5 +91,5 @@ def stored_pairs(
         listed=len(images),
         rejected=rejected,
         defects=defects,
-        protocol=f"the store's items ({sample} live items): database = train; no queries",
+        protocol=f"database = train = {sample} live items of the store; no queries",
     )
