@@ -194,6 +194,15 @@ def test_features_are_computed_once_per_image_content(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_a_cache_of_another_width_is_refused_in_one_line(tmp_path: Path) -> None:
+    photo(1, "red").save(tmp_path / "a.png")
+    cache = FeatureCache(tmp_path / "cache")
+    cache.put("efficientnet-lite0", ["0" * 64], np.ones((1, 4), dtype=np.float32))
+    with pytest.raises(InputError, match="expected 1280-d features of efficientnet-lite0 in .*4-d"):
+        features_by_content([tmp_path / "a.png"], cache, backbone="efficientnet-lite0")
+    cache.close()
+
+
 def test_the_feature_cache_keeps_the_most_recently_used_within_its_bound(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path, max_bytes=2 * 16)  # two 4-d float32 vectors
     vectors = np.arange(12, dtype=np.float32).reshape(3, 4)

@@ -6,9 +6,11 @@ were last used. A run reads the features of every image it has seen before and r
 over the others alone, committing them every CHUNK images, so an interrupted run keeps what it
 computed. The file is bounded by `max_bytes` of features: past it, after a run has added its
 own, the least recently used rows are deleted until the rest fit (a run that needs more than the
-bound keeps only its most recently computed part for the next one). A row whose length is not the
-backbone's width is ignored and computed again. The backbone's name and a digest of its weights
-file (when one is given) make up the key with the image digest: new weights, new features.
+bound keeps only its most recently computed part for the next one); SQLite reuses the pages freed,
+so the file stays near the bound and does not shrink. The backbone's name and a digest of its
+weights file (when one is given) make up the key with the image digest: new weights, new
+features. A cache holding features of another width than the backbone gives is refused in one
+line (it can be deleted: it is only a cache).
 """
 
 from __future__ import annotations
@@ -123,11 +125,13 @@ class FeatureCache:
             return 0
         gone, freed = [], 0
         sql = "SELECT backbone, sha256, length(vector) FROM features ORDER BY used, sha256"
-        for backbone, sha, size in self._conn.execute(sql):
+        oldest = self._conn.execute(sql)
+        for backbone, sha, size in oldest:
             if freed >= excess:
                 break
             gone.append((backbone, sha))
             freed += int(size)
+        oldest.close()
         self._conn.execute("BEGIN IMMEDIATE")
         self._conn.executemany("DELETE FROM features WHERE backbone = ? AND sha256 = ?", gone)
         self._conn.execute("COMMIT")
