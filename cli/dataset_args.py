@@ -14,7 +14,7 @@ from models.features.content_cache import DEFAULT_MAX_BYTES, CachedFeatures, Fea
 from models.features.image import BACKBONES, DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, prepare_loaded
 from models.features.text import DEFAULT_TOKENS
-from store.snapshot import image_sha256, read_items
+from store.snapshot import MIN_ITEMS, image_sha256, read_items
 
 STORE_CACHE_DIR = "feature-cache"  # beside the store: ARTIFACTS/feature-cache/features.sqlite
 DEFAULT_MAX_ITEMS = 200_000  # --from-store: items trained on at most (a seeded sample past it)
@@ -55,7 +55,7 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_ITEMS,
         help=f"--from-store: a seeded sample (--seed) of this many items when the store holds "
-        f"more ({DEFAULT_MAX_ITEMS:,}; at least 10)",
+        f"more ({DEFAULT_MAX_ITEMS:,}; at least {MIN_ITEMS})",
     )
     p.add_argument(
         "--feature-cache-mib",
@@ -100,6 +100,8 @@ def prepare_source(args: argparse.Namespace, *, seed: int) -> PairDataset:
         return prepare_from_args(args)
     if args.dataset is not None or args.root is not None:
         raise InputError("expected --from-store ARTIFACTS or --dataset/--root, got both")
+    if args.max_items < MIN_ITEMS:
+        raise InputError(f"expected --max-items of at least {MIN_ITEMS}, got {args.max_items}")
     if args.feature_cache_mib < 1:
         raise InputError(
             f"expected --feature-cache-mib of at least 1, got {args.feature_cache_mib}"

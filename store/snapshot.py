@@ -42,7 +42,7 @@ def read_items(artifacts: Path, *, max_items: int, seed: int) -> StoredItems:
     (the same seed and store give the same sample); InputError when there is no store, no item,
     or max_items < MIN_ITEMS."""
     if max_items < MIN_ITEMS:
-        raise InputError(f"expected --max-items of at least {MIN_ITEMS}, got {max_items}")
+        raise InputError(f"expected max_items of at least {MIN_ITEMS}, got {max_items}")
     path = artifacts / STORE_DIR / DB_NAME
     if not path.is_file():
         raise InputError(f"expected a store at {path}, found none")
