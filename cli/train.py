@@ -3,6 +3,10 @@
 `--method NAME` trains an AUCMH row of `cmh evaluate` (models/methods/compare.py METHODS), by
 default DEFAULT_METHOD, so that what a user trains is what the evaluated tables report; a flag
 given on the command line overrides that row's setting of the same name.
+
+`--from-store ARTIFACTS` trains on what a store serves instead of a dataset (docs/training.md):
+its live items, a seeded sample of --max-items when it holds more, image features kept per
+image content in ARTIFACTS/feature-cache (bounded by --feature-cache-mib).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli.dataset_args import add_dataset_args, prepare_from_args
+from cli.dataset_args import add_dataset_args, prepare_source
 from common.errors import InputError
 from models.devices import DEVICES
 from models.features.text import TOKENIZATIONS, WEIGHTINGS
@@ -86,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "training part of a dataset, choosing the epoch on a validation split carved out of it, "
         "and write one self-contained checkpoint.",
     )
-    add_dataset_args(p)
+    add_dataset_args(p, from_store=True)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     p.add_argument(
         "--method",
@@ -228,9 +232,9 @@ def ks_of(args: argparse.Namespace) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     """Prepare features, train, write the checkpoint and print a one-line summary."""
     method = method_of(args)
-    config_from_args(args)  # a bad flag fails before the data loads
+    config = config_from_args(args)  # a bad flag fails before the data loads
     # Binary words as prepared; train_row cuts and weights them as the row (or a flag) says.
-    data = prepare_from_args(args)
+    data = prepare_source(args, seed=config.seed)
     start = time.perf_counter()
     trained = train_row(
         data,

@@ -3,6 +3,8 @@
 Image features are the expensive part, so they are cached on disk in `cache_dir`, keyed by dataset,
 backbone, weights and a digest of the image files' contents and order: a later run with the same
 inputs reads the cache, and any changed image, weights file or order gives a new key.
+`prepare_loaded` keeps them per image content instead (models/features/content_cache.py), for a
+dataset that grows or is sampled anew at every run: a store's items (`cmh train --from-store`).
 
 Text is a bag of words weighted as asked ("binary", "log" or "tfidf": models/features/text.py),
 its vocabulary and idf counted on the training texts only. `reweight` re-weights a prepared
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from common.errors import InputError
 from common.fsio import atomic_write
 from models.data.dataset import PairDataset
 from models.data.loaders import load_dataset
+from models.features.content_cache import CachedFeatures, FeatureCache, features_by_content
 from models.features.image import DEFAULT_BACKBONE, encode_images, load_backbone
 from models.features.text import DEFAULT_TOKENS, WEIGHTINGS, TextVectorizer
 
@@ -178,3 +182,37 @@ def prepare(
         text_tokens=text_tokens,
         text_weighting=text_weighting,
     )
+
+
+def prepare_loaded(
+    data: PairDataset,
+    cache: FeatureCache,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: Path | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    digests: Sequence[str | None] | None = None,
+    progress: bool = False,
+) -> tuple[PairDataset, CachedFeatures]:
+    """A loaded dataset of image files and raw texts with features as prepare() gives them, its
+    image features kept per image content in `cache` (models/features/content_cache.py;
+    `digests`: the images' SHA-256 where known, see features_by_content)."""
+    if data.image_paths is None:
+        raise InputError(f"expected image files in dataset {data.name!r}, it has features only")
+    image = features_by_content(
+        data.image_paths,
+        cache,
+        backbone=backbone,
+        weights=weights,
+        digests=digests,
+        progress=progress,
+    )
+    text, vectorizer = fit_text_features(data, vocab_size=vocab_size)
+    prepared = data.with_features(
+        image=image.features,
+        text=text,
+        image_backbone=backbone,
+        vocabulary=vectorizer.vocabulary,
+        text_tokens=DEFAULT_TOKENS,
+    )
+    return prepared, image
