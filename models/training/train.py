@@ -381,14 +381,17 @@ def train(
             data.labels[val_idx], data.labels[val_db], real_valued=False, seed=cfg.seed,
         )  # fmt: skip
 
-    def combined(hi: torch.Tensor, ht: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
-        """The paper's loss of image codes hi against text codes ht (Eq. 8 or an ablation)."""
+    def paper_loss(
+        hi: torch.Tensor, ht: torch.Tensor, p: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L, L_g, L_r) of image codes hi against text codes ht (Eq. 8, or an ablation's one
+        loss alone: the other is zero); p is P (Eq. 4), None without the graph loss."""
         zero = hi.new_zeros(())
         loss_g = zero if p is None else anchor_graph_loss(hi, ht, p, temperature=cfg.temperature)
         loss_r = ranking_loss(hi, ht, margin=cfg.margin) if cfg.use_ranking_loss else zero
         if cfg.use_graph_loss and cfg.use_ranking_loss:
-            return cfg.beta * loss_g + (1 - cfg.beta) * loss_r
-        return loss_g + loss_r
+            return cfg.beta * loss_g + (1 - cfg.beta) * loss_r, loss_g, loss_r
+        return loss_g + loss_r, loss_g, loss_r
 
     def evaluate() -> tuple[float, float]:
         model.eval()  # encoding needs eval mode; the next epoch switches back to training
@@ -420,8 +423,6 @@ def train(
             xt = torch.as_tensor(text[batch], dtype=torch.float32, device=device)
             hi = model.hash_image(xi, binary=cfg.use_hash_layer, temperature=cfg.hash_temperature)
             ht = model.hash_text(xt, binary=cfg.use_hash_layer, temperature=cfg.hash_temperature)
-            zero = hi.new_zeros(())
-            loss_g, loss_r = zero, zero
             p: torch.Tensor | None = None
             if cfg.use_graph_loss:
                 rows = torch.as_tensor(position[batch], device=device)
@@ -431,13 +432,7 @@ def train(
                     fusion=cfg.graph_fusion,
                     text_weight=cfg.graph_text_weight,
                 )  # (n, n), Eq. 4
-                loss_g = anchor_graph_loss(hi, ht, p, temperature=cfg.temperature)
-            if cfg.use_ranking_loss:
-                loss_r = ranking_loss(hi, ht, margin=cfg.margin)
-            if cfg.use_graph_loss and cfg.use_ranking_loss:
-                loss = cfg.beta * loss_g + (1 - cfg.beta) * loss_r
-            else:
-                loss = loss_g + loss_r  # one of them is zero: the ablation keeps the other alone
+            loss, loss_g, loss_r = paper_loss(hi, ht, p)
             if cfg.contrastive_weight > 0.0:
                 loss = loss + cfg.contrastive_weight * contrastive_loss(
                     hi, ht, temperature=cfg.contrastive_temperature
@@ -450,7 +445,7 @@ def train(
                     binary=cfg.use_hash_layer,
                     temperature=cfg.hash_temperature,
                 )
-                loss = loss + cfg.short_view_weight * combined(hi, hv, p)
+                loss = loss + cfg.short_view_weight * paper_loss(hi, hv, p)[0]
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             optimizer.step()
