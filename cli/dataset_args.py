@@ -10,13 +10,18 @@ from common.errors import InputError
 from models.data.dataset import PairDataset
 from models.data.loaders import DATASETS
 from models.data.stored import stored_pairs
-from models.features.content_cache import DEFAULT_MAX_BYTES, CachedFeatures, FeatureCache
+from models.features.content_cache import (
+    DEFAULT_MAX_BYTES,
+    STORE_CACHE_DIR,
+    CachedFeatures,
+    FeatureCache,
+)
 from models.features.image import BACKBONES, DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, prepare_loaded
 from models.features.text import DEFAULT_TOKENS
+from store import versions
 from store.snapshot import MIN_ITEMS, image_sha256, read_items
 
-STORE_CACHE_DIR = "feature-cache"  # beside the store: ARTIFACTS/feature-cache/features.sqlite
 DEFAULT_MAX_ITEMS = 200_000  # --from-store: items trained on at most (a seeded sample past it)
 
 
@@ -127,7 +132,8 @@ def prepare_from_store(
     """The live items of the store in artifacts (a seeded sample of max_items when it holds
     more) with features, image features kept per content in artifacts/feature-cache; the image
     backbone is --backbone, else the one that made the store's codes (if one of BACKBONES)."""
-    stored = read_items(artifacts, max_items=max_items, seed=seed)
+    # the served version's store (store/versions.py): what a retrain should learn from
+    stored = read_items(versions.serving_dir(artifacts), max_items=max_items, seed=seed)
     served = stored.manifest.image_backbone
     backbone = args.backbone or (served if served in BACKBONES else DEFAULT_BACKBONE)
     check_weights(args, backbone)

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cli import index_versions
 from common.errors import InputError, IntegrityError
 from models.data.loaders import DATASETS, load_dataset
 from service.encoder import Encoder, load_served_model
 from service.indexing import Indexer
-from store import legacy
+from store import legacy, versions
 from store import metadata as md
 from store.layout import check_store_free, open_store
 from store.milvus_store import MilvusStore
@@ -36,7 +37,7 @@ SAMPLE_K = 10  # hits compared per sample query
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `index build` and `index migrate`."""
+    """Add `index build`, `index migrate` and the version actions (cli/index_versions.py)."""
     index = subparsers.add_parser(
         "index", help="build or migrate the store", description="The store of an artifacts folder."
     )
@@ -83,14 +84,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--timeout-s", type=float, default=10.0, help="longest wait for one Milvus call"
     )
     migrate.set_defaults(run=run_migrate)
+    index_versions.add_actions(sub)
 
 
 def run_build(args: argparse.Namespace) -> int:
     """Stream the dataset into the store and report."""
-    check_store_free(args.artifacts)  # before the model and the dataset load, which take long
-    model = load_served_model(args.artifacts, device=args.device)
+    folder = versions.serving_dir(args.artifacts)  # the served version's model and store
+    check_store_free(folder)  # before the model and the dataset load, which take long
+    model = load_served_model(folder, device=args.device)
     data = load_dataset(args.dataset, args.root)
-    store = open_store(args.artifacts, expected=model.manifest)
+    store = open_store(folder, expected=model.manifest)
     encoder = Encoder(model.checkpoint, model.backbone, window_ms=0, max_batch=1)
     start = time.perf_counter()
     try:

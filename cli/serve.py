@@ -12,6 +12,7 @@ from common.errors import InputError
 from service.app import create_served_app, load
 from service.metrics import Metrics
 from service.settings import Settings
+from store import versions
 from store.layout import CHECKPOINT_NAME
 
 WORKER_HEALTHCHECK_S = 30  # seconds a worker may take to answer uvicorn's liveness ping
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings() if args.artifacts is None else Settings(artifacts_dir=args.artifacts)
     if args.workers < 1:
         raise InputError(f"expected --workers of at least 1, got {args.workers}")
-    checkpoint = settings.artifacts_dir / CHECKPOINT_NAME
+    checkpoint = versions.serving_dir(settings.artifacts_dir) / CHECKPOINT_NAME
     if not checkpoint.is_file():  # say so in one line, before uvicorn's startup traceback would
         raise InputError(
             f"expected a checkpoint at {checkpoint} (build one with `cmh demo build --artifacts "

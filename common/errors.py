@@ -11,6 +11,11 @@ class NotReadyError(RuntimeError):
     """A resource the request needs (model, index) is not loaded yet."""
 
 
+class StoreRetired(NotReadyError):
+    """A write reached a store that a version switch has retired (store/versions.py): the
+    writer takes the version now served and writes again (a 503 only if none is loaded)."""
+
+
 class IntegrityError(RuntimeError):
     """Stored data failed its integrity check (a checksum, a count): never served as if valid."""
 

@@ -21,6 +21,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from anyio import CapacityLimiter
@@ -45,13 +46,15 @@ from service.errors import error_response, http_detail, validation_body
 from service.indexing import Indexer, held_as_given
 from service.jobs import JOBS_NAME, JobManager, QueueFull
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import BodyLimit, RequestMetrics, ServedVersion
 from service.pages import router as pages_router
 from service.schemas import MAX_RANK
+from service.serving import Serving
 from service.settings import Settings
 from service.state import Loaded
 from service.suggestions import Suggestions
 from service.uploads import DECODES
+from store import versions
 from store.backend import ItemStore
 from store.compaction import Compactor
 from store.layout import CHECKPOINT_NAME, open_store
@@ -63,9 +66,12 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 5  # what a 429 tells a client to wait before it submits again
 
 
-def open_item_store(settings: Settings, expected: Manifest, *, shared: bool) -> ItemStore:
-    """The system of record the settings name: the local store under the artifacts folder (with
-    its background compactor), or the Milvus collection (no codes or metadata kept here)."""
+def open_item_store(
+    settings: Settings, expected: Manifest, *, shared: bool, folder: Path | None = None
+) -> ItemStore:
+    """The system of record the settings name: the local store of the version folder `folder`
+    (the served one by default), with its background compactor, or the Milvus collection (no
+    codes or metadata kept here)."""
     if settings.index_backend == "milvus":
         if not settings.milvus_uri:
             raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
@@ -78,25 +84,34 @@ def open_item_store(settings: Settings, expected: Manifest, *, shared: bool) -> 
             token=token,
             timeout_s=settings.milvus_timeout_s,
         )
-    store = open_store(settings.artifacts_dir, expected=expected, shared=shared)
+    folder = folder if folder is not None else versions.serving_dir(settings.artifacts_dir)
+    store = open_store(folder, expected=expected, shared=shared)
     Compactor(store)
     return store
 
 
-def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loaded:
-    """Load checkpoint and backbone and open the store; InputError saying what does not match.
-
-    `shared`: the store is opened by several worker processes at once (`cmh serve --workers`).
-    """
-    artifacts = settings.artifacts_dir
-    model = load_served_model(artifacts, device=settings.device)
-    load_segmenter()  # before the first Chinese query, not inside it (it held the event loop)
+def load_version(
+    settings: Settings,
+    metrics: Metrics,
+    name: str,
+    *,
+    shared: bool,
+    jobs: JobManager | None,
+    text_searches: CapacityLimiter,
+    reuse: Loaded | None = None,
+) -> Loaded:
+    """Load version `name`'s checkpoint (and its backbone, unless `reuse` has the same one) and
+    open its store; InputError saying what does not match. `jobs` None: a job manager over
+    this version's store is made (the first version a process loads)."""
+    folder = versions.version_dir(settings.artifacts_dir, name)
+    same = reuse.encoder.backbone if reuse is not None else None
+    model = load_served_model(folder, device=settings.device, backbone=same)
     checkpoint, backbone, expected = model.checkpoint, model.backbone, model.manifest
     # A refusal after the store or the batcher is open closes them: the batcher's thread runs
     # torch, and one left running while the interpreter exits aborts it (SIGABRT, exit 134,
     # "terminate called without an active exception") after the one-line refusal.
     with ExitStack() as opened:
-        store = open_item_store(settings, expected, shared=shared)
+        store = open_item_store(settings, expected, shared=shared, folder=folder)
         opened.callback(store.close)
         encoder = Encoder(
             checkpoint,
@@ -108,22 +123,49 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Loade
         opened.callback(encoder.close)
         DECODES.resize(settings.max_decode_pixels)
         indexer = Indexer(store=store, encoder=encoder, max_pixels=settings.max_image_pixels)
-        jobs = JobManager(
-            artifacts / JOBS_NAME,
-            max_queued=settings.max_queued_jobs,
-            reconcile=partial(held_as_given, store),
-        )
+        if jobs is None:
+            jobs = JobManager(
+                settings.artifacts_dir / JOBS_NAME,
+                max_queued=settings.max_queued_jobs,
+                reconcile=partial(held_as_given, store),
+            )
         opened.pop_all()
     return Loaded(
+        version=name,
         settings=settings,
         metrics=metrics,
         encoder=encoder,
         store=store,
         indexer=indexer,
         jobs=jobs,
-        text_searches=CapacityLimiter(settings.search_threads),
+        text_searches=text_searches,
         suggestions=Suggestions(encoder.vectorizer, store),
     )
+
+
+def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Serving:
+    """Load the served version (CURRENT in the artifacts folder) and what switches from it to
+    another; InputError saying what does not match.
+
+    `shared`: the store is opened by several worker processes at once (`cmh serve --workers`).
+    """
+    load_segmenter()  # before the first Chinese query, not inside it (it held the event loop)
+    name = versions.current_name(settings.artifacts_dir)
+    limiter = CapacityLimiter(settings.search_threads)
+    first = load_version(settings, metrics, name, shared=shared, jobs=None, text_searches=limiter)
+
+    def another(version: str, reuse: Loaded | None) -> Loaded:
+        return load_version(
+            settings,
+            metrics,
+            version,
+            shared=shared,
+            jobs=first.jobs,
+            text_searches=limiter,
+            reuse=reuse,
+        )
+
+    return Serving(settings.artifacts_dir, first, another)
 
 
 @asynccontextmanager
@@ -135,21 +177,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # `cmh serve` loads before uvicorn starts, so that a refusal is one line and exit 2.
-    preloaded = getattr(app.state, "loaded", None)
-    loaded = preloaded if isinstance(preloaded, Loaded) else load(settings, app.state.metrics)
+    preloaded = getattr(app.state, "serving", None)
+    serving = preloaded if isinstance(preloaded, Serving) else load(settings, app.state.metrics)
+    loaded = serving.current()
     logger.info(
-        "loaded model n_bits=%d (%s) from %s; store with %d items",
+        "loaded version %s: model n_bits=%d (%s) from %s; store with %d items",
+        loaded.version,
         loaded.encoder.n_bits,
         loaded.encoder.backbone.name,
-        settings.artifacts_dir / CHECKPOINT_NAME,
+        versions.version_dir(settings.artifacts_dir, loaded.version) / CHECKPOINT_NAME,
         len(loaded.store),
     )
-    app.state.loaded = loaded
+    app.state.serving = serving
     loaded.metrics.set_index_size(len(loaded.store), len(loaded.store))
     try:
         yield
     finally:
-        loaded.close()
+        serving.close()
 
 
 def stated_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -246,6 +290,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(validation_body(err.errors()), status_code=422)
 
     # Outermost last: metrics see every answer, the 413s of the body limit included.
+    # Each request holds one version (model and store) from start to end: innermost, so the
+    # lease spans everything that reads them.
+    app.add_middleware(ServedVersion)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
@@ -261,7 +308,7 @@ def create_served_app(settings: Settings | None = None, *, shared: bool = False)
     0.5-0.7 s (the p99 of `cmh bench service` at 32 connections).
     """
     app = create_app(settings)
-    app.state.loaded = load(app.state.settings, app.state.metrics, shared=shared)
+    app.state.serving = load(app.state.settings, app.state.metrics, shared=shared)
     gc.freeze()
     return app
 

@@ -275,12 +275,17 @@ class ServedModel:
     manifest: Manifest
 
 
-def load_served_model(artifacts: Path, *, device: str) -> ServedModel:
-    """Load ARTIFACTS/model.pt and the backbone it was trained with on `device` (auto/cpu/cuda)."""
-    checkpoint_path = artifacts / CHECKPOINT_NAME
+def load_served_model(
+    folder: Path, *, device: str, backbone: Backbone | None = None
+) -> ServedModel:
+    """Load FOLDER/model.pt and the backbone it was trained with on `device` (auto/cpu/cuda);
+    `backbone`: one already loaded, used when it is the one the checkpoint names (a version
+    switch keeps one backbone in memory)."""
+    checkpoint_path = folder / CHECKPOINT_NAME
     torch_device = resolve_device(device)
     checkpoint = load_checkpoint(checkpoint_path, device=str(torch_device))
-    backbone = load_backbone(checkpoint.image_backbone, device=torch_device)
+    if backbone is None or backbone.name != checkpoint.image_backbone:
+        backbone = load_backbone(checkpoint.image_backbone, device=torch_device)
     manifest = manifest_for(
         checkpoint_path,
         n_bits=checkpoint.n_bits,

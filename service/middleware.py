@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from anyio import to_thread
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -111,3 +112,29 @@ class RequestMetrics:
             route = getattr(scope.get("route"), "path", UNMATCHED)
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+LOADED_KEY = "cmh.loaded"  # the scope entry holding the request's version (service.api.deps)
+
+
+class ServedVersion:
+    """Gives each request a lease on the served version (service/serving.py) for its whole
+    life: routes read it from the scope (service.api.deps.get_loaded). When another worker has
+    switched versions (CURRENT changed), the new one is loaded first, off the event loop."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        serving = getattr(scope["app"].state, "serving", None) if "app" in scope else None
+        if scope["type"] != "http" or serving is None:
+            await self.app(scope, receive, send)
+            return
+        if serving.stale():
+            await to_thread.run_sync(serving.follow)
+        loaded = serving.enter()
+        scope[LOADED_KEY] = loaded
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            serving.leave(loaded)

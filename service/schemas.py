@@ -404,9 +404,54 @@ class DeleteResponse(CommitNamed):
     commit: str
 
 
+class VersionStats(BaseModel):
+    """One version of the artifacts folder (store/versions.py)."""
+
+    name: str = Field(description="v1, v2, ...")
+    current: bool = Field(description="whether it is the one served")
+    state: str = Field(description="ready, building (a reindex not finished) or empty")
+    source: str | None = Field(description="the version it was reindexed from")
+    disk_bytes: int = Field(
+        description="its model and store files; images are hard links shared between versions "
+        "and are not counted"
+    )
+
+
+class ReloadRequest(BaseModel):
+    """Which version to switch to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(
+        None,
+        description="v1, v2, ... (a rollback names an older one); default: the newest ready "
+        "version after the served one",
+        max_length=12,
+    )
+
+
+class CaughtUp(BaseModel):
+    """The switch's last pass, made while every writer of the old store waited."""
+
+    copied: int
+    deleted: int
+    seconds: float
+
+
+class ReloadResponse(BaseModel):
+    """A switch that happened: every request from now on is answered by `version`."""
+
+    version: str
+    previous: str
+    caught_up: CaughtUp
+    seconds: float = Field(description="the whole switch, the loading of the new version included")
+
+
 class IndexStats(CommitNamed):
     """What is being served."""
 
+    version: str = Field(description="the served version of the artifacts folder")
+    versions: list[VersionStats] = Field(description="every version, oldest first")
     items: int
     n_bits: int
     commit: str

@@ -17,8 +17,10 @@ from store.backend import ItemStore
 
 @dataclass(frozen=True)
 class Loaded:
-    """The served model, the store and the machinery around them."""
+    """One version's model and store (store/versions.py), and the machinery around them; the
+    job manager and the search threads are the same object in every version of a process."""
 
+    version: str  # its name: "v1", "v2", ...
     settings: Settings  # the app's settings
     metrics: Metrics  # the app's Prometheus registry
     encoder: Encoder  # queries and build items to codes
@@ -30,8 +32,6 @@ class Loaded:
     suggestions: Suggestions  # words for the page's "Try:" row
 
     def close(self) -> None:
-        """Stop what runs in the background (the job worker after its job, the batcher), then
-        close the store."""
-        self.jobs.close()
+        """Stop the batcher, then close the store (the jobs outlive a version: Serving.close)."""
         self.encoder.close()
         self.store.close()

@@ -78,7 +78,6 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from common.errors import BackendError, InputError, IntegrityError, NotReadyError
-from common.fsio import atomic_write_bytes
 from indexes.asymmetric import Asymmetric, hamming_scores
 from indexes.codes import check_packed
 from indexes.hamming import check_k
@@ -97,7 +96,7 @@ from store.filters import Filter, terms_of
 from store.ids import ItemId, parse_id
 from store.manifest import Manifest, check_manifest
 from store.metadata import Item
-from store.rows import IMAGES_DIR, NewItems, checked_rows
+from store.rows import IMAGES_DIR, NewItems, checked_rows, put_image
 from store.store import Deleted, Hits, OnConflict
 from store.view import Target
 
@@ -617,8 +616,8 @@ class MilvusStore:
             if len(caption.encode("utf-8")) > MAX_TEXT_BYTES:
                 raise InputError(f"expected texts of at most {MAX_TEXT_BYTES} bytes as UTF-8")
         terms = [_hex_terms(f) for f in (batch.fields or [{}] * len(batch))]
-        for relative, data in to_write.items():  # rewritten: its fresh mtime guards it
-            atomic_write_bytes(self.artifacts / relative, data)
+        for relative, source in to_write.items():  # rewritten: its fresh mtime guards it
+            put_image(self.artifacts / relative, source)
         image_vectors = to_milvus_bytes(rows.image_codes, self.n_bits)
         text_vectors = to_milvus_bytes(rows.text_codes, self.n_bits)
         seqs, added = self._seqs(len(keys)), time.time()

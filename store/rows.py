@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import re
+import shutil
 import sqlite3
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
 from common.errors import InputError
 from common.fields import fields_json
+from common.fsio import atomic_write, atomic_write_bytes, fsync_dir
 from indexes.codes import check_packed
 from store import metadata as md
 from store.filters import checked_terms, terms_of_json
@@ -29,6 +33,8 @@ from store.ids import MAX_INT_ID, ItemId, parse_id
 
 IMAGES_DIR = "images"  # under the artifacts folder: images the store keeps, content-addressed
 _EXTENSION = re.compile(r"[a-z0-9]{1,5}")  # of stored image files
+# A kept image's name: the SHA-256 of its bytes and its extension (what checked_rows writes).
+KEPT_IMAGE = re.compile(rf"{IMAGES_DIR}/([0-9a-f]{{64}})\.([a-z0-9]{{1,5}})")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,11 @@ class NewItems:
     # (bytes, extension) of images for the store to keep under images/ (content-addressed);
     # where given, it replaces that row's entry in `images`
     image_data: Sequence[tuple[bytes, str] | None] | None = None
+    # Kept image files of another store (named images/<sha256>.<ext>) to hard-link (or copy)
+    # under images/; where given, it replaces that row's entry in `images` (a reindex's copy).
+    image_files: Sequence[Path | None] | None = None
+    # When each item was added (seconds since the epoch); None: now. A reindex keeps the times.
+    added: Sequence[float] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -60,11 +71,16 @@ class Rows:
     terms: list[tuple[int, list[str]]]  # (row, its fields' terms) of the rows with fields
     image_codes: np.ndarray  # (b, words) uint64, checked
     text_codes: np.ndarray
+    added: list[float] | None  # per row; None: the time of the commit
 
 
-def checked_rows(batch: NewItems, n_bits: int) -> tuple[Rows, dict[str, bytes]]:
+# What an image file of the store is made from: its bytes, or another store's file with them.
+ImageSource = bytes | Path
+
+
+def checked_rows(batch: NewItems, n_bits: int) -> tuple[Rows, dict[str, ImageSource]]:
     """(id, text, image, fields JSON, codes bytes) per item, checked before any lock, and
-    the image files to write (path relative to artifacts -> bytes)."""
+    the image files to write (path relative to artifacts -> bytes, or a file to link)."""
     b = len(batch)
     for name, codes in (("image", batch.image_codes), ("text", batch.text_codes)):
         check_packed(codes, n_bits, name=f"{name} codes")
@@ -79,7 +95,7 @@ def checked_rows(batch: NewItems, n_bits: int) -> tuple[Rows, dict[str, bytes]]:
     if len(fields) != b or len(image_data) != b:
         raise InputError(f"expected {b} field objects and images, got {len(fields)}")
     images = list(batch.images)
-    to_write: dict[str, bytes] = {}
+    to_write: dict[str, ImageSource] = {}
     for i, given in enumerate(image_data):
         if given is not None:
             data, extension = given
@@ -87,6 +103,15 @@ def checked_rows(batch: NewItems, n_bits: int) -> tuple[Rows, dict[str, bytes]]:
                 raise InputError(f"expected an image extension like 'jpg', got {extension!r}")
             images[i] = f"{IMAGES_DIR}/{hashlib.sha256(data).hexdigest()}.{extension}"
             to_write[images[i]] = data
+    for i, file in enumerate(batch.image_files or []):
+        if file is not None:
+            images[i] = f"{IMAGES_DIR}/{file.name}"
+            if not KEPT_IMAGE.fullmatch(images[i]):
+                raise InputError(f"expected a kept image file named <sha256>.<ext>, got {file}")
+            to_write[images[i]] = file
+    added = None if batch.added is None else [float(t) for t in batch.added]
+    if added is not None and len(added) != b:
+        raise InputError(f"expected {b} added times, got {len(added)}")
     rows = Rows(
         ids=_checked_ids(batch.ids),
         texts=_checked_texts(batch.texts, "texts"),
@@ -97,8 +122,28 @@ def checked_rows(batch: NewItems, n_bits: int) -> tuple[Rows, dict[str, bytes]]:
         else [(i, checked_terms(f)) for i, f in enumerate(fields) if f],
         image_codes=batch.image_codes,
         text_codes=batch.text_codes,
+        added=added,
     )
     return rows, to_write
+
+
+def put_image(path: Path, source: ImageSource) -> None:
+    """Write an image file of the store durably: its bytes, or a hard link to another store's
+    file with them (the same content-addressed name, no second copy on disk; copied where the
+    two folders are on different file systems)."""
+    if isinstance(source, bytes):
+        atomic_write_bytes(path, source)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        return
+    except OSError:  # another file system, or links not supported: a copy
+        with source.open("rb") as f:
+            atomic_write(path, lambda out: shutil.copyfileobj(f, out))
+        return
+    fsync_dir(path.parent)
 
 
 def insert_rows(
@@ -206,14 +251,16 @@ def _with_seqs(rows: Rows, seqs: list[int], added: float, *, codes: bool) -> Any
     Python time), which tests check against md.row_crc.
     """
     b = len(seqs)
-    added_text = repr(added)
+    times = rows.added if rows.added is not None else list(itertools.repeat(added, b))
+    # repr once for a batch added now (most of what a bulk ingest does per row is below)
+    texts = [repr(t) for t in rows.added] if rows.added is not None else [repr(added)] * b
     if codes:
         image_bytes, text_bytes = _code_bytes(rows.image_codes), _code_bytes(rows.text_codes)
         crcs = [
             md.row_crc(seq, item_id, text, image, added_text, fields, ic + tc)
-            for seq, item_id, text, image, fields, ic, tc in zip(
-                seqs, rows.ids, rows.texts, rows.images, rows.fields, image_bytes, text_bytes,
-                strict=True,
+            for seq, item_id, text, image, added_text, fields, ic, tc in zip(
+                seqs, rows.ids, rows.texts, rows.images, texts, rows.fields, image_bytes,
+                text_bytes, strict=True,
             )
         ]  # fmt: skip
         image_codes: list[bytes | None] = list(image_bytes)
@@ -226,12 +273,12 @@ def _with_seqs(rows: Rows, seqs: list[int], added: float, *, codes: bool) -> Any
                 f"{seq}\0{'i' if type(item_id) is int else 's'}{item_id}\0{text}\0{image}"
                 f"\0{added_text}\0{fields}".encode("utf-8", "surrogatepass")
             )
-            for seq, item_id, text, image, fields in zip(
-                seqs, rows.ids, rows.texts, rows.images, rows.fields, strict=True
+            for seq, item_id, text, image, added_text, fields in zip(
+                seqs, rows.ids, rows.texts, rows.images, texts, rows.fields, strict=True
             )
         ]
     return zip(
-        seqs, rows.ids, rows.texts, rows.images, itertools.repeat(added, b), rows.fields,
+        seqs, rows.ids, rows.texts, rows.images, times, rows.fields,
         image_codes, text_codes, crcs, strict=True,
     )  # fmt: skip
 

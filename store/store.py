@@ -51,8 +51,8 @@ from typing import Any, BinaryIO, Literal, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 
-from common.errors import InputError, IntegrityError, NoSpaceError, is_no_space
-from common.fsio import atomic_write_bytes, fsync_dir
+from common.errors import InputError, IntegrityError, NoSpaceError, StoreRetired, is_no_space
+from common.fsio import fsync_dir
 from indexes.asymmetric import Asymmetric, hamming_scores
 from indexes.codes import check_packed, n_words
 from indexes.hamming import HammingIndex, LiveMask, check_k
@@ -77,7 +77,14 @@ from store.parts import (
     deleted_meanwhile,
     reloaded_growing,
 )
-from store.rows import IMAGES_DIR, NewItems, checked_rows, delete_rows, insert_rows
+from store.rows import (
+    IMAGES_DIR,
+    NewItems,
+    checked_rows,
+    delete_rows,
+    insert_rows,
+    put_image,
+)
 from store.segment import SegmentData, read_segment, write_segment
 from store.view import Target, View
 
@@ -85,6 +92,7 @@ logger = logging.getLogger(__name__)
 
 STORE_DIR = "store"
 DB_NAME = "items.sqlite"
+RETIRED_KEY = "retired"  # meta: "1" once a version switch retired the store (no more writes)
 SYNC_ATTEMPTS = 5  # a merge elsewhere removed a segment file a snapshot named: read again
 SEGMENTS_DIR = "segments"
 SEARCH_ATTEMPTS = 3  # a hit deleted between the view and its metadata read: search again
@@ -434,6 +442,44 @@ class Store:
                 self._reload()
                 yield
 
+    def _check_serving(self) -> None:
+        """StoreRetired when a version switch retired this store (read under the writer lock,
+        so a write of any process either commits before the switch's catch-up or is refused)."""
+        if md.get_meta(self._conn, RETIRED_KEY) == "1":
+            raise StoreRetired(
+                f"the store {self.root} was retired by a version switch: write to the version "
+                "now served"
+            )
+
+    @contextmanager
+    def switching(self) -> Iterator[Callable[[bool], None]]:
+        """Hold every writer of this store for the block (this process's and, shared, every
+        process's): what a version switch catches up under. The yielded `retire(True)` marks
+        the store retired in one commit: from then on its writes raise StoreRetired, in every
+        process (`retire(False)` undoes it, for a switch that fails after it)."""
+        with self._writing():
+            yield self._set_retired
+
+    def reinstate(self) -> None:
+        """Take writes again: the store a switch (a rollback) serves once more."""
+        with self._writing():
+            self._set_retired(False)
+
+    def _set_retired(self, retired: bool) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            md.set_meta(conn, RETIRED_KEY, "1" if retired else "0")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._roll_back()
+            raise
+
+    @property
+    def retired(self) -> bool:
+        """Whether a version switch has retired this store."""
+        return md.get_meta(self._reader(), RETIRED_KEY) == "1"
+
     # ---- reading ---------------------------------------------------------------------------
 
     def view(self) -> View:
@@ -655,14 +701,15 @@ class Store:
         b = len(batch)
         rows, to_write = checked_rows(batch, self.n_bits)
         with self._writing():
+            self._check_serving()
             written: list[str] = []  # image files this batch wrote: removed if it fails
             segment = None
             try:
                 # Under the lock: a delete's image clean-up cannot remove a file this add uses.
-                for relative, data in to_write.items():
+                for relative, source in to_write.items():
                     if not (self.artifacts / relative).is_file():
                         written.append(relative)
-                        atomic_write_bytes(self.artifacts / relative, data)
+                        put_image(self.artifacts / relative, source)
                 seqs = np.arange(self._next_seq, self._next_seq + b, dtype=np.int64)
                 bulk = b >= self.config.bulk_rows
                 if bulk and self._growing.n:
@@ -711,6 +758,7 @@ class Store:
         """Delete these ids durably, then stop serving them; the ids that were there and the
         commit that removed them (read under the writer lock: another write's commit never)."""
         with self._writing():
+            self._check_serving()
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:

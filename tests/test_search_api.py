@@ -60,7 +60,7 @@ def ids(result: dict[str, Any]) -> list[Any]:
 def stored(client: TestClient) -> tuple[list[Any], np.ndarray, np.ndarray]:
     """(ids, image codes, text codes) of every live item in insertion order, read from the
     store's own parts and database (not through a search)."""
-    store = client.app.state.loaded.store  # type: ignore[attr-defined]
+    store = client.app.state.serving.current().store  # type: ignore[attr-defined]
     assert isinstance(store, Store)
     seqs, image, text = store.live_rows()
     path = store.artifacts / STORE_DIR / DB_NAME
@@ -73,7 +73,7 @@ def brute_force_asymmetric(client: TestClient, text: str, codes: np.ndarray) -> 
     """Positions of the stored codes by weighted distance to the query's real output (the
     sum of |q_j| over differing bits, rounded as indexes/asymmetric.py defines), ties in
     insertion order."""
-    encoder = client.app.state.loaded.encoder  # type: ignore[attr-defined]
+    encoder = client.app.state.serving.current().encoder  # type: ignore[attr-defined]
     encoded = encoder.encode_query(encoder.read_query(text), real=True)
     asym = Asymmetric.of(encoded.code, encoded.real)
     differs = unpack_codes(codes, encoder.n_bits) != unpack_codes(encoded.code, encoder.n_bits)
@@ -226,9 +226,9 @@ def test_suggested_words_come_from_the_model_and_the_collection(client: TestClie
     response = client.get("/v1/search/words", params={"n": 6})
     assert response.status_code == 200
     words = response.json()["words"]
-    vocabulary = client.app.state.loaded.encoder.vectorizer.vocabulary  # type: ignore[attr-defined]
+    vocabulary = client.app.state.serving.current().encoder.vectorizer.vocabulary  # type: ignore[attr-defined]
     assert 1 <= len(words) <= 6 and set(words) <= set(vocabulary)
-    texts = [t.lower() for t in client.app.state.loaded.store.sample_texts(10_000)]  # type: ignore[attr-defined]
+    texts = [t.lower() for t in client.app.state.serving.current().store.sample_texts(10_000)]  # type: ignore[attr-defined]
     assert all(sum(w in t.split() for t in texts) >= 2 for w in words)  # each in 2+ items
     assert client.get("/v1/search/words", params={"n": 0}).status_code == 422
     for word in words[:2]:  # each one finds hits

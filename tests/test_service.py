@@ -389,7 +389,7 @@ def test_text_searches_beyond_the_search_threads_wait_and_all_answer(demo_artifa
         {"text": t, "k": 5} | ({"filter": some} if i % 2 else {}) for i, t in enumerate(texts)
     ]
     with client_for(demo_artifacts, search_threads=1) as client:
-        assert client.app.state.loaded.text_searches.total_tokens == 1
+        assert client.app.state.serving.current().text_searches.total_tokens == 1
         alone = [client.post("/v1/search/text", json=body).json() for body in bodies]
         with ThreadPoolExecutor(8) as pool:
             together = list(

@@ -32,6 +32,8 @@ from models.features.image import encode_images, load_backbone
 logger = logging.getLogger(__name__)
 
 CACHE_NAME = "features.sqlite"
+# An artifacts folder's cache, shared by all its versions: ARTIFACTS/feature-cache/features.sqlite
+STORE_CACHE_DIR = "feature-cache"
 DEFAULT_MAX_BYTES = 4 << 30  # 4 GiB of features: 800,000 images at EfficientNet-Lite's 1280-d
 CHUNK = 1024  # images per backbone call between commits
 SQL_BATCH = 500  # values per `IN (...)` list

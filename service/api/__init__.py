@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from service.api import builds, items, ops, search
+from service.api import admin, builds, items, ops, search
 
 router = APIRouter()
-for module in (search, builds, items, ops):
+for module in (search, builds, items, ops, admin):
     router.include_router(module.router)

@@ -14,6 +14,7 @@ from service.api.deps import (
     KeyFirst,
     LoadedDep,
     MetricsDep,
+    ServingDep,
     SettingsDep,
     require_key,
 )
@@ -21,6 +22,7 @@ from service.errors import printable
 from service.indexing import Pending, succeeded
 from service.jobs import JobProgress
 from service.schemas import BuildRequest, ErrorBody, JobAccepted, JobStatus
+from service.state import Loaded
 from service.uploads import folder_inside
 
 router = APIRouter(tags=["index"], route_class=KeyFirst)
@@ -44,6 +46,7 @@ def build_index(
     body: BuildRequest,
     request: Request,
     loaded: LoadedDep,
+    serving: ServingDep,
     settings: SettingsDep,
     jobs: JobsDep,
     metrics: MetricsDep,
@@ -74,19 +77,37 @@ def build_index(
         root = folder_inside(data_dir, dataset.root, what="dataset root")
 
     def work(progress: JobProgress) -> JobStatus:
-        if dataset is not None and root is not None:
-            data = load_dataset(dataset.name, root)
-            outcome = indexer.add_dataset(
-                data, progress, on_conflict=on_conflict, within=data_dir, journal=progress
+        attempts: list[str] = []  # the versions this job started writing to (Serving.write)
+
+        def add_dataset(at: Loaded) -> tuple[int, list[str], int]:
+            # Run again on the new version after a switch: what this job added before it was
+            # copied there, so "error" would refuse the job's own items: they are skipped
+            # (and said so) instead.
+            attempts.append(at.version)
+            again = len(attempts) > 1 and on_conflict == "error"
+            assert dataset is not None and root is not None
+            outcome = at.indexer.add_dataset(
+                load_dataset(dataset.name, root),
+                progress,
+                on_conflict="skip" if again else on_conflict,
+                within=data_dir,
+                journal=progress,
             )
-            added, not_added, commit = outcome.added, outcome.skipped, outcome.commit
+            return outcome.added, outcome.skipped, outcome.commit
+
+        def add_items(at: Loaded) -> int:  # encoded again, with the new model, after a switch
+            return at.indexer.add(pending, progress, on_conflict=on_conflict, journal=progress)
+
+        if dataset is not None:
+            added, not_added, commit = serving.write(add_dataset)
         else:
             if pending:
-                commit = indexer.add(pending, progress, on_conflict=on_conflict, journal=progress)
+                commit = serving.write(add_items)
             else:  # every item skipped as already indexed: nothing to write
-                commit = loaded.store.view().commit
+                commit = serving.current().store.view().commit
             added, not_added = len(pending), skipped
-        metrics.set_index_size(len(loaded.store), len(loaded.store))
+        store = serving.current().store
+        metrics.set_index_size(len(store), len(store))
         return succeeded(added, not_added, commit)
 
     job_id = jobs.submit(len(pending), work)

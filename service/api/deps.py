@@ -23,7 +23,9 @@ from fastapi.security import APIKeyHeader
 from common.errors import NotReadyError
 from service.jobs import JobManager
 from service.metrics import Metrics
+from service.middleware import LOADED_KEY
 from service.schemas import ErrorBody
+from service.serving import Serving
 from service.settings import Settings
 from service.state import Loaded
 
@@ -51,11 +53,20 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_loaded(request: Request) -> Loaded:
-    """The served model and store; NotReadyError (503) before lifespan has loaded them."""
-    loaded = getattr(request.app.state, "loaded", None)
+    """The version (model and store) this request holds from start to end (its lease: service.
+    middleware.ServedVersion); NotReadyError (503) before lifespan has loaded one."""
+    loaded = request.scope.get(LOADED_KEY)
     if not isinstance(loaded, Loaded):
         raise NotReadyError("the model and index are not loaded yet")
     return loaded
+
+
+def get_serving(request: Request) -> Serving:
+    """This process's served version and the switch to another; 503 before one is loaded."""
+    serving = getattr(request.app.state, "serving", None)
+    if not isinstance(serving, Serving):
+        raise NotReadyError("the model and index are not loaded yet")
+    return serving
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -77,6 +88,7 @@ def in_event_loop(getter: Callable[[Request], T]) -> Callable[[Request], Corouti
 
 SettingsDep = Annotated[Settings, Depends(in_event_loop(get_settings))]
 LoadedDep = Annotated[Loaded, Depends(in_event_loop(get_loaded))]
+ServingDep = Annotated[Serving, Depends(in_event_loop(get_serving))]
 MetricsDep = Annotated[Metrics, Depends(in_event_loop(get_metrics))]
 
 

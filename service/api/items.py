@@ -8,10 +8,18 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse
 
 from common.errors import InputError
-from service.api.deps import ERRORS, KeyFirst, LoadedDep, MetricsDep, require_key
+from service.api.deps import (
+    ERRORS,
+    KeyFirst,
+    LoadedDep,
+    MetricsDep,
+    ServingDep,
+    require_key,
+)
 from service.errors import printable
-from service.schemas import DeleteResponse, IndexStats
+from service.schemas import DeleteResponse, IndexStats, VersionStats
 from service.uploads import servable_image
+from store import versions
 from store.ids import ItemId, parse_id
 
 logger = logging.getLogger(__name__)
@@ -57,13 +65,15 @@ def item_image(item_id: str, loaded: LoadedDep) -> FileResponse:
     responses=ERRORS,
     dependencies=[Depends(require_key)],
 )
-def delete_item(item_id: str, loaded: LoadedDep, metrics: MetricsDep) -> DeleteResponse:
+def delete_item(item_id: str, serving: ServingDep, metrics: MetricsDep) -> DeleteResponse:
     """Remove an item from both indexes (durable before it is acknowledged)."""
     wanted = path_id(item_id)
-    removed = loaded.store.delete([wanted])
+    # On the version served when it commits (a switch meanwhile: the new one, see Serving.write)
+    removed = serving.write(lambda loaded: loaded.store.delete([wanted]))
     if not removed.ids:
         raise HTTPException(404, f"expected an indexed id, got {wanted!r}")
-    metrics.set_index_size(len(loaded.store), len(loaded.store))
+    store = serving.current().store
+    metrics.set_index_size(len(store), len(store))
     # The commit that removed it: the view's, read after, could already be another write's.
     return DeleteResponse(id=removed.ids[0], removed=True, commit=str(removed.commit))
 
@@ -72,7 +82,19 @@ def delete_item(item_id: str, loaded: LoadedDep, metrics: MetricsDep) -> DeleteR
 def index_stats(loaded: LoadedDep) -> IndexStats:
     """What is being served: sizes, bits, commit, segments, backbone and vocabulary."""
     view, enc = loaded.store.view(), loaded.encoder
+    every = versions.versions(loaded.settings.artifacts_dir)
     return IndexStats(
+        version=loaded.version,
+        versions=[
+            VersionStats(
+                name=v.name,
+                current=v.name == loaded.version,
+                state=v.state,
+                source=v.source,
+                disk_bytes=v.disk_bytes,
+            )
+            for v in every
+        ],
         items=view.count,
         n_bits=enc.n_bits,
         commit=str(view.commit),

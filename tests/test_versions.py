@@ -1,0 +1,185 @@
+"""Versions of an artifacts folder: reindex beside the served store, switch, roll back, prune
+(store/versions.py, service/reindex.py, service/serving.py), through the real command line and
+the real app; the served process and kill -9 tests are in tests/test_versions_live.py."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from cli.main import main
+from common.errors import StoreRetired
+from service.app import create_app
+from service.settings import Settings
+from store import versions
+from store.rows import NewItems
+from store.snapshot import read_items
+from store.store import Store
+from tests.helpers import wait_for_job
+from tests.test_train_from_store import FAST, NEW_WORDS, photo, write_pairs
+
+
+def items_of(folder: Path) -> dict[object, tuple[str, str, float, dict[str, object]]]:
+    """Every live item of a version's store: id -> (text, image, added, fields)."""
+    stored = read_items(folder, max_items=100_000, seed=0).items
+    return {i.id: (i.text, i.image, i.added, i.fields) for i in stored}
+
+
+@pytest.fixture(scope="module")
+def retrained_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A served folder (v1: a model that never saw NEW_WORDS, a store of 30 items whose captions
+    hold them) and new.pt beside it, trained from that store; read-only."""
+    base = tmp_path_factory.mktemp("versions")
+    first, indexed, artifacts = base / "first", base / "indexed", base / "artifacts"
+    write_pairs(first, 18, new_words=False)
+    write_pairs(indexed, 30, new_words=True)
+    train = ["train", "--dataset", "pairs", "--root", str(first), "--cache-dir", str(base / "c")]
+    assert main([*train, "--out", str(artifacts / "model.pt"), *FAST]) == 0
+    build = ["index", "build", "--artifacts", str(artifacts), "--dataset", "pairs"]
+    assert main([*build, "--root", str(indexed), "--device", "cpu"]) == 0
+    retrain = ["train", "--from-store", str(artifacts), "--out", str(base / "new.pt"), *FAST]
+    assert main(retrain) == 0
+    return base
+
+
+@pytest.fixture
+def served(retrained_master: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(a private copy of the served folder, the retrained checkpoint)."""
+    artifacts = Path(shutil.copytree(retrained_master / "artifacts", tmp_path / "artifacts"))
+    return artifacts, retrained_master / "new.pt"
+
+
+def reindex(artifacts: Path, model: Path) -> None:
+    args = ["index", "reindex", "--artifacts", str(artifacts), "--model", str(model)]
+    assert main([*args, "--device", "cpu"]) == 0
+
+
+def upload(i: int, colour: str, text: str) -> dict[str, object]:
+    buf = io.BytesIO()
+    photo(i, colour).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    return {"id": f"n{i}", "text": text, "image_base64": image, "fields": {"i": i}}
+
+
+def test_reindex_copies_every_item_with_the_new_models_codes(
+    served: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifacts, model = served
+    capsys.readouterr()
+    reindex(artifacts, model)
+    out = capsys.readouterr().out
+    assert "built version v2" in out and "30 items" in out
+    v2 = artifacts / "versions" / "v2"
+    assert items_of(v2) == items_of(artifacts)  # ids, captions, images, added times, fields
+    for _, image, _, _ in items_of(v2).values():  # hard links: no second copy of an image
+        assert os.path.samefile(v2 / image, artifacts / image)
+    assert [(v.name, v.current, v.state) for v in versions.versions(artifacts)] == [
+        ("v1", True, "ready"),
+        ("v2", False, "ready"),
+    ]
+    assert versions.current_name(artifacts) == "v1"  # built, not switched
+    store = Store.open(v2)
+    assert store.manifest.vocabulary_sha256 != Store.open(artifacts).manifest.vocabulary_sha256
+    store.close()
+    # Run again on a ready version: a new version, not a change to the ready one.
+    assert main(["index", "versions", "--artifacts", str(artifacts)]) == 0
+    assert "* v1" in capsys.readouterr().out
+
+
+def test_switch_carries_over_writes_made_since_and_rollback_carries_them_back(
+    served: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifacts, model = served
+    reindex(artifacts, model)
+    # Writes to the served v1 after the reindex: an add, a replace, a delete.
+    v1 = Store.open(artifacts)
+    before = v1.manifest
+    enc_words = (before.n_bits + 63) // 64
+    zeros = torch.zeros((1, enc_words), dtype=torch.int64).numpy().astype("uint64")
+    buf = io.BytesIO()
+    photo(99, "red").save(buf, format="PNG")
+    v1.add(
+        NewItems(["late"], ["a crimson kite"], [""], zeros, zeros, [{"k": 1}],
+                 image_data=[(buf.getvalue(), "png")]),
+    )  # fmt: skip
+    v1.add(
+        NewItems(["p3"], ["a blue azure disc replaced"], [""], zeros, zeros, [{}],
+                 image_data=[(buf.getvalue(), "png")]),
+        on_conflict="replace",
+    )  # fmt: skip
+    assert v1.delete(["p4"]).ids == ["p4"]
+    v1.close()
+    capsys.readouterr()
+    assert main(["index", "switch", "--artifacts", str(artifacts), "--device", "cpu"]) == 0
+    assert "now serving v2" in capsys.readouterr().out
+    v2 = artifacts / "versions" / "v2"
+    assert items_of(v2) == items_of(artifacts) and "late" in items_of(v2)
+    assert "p4" not in items_of(v2) and items_of(v2)["p3"][0] == "a blue azure disc replaced"
+    assert versions.current_name(artifacts) == "v2"
+    old = Store.open(artifacts)  # retired: reads, refuses writes
+    assert old.retired
+    with pytest.raises(StoreRetired):
+        old.delete(["p5"])
+    old.close()
+    # Served now: the new words are known; a write lands in v2; roll back carries it to v1.
+    with TestClient(create_app(Settings(artifacts_dir=artifacts, device="cpu"))) as client:
+        stats = client.get("/v1/index/stats").json()
+        assert stats["version"] == "v2" and stats["items"] == 30
+        assert [v["name"] for v in stats["versions"]] == ["v1", "v2"]
+        assert all(v["disk_bytes"] > 0 for v in stats["versions"])
+        hits = client.post("/v1/search/text", json={"text": NEW_WORDS["red"], "k": 3}).json()
+        assert not hits["no_known_words"] and len(hits["hits"]) == 3
+        job = client.post("/v1/index/build", json={"items": [upload(7, "green", "an emerald")]})
+        assert wait_for_job(client, job.json()["job_id"])["status"] == "succeeded"
+        assert client.delete("/v1/items/p5").status_code == 200
+    assert main(["index", "rollback", "--artifacts", str(artifacts), "--device", "cpu"]) == 0
+    assert versions.current_name(artifacts) == "v1"
+    assert items_of(artifacts) == items_of(v2) and "n7" in items_of(artifacts)
+    assert "p5" not in items_of(artifacts)
+    # Prune: the served version stays; v2 goes, its images stay where v1 links them.
+    assert main(["index", "prune", "--artifacts", str(artifacts), "--version", "v1"]) == 2
+    assert main(["index", "prune", "--artifacts", str(artifacts), "--all-old"]) == 0
+    assert not v2.exists() and [v.name for v in versions.versions(artifacts)] == ["v1"]
+    for _, image, _, _ in items_of(artifacts).values():
+        assert (artifacts / image).is_file()
+
+
+def test_the_server_switches_while_serving_and_writes_follow(served: tuple[Path, Path]) -> None:
+    artifacts, model = served
+    settings = Settings(artifacts_dir=artifacts, device="cpu", api_key="k")
+    key = {"X-API-Key": "k"}
+    with TestClient(create_app(settings)) as client:
+        reindex(artifacts, model)  # beside the served store, which the app holds open
+        job = client.post(
+            "/v1/index/build", json={"items": [upload(1, "red", "a crimson one")]}, headers=key
+        )
+        assert wait_for_job(client, job.json()["job_id"])["status"] == "succeeded"
+        assert client.delete("/v1/items/p2", headers=key).status_code == 200
+        before = client.post("/v1/search/text", json={"text": "crimson"}).json()
+        assert before["no_known_words"]  # v1's model never saw the word
+        assert client.post("/v1/admin/reload").status_code == 401
+        answer = client.post("/v1/admin/reload", headers=key)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert (body["version"], body["previous"]) == ("v2", "v1")
+        assert body["caught_up"]["copied"] == 1 and body["caught_up"]["deleted"] == 1
+        after = client.post("/v1/search/text", json={"text": "crimson"}).json()
+        assert not after["no_known_words"]
+        assert client.get("/v1/items/n1/image").status_code == 200  # the write made before
+        assert client.get("/v1/items/p2/image").status_code == 404  # and the delete
+        stats = client.get("/v1/index/stats").json()
+        assert stats["version"] == "v2" and stats["items"] == 30
+        again = client.post("/v1/admin/reload", headers=key)
+        assert again.status_code == 400 and "newer than the served v2" in again.json()["detail"]
+        back = client.post("/v1/admin/reload", json={"version": "v1"}, headers=key)
+        assert back.status_code == 200 and back.json()["version"] == "v1"
+        assert client.post("/v1/search/text", json={"text": "crimson"}).json()["no_known_words"]
+        wrong = client.post("/v1/admin/reload", json={"version": "v9"}, headers=key)
+        assert wrong.status_code == 400 and "v1, v2" in wrong.json()["detail"]
