@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from models.features.content_cache import DEFAULT_MAX_BYTES, STORE_CACHE_DIR
-from service.reindex import Switched, SyncCounts, reindex, switch_offline
+from service.reindex import BATCH, Switched, SyncCounts, reindex, switch_offline
 from store import versions
 from store.locks import LOCK_NAME, try_exclusive
 from store.store import STORE_DIR
@@ -42,6 +42,13 @@ def add_actions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--artifacts", type=Path, required=True, help="artifacts folder")
     p.add_argument("--model", type=Path, required=True, help="the new checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=BATCH,
+        help=f"items read, encoded and committed at a time (default {BATCH}: memory is bounded "
+        "by one batch)",
+    )
     p.add_argument(
         "--feature-cache-mib",
         type=int,
@@ -100,6 +107,7 @@ def run_reindex(args: argparse.Namespace) -> int:
             args.model,
             device=args.device,
             cache_bytes=args.feature_cache_mib * MIB,
+            batch=args.batch,
             progress=progress,
         )
     print(

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import InputError
+from common.errors import InputError, IntegrityError
 from common.fsio import atomic_write
 from models.features.content_cache import (
     DEFAULT_MAX_BYTES,
@@ -57,6 +57,7 @@ BATCH = 1024  # items read, encoded and committed at a time
 # own pass, under the writers' lock, then has about this much to do.
 SETTLED = 256
 MAX_PASSES = 20  # a source written faster than it is copied still ends (the switch catches up)
+RACES = 5  # times a batch is read again after an image went away under it
 
 # What differs: an item of the source that the target lacks with the same caption, image,
 # fields and added time (its id is the target's UNIQUE index: one lookup per source row).
@@ -165,12 +166,12 @@ def sync(
                 break
             after = seqs[-1]
             rows = md.rows_by_seq(conn, seqs, where)
-            items = [rows[s] for s in seqs if s in rows]  # one deleted meanwhile: next pass
-            if items:
-                _copy(items, source, target, recoder)
-                copied += len(items)
+            read = [(s, rows[s]) for s in seqs if s in rows]  # one deleted meanwhile: next pass
+            if read:
+                n = _copy(read, source, target, recoder, conn)
+                copied += n
                 if progress is not None:
-                    progress(len(items))
+                    progress(n)
         while True:
             gone = [item_id for (item_id,) in conn.execute(_GONE, (batch,))]
             if not gone:
@@ -181,7 +182,42 @@ def sync(
     return SyncCounts(copied, deleted, time.perf_counter() - start)
 
 
-def _copy(items: list[md.Item], source: Path, target: Store, recoder: Recoder) -> None:
+def _copy(
+    read: list[tuple[int, md.Item]],
+    source: Path,
+    target: Store,
+    recoder: Recoder,
+    conn: sqlite3.Connection,
+) -> int:
+    """Encode items (seq, item) of the source and add them to the target, replacing the ids it
+    has; how many. The served source keeps changing under a reindex: an item deleted (or
+    replaced) since it was read takes its image file with it, and is left to the next pass,
+    which sees what the source holds then. An image missing from an item still there is an
+    IntegrityError."""
+    for _ in range(RACES):
+        kept = [(seq, item) for seq, item in read if _image_there(source, seq, item, conn)]
+        if not kept:
+            return 0
+        items = [item for _, item in kept]
+        try:
+            _add(items, source, target, recoder)
+            return len(items)
+        except (InputError, OSError):
+            if all(_image_there(source, seq, item, conn) for seq, item in kept):
+                raise  # not a file that went away while it was read: a real error
+    raise IntegrityError(f"expected the images of {source} to stay while read, {RACES} times")
+
+
+def _image_there(source: Path, seq: int, item: md.Item, conn: sqlite3.Connection) -> bool:
+    """Whether the item's image file is there; False for an item deleted since it was read."""
+    if not item.image.startswith(f"{IMAGES_DIR}/") or (source / item.image).is_file():
+        return True
+    if conn.execute("SELECT 1 FROM main.items WHERE seq = ?", (seq,)).fetchone() is None:
+        return False
+    raise IntegrityError(f"expected the image {source / item.image} of item {item.id!r}, got none")
+
+
+def _add(items: list[md.Item], source: Path, target: Store, recoder: Recoder) -> None:
     """Encode items of the source and add them to the target, replacing the ids it has."""
     image_codes, text_codes = recoder.codes(items, source)
     target.add(
@@ -338,15 +374,22 @@ def _count(source: Path) -> int:
 
 def _target_version(artifacts: Path, source: str, digest: str) -> tuple[str, Path, bool]:
     """(name, folder, resumed) of the version a reindex of the model with this digest builds:
-    an unfinished one of the same model and source, or a new one with the model copied in."""
+    one newer than the served one, of the same model and source (unfinished: resumed; ready
+    and not yet served: brought up to date), or a new one."""
+    current = version_number_of(artifacts)
     for version in versions.versions(artifacts):
-        if version.number == 1 or version.state != "building":
+        if version.number <= current:
             continue
         state = versions.read_state(version.path)
+        same = state.get("model_sha256") == digest and state.get("source") == source
+        if version.state == "ready":
+            if same:  # run again: brought up to date with what the source has now
+                return version.name, version.path, True
+            continue
         if not state and not (version.path / CHECKPOINT_NAME).exists():
             shutil.rmtree(version.path)  # stopped before its record was written: nothing in it
             continue
-        if state.get("model_sha256") == digest and state.get("source") == source:
+        if same:
             return version.name, version.path, True
         raise InputError(
             f"expected no unfinished reindex, found {version.name} (of another model or from "
@@ -359,6 +402,11 @@ def _target_version(artifacts: Path, source: str, digest: str) -> tuple[str, Pat
     state = {"state": "building", "source": source, "model_sha256": digest, "started": time.time()}
     versions.write_state(folder, state)
     return name, folder, False
+
+
+def version_number_of(artifacts: Path) -> int:
+    """The number of the served version."""
+    return versions.version_number(versions.current_name(artifacts))
 
 
 def _copy_model(model: Path, folder: Path) -> None:
