@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from models.features.content_cache import DEFAULT_MAX_BYTES, STORE_CACHE_DIR
-from service.reindex import BATCH, Switched, SyncCounts, reindex, switch_offline
+from service.reindex import reindex, switch_offline
+from service.sync import BATCH, Switched, SyncCounts
 from store import versions
 from store.locks import LOCK_NAME, try_exclusive
 from store.store import STORE_DIR

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from common.errors import InputError, StoreRetired
-from service.reindex import Recoder, Switched, backbone_features, switch_stores
 from service.state import Loaded
+from service.sync import Recoder, Switched, backbone_features, switch_stores
 from store import versions
 from store.store import Store
 
