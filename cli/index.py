@@ -39,7 +39,9 @@ SAMPLE_K = 10  # hits compared per sample query
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `index build`, `index migrate` and the version actions (cli/index_versions.py)."""
     index = subparsers.add_parser(
-        "index", help="build or migrate the store", description="The store of an artifacts folder."
+        "index",
+        help="build, migrate, reindex or switch the store",
+        description="The store of an artifacts folder, and its versions.",
     )
     sub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     build = sub.add_parser(

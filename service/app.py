@@ -165,7 +165,10 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Servi
             reuse=reuse,
         )
 
-    return Serving(settings.artifacts_dir, first, another)
+    serving = Serving(settings.artifacts_dir, first, another)
+    # a job stopped after a switch is settled against the store served then
+    first.jobs.reconcile_with(lambda entries: held_as_given(serving.current().store, entries))
+    return serving
 
 
 @asynccontextmanager

@@ -236,6 +236,10 @@ class JobManager:
             update={"added": status.added + len(committed), "committed": committed}
         )
 
+    def reconcile_with(self, reconcile: Reconcile) -> None:
+        """Settle stopped jobs against another store from now on (the version served now)."""
+        self._reconcile = reconcile
+
     def submit(self, total: int, work: Work) -> str:
         """Queue `work(progress)`, which reports (done, total) and returns the final status.
 

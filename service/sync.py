@@ -24,6 +24,8 @@ that training saw. Images are hard-linked from the source version (store/rows.pu
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -51,7 +53,7 @@ BATCH = 1024  # items read, encoded and committed at a time
 # own pass, under the writers' lock, then has about this much to do.
 SETTLED = 256
 MAX_PASSES = 20  # a source written faster than it is copied still ends (the switch catches up)
-RACES = 5  # times a batch is read again after an image went away under it
+STAGING_DIR = "staging"  # in the target's store folder: links to the images being copied
 
 # What differs: an item of the source that the target lacks with the same caption, image,
 # fields and added time (its id is the target's UNIQUE index: one lookup per source row).
@@ -94,9 +96,8 @@ class Recoder:
         self.encoder = encoder
         self.features = features
 
-    def codes(self, items: list[md.Item], source: Path) -> tuple[np.ndarray, np.ndarray]:
-        """(image codes, text codes), packed, of items stored in the version folder `source`."""
-        paths = [source / item.image for item in items]
+    def codes(self, items: list[md.Item], paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        """(image codes, text codes), packed, of items whose image files are at `paths`."""
         digests: list[str | None] = []
         for item in items:
             match = KEPT_IMAGE.fullmatch(item.image)
@@ -148,6 +149,8 @@ def sync(
     the last seq the source had when it began.
     """
     start = time.perf_counter()
+    for stale in (target.root / STAGING_DIR).glob("*"):  # links left by a pass that was killed
+        stale.unlink(missing_ok=True)
     conn = _compare(source, target)
     copied = deleted = 0
     where = source / STORE_DIR / DB_NAME
@@ -184,36 +187,62 @@ def _copy(
     conn: sqlite3.Connection,
 ) -> int:
     """Encode items (seq, item) of the source and add them to the target, replacing the ids it
-    has; how many. The served source keeps changing under a reindex: an item deleted (or
-    replaced) since it was read takes its image file with it, and is left to the next pass,
-    which sees what the source holds then. An image missing from an item still there is an
-    IntegrityError."""
-    for _ in range(RACES):
-        kept = [(seq, item) for seq, item in read if _image_there(source, seq, item, conn)]
-        if not kept:
-            return 0
-        items = [item for _, item in kept]
-        try:
-            _add(items, source, target, recoder)
-            return len(items)
-        except (InputError, OSError):
-            if all(_image_there(source, seq, item, conn) for seq, item in kept):
-                raise  # not a file that went away while it was read: a real error
-    raise IntegrityError(f"expected the images of {source} to stay while read, {RACES} times")
+    has; how many.
+
+    The served source keeps changing under a reindex: an item deleted since it was read takes
+    its image file with it. So each image is first hard-linked into the target's staging folder
+    (a link keeps the file's bytes whatever the source does next), and read from there; an item
+    whose image is already gone is left out, its row gone too (the next pass sees what the
+    source holds then). An image missing from an item still there is an IntegrityError.
+    """
+    staging = target.root / STAGING_DIR
+    staging.mkdir(exist_ok=True)
+    items: list[md.Item] = []
+    paths: list[Path] = []
+    staged: list[Path] = []
+    try:
+        for seq, item in read:
+            path = source / item.image
+            if item.image.startswith(f"{IMAGES_DIR}/"):
+                path = staging / path.name
+                if not _stage(source / item.image, path):
+                    if conn.execute("SELECT 1 FROM main.items WHERE seq = ?", (seq,)).fetchone():
+                        raise IntegrityError(
+                            f"expected the image {source / item.image} of item {item.id!r}, "
+                            "got none"
+                        )
+                    continue  # deleted since it was read
+                staged.append(path)
+            items.append(item)
+            paths.append(path)
+        if items:
+            _add(items, paths, target, recoder)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
+    return len(items)
 
 
-def _image_there(source: Path, seq: int, item: md.Item, conn: sqlite3.Connection) -> bool:
-    """Whether the item's image file is there; False for an item deleted since it was read."""
-    if not item.image.startswith(f"{IMAGES_DIR}/") or (source / item.image).is_file():
+def _stage(image: Path, link: Path) -> bool:
+    """Hard-link (or copy) a source image to `link`; False when it is gone."""
+    try:
+        os.link(image, link)
+    except FileExistsError:
         return True
-    if conn.execute("SELECT 1 FROM main.items WHERE seq = ?", (seq,)).fetchone() is None:
+    except FileNotFoundError:
         return False
-    raise IntegrityError(f"expected the image {source / item.image} of item {item.id!r}, got none")
+    except OSError:  # another file system: a copy (an open file keeps its bytes)
+        try:
+            shutil.copyfile(image, link)
+        except FileNotFoundError:
+            return False
+    return True
 
 
-def _add(items: list[md.Item], source: Path, target: Store, recoder: Recoder) -> None:
-    """Encode items of the source and add them to the target, replacing the ids it has."""
-    image_codes, text_codes = recoder.codes(items, source)
+def _add(items: list[md.Item], paths: list[Path], target: Store, recoder: Recoder) -> None:
+    """Encode items (their images at `paths`) and add them to the target, replacing the ids it
+    has; kept images are linked from `paths`, under the target's writer lock."""
+    image_codes, text_codes = recoder.codes(items, paths)
     target.add(
         NewItems(
             ids=[item.id for item in items],
@@ -223,8 +252,8 @@ def _add(items: list[md.Item], source: Path, target: Store, recoder: Recoder) ->
             text_codes=text_codes,
             fields=[item.fields for item in items],
             image_files=[
-                source / item.image if item.image.startswith(f"{IMAGES_DIR}/") else None
-                for item in items
+                path if item.image.startswith(f"{IMAGES_DIR}/") else None
+                for item, path in zip(items, paths, strict=True)
             ],
             added=[item.added for item in items],
         ),

@@ -102,7 +102,11 @@ class Traffic:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_retrain_reindex_and_switch_under_live_traffic(
-    retrained_master: Path, tmp_path: Path, workers: int
+    retrained_master: Path,
+    tmp_path: Path,
+    workers: int,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     artifacts = Path(shutil.copytree(retrained_master / "artifacts", tmp_path / "artifacts"))
     model = retrained_master / "new.pt"
@@ -129,6 +133,17 @@ def test_retrain_reindex_and_switch_under_live_traffic(
         assert traffic.requests > 20 and len(traffic.added) >= 2
         stats = httpx.get(f"{url}/v1/index/stats").json()
         assert stats["version"] == "v2"
+        # While it serves, the folder is switched through the server, in one command.
+        rollback = ["index", "rollback", "--artifacts", str(artifacts)]
+        assert main(rollback) == 2
+        assert "with --url" in capsys.readouterr().err
+        monkeypatch.setenv("CMH_API_KEY", "k")
+        assert main([*rollback, "--url", url]) == 0
+        assert "now serving v1" in capsys.readouterr().out
+        assert httpx.get(f"{url}/v1/index/stats").json()["version"] == "v1"
+        known = httpx.post(f"{url}/v1/search/text", json={"text": "crimson"}).json()
+        assert known["no_known_words"]  # v1's model again
+        assert main([*rollback[:1], "switch", *rollback[2:], "--url", url]) == 0
     # Every acknowledged write is in the new version with its exact caption and fields.
     v2 = items_of(artifacts / "versions" / "v2")
     expected = {k: (t, f) for k, (t, _, _, f) in base.items()}
