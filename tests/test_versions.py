@@ -183,3 +183,34 @@ def test_the_server_switches_while_serving_and_writes_follow(served: tuple[Path,
         assert client.post("/v1/search/text", json={"text": "crimson"}).json()["no_known_words"]
         wrong = client.post("/v1/admin/reload", json={"version": "v9"}, headers=key)
         assert wrong.status_code == 400 and "v1, v2" in wrong.json()["detail"]
+
+
+def test_what_is_refused_says_why_in_one_line(
+    served: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifacts, model = served
+    switch = ["index", "switch", "--artifacts", str(artifacts), "--device", "cpu"]
+    assert main(switch) == 2
+    assert "expected a ready version newer than the served v1" in capsys.readouterr().err
+    assert main(["index", "rollback", "--artifacts", str(artifacts)]) == 2
+    assert "expected a ready version before the served v1" in capsys.readouterr().err
+    reindex(artifacts, model)
+    held = Store.open(artifacts / "versions" / "v2")  # as a server still answering on it would
+    try:
+        assert main(["index", "prune", "--artifacts", str(artifacts), "--version", "v2"]) == 2
+        assert "a process has its store open" in capsys.readouterr().err
+    finally:
+        held.close()
+    (artifacts / "CURRENT").write_text("../../etc\n")
+    assert main(["serve", "--artifacts", str(artifacts)]) == 2
+    err = capsys.readouterr().err
+    assert "expected a version name like v2, got '../../etc'" in err and "Traceback" not in err
+    (artifacts / "CURRENT").write_text("v7\n")
+    assert main(["serve", "--artifacts", str(artifacts)]) == 2
+    assert "versions/v7/model.pt" in capsys.readouterr().err
+    # The retired store is not what decides: CURRENT names the served version.
+    versions.set_current(artifacts, "v2")
+    assert main(["index", "prune", "--artifacts", str(artifacts), "--version", "v1"]) == 0
+    assert not (artifacts / "model.pt").exists() and (artifacts / "versions" / "v2").is_dir()
+    v2 = artifacts / "versions" / "v2"
+    assert all((v2 / image).is_file() for _, image, _, _ in items_of(v2).values())
