@@ -60,6 +60,7 @@ from store.compaction import Compactor
 from store.layout import CHECKPOINT_NAME, open_store
 from store.manifest import Manifest
 from store.milvus_store import MilvusStore
+from store.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,17 @@ def load_version(
     )
 
 
+def take_writes_if_served(store: Store, artifacts: Path, name: str) -> None:
+    """A served store that a switch retired takes writes again: a switch stopped between
+    retiring it and naming the new version in CURRENT (kill -9), or CURRENT set by hand. Read
+    under the store's writer lock, where a switch retires and writes CURRENT, so a version
+    another worker has just switched away from is left retired."""
+    with store.switching() as retire:
+        if store.retired and versions.current_name(artifacts) == name:
+            logger.warning("version %s is served (CURRENT) but was retired: it takes writes", name)
+            retire(False)
+
+
 def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Serving:
     """Load the served version (CURRENT in the artifacts folder) and what switches from it to
     another; InputError saying what does not match.
@@ -153,6 +165,8 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Servi
     name = versions.current_name(settings.artifacts_dir)
     limiter = CapacityLimiter(settings.search_threads)
     first = load_version(settings, metrics, name, shared=shared, jobs=None, text_searches=limiter)
+    if isinstance(first.store, Store):
+        take_writes_if_served(first.store, settings.artifacts_dir, name)
 
     def another(version: str, reuse: Loaded | None) -> Loaded:
         return load_version(

@@ -60,6 +60,7 @@ class Serving:
         self._stamp = _stamp(self._current_path)
         self._leases: dict[int, int] = {}  # id(Loaded) -> requests holding it
         self._retired: list[Loaded] = []  # switched away from, closed when their leases end
+        self._closing: list[threading.Thread] = []  # their closes, joined at shutdown
         self._lock = threading.Lock()  # leases and the swap
         self._switch_lock = threading.Lock()  # one switch (or follow) at a time
 
@@ -159,7 +160,11 @@ class Serving:
             self._retired = [r for r in self._retired if id(r) in self._leases]
         for loaded in done:
             logger.info("closing version %s: no request holds it any more", loaded.version)
-            loaded.close()
+            # Off the caller's thread (the event loop, at a request's end): closing stops the
+            # store's compactor, which waits for a merge in progress.
+            closing = threading.Thread(target=loaded.close, name=f"close-{loaded.version}")
+            closing.start()
+            self._closing.append(closing)
 
     def write(self, work: Callable[[Loaded], T]) -> T:
         """Run a write on the served version; when it reaches a retired store (a switch came
@@ -185,3 +190,5 @@ class Serving:
             every, self._retired = [*self._retired, self._loaded], []
         for loaded in every:
             loaded.close()
+        for closing in self._closing:
+            closing.join()

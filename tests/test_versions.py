@@ -214,3 +214,20 @@ def test_what_is_refused_says_why_in_one_line(
     assert not (artifacts / "model.pt").exists() and (artifacts / "versions" / "v2").is_dir()
     v2 = artifacts / "versions" / "v2"
     assert all((v2 / image).is_file() for _, image, _, _ in items_of(v2).values())
+
+
+def test_a_switch_killed_between_retiring_and_current_leaves_a_store_that_takes_writes(
+    served: tuple[Path, Path],
+) -> None:
+    artifacts, model = served
+    reindex(artifacts, model)
+    store = Store.open(artifacts)
+    with store.switching() as retire:  # what a switch does, up to the instant before CURRENT
+        retire(True)
+    store.close()
+    assert versions.current_name(artifacts) == "v1"
+    with TestClient(create_app(Settings(artifacts_dir=artifacts, device="cpu"))) as client:
+        assert client.delete("/v1/items/p1").status_code == 200
+    store = Store.open(artifacts)
+    assert not store.retired
+    store.close()
