@@ -127,10 +127,11 @@ def checked_rows(batch: NewItems, n_bits: int) -> tuple[Rows, dict[str, ImageSou
     return rows, to_write
 
 
-def put_image(path: Path, source: ImageSource) -> None:
-    """Write an image file of the store durably: its bytes, or a hard link to another store's
-    file with them (the same content-addressed name, no second copy on disk; copied where the
-    two folders are on different file systems)."""
+def put_image(path: Path, source: ImageSource, *, durable: bool = True) -> None:
+    """Write an image file of the store: its bytes (atomically and durably), or a hard link to
+    another store's file with them (the same content-addressed name, no second copy on disk;
+    copied where the two folders are on different file systems). `durable=False`: the caller
+    fsyncs the folder once for a batch of links (store.Store.add)."""
     if isinstance(source, bytes):
         atomic_write_bytes(path, source)
         return
@@ -143,7 +144,8 @@ def put_image(path: Path, source: ImageSource) -> None:
         with source.open("rb") as f:
             atomic_write(path, lambda out: shutil.copyfileobj(f, out))
         return
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def insert_rows(

@@ -709,7 +709,9 @@ class Store:
                 for relative, source in to_write.items():
                     if not (self.artifacts / relative).is_file():
                         written.append(relative)
-                        put_image(self.artifacts / relative, source)
+                        put_image(self.artifacts / relative, source, durable=False)
+                if written:  # every new name durable before the commit that refers to it
+                    fsync_dir(self.artifacts / IMAGES_DIR)
                 seqs = np.arange(self._next_seq, self._next_seq + b, dtype=np.int64)
                 bulk = b >= self.config.bulk_rows
                 if bulk and self._growing.n:
