@@ -7,6 +7,11 @@ class InputError(ValueError):
     """Bad input from a user: the message says what was expected and what came in."""
 
 
+class ConflictError(InputError):
+    """A well-formed request that the current state refuses (a switch to a version that is not
+    there or not ready): 409 in the service, exit 2 in the CLI."""
+
+
 class NotReadyError(RuntimeError):
     """A resource the request needs (model, index) is not loaded yet."""
 

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import (
     BackendError,
+    ConflictError,
     InputError,
     IntegrityError,
     NoSpaceError,
@@ -263,6 +264,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(InputError)
     async def input_error(_: Request, err: InputError) -> JSONResponse:
         return error_response(400, str(err), getattr(err, "errors", []))
+
+    @app.exception_handler(ConflictError)
+    async def conflict(_: Request, err: ConflictError) -> JSONResponse:
+        return error_response(409, str(err))
 
     @app.exception_handler(IntegrityError)
     async def integrity_error(_: Request, err: IntegrityError) -> JSONResponse:

@@ -426,7 +426,7 @@ class ReloadRequest(BaseModel):
         None,
         description="v1, v2, ... (a rollback names an older one); default: the newest ready "
         "version after the served one",
-        max_length=12,
+        pattern=r"^v[1-9][0-9]{0,8}$",
     )
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from common.errors import InputError, StoreRetired
+from common.errors import ConflictError, StoreRetired
 from service.state import Loaded
 from service.sync import Recoder, Switched, backbone_features, switch_stores
 from store import versions
@@ -97,7 +97,7 @@ class Serving:
             self._follow_unlocked()
             old = self._loaded
             if not isinstance(old.store, Store):
-                raise InputError(
+                raise ConflictError(
                     "expected the local store (CMH_INDEX_BACKEND=memory) for a version switch, "
                     "got the Milvus backend, whose versions are not supported yet"
                 )

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import InputError
+from common.errors import ConflictError, InputError
 from common.fsio import atomic_write_bytes
 from store.layout import CHECKPOINT_NAME
 from store.locks import LOCK_NAME, try_exclusive
@@ -165,7 +165,7 @@ def find(artifacts: Path, name: str) -> Version:
         if version.name == name:
             return version
     there = ", ".join(v.name for v in versions(artifacts))
-    raise InputError(f"expected one of the versions {there} of {artifacts}, got {name!r}")
+    raise ConflictError(f"expected one of the versions {there} of {artifacts}, got {name!r}")
 
 
 def switch_target(artifacts: Path, name: str | None) -> Version:
@@ -179,16 +179,16 @@ def switch_target(artifacts: Path, name: str | None) -> Version:
             if v.number > version_number(current) and v.state == "ready"
         ]
         if not later:
-            raise InputError(
+            raise ConflictError(
                 f"expected a ready version newer than the served {current} in {artifacts} "
                 "(made by `cmh index reindex`), got none"
             )
         return later[-1]
     target = find(artifacts, name)
     if target.name == current:
-        raise InputError(f"expected a version other than the served {current}, got {name}")
+        raise ConflictError(f"expected a version other than the served {current}, got {name}")
     if target.state != "ready":
-        raise InputError(f"expected a ready version, got {name}, which is {target.state}")
+        raise ConflictError(f"expected a ready version, got {name}, which is {target.state}")
     return target
 
 
@@ -197,7 +197,7 @@ def previous(artifacts: Path) -> Version:
     current = version_number(current_name(artifacts))
     earlier = [v for v in versions(artifacts) if v.number < current and v.state == "ready"]
     if not earlier:
-        raise InputError(
+        raise ConflictError(
             f"expected a ready version before the served v{current} to roll back to, got none"
         )
     return earlier[-1]

@@ -177,12 +177,14 @@ def test_the_server_switches_while_serving_and_writes_follow(served: tuple[Path,
         stats = client.get("/v1/index/stats").json()
         assert stats["version"] == "v2" and stats["items"] == 30
         again = client.post("/v1/admin/reload", headers=key)
-        assert again.status_code == 400 and "newer than the served v2" in again.json()["detail"]
+        assert again.status_code == 409 and "newer than the served v2" in again.json()["detail"]
         back = client.post("/v1/admin/reload", json={"version": "v1"}, headers=key)
         assert back.status_code == 200 and back.json()["version"] == "v1"
         assert client.post("/v1/search/text", json={"text": "crimson"}).json()["no_known_words"]
         wrong = client.post("/v1/admin/reload", json={"version": "v9"}, headers=key)
-        assert wrong.status_code == 400 and "v1, v2" in wrong.json()["detail"]
+        assert wrong.status_code == 409 and "v1, v2" in wrong.json()["detail"]
+        bad = client.post("/v1/admin/reload", json={"version": "../v1"}, headers=key)
+        assert bad.status_code == 422
 
 
 def test_what_is_refused_says_why_in_one_line(

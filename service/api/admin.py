@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends
 
 from service.api.deps import ERRORS, KeyFirst, MetricsDep, ServingDep, require_key
-from service.schemas import CaughtUp, ReloadRequest, ReloadResponse
+from service.schemas import CaughtUp, ErrorBody, ReloadRequest, ReloadResponse
 
 router = APIRouter(tags=["admin"], route_class=KeyFirst)
 
 
-@router.post("/v1/admin/reload", responses=ERRORS, dependencies=[Depends(require_key)])
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "no such version, not ready, or the served one"}
+}
+
+
+@router.post(
+    "/v1/admin/reload", responses={**ERRORS, **CONFLICT}, dependencies=[Depends(require_key)]
+)
 def reload(
     serving: ServingDep, metrics: MetricsDep, body: ReloadRequest | None = None
 ) -> ReloadResponse:
