@@ -44,6 +44,13 @@ def add_actions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--model", type=Path, required=True, help="the new checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     p.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        help="lower this process's CPU priority by this much while it runs (default 10: the "
+        "server's searches come first; 0 leaves it as it is)",
+    )
+    p.add_argument(
         "--batch",
         type=int,
         default=BATCH,
