@@ -115,74 +115,111 @@ def quantiles(ms: list[float]) -> dict[str, float]:
     return {"p50_ms": round(cuts[49], 2), "p99_ms": round(cuts[98], 2), "n": len(ms)}
 
 
+def setup(work: Path, items: int, quick: list[str]) -> dict[str, float]:
+    """Photos, a first model trained on TRAIN_FIRST pairs, a store of all items: the folder a
+    user would serve. What it took (not a figure of the switch)."""
+    data, artifacts = work / "data", work / "artifacts"
+    start = time.perf_counter()
+    photos(data, items)
+    first = data / "first"
+    first.mkdir()
+    lines = (data / "pairs.jsonl").read_text().splitlines()[:TRAIN_FIRST]
+    (first / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    (first / "photos").mkdir()
+    for line in lines:  # the same files (a dataset's images must lie inside its root)
+        name = json.loads(line)["image"]
+        os.link(data / name, first / name)
+    train = ["train", "--dataset", "pairs", "--root", str(first)]
+    cli(*train, "--cache-dir", str(work / "cache"), "--out", str(artifacts / "model.pt"), *quick)
+    seconds, _, _ = cli(
+        "index", "build", "--artifacts", str(artifacts), "--dataset", "pairs",
+        "--root", str(data), "--device", "cpu",
+    )  # fmt: skip
+    return {"index_build_s": round(seconds, 1), "total_s": round(time.perf_counter() - start, 1)}
+
+
+def switch_round(url: str, artifacts: Path, model: Path, idle_s: float) -> dict[str, Any]:
+    """Idle searches, a reindex under searches, the switch: one round's figures."""
+    with Searcher(url) as idle:
+        time.sleep(idle_s)
+    with Searcher(url) as busy:
+        seconds, rss, out = cli(
+            "index", "reindex", "--artifacts", str(artifacts), "--model", str(model),
+            "--device", "cpu",
+        )  # fmt: skip
+    rate = re.search(r"in ([0-9.]+) s \(([0-9]+) items/s\)", out)
+    figures: dict[str, Any] = {
+        "search_idle": quantiles(idle.ms),
+        "reindex": {
+            "s": round(seconds, 1),
+            "copy_items_per_s": int(rate.group(2)) if rate else None,
+            "peak_rss_mib": round(rss),
+            "said": out.strip(),
+        },
+        "search_during_reindex": quantiles(busy.ms),
+        "search_failed": idle.failed + busy.failed,
+    }
+    figures["search_p99_ratio"] = round(
+        figures["search_during_reindex"]["p99_ms"] / figures["search_idle"]["p99_ms"], 2
+    )
+    with httpx.Client(base_url=url, timeout=600) as client:
+        start = time.perf_counter()
+        switched = client.post("/v1/admin/reload")
+        figures["switch"] = {"client_s": round(time.perf_counter() - start, 3)}
+        figures["switch"]["server"] = switched.json()
+        stats = client.get("/v1/index/stats").json()
+        figures["versions"] = stats["versions"]
+        known = client.post("/v1/search/text", json={"text": "crimson"}).json()
+        figures["new_word_known_after_switch"] = not known["no_known_words"]
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000, help="items in the store")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (each retrain)")
     parser.add_argument("--idle-s", type=float, default=30.0, help="seconds of idle searches")
-    parser.add_argument("--work", type=Path, default=None, help="folder to keep (default: temp)")
+    parser.add_argument("--rounds", type=int, default=3, help="reindex and switch rounds")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder to keep (default: temp); one already set up (and retrained, with "
+        "--skip-retrain) is reused",
+    )
+    parser.add_argument("--skip-retrain", action="store_true", help="reuse WORK/new.pt")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args()
     result: dict[str, Any] = {"items": args.items, "epochs": args.epochs, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        data, artifacts = work / "data", work / "artifacts"
+        artifacts, model = work / "artifacts", work / "new.pt"
         quick = ["--method", "aucmh", "--k", "20", "--epochs", str(args.epochs), "--device", "cpu"]
-        start = time.perf_counter()
-        photos(data, args.items)
-        first = data / "first"
-        first.mkdir()
-        lines = (data / "pairs.jsonl").read_text().splitlines()[:TRAIN_FIRST]
-        (first / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-        (first / "photos").mkdir()
-        for line in lines:  # the same files (a dataset's images must lie inside its root)
-            name = json.loads(line)["image"]
-            os.link(data / name, first / name)
-        train = ["train", "--dataset", "pairs", "--root", str(first)]
-        cli(
-            *train, "--cache-dir", str(work / "cache"), "--out", str(artifacts / "model.pt"), *quick
-        )
-        seconds, _, _ = cli(
-            "index", "build", "--artifacts", str(artifacts), "--dataset", "pairs",
-            "--root", str(data), "--device", "cpu",
-        )  # fmt: skip
-        result["setup"] = {"index_build_s": round(seconds, 1), "total_s": 0.0}
-        result["setup"]["total_s"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(result), flush=True)
+        if not (artifacts / "model.pt").is_file():
+            result["setup"] = setup(work, args.items, quick)
+            print(json.dumps(result), flush=True)
         with serving(artifacts, ready_timeout_s=600, CMH_LOG_LEVEL="WARNING") as url:
-            with Searcher(url) as idle:
-                time.sleep(args.idle_s)
-            result["search_idle"] = quantiles(idle.ms)
-            retrain = ["train", "--from-store", str(artifacts), "--out", str(work / "new.pt")]
-            for kind in ("cold", "warm"):
-                seconds, rss, _ = cli(*retrain, *quick)
-                result[f"retrain_{kind}"] = {"s": round(seconds, 1), "peak_rss_mib": round(rss)}
-                print(json.dumps(result), flush=True)
-            reindex = ["index", "reindex", "--artifacts", str(artifacts), "--model"]
-            with Searcher(url) as busy:
-                seconds, rss, out = cli(*reindex, str(work / "new.pt"), "--device", "cpu")
-            result["reindex"] = {
-                "s": round(seconds, 1),
-                "items_per_s": round(args.items / seconds),
-                "peak_rss_mib": round(rss),
-                "said": out.strip(),
-            }
-            result["search_during_reindex"] = quantiles(busy.ms)
-            result["search_p99_ratio"] = round(
-                result["search_during_reindex"]["p99_ms"] / result["search_idle"]["p99_ms"], 2
-            )
-            result["search_failed"] = idle.failed + busy.failed
-            with httpx.Client(base_url=url, timeout=600) as client:
-                start = time.perf_counter()
-                switched = client.post("/v1/admin/reload")
-                result["switch"] = {
-                    "client_s": round(time.perf_counter() - start, 3),
-                    "server": switched.json(),
-                }
-                stats = client.get("/v1/index/stats").json()
-                result["versions"] = stats["versions"]
-                known = client.post("/v1/search/text", json={"text": "crimson"}).json()
-                result["new_word_known_after_switch"] = not known["no_known_words"]
+            if not args.skip_retrain:
+                retrain = ["train", "--from-store", str(artifacts), "--out", str(model)]
+                for kind in ("cold", "warm"):
+                    seconds, rss, _ = cli(*retrain, *quick)
+                    result[f"retrain_{kind}"] = {"s": round(seconds, 1), "peak_rss_mib": round(rss)}
+                    print(json.dumps(result), flush=True)
+            rounds = [switch_round(url, artifacts, model, args.idle_s) for _ in range(args.rounds)]
+    result["rounds"] = rounds
+    result["median"] = {
+        "search_idle_p99_ms": statistics.median(r["search_idle"]["p99_ms"] for r in rounds),
+        "search_during_reindex_p99_ms": statistics.median(
+            r["search_during_reindex"]["p99_ms"] for r in rounds
+        ),
+        "search_p99_ratio": statistics.median(r["search_p99_ratio"] for r in rounds),
+        "reindex_s": statistics.median(r["reindex"]["s"] for r in rounds),
+        "reindex_copy_items_per_s": statistics.median(
+            r["reindex"]["copy_items_per_s"] or 0 for r in rounds
+        ),
+        "switch_s": statistics.median(r["switch"]["server"]["seconds"] for r in rounds),
+        "search_failed": sum(r["search_failed"] for r in rounds),
+    }
     print(json.dumps(result, indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
