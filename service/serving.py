@@ -75,18 +75,7 @@ class Serving:
     def follow(self) -> Loaded:
         """Serve the version CURRENT names, loading it if another process switched to it."""
         with self._switch_lock:
-            stamp = _stamp(self._current_path)
-            if stamp == self._stamp:
-                return self._loaded
-            name = versions.current_name(self.artifacts)
-            if name != self._loaded.version:
-                started = time.perf_counter()
-                self._swap(self._load_version(name, self._loaded))
-                logger.info(
-                    "following a switch made by another process: now serving %s (%.2f s)",
-                    name, time.perf_counter() - started,
-                )  # fmt: skip
-            self._stamp = stamp
+            self._follow_unlocked()
             return self._loaded
 
     def switch(self, name: str | None) -> Switched:
@@ -123,11 +112,17 @@ class Serving:
 
     def _follow_unlocked(self) -> None:
         stamp = _stamp(self._current_path)
-        if stamp != self._stamp:
-            name = versions.current_name(self.artifacts)
-            if name != self._loaded.version:
-                self._swap(self._load_version(name, self._loaded))
-            self._stamp = stamp
+        if stamp == self._stamp:
+            return
+        name = versions.current_name(self.artifacts)
+        if name != self._loaded.version:
+            started = time.perf_counter()
+            self._swap(self._load_version(name, self._loaded))
+            logger.info(
+                "following a switch made by another process: now serving %s (%.2f s)",
+                name, time.perf_counter() - started,
+            )  # fmt: skip
+        self._stamp = stamp
 
     def _swap(self, new: Loaded) -> None:
         """Serve `new`; the old version closes when the requests holding it have ended."""
