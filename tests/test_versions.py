@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from cli.main import main
-from common.errors import StoreRetired
+from common.errors import InputError, StoreRetired
 from service.app import create_app
 from service.settings import Settings
 from store import versions
@@ -233,3 +233,26 @@ def test_a_switch_killed_between_retiring_and_current_leaves_a_store_that_takes_
     store = Store.open(artifacts)
     assert not store.retired
     store.close()
+
+
+def test_a_request_in_flight_keeps_its_version_until_it_ends(served: tuple[Path, Path]) -> None:
+    artifacts, model = served
+    reindex(artifacts, model)
+    with TestClient(create_app(Settings(artifacts_dir=artifacts, device="cpu"))) as client:
+        serving = client.app.state.serving  # type: ignore[attr-defined]
+        held = serving.enter()  # as a request that began before the switch
+        assert held.version == "v1"
+        assert client.post("/v1/admin/reload").json()["version"] == "v2"
+        assert serving.current().version == "v2"
+        # The request still reads its own version, model and store: never a mix of the two.
+        words = held.encoder.read_query("crimson")
+        assert not words.used  # v1's vocabulary
+        assert held.store.view().count == 30 and held.store.retired
+        assert serving.current().encoder.read_query("crimson").used
+        with pytest.raises(InputError, match="a process has its store open"):
+            versions.remove(artifacts, "v1")  # while the request holds it
+        serving.leave(held)  # its end: v1 is closed (off the caller's thread), so prunable
+        for closing in serving._closing:
+            closing.join(timeout=30)
+        assert versions.remove(artifacts, "v1") > 0
+        assert client.get("/v1/index/stats").json()["version"] == "v2"
