@@ -79,7 +79,8 @@ def test_good_jsonl_loads_ids_texts_labels_splits_and_extra(root: Path) -> None:
     assert data.train_idx.tolist() == [0, 2, 3]  # train + database
     assert data.database_idx.tolist() == [2, 3]  # no split given = database
     assert data.query_idx.tolist() == [1]
-    assert data.extra == [{}, {}, {}, {"camera": {"iso": 100}}]
+    # labels are kept with the item too (its `labels` field once indexed)
+    assert data.extra == [{"labels": ["b", "a"]}, {}, {"labels": ["c"]}, {"camera": {"iso": 100}}]
     assert "1 queries" in data.protocol
 
 
@@ -104,7 +105,11 @@ def test_good_csv_loads_with_labels_splits_extra_and_quoted_fields(root: Path) -
     assert data.train_idx.tolist() == [0, 2]
     assert data.database_idx.tolist() == [2]
     assert data.query_idx.tolist() == [1]
-    assert data.extra == [{"author": "ann"}, {"author": ""}, {"author": "bo"}]
+    assert data.extra == [
+        {"author": "ann", "labels": ["cat", "dog"]},
+        {"author": ""},
+        {"author": "bo", "labels": ["dog"]},
+    ]
 
 
 def test_no_split_anywhere_means_database_is_train_and_no_queries(root: Path) -> None:

@@ -314,3 +314,27 @@ def test_stored_pairs_leave_out_items_whose_image_is_gone(tmp_path: Path) -> Non
     assert [d.pair for d in data.defects] == ["item 'two'"]  # labels not names: loaded without
     assert data.train_idx.tolist() == data.database_idx.tolist() == [0, 1]
     assert data.query_idx.size == 0
+
+
+def test_a_labelled_pairs_file_built_into_a_store_keeps_its_labels(tmp_path: Path) -> None:
+    root, artifacts = tmp_path / "pairs", tmp_path / "artifacts"
+    write_pairs(root, 12, new_words=False)
+    lines = [json.loads(line) for line in (root / "pairs.jsonl").read_text().splitlines()]
+    for record in lines:  # labelled by colour, as a user's pairs file may be
+        record["labels"] = [record["text"].split()[1]]
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    train = ["train", "--dataset", "pairs", "--root", str(root), "--cache-dir", str(tmp_path)]
+    assert main([*train, "--out", str(artifacts / "model.pt"), *FAST]) == 0
+    build = ["index", "build", "--artifacts", str(artifacts), "--dataset", "pairs"]
+    assert main([*build, "--root", str(root), "--device", "cpu"]) == 0
+    stored = read_items(artifacts, max_items=100, seed=0)
+    data = stored_pairs(
+        artifacts,
+        ids=[it.id for it in stored.items],
+        texts=[it.text for it in stored.items],
+        images=[it.image for it in stored.items],
+        fields=[it.fields for it in stored.items],
+        n_live=stored.n_live,
+    )
+    assert data.label_names == ["blue", "green", "red"]  # a retrain evaluates with them
+    assert stored.items[0].fields == {"labels": ["red"], "place": "desk"}

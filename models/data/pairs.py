@@ -13,7 +13,9 @@ Fields (names are case-sensitive):
 - image (required): the image file's path relative to DIR. Absolute paths, `..` and symlinks
   resolving outside DIR are rejected; the file must open as an image (PIL).
 - text (required): the caption, non-empty after stripping whitespace.
-- labels (optional, evaluation only): a list of label names; label_names = their sorted union.
+- labels (optional): a list of label names; label_names = their sorted union. They score
+  evaluations, and an indexed pair keeps them as its `labels` field, so `cmh train --from-store`
+  evaluates with them (models/data/stored.py) and filters can name them.
 - split (optional): "train" (training only), "database" (the database, also trained on; the
   default) or "query" (queries only, never trained on). Builds index the database alone.
 - any other field: kept per pair in PairDataset.extra, the item's fields once indexed (the
@@ -241,6 +243,8 @@ def _check(
     if not isinstance(labels, list) or not all(isinstance(n, str) and n.strip() for n in labels):
         raise _Rejected(f"invalid labels: expected a list of label names, got {_show(labels)}")
     extra = {k: v for k, v in record.items() if k not in FIELDS}
+    if labels:  # kept with the item once indexed (see the module docstring)
+        extra["labels"] = [n.strip() for n in labels]
     try:
         fields_json(extra)  # what the store will be asked to hold: refused here, with the line
     except InputError as err:
