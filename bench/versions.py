@@ -138,14 +138,16 @@ def setup(work: Path, items: int, quick: list[str]) -> dict[str, float]:
     return {"index_build_s": round(seconds, 1), "total_s": round(time.perf_counter() - start, 1)}
 
 
-def switch_round(url: str, artifacts: Path, model: Path, idle_s: float) -> dict[str, Any]:
+def switch_round(
+    url: str, artifacts: Path, model: Path, idle_s: float, nice: int
+) -> dict[str, Any]:
     """Idle searches, a reindex under searches, the switch: one round's figures."""
     with Searcher(url) as idle:
         time.sleep(idle_s)
     with Searcher(url) as busy:
         seconds, rss, out = cli(
             "index", "reindex", "--artifacts", str(artifacts), "--model", str(model),
-            "--device", "cpu",
+            "--device", "cpu", "--nice", str(nice),
         )  # fmt: skip
     rate = re.search(r"in ([0-9.]+) s \(([0-9]+) items/s\)", out)
     figures: dict[str, Any] = {
@@ -188,9 +190,15 @@ def main() -> int:
         "--skip-retrain) is reused",
     )
     parser.add_argument("--skip-retrain", action="store_true", help="reuse WORK/new.pt")
+    parser.add_argument("--nice", type=int, default=10, help="cmh index reindex --nice")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args()
-    result: dict[str, Any] = {"items": args.items, "epochs": args.epochs, "cpus": os.cpu_count()}
+    result: dict[str, Any] = {
+        "items": args.items,
+        "epochs": args.epochs,
+        "cpus": os.cpu_count(),
+        "reindex_nice": args.nice,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         artifacts, model = work / "artifacts", work / "new.pt"
@@ -205,7 +213,10 @@ def main() -> int:
                     seconds, rss, _ = cli(*retrain, *quick)
                     result[f"retrain_{kind}"] = {"s": round(seconds, 1), "peak_rss_mib": round(rss)}
                     print(json.dumps(result), flush=True)
-            rounds = [switch_round(url, artifacts, model, args.idle_s) for _ in range(args.rounds)]
+            rounds = [
+                switch_round(url, artifacts, model, args.idle_s, args.nice)
+                for _ in range(args.rounds)
+            ]
     result["rounds"] = rounds
     result["median"] = {
         "search_idle_p99_ms": statistics.median(r["search_idle"]["p99_ms"] for r in rounds),
