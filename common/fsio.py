@@ -7,6 +7,7 @@ one, each whole, and the new one is on disk once the call returns.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -43,3 +44,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` atomically and durably with `data`."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, hex (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import InputError
-from common.fsio import atomic_write
+from common.fsio import atomic_write, file_sha256
 from models.features.content_cache import DEFAULT_MAX_BYTES, STORE_CACHE_DIR, FeatureCache
 from service.encoder import Encoder, load_served_model
 from service.sync import (
@@ -34,9 +33,9 @@ from service.sync import (
     switch_stores,
     sync,
 )
+from store import metadata as md
 from store import versions
 from store.layout import CHECKPOINT_NAME
-from store.manifest import file_digest
 from store.store import DB_NAME, STORE_DIR, Store
 
 logger = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ def reindex(
     source = versions.version_dir(artifacts, source_name)
     if not Store.exists(source):
         raise InputError(f"expected a store in {source / STORE_DIR} to reindex, found none")
-    name, folder, resumed = _target_version(artifacts, source_name, file_digest(model))
+    name, folder, resumed = _target_version(artifacts, source_name, file_sha256(model))
     if not (folder / CHECKPOINT_NAME).is_file():
         _copy_model(model, folder)
     served = load_served_model(folder, device=device)
@@ -129,8 +128,7 @@ def reindex(
 
 def _count(source: Path) -> int:
     """Live items of the store in a version folder (a read, no lock)."""
-    db = (source / STORE_DIR / DB_NAME).resolve().as_uri()
-    conn = sqlite3.connect(f"{db}?mode=ro", uri=True, timeout=60)
+    conn = md.connect_read_only(source / STORE_DIR / DB_NAME)
     try:
         return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
     finally:

@@ -126,9 +126,7 @@ def _compare(source: Path, target: Store) -> sqlite3.Connection:
     source_db = source / STORE_DIR / DB_NAME
     if not source_db.is_file():
         raise InputError(f"expected a store at {source_db}, found none")
-    conn = sqlite3.connect(
-        f"{source_db.resolve().as_uri()}?mode=ro", uri=True, timeout=60, isolation_level=None
-    )
+    conn = md.connect_read_only(source_db)
     target_db = (target.root / DB_NAME).resolve().as_uri()
     conn.execute("ATTACH DATABASE ? AS target", (f"{target_db}?mode=ro",))
     return conn

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import InputError
+from common.fsio import file_sha256
 
 CHECKED_FIELDS = ("n_bits", "image_backbone", "vocabulary_sha256", "checkpoint_sha256")
 
@@ -31,7 +32,7 @@ def manifest_for(
         n_bits=n_bits,
         image_backbone=backbone,
         vocabulary_sha256=vocabulary_digest(vocabulary),
-        checkpoint_sha256=file_digest(checkpoint_path),
+        checkpoint_sha256=file_sha256(checkpoint_path),
         created=time.time(),
     )
 
@@ -49,12 +50,3 @@ def check_manifest(found: Manifest, expected: Manifest) -> None:
 def vocabulary_digest(vocabulary: list[str] | None) -> str:
     """SHA-256 of the vocabulary in column order (what text codes depend on)."""
     return hashlib.sha256("\n".join(vocabulary or []).encode()).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

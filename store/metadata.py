@@ -184,6 +184,15 @@ def _reterm_long_numbers(
         after = rows[-1][0]
 
 
+def connect_read_only(path: Path, *, timeout: float = 60) -> sqlite3.Connection:
+    """A read-only connection to a store database (no lock, no write: it runs beside a server
+    that has the store open); autocommit, so each statement reads the latest commit unless the
+    caller opens a transaction. URI filenames are on, so ATTACH takes `file:...?mode=ro` too."""
+    return sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout, isolation_level=None
+    )
+
+
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
     """The meta value under key, or None."""
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

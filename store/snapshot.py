@@ -47,7 +47,7 @@ def read_items(artifacts: Path, *, max_items: int, seed: int) -> StoredItems:
     if not path.is_file():
         raise InputError(f"expected a store at {path}, found none")
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        conn = md.connect_read_only(path)
     except sqlite3.Error as err:
         raise InputError(f"expected a readable store database at {path}, got: {err}") from None
     try:

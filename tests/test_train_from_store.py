@@ -59,11 +59,9 @@ def write_pairs(root: Path, n: int, *, new_words: bool) -> None:
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
 
-@pytest.fixture(scope="module")
-def served_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An artifacts folder: a model trained on plain captions, serving a store of 30 items whose
-    captions hold NEW_WORDS (built by `cmh index build`); read-only."""
-    base = tmp_path_factory.mktemp("served")
+def build_served(base: Path) -> Path:
+    """base/artifacts: a model trained on 18 plain captions, serving a store of 30 items whose
+    captions hold NEW_WORDS (built by `cmh index build`)."""
     first, indexed, artifacts = base / "first", base / "indexed", base / "artifacts"
     write_pairs(first, 18, new_words=False)
     write_pairs(indexed, 30, new_words=True)
@@ -72,6 +70,25 @@ def served_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = ["index", "build", "--artifacts", str(artifacts), "--dataset", "pairs"]
     assert main([*build, "--root", str(indexed), "--device", "cpu"]) == 0
     return artifacts
+
+
+def stored_dataset(artifacts: Path) -> PairDataset:
+    """The PairDataset `cmh train --from-store` reads from a folder's store (every item)."""
+    stored = read_items(artifacts, max_items=1000, seed=0)
+    return stored_pairs(
+        artifacts,
+        ids=[it.id for it in stored.items],
+        texts=[it.text for it in stored.items],
+        images=[it.image for it in stored.items],
+        fields=[it.fields for it in stored.items],
+        n_live=stored.n_live,
+    )
+
+
+@pytest.fixture(scope="module")
+def served_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifacts folder (build_served); read-only."""
+    return build_served(tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture
@@ -236,15 +253,7 @@ def test_labels_in_fields_give_labelled_validation(
         job = client.post("/v1/index/build", json={"items": items})
         assert job.status_code == 202, job.text
         assert wait_for_job(client, job.json()["job_id"])["status"] == "succeeded"
-    stored = read_items(served, max_items=1000, seed=0)
-    data = stored_pairs(
-        served,
-        ids=[it.id for it in stored.items],
-        texts=[it.text for it in stored.items],
-        images=[it.image for it in stored.items],
-        fields=[it.fields for it in stored.items],
-        n_live=stored.n_live,
-    )
+    data = stored_dataset(served)
     assert data.label_names == ["blue", "green", "labelled", "red"]
     row = data.ids.index("l0")  # red
     assert (
@@ -327,14 +336,9 @@ def test_a_labelled_pairs_file_built_into_a_store_keeps_its_labels(tmp_path: Pat
     assert main([*train, "--out", str(artifacts / "model.pt"), *FAST]) == 0
     build = ["index", "build", "--artifacts", str(artifacts), "--dataset", "pairs"]
     assert main([*build, "--root", str(root), "--device", "cpu"]) == 0
-    stored = read_items(artifacts, max_items=100, seed=0)
-    data = stored_pairs(
-        artifacts,
-        ids=[it.id for it in stored.items],
-        texts=[it.text for it in stored.items],
-        images=[it.image for it in stored.items],
-        fields=[it.fields for it in stored.items],
-        n_live=stored.n_live,
-    )
+    data = stored_dataset(artifacts)
     assert data.label_names == ["blue", "green", "red"]  # a retrain evaluates with them
-    assert stored.items[0].fields == {"labels": ["red"], "place": "desk"}
+    assert read_items(artifacts, max_items=100, seed=0).items[0].fields == {
+        "labels": ["red"],
+        "place": "desk",
+    }

@@ -23,7 +23,7 @@ from store.rows import NewItems
 from store.snapshot import read_items
 from store.store import Store
 from tests.helpers import wait_for_job
-from tests.test_train_from_store import FAST, NEW_WORDS, photo, write_pairs
+from tests.test_train_from_store import FAST, NEW_WORDS, build_served, photo
 
 
 def items_of(folder: Path) -> dict[object, tuple[str, str, float, dict[str, object]]]:
@@ -37,13 +37,7 @@ def retrained_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A served folder (v1: a model that never saw NEW_WORDS, a store of 30 items whose captions
     hold them) and new.pt beside it, trained from that store; read-only."""
     base = tmp_path_factory.mktemp("versions")
-    first, indexed, artifacts = base / "first", base / "indexed", base / "artifacts"
-    write_pairs(first, 18, new_words=False)
-    write_pairs(indexed, 30, new_words=True)
-    train = ["train", "--dataset", "pairs", "--root", str(first), "--cache-dir", str(base / "c")]
-    assert main([*train, "--out", str(artifacts / "model.pt"), *FAST]) == 0
-    build = ["index", "build", "--artifacts", str(artifacts), "--dataset", "pairs"]
-    assert main([*build, "--root", str(indexed), "--device", "cpu"]) == 0
+    artifacts = build_served(base)
     retrain = ["train", "--from-store", str(artifacts), "--out", str(base / "new.pt"), *FAST]
     assert main(retrain) == 0
     return base

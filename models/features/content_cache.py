@@ -15,7 +15,6 @@ line (it can be deleted: it is only a cache).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 import time
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import InputError
+from common.fsio import file_sha256
 from models.features.image import encode_images, load_backbone
 
 logger = logging.getLogger(__name__)
@@ -55,15 +55,6 @@ class CachedFeatures:
     features: np.ndarray  # (n, d) float32
     encoded: int  # distinct images the backbone ran over in this call
     cached: int  # distinct images read from the cache
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, hex."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FeatureCache:
