@@ -12,6 +12,11 @@ each step as a user runs it, each in its own process (peak RSS from /usr/bin/tim
 - POST /v1/admin/reload (the switch, as the client sees it and as the server reports it);
 - disk per version (GET /v1/index/stats).
 Training runs `--epochs` epochs (default 10, the README says which) of the paper's row.
+
+`--backend milvus`: the same rounds on the Milvus backend (store/milvus_versions.py), over a
+milvus-lite server started here on WORK/milvus.db, the local store migrated into it first
+(`cmh index migrate --to milvus`, timed); reindexes then go to collections beside it and the
+switches move the pointer.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ import httpx
 from PIL import Image, ImageDraw
 
 from bench.local import serving
+from store.milvus_lite import MilvusLite
 
 TRAIN_FIRST = 2000  # pairs the first model is trained on (the rest hold words it never saw)
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
@@ -139,7 +147,7 @@ def setup(work: Path, items: int, quick: list[str]) -> dict[str, float]:
 
 
 def switch_round(
-    url: str, artifacts: Path, model: Path, idle_s: float, nice: int
+    url: str, artifacts: Path, model: Path, idle_s: float, nice: int, env: dict[str, str]
 ) -> dict[str, Any]:
     """Idle searches, a reindex under searches, the switch: one round's figures."""
     with Searcher(url) as idle:
@@ -147,7 +155,7 @@ def switch_round(
     with Searcher(url) as busy:
         seconds, rss, out = cli(
             "index", "reindex", "--artifacts", str(artifacts), "--model", str(model),
-            "--device", "cpu", "--nice", str(nice),
+            "--device", "cpu", "--nice", str(nice), env=env,
         )  # fmt: skip
     rate = re.search(r"in ([0-9.]+) s \(([0-9]+) items/s\)", out)
     figures: dict[str, Any] = {
@@ -176,6 +184,31 @@ def switch_round(
     return figures
 
 
+@contextmanager
+def milvus_backend(work: Path, artifacts: Path, result: dict[str, Any]) -> Iterator[dict[str, str]]:
+    """A milvus-lite server on WORK/milvus.db holding the local store's items (migrated on the
+    first run, timed in result["migrate_s"]); yields the CMH_* variables that name it."""
+    server = MilvusLite(work / "milvus.db")
+    server.start()
+    try:
+        env = {
+            "CMH_INDEX_BACKEND": "milvus",
+            "CMH_MILVUS_URI": server.uri,
+            "CMH_MILVUS_COLLECTION": "cmh_items",
+            "CMH_MILVUS_TIMEOUT_S": "60",
+        }
+        if not (work / "milvus.migrated").exists():
+            seconds, _, _ = cli(
+                "index", "migrate", "--artifacts", str(artifacts), "--to", "milvus",
+                "--uri", server.uri, "--timeout-s", "60",
+            )  # fmt: skip
+            result["migrate_s"] = round(seconds, 1)
+            (work / "milvus.migrated").touch()
+        yield env
+    finally:
+        server.kill()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000, help="items in the store")
@@ -192,29 +225,36 @@ def main() -> int:
     parser.add_argument("--skip-retrain", action="store_true", help="reuse WORK/new.pt")
     parser.add_argument("--nice", type=int, default=10, help="cmh index reindex --nice")
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument(
+        "--backend", choices=("memory", "milvus"), default="memory", help="the store's backend"
+    )
     args = parser.parse_args()
     result: dict[str, Any] = {
         "items": args.items,
         "epochs": args.epochs,
         "cpus": os.cpu_count(),
         "reindex_nice": args.nice,
+        "backend": args.backend,
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as running:
         work = args.work or Path(tmp)
         artifacts, model = work / "artifacts", work / "new.pt"
         quick = ["--method", "aucmh", "--k", "20", "--epochs", str(args.epochs), "--device", "cpu"]
         if not (artifacts / "model.pt").is_file():
             result["setup"] = setup(work, args.items, quick)
             print(json.dumps(result), flush=True)
-        with serving(artifacts, ready_timeout_s=600, CMH_LOG_LEVEL="WARNING") as url:
+        env = {"CMH_LOG_LEVEL": "WARNING"}
+        if args.backend == "milvus":
+            env.update(running.enter_context(milvus_backend(work, artifacts, result)))
+        with serving(artifacts, ready_timeout_s=600, **env) as url:
             if not args.skip_retrain:
                 retrain = ["train", "--from-store", str(artifacts), "--out", str(model)]
                 for kind in ("cold", "warm"):
-                    seconds, rss, _ = cli(*retrain, *quick)
+                    seconds, rss, _ = cli(*retrain, *quick, env=env)
                     result[f"retrain_{kind}"] = {"s": round(seconds, 1), "peak_rss_mib": round(rss)}
                     print(json.dumps(result), flush=True)
             rounds = [
-                switch_round(url, artifacts, model, args.idle_s, args.nice)
+                switch_round(url, artifacts, model, args.idle_s, args.nice, env)
                 for _ in range(args.rounds)
             ]
     result["rounds"] = rounds

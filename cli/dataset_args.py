@@ -19,8 +19,11 @@ from models.features.content_cache import (
 from models.features.image import BACKBONES, DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, prepare_loaded
 from models.features.text import DEFAULT_TOKENS
+from service.app import open_item_store, served_version
+from service.settings import Settings
 from store import versions
-from store.snapshot import MIN_ITEMS, image_sha256, read_items
+from store.milvus_store import MilvusStore
+from store.snapshot import MIN_ITEMS, StoredItems, image_sha256, read_items
 
 DEFAULT_MAX_ITEMS = 200_000  # --from-store: items trained on at most (a seeded sample past it)
 
@@ -133,7 +136,7 @@ def prepare_from_store(
     more) with features, image features kept per content in artifacts/feature-cache; the image
     backbone is --backbone, else the one that made the store's codes (if one of BACKBONES)."""
     # the served version's store (store/versions.py): what a retrain should learn from
-    stored = read_items(versions.serving_dir(artifacts), max_items=max_items, seed=seed)
+    stored = read_served_items(artifacts, max_items=max_items, seed=seed)
     served = stored.manifest.image_backbone
     backbone = args.backbone or (served if served in BACKBONES else DEFAULT_BACKBONE)
     check_weights(args, backbone)
@@ -161,3 +164,19 @@ def prepare_from_store(
         )
     finally:
         cache.close()
+
+
+def read_served_items(artifacts: Path, *, max_items: int, seed: int) -> StoredItems:
+    """The served version's items (a seeded sample of max_items when there are more): from its
+    local store, or, with CMH_INDEX_BACKEND=milvus (as `cmh serve` reads it), its collection."""
+    settings = Settings(artifacts_dir=artifacts)
+    if settings.index_backend != "milvus":
+        return read_items(versions.serving_dir(artifacts), max_items=max_items, seed=seed)
+    if max_items < MIN_ITEMS:
+        raise InputError(f"expected max_items of at least {MIN_ITEMS}, got {max_items}")
+    store = open_item_store(settings, None, shared=False, version=served_version(settings))
+    try:
+        assert isinstance(store, MilvusStore)
+        return store.sample_items(max_items=max_items, seed=seed)
+    finally:
+        store.close()

@@ -3,7 +3,9 @@
 A retrained model is served from a new version built beside the served one (store/versions.py,
 service/reindex.py): `reindex` builds it while a server keeps answering and writing; the running
 server switches to it on POST /v1/admin/reload, or, with no server running, `switch` does;
-`rollback` goes back to the version before; `prune` removes versions no longer served.
+`rollback` goes back to the version before; `prune` removes versions no longer served. With
+CMH_INDEX_BACKEND=milvus (and CMH_MILVUS_URI, CMH_MILVUS_COLLECTION, as `cmh serve` reads them)
+each acts on the Milvus collections of the versions (store/milvus_versions.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from models.features.content_cache import DEFAULT_MAX_BYTES, STORE_CACHE_DIR
+from service.app import milvus_pointer, served_version
 from service.reindex import reindex, switch_offline
+from service.settings import Settings
 from service.sync import BATCH, Switched, SyncCounts
 from store import versions
 from store.locks import LOCK_NAME, try_exclusive
@@ -117,6 +121,7 @@ def run_reindex(args: argparse.Namespace) -> int:
             cache_bytes=args.feature_cache_mib * MIB,
             batch=args.batch,
             progress=progress,
+            settings=_settings(args),
         )
     print(
         f"{'resumed and finished' if made.resumed else 'built'} version {made.version} of "
@@ -131,13 +136,19 @@ def run_reindex(args: argparse.Namespace) -> int:
 def run_switch(args: argparse.Namespace) -> int:
     """Switch (or roll back) here or through the server, and say what was done."""
     name = getattr(args, "to", None)
+    settings = _settings(args)
+    milvus = settings.index_backend == "milvus"
     if args.index_command == "rollback":
-        name = versions.previous(args.artifacts).name
+        served = served_version(settings)
+        name = versions.previous(
+            args.artifacts, current=served, backend=versions.backend_of(milvus)
+        ).name
     if args.url is not None:
         switched = _through_server(args.url, name)
     else:
-        _check_not_served(args.artifacts)
-        switched = switch_offline(args.artifacts, name, device=args.device)
+        if not milvus:  # replicas of the Milvus backend follow its pointer: no lock to check
+            _check_not_served(args.artifacts)
+        switched = switch_offline(args.artifacts, name, device=args.device, settings=settings)
     counts = switched.caught_up
     print(
         f"now serving {switched.version} of {args.artifacts} (was {switched.previous}); carried "
@@ -189,15 +200,17 @@ def _through_server(url: str, name: str | None) -> Switched:
 
 def run_prune(args: argparse.Namespace) -> int:
     """Remove the versions asked for and say what was freed."""
-    names = (
-        [v.name for v in versions.versions(args.artifacts) if not v.current]
-        if args.all_old
-        else [args.version]
-    )
+    settings = _settings(args)
+    served = served_version(settings)
+    every = versions.versions(args.artifacts, current=served)
+    names = [v.name for v in every if not v.current] if args.all_old else [args.version]
     if not names:
         print(f"nothing to remove: {args.artifacts} has only the served version")
     for name in names:
-        freed = versions.remove(args.artifacts, name)
+        milvus = settings.index_backend == "milvus"
+        if milvus:
+            _drop_milvus_version(settings, name, served)
+        freed = versions.remove(args.artifacts, name, current=served, keep_images=milvus)
         print(
             f"removed version {name} of {args.artifacts}: {freed / MIB:.1f} MiB of model and store"
         )
@@ -206,7 +219,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def run_versions(args: argparse.Namespace) -> int:
     """One line per version."""
-    for v in versions.versions(args.artifacts):
+    for v in versions.versions(args.artifacts, current=served_version(_settings(args))):
         made = versions.read_state(v.path).get("finished")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(made)) if made else ""
         print(
@@ -214,3 +227,26 @@ def run_versions(args: argparse.Namespace) -> int:
             f"  {'from ' + v.source if v.source else ''} {when}".rstrip()
         )
     return 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The service's settings (CMH_* variables) for this artifacts folder: which backend."""
+    return Settings(artifacts_dir=args.artifacts)
+
+
+def _drop_milvus_version(settings: Settings, name: str, served: str) -> None:
+    """Drop a Milvus version's collection (never the served one's, nor one a switch is under
+    way to)."""
+    version = versions.find(settings.artifacts_dir, name, current=served)
+    if version.current:
+        raise InputError(f"expected a version that is not served, got {name}, the served one")
+    if version.backend == versions.LOCAL:
+        return
+    pointer = milvus_pointer(settings)
+    try:
+        fence = pointer.read().fence
+        if fence == name:
+            raise InputError(f"expected no switch to {name} under way, got one")
+        pointer.drop_version(name)
+    finally:
+        pointer.close()

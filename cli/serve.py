@@ -9,7 +9,7 @@ from pathlib import Path
 import uvicorn
 
 from common.errors import InputError
-from service.app import create_served_app, load
+from service.app import create_served_app, load, served_version
 from service.metrics import Metrics
 from service.settings import Settings
 from store import versions
@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings() if args.artifacts is None else Settings(artifacts_dir=args.artifacts)
     if args.workers < 1:
         raise InputError(f"expected --workers of at least 1, got {args.workers}")
-    checkpoint = versions.serving_dir(settings.artifacts_dir) / CHECKPOINT_NAME
+    checkpoint = versions.version_dir(settings.artifacts_dir, served_version(settings))
+    checkpoint = checkpoint / CHECKPOINT_NAME
     if not checkpoint.is_file():  # say so in one line, before uvicorn's startup traceback would
         raise InputError(
             f"expected a checkpoint at {checkpoint} (build one with `cmh demo build --artifacts "

@@ -61,6 +61,7 @@ from store.compaction import Compactor
 from store.layout import CHECKPOINT_NAME, open_store
 from store.manifest import Manifest
 from store.milvus_store import MilvusStore
+from store.milvus_versions import MilvusPointer, PointerWatch, collection_of
 from store.store import Store
 
 logger = logging.getLogger(__name__)
@@ -69,27 +70,67 @@ RETRY_AFTER_S = 5  # what a 429 tells a client to wait before it submits again
 
 
 def open_item_store(
-    settings: Settings, expected: Manifest, *, shared: bool, folder: Path | None = None
+    settings: Settings,
+    expected: Manifest | None,
+    *,
+    shared: bool,
+    folder: Path | None = None,
+    version: str = versions.FIRST,
+    watch: PointerWatch | None = None,
 ) -> ItemStore:
     """The system of record the settings name: the local store of the version folder `folder`
-    (the served one by default), with its background compactor, or the Milvus collection (no
-    codes or metadata kept here)."""
+    (the served one by default), with its background compactor, or the Milvus collection of
+    version `version` (no codes or metadata kept here; `watch`: the pointer its writes check).
+    `expected` None: a Milvus collection that is there, with the manifest it holds."""
     if settings.index_backend == "milvus":
-        if not settings.milvus_uri:
-            raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
-        token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
         return MilvusStore.open(
             settings.artifacts_dir,
-            uri=settings.milvus_uri,
-            collection=settings.milvus_collection,
+            uri=milvus_uri(settings),
+            collection=collection_of(settings.milvus_collection, version),
             expected=expected,
-            token=token,
+            token=milvus_token(settings),
             timeout_s=settings.milvus_timeout_s,
+            guard=watch.guard(version) if watch is not None else None,
+            family=settings.milvus_collection,
         )
+    assert expected is not None
     folder = folder if folder is not None else versions.serving_dir(settings.artifacts_dir)
     store = open_store(folder, expected=expected, shared=shared)
     Compactor(store)
     return store
+
+
+def milvus_uri(settings: Settings) -> str:
+    """CMH_MILVUS_URI; InputError without one."""
+    if not settings.milvus_uri:
+        raise InputError("expected CMH_MILVUS_URI with CMH_INDEX_BACKEND=milvus, got none")
+    return settings.milvus_uri
+
+
+def milvus_token(settings: Settings) -> str:
+    """CMH_MILVUS_TOKEN, or "" without one."""
+    return settings.milvus_token.get_secret_value() if settings.milvus_token else ""
+
+
+def milvus_pointer(settings: Settings) -> MilvusPointer:
+    """The pointer naming the served version of the settings' Milvus collections."""
+    return MilvusPointer(
+        milvus_uri(settings),
+        settings.milvus_collection,
+        token=milvus_token(settings),
+        timeout_s=settings.milvus_timeout_s,
+    )
+
+
+def served_version(settings: Settings) -> str:
+    """The name of the served version: CURRENT, or the Milvus pointer."""
+    if settings.index_backend != "milvus":
+        return versions.current_name(settings.artifacts_dir)
+    pointer = milvus_pointer(settings)
+    try:
+        return pointer.read().version
+    finally:
+        pointer.close()
 
 
 def load_version(
@@ -101,6 +142,7 @@ def load_version(
     jobs: JobManager | None,
     text_searches: CapacityLimiter,
     reuse: Loaded | None = None,
+    watch: PointerWatch | None = None,
 ) -> Loaded:
     """Load version `name`'s checkpoint (and its backbone, unless `reuse` has the same one) and
     open its store; InputError saying what does not match. `jobs` None: a job manager over
@@ -113,7 +155,9 @@ def load_version(
     # torch, and one left running while the interpreter exits aborts it (SIGABRT, exit 134,
     # "terminate called without an active exception") after the one-line refusal.
     with ExitStack() as opened:
-        store = open_item_store(settings, expected, shared=shared, folder=folder)
+        store = open_item_store(
+            settings, expected, shared=shared, folder=folder, version=name, watch=watch
+        )
         opened.callback(store.close)
         encoder = Encoder(
             checkpoint,
@@ -163,9 +207,19 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Servi
     `shared`: the store is opened by several worker processes at once (`cmh serve --workers`).
     """
     load_segmenter()  # before the first Chinese query, not inside it (it held the event loop)
-    name = versions.current_name(settings.artifacts_dir)
-    limiter = CapacityLimiter(settings.search_threads)
-    first = load_version(settings, metrics, name, shared=shared, jobs=None, text_searches=limiter)
+    watch = PointerWatch(milvus_pointer(settings)) if settings.index_backend == "milvus" else None
+    try:
+        name = (
+            watch.served() if watch is not None else versions.current_name(settings.artifacts_dir)
+        )
+        limiter = CapacityLimiter(settings.search_threads)
+        first = load_version(
+            settings, metrics, name, shared=shared, jobs=None, text_searches=limiter, watch=watch
+        )
+    except BaseException:
+        if watch is not None:
+            watch.close()
+        raise
     if isinstance(first.store, Store):
         take_writes_if_served(first.store, settings.artifacts_dir, name)
 
@@ -178,9 +232,10 @@ def load(settings: Settings, metrics: Metrics, *, shared: bool = False) -> Servi
             jobs=first.jobs,
             text_searches=limiter,
             reuse=reuse,
+            watch=watch,
         )
 
-    serving = Serving(settings.artifacts_dir, first, another)
+    serving = Serving(settings.artifacts_dir, first, another, follower=watch)
     # a job stopped after a switch is settled against the store served then
     first.jobs.reconcile_with(lambda entries: held_as_given(serving.current().store, entries))
     return serving

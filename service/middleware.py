@@ -7,6 +7,7 @@ not after it has been read whole.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from anyio import to_thread
@@ -14,10 +15,13 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.errors import NotReadyError
 from service.errors import error_response
 from service.metrics import Metrics
 
 # Methods that get their own metrics label; any other name a client invents is "other".
+logger = logging.getLogger(__name__)
+
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
 UNMATCHED = "unmatched"  # the route label of a request no route matched
 
@@ -131,7 +135,13 @@ class ServedVersion:
             await self.app(scope, receive, send)
             return
         if serving.stale():
-            await to_thread.run_sync(serving.follow)
+            try:
+                await to_thread.run_sync(serving.follow)
+            except NotReadyError:
+                # Milvus (where the pointer is) does not answer: the route answers with what is
+                # loaded, a liveness probe 200, anything that needs Milvus its own 503.
+                logger.warning("could not read the served version; answering with %s",
+                               serving.current().version)  # fmt: skip
         loaded = serving.enter()
         scope[LOADED_KEY] = loaded
         try:

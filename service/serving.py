@@ -13,7 +13,8 @@ and load the new version before they answer, so a search sent after the reload's
 answered by the new model in every worker. A write that reaches a retired store (a worker that
 had not noticed yet, a build job that ran across the switch) raises StoreRetired under that
 store's writer lock, before anything is written; `write` then follows CURRENT and writes again on
-the new version.
+the new version. On the Milvus backend the pointer row in Milvus plays CURRENT's part for every
+replica, and its fence the flock's (store/milvus_versions.py).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from common.errors import ConflictError, StoreRetired
+from common.errors import StoreRetired
 from service.state import Loaded
-from service.sync import Recoder, Switched, backbone_features, switch_stores
+from service.sync import Recoder, Switched, SyncCounts, backbone_features, switch_stores
+from service.sync_milvus import switch_milvus
 from store import versions
+from store.milvus_store import MilvusStore
+from store.milvus_versions import LEASE_S, PointerWatch
 from store.store import Store
 
 logger = logging.getLogger(__name__)
@@ -49,15 +53,59 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (st.st_ino, st.st_mtime_ns)
 
 
+class Follower(Protocol):
+    """Where a process learns which version is served: CURRENT, or the Milvus pointer."""
+
+    def stale(self, version: str) -> bool:
+        """Whether a process serving `version` must look again before it answers."""
+        ...
+
+    def served(self, *, wait_fence: bool = False) -> str:
+        """The served version now (`wait_fence`: once no switch is under way)."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching."""
+        ...
+
+
+class CurrentFile:
+    """The local store's follower: CURRENT, compared by one stat per request."""
+
+    def __init__(self, artifacts: Path) -> None:
+        self.artifacts = artifacts
+        self._path = artifacts / versions.CURRENT_NAME
+        self._stamp = _stamp(self._path)
+        self._name = versions.current_name(artifacts)  # what CURRENT said at that stamp
+
+    def stale(self, version: str) -> bool:
+        # The name too: a request arriving while another loads the version CURRENT now names
+        # (the stamp already read) waits for that load rather than answer with the old model.
+        return _stamp(self._path) != self._stamp or self._name != version
+
+    def served(self, *, wait_fence: bool = False) -> str:  # noqa: ARG002 (a flock: no fence)
+        self._stamp = _stamp(self._path)
+        self._name = versions.current_name(self.artifacts)
+        return self._name
+
+    def close(self) -> None:
+        return None
+
+
 class Serving:
     """This process's served version: leases, following CURRENT, switching."""
 
-    def __init__(self, artifacts: Path, loaded: Loaded, load_version: LoadVersion) -> None:
+    def __init__(
+        self,
+        artifacts: Path,
+        loaded: Loaded,
+        load_version: LoadVersion,
+        follower: Follower | None = None,
+    ) -> None:
         self.artifacts = artifacts
-        self._current_path = artifacts / versions.CURRENT_NAME
+        self.follower = follower if follower is not None else CurrentFile(artifacts)
         self._load_version = load_version
         self._loaded = loaded
-        self._stamp = _stamp(self._current_path)
         self._leases: dict[int, int] = {}  # id(Loaded) -> requests holding it
         self._retired: list[Loaded] = []  # switched away from, closed when their leases end
         self._closing: list[threading.Thread] = []  # their closes, joined at shutdown
@@ -69,13 +117,14 @@ class Serving:
         return self._loaded
 
     def stale(self) -> bool:
-        """Whether CURRENT changed since this process last read it (another worker switched)."""
-        return _stamp(self._current_path) != self._stamp
+        """Whether CURRENT (or the Milvus pointer) may name another version than the one served
+        (another worker or replica switched)."""
+        return self.follower.stale(self._loaded.version)
 
-    def follow(self) -> Loaded:
+    def follow(self, *, wait_fence: bool = False) -> Loaded:
         """Serve the version CURRENT names, loading it if another process switched to it."""
         with self._switch_lock:
-            self._follow_unlocked()
+            self._follow_unlocked(wait_fence=wait_fence)
             return self._loaded
 
     def switch(self, name: str | None) -> Switched:
@@ -85,36 +134,46 @@ class Serving:
             started = time.perf_counter()
             self._follow_unlocked()
             old = self._loaded
-            if not isinstance(old.store, Store):
-                raise ConflictError(
-                    "expected the local store (CMH_INDEX_BACKEND=memory) for a version switch, "
-                    "got the Milvus backend, whose versions are not supported yet"
-                )
-            target = versions.switch_target(self.artifacts, name)
+            milvus = isinstance(old.store, MilvusStore)
+            target = versions.switch_target(
+                self.artifacts, name, current=old.version, backend=versions.backend_of(milvus)
+            )
             new = self._load_version(target.name, old)
             try:
-                assert isinstance(new.store, Store)
-                recoder = Recoder(new.encoder, backbone_features(new.encoder))
-                counts = switch_stores(
-                    self.artifacts,
-                    old=old.store,
-                    old_dir=versions.version_dir(self.artifacts, old.version),
-                    new=new.store,
-                    new_name=target.name,
-                    recoder=recoder,
-                )
+                counts = self._switch_stores(old, new)
             except BaseException:
                 new.close()
                 raise
             self._swap(new)
-            self._stamp = _stamp(self._current_path)
-            return Switched(target.name, old.version, counts, time.perf_counter() - started)
+            self.follower.served()
+        if milvus:  # every replica has read the pointer since it moved: then answer
+            time.sleep(LEASE_S)
+        return Switched(target.name, old.version, counts, time.perf_counter() - started)
 
-    def _follow_unlocked(self) -> None:
-        stamp = _stamp(self._current_path)
-        if stamp == self._stamp:
+    def _switch_stores(self, old: Loaded, new: Loaded) -> SyncCounts:
+        """The switch proper of the backend: under the old store's flock, or behind the Milvus
+        pointer's fence."""
+        recoder = Recoder(new.encoder, backbone_features(new.encoder))
+        if isinstance(old.store, MilvusStore):
+            assert isinstance(new.store, MilvusStore) and isinstance(self.follower, PointerWatch)
+            return switch_milvus(
+                self.follower.pointer, old=old.store, old_name=old.version, new=new.store,
+                new_name=new.version, recoder=recoder,
+            )  # fmt: skip
+        assert isinstance(old.store, Store) and isinstance(new.store, Store)
+        return switch_stores(
+            self.artifacts,
+            old=old.store,
+            old_dir=versions.version_dir(self.artifacts, old.version),
+            new=new.store,
+            new_name=new.version,
+            recoder=recoder,
+        )
+
+    def _follow_unlocked(self, *, wait_fence: bool = False) -> None:
+        if not wait_fence and not self.follower.stale(self._loaded.version):
             return
-        name = versions.current_name(self.artifacts)
+        name = self.follower.served(wait_fence=wait_fence)
         if name != self._loaded.version:
             started = time.perf_counter()
             self._swap(self._load_version(name, self._loaded))
@@ -122,7 +181,6 @@ class Serving:
                 "following a switch made by another process: now serving %s (%.2f s)",
                 name, time.perf_counter() - started,
             )  # fmt: skip
-        self._stamp = stamp
 
     def _swap(self, new: Loaded) -> None:
         """Serve `new`; the old version closes when the requests holding it have ended."""
@@ -172,7 +230,7 @@ class Serving:
                 logger.info("a write reached retired version %s: writing again", loaded.version)
             finally:
                 self.leave(loaded)
-            self.follow()
+            self.follow(wait_fence=True)
         raise StoreRetired(
             f"expected the served version to take the write, got {RETRY_WRITES} switches"
         )
@@ -187,3 +245,4 @@ class Serving:
             loaded.close()
         for closing in self._closing:
             closing.join()
+        self.follower.close()

@@ -67,10 +67,10 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -97,6 +97,7 @@ from store.ids import ItemId, parse_id
 from store.manifest import Manifest, check_manifest
 from store.metadata import Item
 from store.rows import IMAGES_DIR, NewItems, checked_rows, put_image
+from store.snapshot import StoredItems, sample_seqs
 from store.store import Deleted, Hits, OnConflict
 from store.view import Target
 
@@ -122,6 +123,23 @@ ITEM_FIELDS = ["seq", "text", "image", "added", "fields"]
 SEARCH_ATTEMPTS = 3  # a hit deleted before its row was read: search again
 SCAN_BATCH = 4_096  # rows per page of the asymmetric search's last resort, a full read
 T = TypeVar("T")
+# What a collection opened without an expected manifest has until it is read (open replaces it).
+EMPTY_MANIFEST = Manifest(n_bits=8, image_backbone="", vocabulary_sha256="", checkpoint_sha256="",
+                          created=0.0)  # fmt: skip
+
+
+class WriteGuard(Protocol):
+    """What a write to a versioned collection checks (store/milvus_versions.py): that its
+    version is served and no switch is under way before it writes (StoreRetired otherwise), and
+    after, that a switch that began meanwhile has not missed it."""
+
+    def before(self) -> object:
+        """StoreRetired unless the collection may take a write now; a token for `after`."""
+        ...
+
+    def after(self, token: object) -> None:
+        """NotReadyError when the write may have missed a switch that began since `before`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -231,8 +249,14 @@ class MilvusStore:
         uri: str,
         timeout_s: float,
         candidates: Candidates = Candidates(),
+        guard: WriteGuard | None = None,
+        family: str | None = None,
     ) -> None:
         self.artifacts = artifacts
+        self.guard = guard
+        # The collection of version v1 (store/milvus_versions.py): the others are named after
+        # it, and an image file is removed only when no version's collection refers to it.
+        self.family = family or collection
         self.candidates = candidates
         self.collection = collection
         self.manifest = manifest
@@ -256,13 +280,18 @@ class MilvusStore:
         *,
         uri: str,
         collection: str,
-        expected: Manifest,
+        expected: Manifest | None,
         token: str = "",
         timeout_s: float = 10.0,
         candidates: Candidates = Candidates(),
+        guard: WriteGuard | None = None,
+        family: str | None = None,
     ) -> MilvusStore:
         """Open (or create) the collection; InputError when it holds codes of another model,
-        NotReadyError when Milvus does not answer within timeout_s."""
+        NotReadyError when Milvus does not answer within timeout_s. `expected` None: open a
+        collection that is there with the manifest it holds (a reindex reading its source).
+        `guard`: what every write checks before and after (a versioned collection:
+        store/milvus_versions.py); `family`: the collection of version v1."""
         try:
             # A private connection: pymilvus shares one per URI, and close() would end it for all.
             client = MilvusClient(
@@ -277,11 +306,13 @@ class MilvusStore:
             artifacts,
             client,
             collection=collection,
-            manifest=expected,
+            manifest=expected or EMPTY_MANIFEST,
             store_id="",
             uri=uri,
             timeout_s=timeout_s,
             candidates=candidates,
+            guard=guard,
+            family=family,
         )
         try:
             store.store_id = store._call(store._open_collection, expected)
@@ -291,10 +322,12 @@ class MilvusStore:
         logger.info("serving Milvus collection %s at %s", collection, uri)
         return store
 
-    def _open_collection(self, expected: Manifest) -> str:
+    def _open_collection(self, expected: Manifest | None) -> str:
         """The collection's store id; creates the collection when it is missing."""
         client, name, t = self._client, self.collection, self._timeout
         if not client.has_collection(name, timeout=t):
+            if expected is None:
+                raise InputError(f"expected Milvus collection {name!r} at {self.uri}, got none")
             store_id = uuid.uuid4().hex
             self._create(expected, store_id)
             return store_id
@@ -309,7 +342,10 @@ class MilvusStore:
                 f"expected Milvus collection {name!r} to be a cmh store ({FORMAT}), got "
                 f"description {description[:80]!r} ({err}); name another CMH_MILVUS_COLLECTION"
             ) from None
-        check_manifest(manifest, expected)
+        if expected is None:
+            self.manifest, self.n_bits = manifest, manifest.n_bits
+        else:
+            check_manifest(manifest, expected)
         client.load_collection(name, timeout=t)
         return str(found.get("store_id", ""))
 
@@ -343,20 +379,7 @@ class MilvusStore:
         logger.info("created Milvus collection %s for %d-bit codes", self.collection, dim)
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """fn(*args, **kwargs) with Milvus failures as NotReadyError (503: unreachable, too
-        slow, not ready) or BackendError (500: Milvus answered that it refuses the request,
-        which no retry changes)."""
-        try:
-            return fn(*args, **kwargs)
-        except MILVUS_FAILURES as err:
-            if is_refusal(err):
-                raise BackendError(
-                    f"Milvus at {self.uri} refused the request: {_short(err)}"
-                ) from None
-            raise NotReadyError(
-                f"expected Milvus at {self.uri} to answer within {self.timeout_s:g} s, got: "
-                f"{_short(err)}; retry when it is back"
-            ) from None
+        return milvus_call(self.uri, self.timeout_s, fn, *args, **kwargs)
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -615,12 +638,41 @@ class MilvusStore:
         for caption in rows.texts:
             if len(caption.encode("utf-8")) > MAX_TEXT_BYTES:
                 raise InputError(f"expected texts of at most {MAX_TEXT_BYTES} bytes as UTF-8")
-        terms = [_hex_terms(f) for f in (batch.fields or [{}] * len(batch))]
         for relative, source in to_write.items():  # rewritten: its fresh mtime guards it
             put_image(self.artifacts / relative, source)
-        image_vectors = to_milvus_bytes(rows.image_codes, self.n_bits)
-        text_vectors = to_milvus_bytes(rows.text_codes, self.n_bits)
-        seqs, added = self._seqs(len(keys)), time.time()
+        fields = [json.loads(f) for f in rows.fields]
+        seqs, now = self._seqs(len(keys)), time.time()
+        added = list(batch.added) if batch.added is not None else [now] * len(keys)
+        self._guarded(
+            lambda: self._upsert(keys, seqs, rows.image_codes, rows.text_codes, rows.texts,
+                                 rows.images, added, fields)
+        )  # fmt: skip
+        if seqs:
+            self._commit = seqs[-1]
+        self._collect_images([row["image"] for row in old])
+        return self._commit
+
+    def _guarded(self, write: Callable[[], None]) -> None:
+        """A write between the guard's two checks (none without a guard)."""
+        token = self.guard.before() if self.guard is not None else None
+        write()
+        if self.guard is not None:
+            self.guard.after(token)
+
+    def _upsert(
+        self,
+        keys: list[str],
+        seqs: list[int],
+        image_codes: np.ndarray,
+        text_codes: np.ndarray,
+        texts: Sequence[str],
+        images: Sequence[str],
+        added: Sequence[float],
+        fields: Sequence[dict[str, Any]],
+    ) -> None:
+        """Upsert rows, WRITE_BATCH per call (each acknowledged when it returns)."""
+        image_vectors = to_milvus_bytes(image_codes, self.n_bits)
+        text_vectors = to_milvus_bytes(text_codes, self.n_bits)
         for start in range(0, len(keys), WRITE_BATCH):
             self._call(
                 self._client.upsert,
@@ -631,33 +683,89 @@ class MilvusStore:
                         "seq": seqs[i],
                         "image_code": image_vectors[i].tobytes(),
                         "text_code": text_vectors[i].tobytes(),
-                        "text": rows.texts[i],
-                        "image": rows.images[i],
-                        "added": added,
-                        "fields": json.loads(rows.fields[i]),
-                        "terms": {"t": terms[i]},
+                        "text": texts[i],
+                        "image": images[i],
+                        "added": float(added[i]),
+                        "fields": fields[i],
+                        "terms": {"t": _hex_terms(fields[i])},
                     }
                     for i in range(start, min(start + WRITE_BATCH, len(keys)))
                 ],
                 timeout=self._timeout,
             )
-        if seqs:
-            self._commit = seqs[-1]
-        self._collect_images([row["image"] for row in old])
-        return self._commit
+
+    def copy_rows(
+        self, rows: list[tuple[int, Item]], image_codes: np.ndarray, text_codes: np.ndarray
+    ) -> None:
+        """Upsert copies of another collection's rows (seq, item), with their seqs and added
+        times, and these codes: what a version's sync writes (service/sync_milvus.py). Their
+        images are the same files (one artifacts folder for every version)."""
+        items = [item for _, item in rows]
+        self._upsert(
+            [key_of(item.id) for item in items], [seq for seq, _ in rows], image_codes,
+            text_codes, [i.text for i in items], [i.image for i in items],
+            [i.added for i in items], [i.fields for i in items],
+        )  # fmt: skip
+        self._commit = max(self._commit, max((seq for seq, _ in rows), default=0))
+
+    def keys_and_seqs(
+        self, *, after: str | None = None, upto: str | None = None
+    ) -> Iterator[list[tuple[str, int]]]:
+        """(primary key, seq) of the stored rows with after < key <= upto, in key order, a page
+        at a time (Milvus's query iterator pages by primary key)."""
+        bounds = ([f'id > "{after}"'] if after is not None else []) + (
+            [f'id <= "{upto}"'] if upto is not None else []
+        )  # keys are [0-9a-fs] only (key_of): nothing to escape
+        it = self._call(
+            self._client.query_iterator,
+            self.collection,
+            batch_size=SCAN_BATCH,
+            filter=" and ".join(bounds),
+            output_fields=["seq"],
+            timeout=self._timeout,
+        )
+        try:
+            while batch := self._call(it.next):
+                yield sorted((str(row["id"]), int(row["seq"])) for row in batch)
+        finally:
+            it.close()
+
+    def sample_items(self, *, max_items: int, seed: int) -> StoredItems:
+        """What `cmh train --from-store` reads: the live items in seq order, a seeded sample of
+        max_items when there are more (store/snapshot.py's sample, drawn over seqs)."""
+        key_of_seq = {seq: key for page in self.keys_and_seqs() for key, seq in page}
+        if not key_of_seq:
+            raise InputError(f"expected items in Milvus collection {self.collection!r}, got none")
+        seqs = sample_seqs(np.fromiter(key_of_seq, np.int64), max_items=max_items, seed=seed)
+        keys = [key_of_seq[int(s)] for s in seqs]
+        rows: dict[str, tuple[int, Item]] = {}
+        for start in range(0, len(keys), ID_BATCH):
+            rows.update(self.rows_by_key(keys[start : start + ID_BATCH]))
+        items = [rows[k][1] for k in keys if k in rows]  # one deleted meanwhile: left out
+        return StoredItems(items, len(key_of_seq), self.manifest)
+
+    def rows_by_key(self, keys: Sequence[str]) -> dict[str, tuple[int, Item]]:
+        """key -> (seq, item) of the stored rows among these keys."""
+        found = self._rows([id_of(k) for k in keys], ITEM_FIELDS)
+        return {str(row["id"]): (int(row["seq"]), _item(row)) for row in found}
+
+    def delete_keys(self, keys: Sequence[str]) -> None:
+        """Delete rows by primary key (a sync: no guard, images left to the served version)."""
+        for start in range(0, len(keys), ID_BATCH):
+            self._call(
+                self._client.delete,
+                self.collection,
+                ids=list(keys[start : start + ID_BATCH]),
+                timeout=self._timeout,
+            )
 
     def delete(self, ids: Sequence[ItemId]) -> Deleted:
         """Delete these ids (acknowledged by Milvus when this returns); the ids that were there
         and the seq that stands for this delete's commit."""
         gone = self._rows(ids, ["image"])
         keys = [row["id"] for row in gone]
-        for start in range(0, len(keys), ID_BATCH):
-            self._call(
-                self._client.delete,
-                self.collection,
-                ids=keys[start : start + ID_BATCH],
-                timeout=self._timeout,
-            )
+        if keys:
+            self._guarded(lambda: self.delete_keys(keys))
         commit = self._commit
         if keys:
             commit = self._commit = self._seqs(1)[0]
@@ -672,16 +780,26 @@ class MilvusStore:
                 continue
             if time.time() - path.stat().st_mtime < IMAGE_GRACE_S:
                 continue
-            used = self._call(
-                self._client.query,
-                self.collection,
-                filter=f'image == "{image}"',  # [0-9a-z./] only: _STORED_IMAGE
-                output_fields=["id"],
-                limit=1,
-                timeout=self._timeout,
+            holders = [self.collection, *self._other_versions()]
+            used = any(
+                self._call(
+                    self._client.query,
+                    holder,
+                    filter=f'image == "{image}"',  # [0-9a-z./] only: _STORED_IMAGE
+                    output_fields=["id"],
+                    limit=1,
+                    timeout=self._timeout,
+                )
+                for holder in holders
             )
             if not used:
                 path.unlink(missing_ok=True)
+
+    def _other_versions(self) -> list[str]:
+        """The collections of this store's other versions (they share its image files)."""
+        names = self._call(self._client.list_collections, timeout=self._timeout)
+        versioned = re.compile(rf"{re.escape(self.family)}(_v[0-9]+)?")
+        return [n for n in names if n != self.collection and versioned.fullmatch(n)]
 
     def close(self) -> None:
         """Close the connection (the collection stays on the server)."""
@@ -690,6 +808,21 @@ class MilvusStore:
     def drop(self) -> None:
         """Delete the collection and everything in it (tests, `migrate --replace`)."""
         self._call(self._client.drop_collection, self.collection, timeout=self._timeout)
+
+
+def milvus_call(uri: str, timeout_s: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) with Milvus failures as NotReadyError (503: unreachable, too slow,
+    not ready) or BackendError (500: Milvus answered that it refuses the request, which no
+    retry changes)."""
+    try:
+        return fn(*args, **kwargs)
+    except MILVUS_FAILURES as err:
+        if is_refusal(err):
+            raise BackendError(f"Milvus at {uri} refused the request: {_short(err)}") from None
+        raise NotReadyError(
+            f"expected Milvus at {uri} to answer within {timeout_s:g} s, got: "
+            f"{_short(err)}; retry when it is back"
+        ) from None
 
 
 def _item(row: dict[str, Any]) -> Item:

@@ -3,8 +3,9 @@
 What `cmh train --from-store` reads: one read-only SQLite transaction over the items table
 (deleted rows are gone from it; tombstones only concern segment files), so it neither takes the
 store's flock nor writes anything, and runs beside a serving `cmh serve` as well as on a stopped
-store. Each row read is checked against its CRC. The local store only: a store on the Milvus
-backend keeps its items in Milvus, which this does not read.
+store. Each row read is checked against its CRC. On the Milvus backend, `sample_milvus` reads
+the same sample from a collection (rows by key; Milvus keeps no snapshot across the reads, so
+an item deleted meanwhile is left out).
 """
 
 from __future__ import annotations
@@ -59,11 +60,8 @@ def read_items(artifacts: Path, *, max_items: int, seed: int) -> StoredItems:
         seqs = np.fromiter((s for (s,) in conn.execute("SELECT seq FROM items")), np.int64)
         if seqs.size == 0:
             raise InputError(f"expected items in the store at {path}, got none")
-        seqs.sort()
         n_live = int(seqs.size)
-        if n_live > max_items:
-            picked = np.random.default_rng(seed).choice(n_live, max_items, replace=False)
-            seqs = seqs[np.sort(picked)]
+        seqs = sample_seqs(seqs, max_items=max_items, seed=seed)
         rows = md.rows_by_seq(conn, seqs.tolist(), path)
         conn.execute("ROLLBACK")
     except (ValueError, TypeError) as err:  # a manifest that is not one
@@ -73,6 +71,15 @@ def read_items(artifacts: Path, *, max_items: int, seed: int) -> StoredItems:
     finally:
         conn.close()
     return StoredItems([rows[int(s)] for s in seqs], n_live, manifest)
+
+
+def sample_seqs(seqs: np.ndarray, *, max_items: int, seed: int) -> np.ndarray:
+    """The sorted seqs of a seeded uniform sample of max_items (all of them when fewer)."""
+    seqs = np.sort(seqs)
+    if seqs.size > max_items:
+        picked = np.random.default_rng(seed).choice(seqs.size, max_items, replace=False)
+        seqs = seqs[np.sort(picked)]
+    return seqs
 
 
 def image_sha256(image: str) -> str | None:

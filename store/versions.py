@@ -15,6 +15,10 @@ the SHA-256 of the bytes: no second copy on disk), so removing one version never
 from another. CURRENT is replaced atomically (a rename), so a crash leaves the old name or the
 new one. The job records and the feature cache stay at the top of the folder, shared by all.
 
+A version's reindex.json names its backend: "local" (its own store/ folder) or "milvus" (a
+collection per version, store/milvus_versions.py, where the Milvus pointer plays CURRENT's
+part); v1 belongs to both. A switch only goes to a version of the backend served.
+
 A version other than v1 is complete once its reindex has copied every item of its source:
 `reindex.json` then says "ready". A switch only goes to a ready version; a rollback goes to the
 ready version before the served one. Old versions stay until `cmh index prune` removes them.
@@ -41,6 +45,12 @@ CURRENT_NAME = "CURRENT"
 STATE_NAME = "reindex.json"  # a built version's record: its source, model digest and state
 FIRST = "v1"  # the version at the top of the artifacts folder
 _NAME = re.compile(r"v([1-9][0-9]{0,8})")
+LOCAL, MILVUS = "local", "milvus"  # a version's backend (reindex.json "backend")
+
+
+def backend_of(milvus: bool) -> str:
+    """The backend name of a served store."""
+    return MILVUS if milvus else LOCAL
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,11 @@ class Version:
     state: str  # "ready", "building" (a reindex not finished), "empty" (no model yet)
     source: str | None  # the version it was reindexed from (None for v1)
     disk_bytes: int  # its model and store files (images are shared hard links: not counted)
+    backend: str | None = None  # LOCAL or MILVUS; None for v1, which belongs to both
+
+    def serves_on(self, backend: str | None) -> bool:
+        """Whether this version can be served by `backend` (None: any)."""
+        return backend is None or self.backend in (None, backend)
 
     @property
     def number(self) -> int:
@@ -129,9 +144,10 @@ def disk_bytes(path: Path) -> int:
     return total
 
 
-def versions(artifacts: Path) -> list[Version]:
-    """Every version of the folder, oldest first."""
-    current = current_name(artifacts)
+def versions(artifacts: Path, *, current: str | None = None) -> list[Version]:
+    """Every version of the folder, oldest first; `current`: the served one's name where
+    CURRENT does not say it (the Milvus pointer)."""
+    current = current or current_name(artifacts)
     found: list[Version] = []
     names = [FIRST]
     folder = artifacts / VERSIONS_DIR
@@ -153,30 +169,34 @@ def versions(artifacts: Path) -> list[Version]:
                 state=status,
                 source=state.get("source"),
                 disk_bytes=disk_bytes(path),
+                backend=None if name == FIRST else str(state.get("backend", LOCAL)),
             )
         )
     return found
 
 
-def find(artifacts: Path, name: str) -> Version:
+def find(artifacts: Path, name: str, *, current: str | None = None) -> Version:
     """The version called `name`; InputError naming those there are."""
     version_number(name)
-    for version in versions(artifacts):
+    every = versions(artifacts, current=current)
+    for version in every:
         if version.name == name:
             return version
-    there = ", ".join(v.name for v in versions(artifacts))
+    there = ", ".join(v.name for v in every)
     raise ConflictError(f"expected one of the versions {there} of {artifacts}, got {name!r}")
 
 
-def switch_target(artifacts: Path, name: str | None) -> Version:
-    """The version a switch goes to: `name`, or the newest ready one after the served one;
-    InputError when it is the served one, not ready, or there is none."""
-    current = current_name(artifacts)
+def switch_target(
+    artifacts: Path, name: str | None, *, current: str | None = None, backend: str | None = None
+) -> Version:
+    """The version a switch goes to: `name`, or the newest ready one after the served one (of
+    `backend`); InputError when it is the served one, not ready, or there is none."""
+    current = current or current_name(artifacts)
     if name is None:
         later = [
             v
-            for v in versions(artifacts)
-            if v.number > version_number(current) and v.state == "ready"
+            for v in versions(artifacts, current=current)
+            if v.number > version_number(current) and v.state == "ready" and v.serves_on(backend)
         ]
         if not later:
             raise ConflictError(
@@ -184,21 +204,30 @@ def switch_target(artifacts: Path, name: str | None) -> Version:
                 "(made by `cmh index reindex`), got none"
             )
         return later[-1]
-    target = find(artifacts, name)
+    target = find(artifacts, name, current=current)
     if target.name == current:
         raise ConflictError(f"expected a version other than the served {current}, got {name}")
     if target.state != "ready":
         raise ConflictError(f"expected a ready version, got {name}, which is {target.state}")
+    if not target.serves_on(backend):
+        raise ConflictError(
+            f"expected a version built for the {backend} backend, got {name}, built for "
+            f"{target.backend}"
+        )
     return target
 
 
-def previous(artifacts: Path) -> Version:
+def previous(artifacts: Path, *, current: str | None = None, backend: str | None = None) -> Version:
     """The ready version before the served one (what a rollback goes to); InputError if none."""
-    current = version_number(current_name(artifacts))
-    earlier = [v for v in versions(artifacts) if v.number < current and v.state == "ready"]
+    served = version_number(current or current_name(artifacts))
+    earlier = [
+        v
+        for v in versions(artifacts, current=f"v{served}")
+        if v.number < served and v.state == "ready" and v.serves_on(backend)
+    ]
     if not earlier:
         raise ConflictError(
-            f"expected a ready version before the served v{current} to roll back to, got none"
+            f"expected a ready version before the served v{served} to roll back to, got none"
         )
     return earlier[-1]
 
@@ -208,13 +237,16 @@ def next_name(artifacts: Path) -> str:
     return f"v{max(v.number for v in versions(artifacts)) + 1}"
 
 
-def remove(artifacts: Path, name: str) -> int:
+def remove(
+    artifacts: Path, name: str, *, current: str | None = None, keep_images: bool = False
+) -> int:
     """Remove a version that is neither served nor open in a process; the bytes it held.
 
     Its store's flock is taken first: a server still answering a request on a version it has
-    switched away from holds it, and the removal is refused until that ends.
+    switched away from holds it, and the removal is refused until that ends. `keep_images`:
+    v1's images/ stays (the Milvus backend: every version's items name those files).
     """
-    version = find(artifacts, name)
+    version = find(artifacts, name, current=current)
     if version.current:
         raise InputError(f"expected a version that is not served, got {name}, the served one")
     lock = version.path / STORE_DIR / LOCK_NAME
@@ -225,7 +257,7 @@ def remove(artifacts: Path, name: str) -> int:
         freed = version.disk_bytes
         if version.number == 1:  # the top of the folder: its model, store and images alone
             (version.path / CHECKPOINT_NAME).unlink(missing_ok=True)
-            for part in (STORE_DIR, "images"):
+            for part in (STORE_DIR,) if keep_images else (STORE_DIR, "images"):
                 shutil.rmtree(version.path / part, ignore_errors=True)
         else:
             shutil.rmtree(version.path)

@@ -44,8 +44,9 @@ class Traffic:
     """Clients searching, adding (build jobs) and deleting until stopped; every answer that is
     not the expected one is a failure; the acknowledged writes are the oracle."""
 
-    def __init__(self, url: str, seed: int) -> None:
+    def __init__(self, url: str, seed: int, prefix: str = "w") -> None:
         self.url = url
+        self.prefix = prefix  # of the ids it adds: one per client writing at once
         self.rng = random.Random(seed)
         self.failures: list[str] = []
         self.added: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (text, fields), acked
@@ -81,7 +82,7 @@ class Traffic:
                         self._check(client.post("/v1/search/text", json=query), 200, "search")
                     elif roll < 0.85 or not self.added.keys() - self.deleted:
                         item = upload(1000 + n, "red", f"a crimson kite {n}")
-                        item["id"] = f"w{n}"
+                        item["id"] = f"{self.prefix}{n}"
                         accepted = client.post(
                             "/v1/index/build", json={"items": [item]}, headers=KEY
                         )

@@ -82,7 +82,7 @@ def delete_item(item_id: str, serving: ServingDep, metrics: MetricsDep) -> Delet
 def index_stats(loaded: LoadedDep) -> IndexStats:
     """What is being served: sizes, bits, commit, segments, backbone and vocabulary."""
     view, enc = loaded.store.view(), loaded.encoder
-    every = versions.versions(loaded.settings.artifacts_dir)
+    every = versions.versions(loaded.settings.artifacts_dir, current=loaded.version)
     return IndexStats(
         version=loaded.version,
         versions=[
