@@ -145,7 +145,9 @@ class Serving:
                 new.close()
                 raise
             self._swap(new)
-            self.follower.served()
+            # Read past the fence this switch raised, so that the reading matches what is served
+            # now (a reading still showing the old version would load it back).
+            self.follower.served(wait_fence=True)
         if milvus:  # every replica has read the pointer since it moved: then answer
             time.sleep(LEASE_S)
         return Switched(target.name, old.version, counts, time.perf_counter() - started)

@@ -1,11 +1,14 @@
 """Versions on the Milvus backend (store/milvus_versions.py): a reindex into a new collection
 while two `cmh serve` replicas keep answering and writing over HTTP, the switch through one of
-them (the other follows the pointer), and a rollback, over one real milvus-lite server."""
+them (the other follows the pointer), and a rollback, over one real milvus-lite server; a reindex
+killed (SIGKILL) at seeded moments and resumed."""
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +22,7 @@ from cli.main import main
 from store.milvus_lite import MilvusLite
 from store.milvus_store import MilvusStore, id_of
 from store.milvus_versions import LEASE_S, MilvusPointer, Pointer
-from tests.test_train_from_store import FAST
+from tests.test_train_from_store import FAST, write_pairs
 from tests.test_versions import items_of, retrained_master
 from tests.test_versions_live import FRESH, KEY, Traffic, reindex_command
 
@@ -178,3 +181,58 @@ def test_train_from_a_milvus_store_a_write_waits_for_a_switch_and_prune(
     assert sorted((artifacts / "images").iterdir()) == images
     assert COLLECTION not in MilvusClient(uri=milvus_lite.uri).list_collections()
     pointer.close()
+
+
+def collection_count(client: MilvusClient, name: str) -> int:
+    """Items a reindex has upserted so far into collection `name` (0 before it exists)."""
+    if not client.has_collection(name):
+        return 0
+    return int(client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+
+def test_a_milvus_reindex_killed_at_seeded_moments_resumes(
+    retrained_master: Path, tmp_path: Path, milvus_lite: MilvusLite
+) -> None:
+    artifacts = Path(shutil.copytree(retrained_master / "artifacts", tmp_path / "artifacts"))
+    more = tmp_path / "more"
+    write_pairs(more, 120, new_words=True)  # p30..p119 join p0..p29: many batches of 4
+    build = ["index", "build", "--artifacts", str(artifacts), "--dataset", "pairs"]
+    assert main([*build, "--root", str(more), "--device", "cpu"]) == 0
+    migrate = ["index", "migrate", "--artifacts", str(artifacts), "--to", "milvus"]
+    assert main([*migrate, "--uri", milvus_lite.uri, "--collection", COLLECTION]) == 0
+    oracle = collection_items(milvus_lite, artifacts, COLLECTION)
+    assert len(oracle) == 120
+    env = {**os.environ, **milvus_env(milvus_lite)}
+    command = reindex_command(artifacts, retrained_master / "new.pt", "--batch", "4")
+    client = MilvusClient(uri=milvus_lite.uri)
+    target = f"{COLLECTION}_v2"
+    rng = random.Random(34)
+    landed: list[int] = []
+    for _ in range(4):
+        child = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        # A seeded moment: a seeded number of items past what the last run left, plus a
+        # seeded delay into the next batch.
+        before = collection_count(client, target)
+        at = before + rng.randint(1, max(1, (120 - before) // 3))
+        started = time.monotonic()
+        while child.poll() is None and time.monotonic() - started < 120:
+            if collection_count(client, target) >= at:
+                time.sleep(rng.uniform(0, 0.05))
+                break
+            time.sleep(0.02)
+        finished = child.poll() == 0
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        landed.append(collection_count(client, target))
+        # The served version is untouched.
+        assert collection_items(milvus_lite, artifacts, COLLECTION) == oracle
+        if finished:
+            break
+    assert sum(0 < n < 120 for n in landed) >= 3, landed
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed and finished version v2" in done.stdout, (landed, done.stdout)
+    assert collection_items(milvus_lite, artifacts, target) == oracle
+    client.close()
