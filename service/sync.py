@@ -117,7 +117,9 @@ def cached_features(encoder: Encoder, cache: FeatureCache) -> Features:
     """Image files through the feature cache, the backbone only for images it has not seen."""
     name = encoder.backbone.name
     return lambda paths, digests: (
-        features_by_content(paths, cache, backbone=name, digests=digests).features
+        features_by_content(
+            paths, cache, backbone=name, digests=digests, loaded=encoder.backbone
+        ).features
     )
 
 

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from cli.main import main
 from common.errors import InputError, StoreRetired
+from models.features import content_cache
 from service.app import create_app
 from service.settings import Settings
 from store import versions
@@ -250,3 +251,23 @@ def test_a_request_in_flight_keeps_its_version_until_it_ends(served: tuple[Path,
             closing.join(timeout=30)
         assert versions.remove(artifacts, "v1") > 0
         assert client.get("/v1/index/stats").json()["version"] == "v2"
+
+
+def test_a_reindex_over_a_cold_feature_cache_reuses_its_loaded_backbone(
+    served: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifacts, model = served
+    shutil.rmtree(artifacts / "feature-cache")  # every image is new to the cache
+    loads: list[str] = []
+    real_load = content_cache.load_backbone
+
+    def counted(name: str, **kwargs: object) -> object:
+        loads.append(name)
+        return real_load(name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(content_cache, "load_backbone", counted)
+    args = ["index", "reindex", "--artifacts", str(artifacts), "--model", str(model)]
+    assert main([*args, "--device", "cpu", "--nice", "0", "--batch", "4"]) == 0
+    assert loads == []  # 8 batches of new images, each encoded by the reindex's own backbone
+    assert items_of(artifacts / "versions" / "v2") == items_of(artifacts)
+    assert len(list((artifacts / "feature-cache").iterdir())) > 0

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from common.fsio import file_sha256
-from models.features.image import encode_images, load_backbone
+from models.features.image import Backbone, encode_images, load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +149,14 @@ def features_by_content(
     weights: Path | None = None,
     digests: Sequence[str | None] | None = None,
     progress: bool = False,
+    loaded: Backbone | None = None,
 ) -> CachedFeatures:
     """(n, d) features of n image files: from the cache where their bytes were seen before, the
     backbone over the rest (loaded only if there is any), each distinct content once. `digests`:
     the SHA-256 of each file's bytes where the caller knows it (a content-addressed name), so a
-    cached image is not even read; None: read and hash the file. Memory: the (n, d) result and
-    one chunk of features besides it."""
+    cached image is not even read; None: read and hash the file. `loaded`: that backbone, already
+    loaded by the caller (a reindex calls this once per batch: loading it each time cost a load
+    per batch of new images). Memory: the (n, d) result and one chunk of features besides it."""
     if not paths:
         raise InputError("expected at least one image file, got none")
     known = digests if digests is not None else [None] * len(paths)
@@ -180,7 +182,8 @@ def features_by_content(
         place(found)
         missing.extend(sha for sha in head if sha not in found)
     if missing:
-        model = load_backbone(backbone, weights=weights)
+        reuse = loaded is not None and loaded.name == backbone and weights is None
+        model = loaded if reuse and loaded is not None else load_backbone(backbone, weights=weights)
         try:
             if dim and model.dim != dim:
                 raise InputError(
@@ -196,7 +199,7 @@ def features_by_content(
                     place(dict(zip(part, feats, strict=True)))
                     bar.update(len(part))
         finally:
-            if model.pool is not None:
+            if model.pool is not None and model is not loaded:
                 model.pool.shutdown()
     cache.evict()
     cached = len(distinct) - len(missing)
