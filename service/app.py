@@ -16,8 +16,10 @@ The OpenAPI schema states the limits that come from settings (k, items per build
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from functools import partial
@@ -50,7 +52,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics, ServedVersion
 from service.pages import router as pages_router
 from service.schemas import MAX_RANK
-from service.serving import Serving
+from service.serving import Serving, switch_in_background
 from service.settings import Settings
 from service.state import Loaded
 from service.suggestions import Suggestions
@@ -263,9 +265,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.serving = serving
     loaded.metrics.set_index_size(len(loaded.store), len(loaded.store))
+    loop = asyncio.get_running_loop()
+    try:  # SIGUSR1 switches to the newest ready version, as POST /v1/admin/reload does
+        loop.add_signal_handler(signal.SIGUSR1, switch_in_background, serving)
+        on_signal = True
+    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (a test client)
+        on_signal = False
     try:
         yield
     finally:
+        if on_signal:
+            loop.remove_signal_handler(signal.SIGUSR1)
         serving.close()
 
 

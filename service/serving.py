@@ -3,7 +3,7 @@
 Every request holds one `Loaded` (model and store of one version) from its start to its end: it
 takes a lease on the version served when it arrives (service/middleware.ServedVersion), so no
 request ever mixes two models, and a version switched away from is closed when its last lease
-ends. A switch (POST /v1/admin/reload, SIGHUP, `Serving.switch`) loads the new version while the
+ends. A switch (POST /v1/admin/reload, SIGUSR1, `Serving.switch`) loads the new version while the
 old one keeps answering, then swaps them in one assignment after service/reindex.switch_stores
 has caught the new store up under the old store's writer lock.
 
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from common.errors import StoreRetired
+from common.errors import InputError, NotReadyError, StoreRetired
 from service.state import Loaded
 from service.sync import Recoder, Switched, SyncCounts, backbone_features, switch_stores
 from service.sync_milvus import switch_milvus
@@ -248,3 +248,29 @@ class Serving:
         for closing in self._closing:
             closing.join()
         self.follower.close()
+
+
+def switch_in_background(serving: Serving) -> threading.Thread:
+    """The switch SIGUSR1 asks for (`kill -USR1` of a server process, or of any one worker of
+    `--workers N`: the others follow): to the newest ready version, in a thread, since the signal
+    arrives on the event loop; the outcome is logged, a refusal (no newer ready version) as a
+    warning."""
+
+    def run() -> None:
+        try:
+            done = serving.switch(None)
+        except (InputError, NotReadyError) as err:
+            logger.warning("SIGUSR1: no switch: %s", err)
+            return
+        except Exception:
+            logger.exception("SIGUSR1: the switch failed; the served version is unchanged")
+            return
+        logger.info(
+            "SIGUSR1: now serving %s (was %s); carried over %d written and %d deleted items; "
+            "%.2f s", done.version, done.previous, done.caught_up.copied, done.caught_up.deleted,
+            done.seconds,
+        )  # fmt: skip
+
+    thread = threading.Thread(target=run, name="switch-on-signal", daemon=True)
+    thread.start()
+    return thread

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from bench.local import serving
+from bench.local import service_process, serving
 from cli.main import main
 from service.app import create_app
 from service.settings import Settings
@@ -241,3 +241,30 @@ def test_a_second_model_is_refused_while_a_reindex_is_unfinished(
     assert done.returncode == 2
     assert "expected no unfinished reindex, found v2" in done.stderr
     assert "cmh index prune" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_sigusr1_switches_a_running_server_and_a_refusal_keeps_it_serving(
+    retrained_master: Path, tmp_path: Path
+) -> None:
+    artifacts = Path(shutil.copytree(retrained_master / "artifacts", tmp_path / "artifacts"))
+    with (
+        service_process(artifacts, ready_timeout_s=300) as (proc, url),
+        httpx.Client(base_url=url, timeout=120) as client,
+    ):
+        proc.send_signal(signal.SIGUSR1)  # nothing newer to switch to: a warning, no switch
+        time.sleep(1.0)
+        assert client.get("/v1/index/stats").json()["version"] == "v1"
+        built = subprocess.run(
+            reindex_command(artifacts, retrained_master / "new.pt"),
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert built.returncode == 0, built.stderr[-2000:]
+        proc.send_signal(signal.SIGUSR1)
+        for _ in range(300):
+            if client.get("/v1/index/stats").json()["version"] == "v2":
+                break
+            time.sleep(0.1)
+        assert client.get("/v1/index/stats").json()["version"] == "v2"
+        body = client.post("/v1/search/text", json={"text": "crimson"}).json()
+        assert not body["no_known_words"], body
+    assert versions.current_name(artifacts) == "v2"
