@@ -19,8 +19,8 @@ from models.features.content_cache import (
 from models.features.image import BACKBONES, DEFAULT_BACKBONE
 from models.features.pipeline import DEFAULT_CACHE, DEFAULT_VOCAB_SIZE, prepare, prepare_loaded
 from models.features.text import DEFAULT_TOKENS
-from service.app import open_item_store, served_version
 from service.settings import Settings
+from service.stores import open_item_store, served_version
 from store import versions
 from store.milvus_store import MilvusStore
 from store.snapshot import MIN_ITEMS, StoredItems, image_sha256, read_items

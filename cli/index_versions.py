@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from models.features.content_cache import DEFAULT_MAX_BYTES, STORE_CACHE_DIR
-from service.app import milvus_pointer, served_version
 from service.reindex import reindex, switch_offline
 from service.settings import Settings
+from service.stores import milvus_pointer, served_version
 from service.sync import BATCH, Switched, SyncCounts
 from store import versions
 from store.locks import LOCK_NAME, try_exclusive

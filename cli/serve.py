@@ -9,9 +9,10 @@ from pathlib import Path
 import uvicorn
 
 from common.errors import InputError
-from service.app import create_served_app, load, served_version
+from service.app import create_served_app, load
 from service.metrics import Metrics
 from service.settings import Settings
+from service.stores import served_version
 from store import versions
 from store.layout import CHECKPOINT_NAME
 

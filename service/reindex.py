@@ -24,9 +24,9 @@ from pathlib import Path
 from common.errors import InputError
 from common.fsio import atomic_write, file_sha256
 from models.features.content_cache import DEFAULT_MAX_BYTES, STORE_CACHE_DIR, FeatureCache
-from service.app import milvus_pointer, open_item_store, served_version
 from service.encoder import Encoder, load_served_model
 from service.settings import Settings
+from service.stores import milvus_pointer, open_item_store, served_version
 from service.sync import (
     BATCH,
     MAX_PASSES,
