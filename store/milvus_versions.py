@@ -102,10 +102,15 @@ class MilvusPointer:
             schema.add_field("unused", DataType.BINARY_VECTOR, dim=8)
             index = client.prepare_index_params()
             index.add_index(field_name="unused", index_type="BIN_FLAT", metric_type="HAMMING")
-            client.create_collection(
-                self.collection, schema=schema, index_params=index,
-                consistency_level="Strong", timeout=t,
-            )  # fmt: skip
+            try:
+                client.create_collection(
+                    self.collection, schema=schema, index_params=index,
+                    consistency_level="Strong", timeout=t,
+                )  # fmt: skip
+            except MILVUS_FAILURES:
+                # Replicas starting at once: another made it first (anything else fails again).
+                if not client.has_collection(self.collection, timeout=t):
+                    raise
         client.load_collection(self.collection, timeout=t)
         self._ready = True
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -236,3 +237,16 @@ def test_a_milvus_reindex_killed_at_seeded_moments_resumes(
     assert "resumed and finished version v2" in done.stdout, (landed, done.stdout)
     assert collection_items(milvus_lite, artifacts, target) == oracle
     client.close()
+
+
+def test_replicas_starting_at_once_all_read_the_pointer(milvus_lite: MilvusLite) -> None:
+    """The first reading of a fresh Milvus creates the pointer's collection: several processes
+    (here, connections) doing it at once all get v1, none fails."""
+    pointers = [MilvusPointer(milvus_lite.uri, COLLECTION) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(len(pointers)) as pool:
+            read = list(pool.map(lambda p: p.read(), pointers))
+        assert [r.version for r in read] == ["v1"] * len(pointers)
+    finally:
+        for pointer in pointers:
+            pointer.close()
