@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from common.errors import InputError
@@ -82,95 +83,53 @@ def reindex(
     version's items with the new model's codes, in a store beside the served one (which is
     only read, never locked: a server keeps answering and writing). Resumes an interrupted
     reindex of the same model; progress(done, total) as items are copied. `settings` naming
-    the Milvus backend: the copy is a collection (see reindex_milvus)."""
-    if settings is not None and settings.index_backend == "milvus":
-        return reindex_milvus(
-            settings, model, device=device, cache_bytes=cache_bytes, batch=batch,
-            progress=progress,
-        )  # fmt: skip
+    the Milvus backend: the copy is version vN's collection (CMH_MILVUS_COLLECTION_vN), filled
+    from the served one's; its checkpoint and record go to versions/vN/ as for the local store."""
     started = time.perf_counter()
     if not model.is_file():
         raise InputError(f"expected a checkpoint file at {model}, got none")
-    source_name = versions.current_name(artifacts)
-    source = versions.version_dir(artifacts, source_name)
-    if not Store.exists(source):
-        raise InputError(f"expected a store in {source / STORE_DIR} to reindex, found none")
+    milvus = settings is not None and settings.index_backend == "milvus"
+    if settings is not None and milvus:
+        source_name = served_version(settings)
+    else:
+        source_name = versions.current_name(artifacts)
+        source = versions.version_dir(artifacts, source_name)
+        if not Store.exists(source):
+            raise InputError(f"expected a store in {source / STORE_DIR} to reindex, found none")
     name, folder, resumed = _target_version(
-        artifacts, source_name, file_sha256(model), versions.LOCAL
+        artifacts, source_name, file_sha256(model), versions.backend_of(milvus)
     )
     if not (folder / CHECKPOINT_NAME).is_file():
         _copy_model(model, folder)
     served = load_served_model(folder, device=device)
     encoder = Encoder(served.checkpoint, served.backbone, window_ms=0, max_batch=1)
     cache = FeatureCache(artifacts / STORE_CACHE_DIR, max_bytes=cache_bytes)
-    store: Store | None = None
-    try:
-        if Store.exists(folder):
-            store = Store.open(folder, expected=served.manifest)
-        else:
-            store = Store.create(folder, served.manifest)
-        recoder = Recoder(encoder, cached_features(encoder, cache))
-        target = store
-        copied, passes = _run_passes(
-            name,
-            lambda step: sync(source, target, recoder, batch=batch, progress=step),
-            lambda: _count(source),
-            done=len(target),  # a resumed reindex has these already (most up to date)
-            progress=progress,
-        )
-        items = len(store)
-    finally:
-        if store is not None:
-            store.close()
-        cache.close()
-        encoder.close()
-    state = versions.read_state(folder)
-    state.update(state="ready", items=items, finished=time.time())
-    versions.write_state(folder, state)
-    return Reindexed(
-        name, source_name, items, copied, passes, time.perf_counter() - started, resumed
-    )
-
-
-def reindex_milvus(
-    settings: Settings,
-    model: Path,
-    *,
-    device: str = "auto",
-    cache_bytes: int = DEFAULT_MAX_BYTES,
-    batch: int = BATCH,
-    progress: Callable[[int, int], None] | None = None,
-) -> Reindexed:
-    """`reindex` on the Milvus backend: version vN's collection (CMH_MILVUS_COLLECTION_vN) is
-    filled from the served one's by sync passes; its checkpoint and record go to the artifacts
-    folder's versions/vN/ as for the local store."""
-    started = time.perf_counter()
-    artifacts = settings.artifacts_dir
-    if not model.is_file():
-        raise InputError(f"expected a checkpoint file at {model}, got none")
-    source_name = served_version(settings)
-    name, folder, resumed = _target_version(
-        artifacts, source_name, file_sha256(model), versions.MILVUS
-    )
-    if not (folder / CHECKPOINT_NAME).is_file():
-        _copy_model(model, folder)
-    served = load_served_model(folder, device=device)
-    encoder = Encoder(served.checkpoint, served.backbone, window_ms=0, max_batch=1)
-    cache = FeatureCache(artifacts / STORE_CACHE_DIR, max_bytes=cache_bytes)
-    with ExitStack() as opened:
+    with ExitStack() as opened:  # closed last in, first out: the stores, the cache, the encoder
         opened.callback(encoder.close)
         opened.callback(cache.close)
-        source = open_item_store(settings, None, shared=False, version=source_name)
-        opened.callback(source.close)
-        target = open_item_store(settings, served.manifest, shared=False, version=name)
-        opened.callback(target.close)
-        assert isinstance(source, MilvusStore) and isinstance(target, MilvusStore)
         recoder = Recoder(encoder, cached_features(encoder, cache))
+        if settings is not None and milvus:
+            source_store = open_item_store(settings, None, shared=False, version=source_name)
+            opened.callback(source_store.close)
+            target = open_item_store(settings, served.manifest, shared=False, version=name)
+            opened.callback(target.close)
+            assert isinstance(source_store, MilvusStore) and isinstance(target, MilvusStore)
+            one_pass: OnePass = partial(sync_milvus, source_store, target, recoder, batch=batch)
+            count: Callable[[], int] = source_store.__len__
+        else:
+            local = versions.version_dir(artifacts, source_name)  # checked above
+            if Store.exists(folder):
+                target = Store.open(folder, expected=served.manifest)
+            else:
+                target = Store.create(folder, served.manifest)
+            opened.callback(target.close)
+            one_pass = partial(sync, local, target, recoder, batch=batch)
+            count = partial(_count, local)
         copied, passes = _run_passes(
             name,
-            lambda step: sync_milvus(source, target, recoder, batch=batch, progress=step),
-            source.__len__,
-            done=len(target),
+            one_pass,
+            count,
+            done=len(target),  # a resumed reindex has these already (most up to date)
             progress=progress,
         )
         items = len(target)
@@ -182,17 +141,22 @@ def reindex_milvus(
     )
 
 
+# One sync pass, called with progress=step (step(n) after n items copied).
+OnePass = Callable[..., SyncCounts]
+
+
 def _run_passes(
     name: str,
-    one_pass: Callable[[Callable[[int], None]], SyncCounts],
+    one_pass: OnePass,
     count: Callable[[], int],
     *,
     done: int,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[int, int]:
-    """Sync passes (one_pass(step), step(n) after n items copied) until one changes fewer than
-    SETTLED items, or MAX_PASSES; (items copied, passes). `count`: the source's items now;
-    `done`: the target's items at the start; progress(done, total) as items are copied."""
+    """Sync passes (one_pass(progress=step), step(n) after n items copied) until one changes
+    fewer than SETTLED items, or MAX_PASSES; (items copied, passes). `count`: the source's
+    items now; `done`: the target's items at the start; progress(done, total) as items are
+    copied."""
     copied, passes, total = 0, 0, count()
 
     def step(n: int) -> None:
@@ -202,7 +166,7 @@ def _run_passes(
             progress(done, total)
 
     for passes in range(1, MAX_PASSES + 1):
-        counts = one_pass(step)
+        counts = one_pass(progress=step)
         copied += counts.copied
         logger.info(
             "reindex %s, pass %d: %d copied, %d deleted in %.1f s",
