@@ -255,13 +255,20 @@ def test_a_corrupt_job_file_is_refused_naming_it(tmp_path: Path) -> None:
         JobManager(path)
 
 
-def test_jobs_killed_mid_build_read_as_interrupted_after_a_restart(demo_artifacts: Path) -> None:
+def test_jobs_killed_mid_build_read_as_interrupted_after_a_restart(
+    demo_artifacts: Path, tmp_path: Path
+) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (9, 9, 200)).save(buf, format="PNG")
     image = base64.b64encode(buf.getvalue()).decode()
     item = {"id": 95000, "text": "a blue square", "image_base64": image}
-    dataset = {"dataset": {"name": "demo", "root": "demo"}, "on_conflict": "replace"}
-    env = {"CMH_SERVER_DATA_DIR": str(demo_artifacts), "CMH_MAX_QUEUED_JOBS": "2"}
+    # 2,000 pairs of 640 x 480 photos: a minute of backbone work here, so the first build is
+    # still running when it is killed even on a much faster machine (the 80 demo images were
+    # once enough, until a CI machine encoded all of them before the kill).
+    data = tmp_path / "data"
+    big_pairs_dataset(data / "big", pairs=2000)
+    dataset = {"dataset": {"name": "pairs", "root": "big"}, "on_conflict": "replace"}
+    env = {"CMH_SERVER_DATA_DIR": str(data), "CMH_MAX_QUEUED_JOBS": "2"}
     with (
         service_process(demo_artifacts, **env) as (proc, url),
         httpx.Client(base_url=url) as client,
@@ -271,7 +278,7 @@ def test_jobs_killed_mid_build_read_as_interrupted_after_a_restart(demo_artifact
             if client.get(f"/v1/jobs/{small}").json()["status"] == "succeeded":
                 break
             time.sleep(0.1)
-        # 80 demo images re-encoded: seconds of work, with two more such builds queued behind.
+        # The first build running, with two more such builds queued behind it.
         big = [client.post("/v1/index/build", json=dataset).json()["job_id"]]
         for _ in range(600):
             status = client.get(f"/v1/jobs/{big[0]}").json()
