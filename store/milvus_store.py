@@ -88,9 +88,9 @@ from indexes.milvus import (
     exact_top_k,
     from_milvus_bytes,
     milvus_dim,
+    rows_and_vectors,
     search_hits,
     to_milvus_bytes,
-    vector_bytes,
 )
 from store.filters import Filter, terms_of
 from store.ids import ItemId, parse_id
@@ -560,52 +560,74 @@ class MilvusStore:
         """Candidates of one query ranked by (weighted distance, seq); their codes are read
         by key (milvus-lite 2.5.1 fails a search that asks for a vector field)."""
         keys = [str(hit.id) for hit in found]
-        code_of: dict[str, bytes] = {}
+        width = milvus_dim(self.n_bits) // 8
+        row_of: dict[str, int] = {}  # key -> its row in `stored`
+        stored: list[np.ndarray] = []
         for start in range(0, len(keys), ID_BATCH):
             listed = ", ".join(f'"{k}"' for k in keys[start : start + ID_BATCH])
-            for stored in self._client.query(
+            page = self._client.query(
                 self.collection,
                 filter=f"id in [{listed}]",
                 output_fields=["id", query.field],
                 timeout=self._timeout,
-            ):
-                code_of[str(stored["id"])] = vector_bytes(stored[query.field])
-        hits = [hit for hit in found if str(hit.id) in code_of]  # deleted meanwhile: not there
-        wd = query.asymmetric.distances(0, self._unpacked([code_of[str(h.id)] for h in hits]))
+            )
+            rows, vectors = rows_and_vectors(page, query.field, width)
+            offset = sum(len(v) for v in stored)
+            row_of.update((str(r["id"]), offset + i) for i, r in enumerate(rows))
+            stored.append(vectors)
+        hits = [hit for hit in found if str(hit.id) in row_of]  # deleted meanwhile: not there
+        if not hits:
+            return []
+        vectors = np.concatenate(stored)[[row_of[str(h.id)] for h in hits]]
+        wd = query.asymmetric.distances(0, from_milvus_bytes(vectors, self.n_bits))
         return sorted(
             _Candidate(w, h.seq, h.dist, str(h.id)) for w, h in zip(wd.tolist(), hits, strict=True)
         )
 
     def _scan_all(self, query: _Query) -> list[_Candidate]:
-        """The k best of every code that passes the filter (and lies within the radius)."""
-        it = self._client.query_iterator(
-            self.collection,
-            batch_size=SCAN_BATCH,
-            filter=expression(query.where),
-            output_fields=["id", "seq", query.field],
-            timeout=self._timeout,
-        )
-        best: list[_Candidate] = []
-        try:
-            while batch := it.next():
-                codes = self._unpacked([vector_bytes(r[query.field]) for r in batch])
-                dists = np.bitwise_count(codes ^ query.signs).sum(axis=1).tolist()
-                wd = query.asymmetric.distances(0, codes).tolist()
-                best += [
-                    _Candidate(w, int(r["seq"]), d, str(r["id"]))
-                    for w, d, r in zip(wd, dists, batch, strict=True)
-                    if query.radius is None or d <= query.radius
-                ]
-                best = sorted(best)[: query.k]
-        finally:
-            it.close()
-        return best
+        """The k best of every code that passes the filter (and lies within the radius).
 
-    def _unpacked(self, vectors: list[bytes]) -> np.ndarray:
-        """(n, n_words) uint64 packed codes of n Milvus binary vectors."""
+        Pages by primary key (`id > last`, in key order) as Milvus's query iterator does, but
+        reads each page's codes as one column (indexes.milvus.rows_and_vectors), which the
+        iterator, handing its rows over one by one, cannot: half the time at 100,000 codes.
+        """
         width = milvus_dim(self.n_bits) // 8
-        as_bytes = np.frombuffer(b"".join(vectors), dtype=np.uint8).reshape(len(vectors), width)
-        return from_milvus_bytes(as_bytes, self.n_bits)
+        where = expression(query.where)
+        best: list[_Candidate] = []
+        last: str | None = None
+        while True:
+            bounds = [f"({where})"] if where else []
+            if last is not None:
+                bounds.append(f'id > "{last}"')
+            page = self._client.query(
+                self.collection,
+                filter=" and ".join(bounds),  # keys are [0-9a-fs] only (key_of)
+                output_fields=["id", "seq", query.field],
+                limit=SCAN_BATCH,
+                timeout=self._timeout,
+                iterator="True",  # what the query iterator asks: the first rows in key order
+                reduce_stop_for_best="True",
+            )
+            rows, vectors = rows_and_vectors(page, query.field, width)
+            if not rows:
+                return best
+            codes = from_milvus_bytes(vectors, self.n_bits)
+            dists = np.bitwise_count(codes ^ query.signs).sum(axis=1)
+            wd = query.asymmetric.distances(0, codes)
+            seqs = np.array([int(r["seq"]) for r in rows], dtype=np.int64)
+            kept = np.flatnonzero(dists <= query.radius) if query.radius is not None else None
+            order = np.lexsort((seqs, wd) if kept is None else (seqs[kept], wd[kept]))
+            chosen = (order if kept is None else kept[order])[: query.k]
+            best = sorted(
+                best
+                + [
+                    _Candidate(int(wd[i]), int(seqs[i]), int(dists[i]), str(rows[i]["id"]))
+                    for i in chosen.tolist()
+                ]
+            )[: query.k]
+            last = str(rows[-1]["id"])
+            if len(rows) < SCAN_BATCH:
+                return best
 
     # ---- writing ---------------------------------------------------------------------------
 

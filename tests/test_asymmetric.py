@@ -15,6 +15,8 @@ from cli.main import main
 from indexes.asymmetric import WEIGHT_TOTAL, Asymmetric
 from indexes.codes import pack_codes, unpack_codes
 from indexes.hamming import SPLIT_MIN_WORDS, HammingIndex, LiveMask
+from indexes.milvus import TOPK_LIMIT, rows_and_vectors, vector_bytes
+from store import milvus_store
 from store.config import StoreConfig
 from store.filters import Filter
 from store.milvus_lite import MilvusLite
@@ -285,9 +287,12 @@ def test_search_now_declines_an_asymmetric_scan_past_half_its_bound(tmp_path: Pa
     ids=["default", "few-candidates"],
 )
 def test_milvus_store_asymmetric_and_radius_equal_brute_force(
-    tmp_path: Path, milvus_lite: MilvusLite, candidates: Candidates
+    tmp_path: Path, milvus_lite: MilvusLite, candidates: Candidates, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With few candidates allowed, the rounds grow and then read every code: still exact."""
+    """With few candidates allowed, the rounds grow and then read every code, in pages of 7
+    (so that a page ends inside the top k and between the filter's items): still exact."""
+    if candidates.most < TOPK_LIMIT:
+        monkeypatch.setattr(milvus_store, "SCAN_BATCH", 7)
     rng = np.random.default_rng(12)
     pool = pack_codes(rng.integers(0, 2, (30, N_BITS)))
     signs, q = real_queries(rng, 3, N_BITS)
@@ -311,6 +316,32 @@ def test_milvus_store_asymmetric_and_radius_equal_brute_force(
         for i in gone:
             del oracle.rows[i]
         check_store(store, oracle, asym)
+    finally:
+        store.drop()
+        store.close()
+
+
+def test_a_query_result_s_codes_are_read_as_one_column(
+    tmp_path: Path, milvus_lite: MilvusLite
+) -> None:
+    """rows_and_vectors reads the pinned pymilvus's result column at once (its row-by-row
+    reading copies the column once per row), and gives what reading row by row gives."""
+    rng = np.random.default_rng(3)
+    store = MilvusStore.open(
+        tmp_path, uri=milvus_lite.uri, collection=f"t_{uuid.uuid4().hex}", expected=MANIFEST
+    )
+    try:
+        store.add(batch(rng, 0, 50, pack_codes(rng.integers(0, 2, (50, N_BITS)))))
+        fields = ["id", "seq", "image_code"]
+        page = store._client.query(store.collection, filter="", output_fields=fields, limit=50)
+        assert [d.field_name for d in page._lazy_field_data] == ["image_code"]  # the column
+        rows, vectors = rows_and_vectors(page, "image_code", N_BITS // 8)
+        assert all(row["image_code"] is None for row in rows)  # taken from the column
+        again = store._client.query(store.collection, filter="", output_fields=fields, limit=50)
+        plain = [dict(row) for row in again]  # row by row, as any pymilvus gives them
+        assert [r["id"] for r in rows] == [r["id"] for r in plain] and len(rows) == 50
+        assert vectors.tobytes() == b"".join(vector_bytes(r["image_code"]) for r in plain)
+        assert rows_and_vectors(plain, "image_code", N_BITS // 8)[1].tobytes() == vectors.tobytes()
     finally:
         store.drop()
         store.close()
