@@ -625,9 +625,9 @@ class MilvusStore:
                     for i in chosen.tolist()
                 ]
             )[: query.k]
+            # Only an empty page ends it: with reduce_stop_for_best a page may hold fewer rows
+            # than asked for while more follow (the iterator, too, reads until one is empty).
             last = str(rows[-1]["id"])
-            if len(rows) < SCAN_BATCH:
-                return best
 
     # ---- writing ---------------------------------------------------------------------------
 
