@@ -561,7 +561,7 @@ class MilvusStore:
         by key (milvus-lite 2.5.1 fails a search that asks for a vector field)."""
         keys = [str(hit.id) for hit in found]
         width = milvus_dim(self.n_bits) // 8
-        row_of: dict[str, int] = {}  # key -> its row in `stored`
+        rows: list[dict[str, Any]] = []
         stored: list[np.ndarray] = []
         for start in range(0, len(keys), ID_BATCH):
             listed = ", ".join(f'"{k}"' for k in keys[start : start + ID_BATCH])
@@ -571,10 +571,10 @@ class MilvusStore:
                 output_fields=["id", query.field],
                 timeout=self._timeout,
             )
-            rows, vectors = rows_and_vectors(page, query.field, width)
-            offset = sum(len(v) for v in stored)
-            row_of.update((str(r["id"]), offset + i) for i, r in enumerate(rows))
+            page_rows, vectors = rows_and_vectors(page, query.field, width)
+            rows += page_rows
             stored.append(vectors)
+        row_of = {str(r["id"]): i for i, r in enumerate(rows)}  # key -> its row in `stored`
         hits = [hit for hit in found if str(hit.id) in row_of]  # deleted meanwhile: not there
         if not hits:
             return []
